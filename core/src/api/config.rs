@@ -1,0 +1,163 @@
+//! Where and how to reach Consul: address, token, datacenter, namespace, partition, TLS files.
+//!
+//! The config is plain data. [`ClientConfig::from_env`](crate::api::ClientConfig::from_env) builds
+//! one from Consul's environment conventions; the drivers turn the TLS part into a real TLS setup.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// How requests reach the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    /// TCP, with `authority` being `host:port` (IPv6 hosts in brackets).
+    Tcp {
+        /// `http` or `https`.
+        scheme: Scheme,
+        /// `host:port`, validated to be a URI authority.
+        authority: String,
+    },
+    /// A Unix domain socket (`unix:///path` in `CONSUL_HTTP_ADDR`). Requests are encoded with the
+    /// authority `localhost`; the driver connects to the socket.
+    Unix {
+        /// Filesystem path of the socket.
+        path: PathBuf,
+    },
+}
+
+/// The URI scheme for a TCP address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// The scheme as it appears in a URI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// An ACL token. It never appears in `Debug` output or error text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token. Leading and trailing white space is trimmed (as Consul's own clients do for
+    /// token files); `None` when nothing is left.
+    pub fn new(token: impl AsRef<str>) -> Option<Token> {
+        let trimmed = token.as_ref().trim();
+        (!trimmed.is_empty()).then(|| Token(trimmed.to_owned()))
+    }
+
+    /// The secret itself, for the `X-Consul-Token` header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// TLS settings from `CONSUL_HTTP_SSL_VERIFY`, `CONSUL_CACERT`, `CONSUL_CAPATH`,
+/// `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY` and `CONSUL_TLS_SERVER_NAME`. The core only carries
+/// them; a driver reads the files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Verify the server's certificate (default `true`).
+    pub verify: bool,
+    /// A PEM file of CA certificates to trust.
+    pub ca_file: Option<PathBuf>,
+    /// A directory of PEM CA certificates to trust.
+    pub ca_path: Option<PathBuf>,
+    /// A PEM client certificate (requires `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// The PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// The name to check the server's certificate against, when it differs from the host.
+    pub server_name: Option<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            verify: true,
+            ca_file: None,
+            ca_path: None,
+            client_cert: None,
+            client_key: None,
+            server_name: None,
+        }
+    }
+}
+
+/// Everything a request needs to know about the agent it goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Where the agent listens.
+    pub address: Address,
+    /// Sent as `X-Consul-Token` when set.
+    pub token: Option<Token>,
+    /// Sent as `dc=` when set.
+    pub datacenter: Option<String>,
+    /// Sent as `ns=` when set (Consul Enterprise; the open-source agent answers 400 to any `ns`).
+    pub namespace: Option<String>,
+    /// Sent as `partition=` when set (Consul Enterprise).
+    pub partition: Option<String>,
+    /// TLS settings, used when the scheme is `https`.
+    pub tls: TlsConfig,
+}
+
+impl Default for ClientConfig {
+    /// `http://127.0.0.1:8500`, no token, no datacenter, namespace or partition: the defaults of
+    /// Consul's own clients.
+    fn default() -> Self {
+        ClientConfig {
+            address: Address::Tcp {
+                scheme: Scheme::Http,
+                authority: "127.0.0.1:8500".to_owned(),
+            },
+            token: None,
+            datacenter: None,
+            namespace: None,
+            partition: None,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// A config for `http://<authority>` with every other setting at its default.
+    ///
+    /// ```
+    /// # use consul_lock_core::api::ClientConfig;
+    /// let config = ClientConfig::http("127.0.0.1:8500").unwrap();
+    /// assert_eq!(config.base_url(), "http://127.0.0.1:8500");
+    /// ```
+    pub fn http(authority: &str) -> Result<ClientConfig, crate::api::ConfigError> {
+        let authority = crate::api::env::parse_authority("address", authority)?;
+        Ok(ClientConfig {
+            address: Address::Tcp {
+                scheme: Scheme::Http,
+                authority,
+            },
+            ..ClientConfig::default()
+        })
+    }
+
+    /// The scheme and authority every request URI starts with, e.g. `http://127.0.0.1:8500`.
+    pub fn base_url(&self) -> String {
+        match &self.address {
+            Address::Tcp { scheme, authority } => format!("{}://{}", scheme.as_str(), authority),
+            Address::Unix { .. } => "http://localhost".to_owned(),
+        }
+    }
+}

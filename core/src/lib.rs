@@ -1,0 +1,2 @@
+//! The sans-IO core of consul-lock.
+pub mod api;

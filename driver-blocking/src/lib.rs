@@ -1,0 +1,1 @@
+//! Runs consul-lock on plain threads (under construction: see the drivers issue).

@@ -1,0 +1,1 @@
+//! Runs consul-lock on tokio (under construction: see the drivers issue).
