@@ -9,12 +9,12 @@ use std::path::PathBuf;
 /// How requests reach the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
-    /// TCP, with `authority` being `host:port` (IPv6 hosts in brackets).
+    /// TCP to `authority` (`host:port`, IPv6 hosts in brackets).
     Tcp {
         /// `http` or `https`.
         scheme: Scheme,
-        /// `host:port`, validated to be a URI authority.
-        authority: String,
+        /// `host:port`; the type guarantees it is a valid URI authority.
+        authority: http::uri::Authority,
     },
     /// A Unix domain socket (`unix:///path` in `CONSUL_HTTP_ADDR`). Requests are encoded with the
     /// authority `localhost`; the driver connects to the socket.
@@ -45,18 +45,44 @@ impl Scheme {
 
 /// An ACL token. It never appears in `Debug` output or error text.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
+pub struct Token(http::HeaderValue);
+
+/// Why a string can't be a token. The messages never quote the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidToken {
+    /// Nothing but white space.
+    #[error("the token is empty")]
+    Empty,
+    /// Characters that can't travel in an HTTP header (control characters, non-ASCII).
+    #[error("the token holds characters that can't be sent in an HTTP header (control or non-ASCII)")]
+    NotHeaderSafe,
+}
 
 impl Token {
-    /// Wraps a token. Leading and trailing white space is trimmed (as Consul's own clients do for
-    /// token files); `None` when nothing is left.
-    pub fn new(token: impl AsRef<str>) -> Option<Token> {
+    /// Wraps a token, trimming leading and trailing white space as Consul's own clients do for
+    /// token files.
+    ///
+    /// ```
+    /// # use consul_lock_core::api::Token;
+    /// let token = Token::new(" 0b6a3c2e-1111-2222-3333-444455556666\n").unwrap();
+    /// assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+    /// assert!(Token::new("  ").is_err());
+    /// ```
+    pub fn new(token: impl AsRef<str>) -> Result<Token, InvalidToken> {
         let trimmed = token.as_ref().trim();
-        (!trimmed.is_empty()).then(|| Token(trimmed.to_owned()))
+        if trimmed.is_empty() {
+            return Err(InvalidToken::Empty);
+        }
+        if !trimmed.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return Err(InvalidToken::NotHeaderSafe);
+        }
+        let mut value = http::HeaderValue::from_str(trimmed).map_err(|_| InvalidToken::NotHeaderSafe)?;
+        value.set_sensitive(true);
+        Ok(Token(value))
     }
 
     /// The secret itself, for the `X-Consul-Token` header.
-    pub fn expose(&self) -> &str {
+    pub fn expose(&self) -> &http::HeaderValue {
         &self.0
     }
 }
@@ -123,7 +149,7 @@ impl Default for ClientConfig {
         ClientConfig {
             address: Address::Tcp {
                 scheme: Scheme::Http,
-                authority: "127.0.0.1:8500".to_owned(),
+                authority: http::uri::Authority::from_static("127.0.0.1:8500"),
             },
             token: None,
             datacenter: None,
@@ -144,6 +170,13 @@ impl ClientConfig {
     /// ```
     pub fn http(authority: &str) -> Result<ClientConfig, crate::api::ConfigError> {
         let authority = crate::api::env::parse_authority("address", authority)?;
+        let authority =
+            authority
+                .parse::<http::uri::Authority>()
+                .map_err(|e| crate::api::ConfigError::Invalid {
+                    name: "address".into(),
+                    problem: e.to_string(),
+                })?;
         Ok(ClientConfig {
             address: Address::Tcp {
                 scheme: Scheme::Http,

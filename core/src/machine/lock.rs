@@ -1,0 +1,1099 @@
+//! The lock: wait for the key, acquire it, hold it while watching it, give it up.
+//!
+//! The algorithm is Go's `api.Lock` (see ARCHITECTURE.md), with the fixes its users asked for:
+//! a renew deadline, reuse after a loss, cancellation at any moment, lock-delay-aware retries,
+//! try-once as its own outcome, and transient errors that don't lose a healthy lock.
+
+use std::time::{Duration, Instant};
+
+use crate::api::{
+    ApiError, Blocking, Consistency, Key, KvAcquire, KvCasDelete, KvGet, KvPair, KvRelease, QueryReply,
+    SessionId, SessionInfo,
+};
+use crate::machine::backoff::{Backoff, Rng};
+use crate::machine::classify::{Failure, decode};
+use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
+use crate::machine::{Action, LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestId, SessionChoice};
+
+/// Slack added to a blocking read's deadline beyond `wait + wait/16`, for the network and a busy
+/// server.
+const READ_MARGIN: Duration = Duration::from_secs(5);
+/// Margin past the holder's lock-delay before acquiring again, for clock granularity.
+const LOCK_DELAY_MARGIN: Duration = Duration::from_millis(15);
+
+/// Proof of holding the lock: the key, the session and the key's `LockIndex`. `LockIndex` grows
+/// each time a new session acquires the key, so `(key, lock_index)` orders successive holders
+/// and can fence writes made on the lock's behalf.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FencingToken {
+    /// The lock key.
+    pub key: Key,
+    /// The holding session.
+    pub session: SessionId,
+    /// The key's `LockIndex` when acquired.
+    pub lock_index: u64,
+}
+
+/// Why a held lock was lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// Consul invalidated the session (renew answered 404): expired, or destroyed by someone.
+    SessionInvalidated,
+    /// No renew was acknowledged within the TTL: the holder can't know that it still holds.
+    RenewDeadline {
+        /// Time since the last acknowledged renew was sent.
+        since_ack: Duration,
+    },
+    /// The key was deleted.
+    KeyDeleted,
+    /// Another session holds the key.
+    TakenBy(SessionId),
+    /// The key is no longer held by this session (released by someone else, or the session
+    /// was invalidated).
+    NotHeld,
+    /// The key was overwritten with other flags.
+    Conflict {
+        /// The flags found.
+        flags: u64,
+    },
+    /// Monitor reads failed more often in a row than `monitor_retries` allows, or were refused.
+    MonitorFailed {
+        /// How many failed in a row.
+        failures: u32,
+        /// The last failure.
+        last: String,
+    },
+}
+
+/// An operation the machine can't do, or an attempt that ended without the lock.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    /// `lock` while already holding or acquiring.
+    #[error("Lock already held (or being acquired)")]
+    AlreadyHeld,
+    /// `unlock` without holding.
+    #[error("Lock not held")]
+    NotHeld,
+    /// `destroy` or `lock` while another operation is under way.
+    #[error("another operation is under way: wait for its event, or cancel it")]
+    Busy,
+    /// The key exists with other flags: a plain key or a semaphore's.
+    #[error("Existing key does not match lock use (flags {flags:#x}); pick another key")]
+    Conflict {
+        /// The flags found.
+        flags: u64,
+    },
+    /// `destroy` found the key held.
+    #[error("Lock in use")]
+    InUse,
+    /// The session could not be created.
+    #[error("could not create the lock's session: {0}")]
+    Session(ApiError),
+    /// Consul refused a request in a way retrying won't fix (permission denied, a bad request).
+    #[error("Consul refused the request: {0}")]
+    Refused(ApiError),
+    /// `destroy` could not reach a verdict.
+    #[error("could not destroy the lock: {0}")]
+    Unavailable(String),
+}
+
+/// What the lock reports to its user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockEvent {
+    /// The lock is held.
+    Acquired(FencingToken),
+    /// The lock was held and no longer is (or may no longer be).
+    Lost(LossReason),
+    /// `unlock` finished: the key is released and an owned session destroyed.
+    Released,
+    /// Try-once: the wait ended without the lock. Not a success, and not an error.
+    GaveUp,
+    /// `cancel` took effect during acquisition.
+    Cancelled,
+    /// The acquisition (or `destroy`) ended with an error.
+    Failed(LockError),
+    /// `destroy` deleted the key (or found it absent).
+    Destroyed,
+}
+
+/// Where the lock stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockStatus {
+    /// Not locking; `lock` or `destroy` may be called.
+    Idle,
+    /// Waiting for the key.
+    Acquiring,
+    /// Holding the key.
+    Held,
+    /// Giving it up.
+    Releasing,
+    /// Deleting the key.
+    Destroying,
+}
+
+/// What to do once a pause ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    Read,
+    Acquire,
+    Confirm,
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    AwaitSession,
+    /// A (blocking) read of the key.
+    Read(Pending),
+    Acquire(Pending),
+    /// The re-read after a refused acquire: contention, or lock-delay?
+    Recheck(Pending),
+    /// The read after a granted acquire, for `LockIndex` (the fencing token).
+    Confirm(Pending),
+    Pause {
+        until: Instant,
+        then: Then,
+    },
+}
+
+/// What the waiter knows of the current holder's session, to time a retry to its lock-delay.
+#[derive(Clone, Debug)]
+struct Holder {
+    session: SessionId,
+    lock_delay: Option<Duration>,
+    info: Option<Pending>,
+    /// When the key was first seen free after this holder.
+    freed_at: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+struct Acquiring {
+    step: Step,
+    index: u64,
+    give_up_at: Option<Instant>,
+    backoff: Backoff,
+    holder: Option<Holder>,
+}
+
+#[derive(Clone, Debug)]
+enum Monitor {
+    Read(Pending),
+    Pause(Instant),
+}
+
+#[derive(Clone, Debug)]
+struct Held {
+    token: FencingToken,
+    index: u64,
+    monitor: Monitor,
+    failures: u32,
+    pace: Backoff,
+}
+
+#[derive(Clone, Debug)]
+enum Releasing {
+    Release(Pending),
+    Session,
+}
+
+#[derive(Clone, Debug)]
+enum Destroying {
+    Read(Pending),
+    Delete(Pending),
+}
+
+/// The machine's states; each holds exactly what it needs, so a held lock without a token or a
+/// read without a request id can't be expressed.
+#[derive(Clone, Debug)]
+enum Phase {
+    Idle,
+    Acquiring(Acquiring),
+    Held(Held),
+    Releasing(Releasing),
+    Destroying(Destroying),
+}
+
+/// A Consul lock as a pure state machine.
+///
+/// ```
+/// use consul_lock_core::api::ClientConfig;
+/// use consul_lock_core::machine::{Action, LockMachine, LockOptions};
+/// use std::time::Instant;
+///
+/// let options = LockOptions::new("service/leader").unwrap();
+/// let mut lock = LockMachine::new(ClientConfig::default(), options).unwrap();
+/// let now = Instant::now();
+/// lock.lock(now).unwrap();
+/// // The first thing to do: create the session.
+/// let Some(Action::Send(transmit)) = lock.poll_action() else { panic!() };
+/// assert_eq!(transmit.request.uri().path(), "/v1/session/create");
+/// // A driver sends it, then calls lock.handle_response(now, transmit.id, reply), sleeps until
+/// // lock.poll_timeout() and calls lock.handle_timeout(now), draining poll_action() each time.
+/// ```
+#[derive(Debug)]
+pub struct LockMachine {
+    options: LockOptions,
+    session: SessionMachine,
+    phase: Phase,
+    out: Outbox<LockEvent>,
+    rng: Rng,
+    /// An acquire abandoned by a cancel or give-up on the caller's session: if it was granted,
+    /// the key must be released, since no session destroy will do it.
+    stray: Option<Pending>,
+    last_now: Option<Instant>,
+}
+
+impl LockMachine {
+    /// A machine for `options`, sending requests for the agent `config` describes. The options
+    /// are validated here.
+    pub fn new(config: crate::api::ClientConfig, options: LockOptions) -> Result<LockMachine, OptionsError> {
+        options.validate()?;
+        let mut config = config;
+        if options.namespace.is_some() {
+            config.namespace = options.namespace.clone();
+        }
+        let source = match &options.session {
+            SessionChoice::Create(s) => Ok(s.to_request()),
+            SessionChoice::Existing(id) => Err(id.clone()),
+        };
+        Ok(LockMachine {
+            session: SessionMachine::new(source, options.request_timeout),
+            rng: Rng::new(options.seed),
+            options,
+            phase: Phase::Idle,
+            out: Outbox::new(config),
+            stray: None,
+            last_now: None,
+        })
+    }
+
+    // ----- queries -------------------------------------------------------------------------
+
+    /// Where the lock stands.
+    pub fn status(&self) -> LockStatus {
+        match &self.phase {
+            Phase::Idle => LockStatus::Idle,
+            Phase::Acquiring(_) => LockStatus::Acquiring,
+            Phase::Held(_) => LockStatus::Held,
+            Phase::Releasing(_) => LockStatus::Releasing,
+            Phase::Destroying(_) => LockStatus::Destroying,
+        }
+    }
+
+    /// The fencing token, while held.
+    pub fn token(&self) -> Option<&FencingToken> {
+        match &self.phase {
+            Phase::Held(h) => Some(&h.token),
+            _ => None,
+        }
+    }
+
+    /// The session machine the lock stands on.
+    pub fn session(&self) -> &SessionMachine {
+        &self.session
+    }
+
+    /// The options the machine was made with.
+    pub fn options(&self) -> &LockOptions {
+        &self.options
+    }
+
+    /// Whether the machine has nothing left to do: idle, no request outstanding, nothing queued.
+    /// A driver may stop driving it then.
+    pub fn is_quiescent(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+            && self.session.pending().is_none()
+            && self.session.poll_timeout().is_none()
+            && self.stray.is_none()
+            && self.out.is_empty()
+    }
+
+    /// The number of requests the machine is waiting on.
+    pub fn in_flight(&self) -> usize {
+        self.pendings().len()
+    }
+
+    // ----- operations ----------------------------------------------------------------------
+
+    /// Starts acquiring the lock. Usable again after a loss, an unlock, a give-up or a cancel.
+    pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
+        self.observe(now);
+        match self.phase {
+            Phase::Idle => {}
+            Phase::Acquiring(_) | Phase::Held(_) => return Err(LockError::AlreadyHeld),
+            Phase::Releasing(_) | Phase::Destroying(_) => return Err(LockError::Busy),
+        }
+        let give_up_at = self
+            .options
+            .lock_try_once
+            .then(|| now + self.options.lock_wait_time);
+        self.phase = Phase::Acquiring(Acquiring {
+            step: Step::AwaitSession,
+            index: 0,
+            give_up_at,
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
+            holder: None,
+        });
+        let events = self.session.start(now, &mut self.out, &mut self.rng);
+        self.on_session_events(now, events);
+        Ok(())
+    }
+
+    /// Releases a held lock (writing the value), then destroys the session if the machine made
+    /// it. Ends with [`LockEvent::Released`].
+    pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
+        self.observe(now);
+        let Phase::Held(held) = &self.phase else {
+            return Err(LockError::NotHeld);
+        };
+        let release = KvRelease {
+            key: self.options.key.clone(),
+            session: held.token.session.clone(),
+            flags: LOCK_FLAG_VALUE,
+            value: self.options.value.clone(),
+        };
+        let pending = self.send(now, &release, None);
+        self.phase = Phase::Releasing(Releasing::Release(pending));
+        Ok(())
+    }
+
+    /// Stops whatever is under way, at once: an acquisition ends with [`LockEvent::Cancelled`]
+    /// (its session is destroyed in the background), a held lock is unlocked, a destroy is
+    /// abandoned. A no-op when idle or already releasing.
+    pub fn cancel(&mut self, now: Instant) {
+        self.observe(now);
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => {}
+            Phase::Acquiring(a) => {
+                self.keep_stray(a.step);
+                self.finish(now, LockEvent::Cancelled);
+            }
+            Phase::Held(held) => {
+                self.phase = Phase::Held(held);
+                // Held, so unlock can't fail.
+                let _ = self.unlock(now);
+            }
+            phase @ Phase::Releasing(_) => self.phase = phase,
+            Phase::Destroying(_) => self.out.event(LockEvent::Cancelled),
+        }
+    }
+
+    /// Deletes the lock key, if no one holds it (Go's `Destroy`). Ends with
+    /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
+    /// [`LockError::Conflict`]).
+    pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
+        self.observe(now);
+        match self.phase {
+            Phase::Idle => {}
+            Phase::Held(_) => return Err(LockError::AlreadyHeld),
+            _ => return Err(LockError::Busy),
+        }
+        let pending = self.send(now, &KvGet::new(self.options.key.clone()), None);
+        self.phase = Phase::Destroying(Destroying::Read(pending));
+        Ok(())
+    }
+
+    // ----- driving ---------------------------------------------------------------------------
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action<LockEvent>> {
+        self.out.pop()
+    }
+
+    /// The next instant at which [`handle_timeout`](Self::handle_timeout) must be called, if
+    /// any. Never earlier than the latest `now` the machine was given.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timers = [self.session.poll_timeout(), self.phase_timer()];
+        let deadlines = self.pendings().into_iter().map(|p| p.deadline);
+        let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
+        Some(match self.last_now {
+            Some(last) => earliest.max(last),
+            None => earliest,
+        })
+    }
+
+    /// Handles the passage of time: timers that are due fire, requests past their deadline are
+    /// taken as timed out. Calling it early, or twice, does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.observe(now);
+        for pending in self.pendings() {
+            if now >= pending.deadline {
+                let timeout = Err(crate::machine::TransportError::new(
+                    crate::machine::TransportErrorKind::Timeout,
+                    "no reply by the request's deadline",
+                ));
+                self.handle_response(now, pending.id, timeout);
+            }
+        }
+        let events = self.session.handle_timeout(now, &mut self.out, &mut self.rng);
+        self.on_session_events(now, events);
+        self.phase_timeout(now);
+    }
+
+    /// Handles the reply to request `id` (or the transport's failure to get one). A reply to a
+    /// request the machine no longer waits for is ignored.
+    pub fn handle_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
+        let now = self.observe(now);
+        if let Some(events) = self
+            .session
+            .handle_response(now, id, &reply, &mut self.out, &mut self.rng)
+        {
+            self.on_session_events(now, events);
+            return;
+        }
+        if self.stray.is_some_and(|p| p.is(id)) {
+            self.stray = None;
+            self.on_stray_acquire(now, &reply);
+            return;
+        }
+        if let Phase::Acquiring(a) = &mut self.phase {
+            if let Some(holder) = a.holder.as_mut().filter(|h| h.info.is_some_and(|p| p.is(id))) {
+                holder.info = None;
+                if let Ok(QueryReply {
+                    value: Some(entry), ..
+                }) = decode::<SessionInfo>(&reply)
+                {
+                    tracing::debug!(holder = %holder.session, lock_delay = ?entry.lock_delay, "holder's lock-delay");
+                    holder.lock_delay = Some(entry.lock_delay);
+                }
+                return;
+            }
+        }
+        match &self.phase {
+            Phase::Acquiring(a) => match a.step {
+                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
+                Step::Acquire(p) if p.is(id) => self.on_acquire(now, &reply),
+                Step::Recheck(p) if p.is(id) => self.on_recheck(now, &reply),
+                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
+                _ => self.ignore(id),
+            },
+            Phase::Held(h) => match h.monitor {
+                Monitor::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
+                _ => self.ignore(id),
+            },
+            Phase::Releasing(Releasing::Release(p)) if p.is(id) => self.on_release(now, &reply),
+            Phase::Destroying(Destroying::Read(p)) if p.is(id) => self.on_destroy_read(now, &reply),
+            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(now, &reply),
+            _ => self.ignore(id),
+        }
+    }
+
+    // ----- plumbing --------------------------------------------------------------------------
+
+    /// Records `now`, never letting time run backwards inside the machine.
+    fn observe(&mut self, now: Instant) -> Instant {
+        let now = match self.last_now {
+            Some(last) if last > now => last,
+            _ => now,
+        };
+        self.last_now = Some(now);
+        now
+    }
+
+    fn ignore(&self, id: RequestId) {
+        tracing::trace!(%id, "ignoring a reply to a request no longer awaited");
+    }
+
+    /// Sends `endpoint` with a deadline fit for it: a blocking read gets its wait plus Consul's
+    /// jitter (wait/16) plus a margin; anything else the request timeout.
+    fn send(
+        &mut self,
+        now: Instant,
+        endpoint: &impl crate::api::Endpoint,
+        wait: Option<Duration>,
+    ) -> Pending {
+        let budget = match wait {
+            Some(w) => w + w / 16 + READ_MARGIN,
+            None => self.options.request_timeout,
+        };
+        let deadline = now + budget;
+        let id = self.out.send(endpoint, deadline);
+        Pending {
+            id,
+            sent_at: now,
+            deadline,
+        }
+    }
+
+    fn pendings(&self) -> Vec<Pending> {
+        let mut all: Vec<Pending> = self.session.pending().into_iter().chain(self.stray).collect();
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) | Step::Confirm(p) = a.step {
+                    all.push(p);
+                }
+                all.extend(a.holder.as_ref().and_then(|h| h.info));
+            }
+            Phase::Held(Held {
+                monitor: Monitor::Read(p),
+                ..
+            })
+            | Phase::Releasing(Releasing::Release(p))
+            | Phase::Destroying(Destroying::Read(p) | Destroying::Delete(p)) => all.push(*p),
+            _ => {}
+        }
+        all
+    }
+
+    fn phase_timer(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                let pause = match a.step {
+                    Step::Pause { until, .. } => Some(until),
+                    _ => None,
+                };
+                [pause, a.give_up_at].into_iter().flatten().min()
+            }
+            Phase::Held(Held {
+                monitor: Monitor::Pause(until),
+                ..
+            }) => Some(*until),
+            _ => None,
+        }
+    }
+
+    fn phase_timeout(&mut self, now: Instant) {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if a.give_up_at.is_some_and(|at| now >= at)
+                    && !matches!(a.step, Step::Acquire(_) | Step::Confirm(_))
+                {
+                    // An acquire or confirm in flight may yet give us the lock: their replies
+                    // check the deadline instead.
+                    self.give_up(now);
+                    return;
+                }
+                if let Step::Pause { until, then } = a.step {
+                    if now >= until {
+                        match then {
+                            Then::Read => self.read(now),
+                            Then::Acquire => self.acquire(now),
+                            Then::Confirm => self.confirm(now),
+                        }
+                    }
+                }
+            }
+            Phase::Held(Held {
+                monitor: Monitor::Pause(until),
+                ..
+            }) if now >= *until => self.monitor(now),
+            _ => {}
+        }
+    }
+
+    fn acquiring(&mut self) -> Option<&mut Acquiring> {
+        match &mut self.phase {
+            Phase::Acquiring(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn held(&mut self) -> Option<&mut Held> {
+        match &mut self.phase {
+            Phase::Held(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Ends an acquisition or a hold: report `event`, go idle, and stop the session.
+    fn finish(&mut self, now: Instant, event: LockEvent) {
+        self.phase = Phase::Idle;
+        self.out.event(event);
+        let events = self.session.stop(now, &mut self.out);
+        self.on_session_events(now, events);
+    }
+
+    fn keep_stray(&mut self, step: Step) {
+        if let (Step::Acquire(p) | Step::Confirm(p), SessionChoice::Existing(_)) =
+            (step, &self.options.session)
+        {
+            self.stray = Some(p);
+        }
+    }
+
+    fn on_stray_acquire(&mut self, now: Instant, reply: &Reply) {
+        let granted = match decode::<KvAcquire>(reply) {
+            Ok(granted) => granted,
+            // A confirm read: ours if our session shows on the key.
+            Err(_) => {
+                matches!(decode::<KvGet>(reply), Ok(QueryReply { value: Some(p), .. }) if self.is_ours(&p))
+            }
+        };
+        if let (true, SessionChoice::Existing(session)) = (granted, &self.options.session) {
+            let release = KvRelease {
+                key: self.options.key.clone(),
+                session: session.clone(),
+                flags: LOCK_FLAG_VALUE,
+                value: self.options.value.clone(),
+            };
+            tracing::debug!("releasing a key granted to an abandoned acquire");
+            // Fire and forget: nobody waits for this one.
+            let _ = self.send(now, &release, None);
+        }
+    }
+
+    fn is_ours(&self, pair: &KvPair) -> bool {
+        pair.session
+            .as_ref()
+            .is_some_and(|s| Some(s) == self.session.id())
+    }
+
+    fn give_up(&mut self, now: Instant) {
+        if let Some(a) = self.acquiring() {
+            let step = a.step.clone();
+            self.keep_stray(step);
+        }
+        tracing::debug!("try-once: no lock within the wait time");
+        self.finish(now, LockEvent::GaveUp);
+    }
+
+    fn fail(&mut self, now: Instant, error: LockError) {
+        tracing::warn!(%error, "lock attempt failed");
+        self.finish(now, LockEvent::Failed(error));
+    }
+
+    fn lose(&mut self, now: Instant, reason: LossReason) {
+        tracing::warn!(?reason, "lock lost");
+        self.finish(now, LockEvent::Lost(reason));
+    }
+
+    // ----- session -------------------------------------------------------------------------
+
+    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
+        for event in events {
+            match (event, &self.phase) {
+                (SessionEvent::Ready(_), Phase::Acquiring(a)) if matches!(a.step, Step::AwaitSession) => {
+                    self.read(now);
+                }
+                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::Session(e)),
+                (SessionEvent::Lost(loss), Phase::Held(_)) => {
+                    let reason = match loss {
+                        SessionLoss::Invalidated => LossReason::SessionInvalidated,
+                        SessionLoss::RenewDeadline { since_ack } => LossReason::RenewDeadline { since_ack },
+                    };
+                    self.lose(now, reason);
+                }
+                (SessionEvent::Lost(_), Phase::Acquiring(_)) => {
+                    // Not holding anything yet: a fresh session will do.
+                    if let Some(a) = self.acquiring() {
+                        a.step = Step::AwaitSession;
+                    }
+                    let events = self.session.start(now, &mut self.out, &mut self.rng);
+                    self.on_session_events(now, events);
+                }
+                (SessionEvent::Stopped, Phase::Releasing(Releasing::Session)) => {
+                    self.phase = Phase::Idle;
+                    self.out.event(LockEvent::Released);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // ----- acquiring -----------------------------------------------------------------------
+
+    /// The next read of the key: blocking on the last index, or a plain read on index 0.
+    fn read(&mut self, now: Instant) {
+        let key = self.options.key.clone();
+        let lock_wait = self.options.lock_wait_time;
+        let Some(a) = self.acquiring() else { return };
+        if a.give_up_at.is_some_and(|at| now >= at) {
+            self.give_up(now);
+            return;
+        }
+        // With try-once, no read may outlast the give-up time.
+        let wait = a
+            .give_up_at
+            .map_or(lock_wait, |at| at.saturating_duration_since(now).min(lock_wait))
+            .max(Duration::from_millis(1));
+        let blocking = Blocking { index: a.index, wait };
+        let get = KvGet {
+            key,
+            consistency: Consistency::Default,
+            blocking: Some(blocking),
+        };
+        let wait = (blocking.index > 0).then_some(wait);
+        let pending = self.send(now, &get, wait);
+        if let Some(a) = self.acquiring() {
+            a.step = Step::Read(pending);
+        }
+    }
+
+    fn acquire(&mut self, now: Instant) {
+        let Some(session) = self.session.id().cloned() else {
+            if let Some(a) = self.acquiring() {
+                a.step = Step::AwaitSession;
+            }
+            return;
+        };
+        let acquire = KvAcquire {
+            key: self.options.key.clone(),
+            session,
+            flags: LOCK_FLAG_VALUE,
+            value: self.options.value.clone(),
+        };
+        let pending = self.send(now, &acquire, None);
+        if let Some(a) = self.acquiring() {
+            a.step = Step::Acquire(pending);
+        }
+    }
+
+    fn confirm(&mut self, now: Instant) {
+        let get = KvGet {
+            key: self.options.key.clone(),
+            consistency: Consistency::Consistent,
+            blocking: None,
+        };
+        let pending = self.send(now, &get, None);
+        if let Some(a) = self.acquiring() {
+            a.step = Step::Confirm(pending);
+        }
+    }
+
+    fn recheck(&mut self, now: Instant) {
+        let pending = self.send(now, &KvGet::new(self.options.key.clone()), None);
+        if let Some(a) = self.acquiring() {
+            a.step = Step::Recheck(pending);
+        }
+    }
+
+    /// Pauses with backoff after a transient failure, then does `then`.
+    fn retry(&mut self, now: Instant, then: Then, why: &str) {
+        let rng = &mut self.rng;
+        let Some(a) = (match &mut self.phase {
+            Phase::Acquiring(a) => Some(a),
+            _ => None,
+        }) else {
+            return;
+        };
+        let pause = a.backoff.next(rng);
+        tracing::warn!(%why, ?pause, attempt = a.backoff.attempts(), "retrying");
+        if then == Then::Read {
+            a.index = 0;
+        }
+        a.step = Step::Pause {
+            until: now + pause,
+            then,
+        };
+    }
+
+    /// Takes in a read's index: reset when it went backwards (a server restored from a snapshot
+    /// or another server answering), and tells whether it moved.
+    fn next_index(sent: u64, got: u64) -> (u64, bool) {
+        if got < sent { (0, false) } else { (got, got > sent) }
+    }
+
+    fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
+        let read = match decode::<KvGet>(reply) {
+            Ok(read) => read,
+            Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+        };
+        let pair = read.value;
+        if let Some(pair) = &pair {
+            if pair.flags != LOCK_FLAG_VALUE {
+                return self.fail(now, LockError::Conflict { flags: pair.flags });
+            }
+        }
+        let ours = pair.as_ref().is_some_and(|p| self.is_ours(p));
+        let other = pair.and_then(|p| p.session).filter(|_| !ours);
+        let lock_wait = self.options.lock_wait_time;
+        let key_session_info = other.clone();
+        let Some(a) = self.acquiring() else { return };
+        let (index, moved) = Self::next_index(a.index, read.meta.index);
+        let quick = now.saturating_duration_since(sent.sent_at) < lock_wait / 2;
+        let spinning = a.index > 0 && !moved && quick;
+        a.index = index;
+        match other {
+            None => {
+                // Free (or already ours: re-acquiring is harmless and does not bump LockIndex).
+                if let Some(h) = &mut a.holder {
+                    h.freed_at.get_or_insert(now);
+                }
+                self.acquire(now);
+            }
+            Some(holder) => {
+                let known = a.holder.as_ref().is_some_and(|h| h.session == holder);
+                if !known {
+                    a.holder = Some(Holder {
+                        session: holder.clone(),
+                        lock_delay: None,
+                        info: None,
+                        freed_at: None,
+                    });
+                    let info = self.send(now, &SessionInfo::new(holder), None);
+                    if let Some(h) = self.acquiring().and_then(|a| a.holder.as_mut()) {
+                        h.info = Some(info);
+                    }
+                }
+                drop(key_session_info);
+                if spinning {
+                    // The agent answered at once without progress: don't let it make us spin.
+                    self.retry(
+                        now,
+                        Then::Read,
+                        "a blocking read returned at once without progress",
+                    );
+                } else {
+                    if let Some(a) = self.acquiring() {
+                        a.backoff.reset();
+                    }
+                    self.read(now);
+                }
+            }
+        }
+    }
+
+    fn on_acquire(&mut self, now: Instant, reply: &Reply) {
+        match decode::<KvAcquire>(reply) {
+            Ok(true) => self.confirm(now),
+            Ok(false) => self.recheck(now),
+            Err(Failure::Fatal(e)) if e.is_invalid_session() => {
+                // Consul no longer knows our session (it expired between renewals, or was
+                // destroyed): start a new one.
+                tracing::warn!("acquire: the session is gone; creating a new one");
+                if let Some(a) = self.acquiring() {
+                    a.step = Step::AwaitSession;
+                }
+                let events = self.session.forget(now, &mut self.out, &mut self.rng);
+                if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
+                    return self.fail(now, LockError::Refused(e));
+                }
+                self.on_session_events(now, events);
+            }
+            Err(Failure::Fatal(e)) => self.fail(now, LockError::Refused(e)),
+            Err(Failure::Transient(why)) => self.retry(now, Then::Read, &why),
+        }
+    }
+
+    fn on_recheck(&mut self, now: Instant, reply: &Reply) {
+        let read = match decode::<KvGet>(reply) {
+            Ok(read) => read,
+            Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+        };
+        if let Some(pair) = &read.value {
+            if pair.flags != LOCK_FLAG_VALUE {
+                return self.fail(now, LockError::Conflict { flags: pair.flags });
+            }
+        }
+        let ours = read.value.as_ref().is_some_and(|p| self.is_ours(p));
+        let held_by_other = read.value.as_ref().is_some_and(|p| p.session.is_some()) && !ours;
+        let rng = &mut self.rng;
+        let Some(a) = (match &mut self.phase {
+            Phase::Acquiring(a) => Some(a),
+            _ => None,
+        }) else {
+            return;
+        };
+        if held_by_other {
+            // Contention: someone else got it; wait on it.
+            a.index = read.meta.index;
+            return self.read(now);
+        }
+        if ours {
+            return self.acquire(now);
+        }
+        // Free, yet refused: the last holder's lock-delay is in force. Retry when it ends, if we
+        // know it; otherwise back off.
+        let until = match a
+            .holder
+            .as_mut()
+            .and_then(|h| Some((h.lock_delay.take()?, h.freed_at?)))
+        {
+            Some((delay, freed_at)) => (freed_at + delay + LOCK_DELAY_MARGIN).max(now),
+            None => now + a.backoff.next(rng),
+        };
+        tracing::debug!(wait = ?until.saturating_duration_since(now), "lock-delay in force");
+        let until = match a.give_up_at {
+            Some(at) => until.min(at),
+            None => until,
+        };
+        a.step = Step::Pause {
+            until,
+            then: Then::Acquire,
+        };
+    }
+
+    fn on_confirm(&mut self, now: Instant, reply: &Reply) {
+        let read = match decode::<KvGet>(reply) {
+            Ok(read) => read,
+            // We may hold the key: find out before anything else.
+            Err(Failure::Transient(why)) => return self.retry(now, Then::Confirm, &why),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+        };
+        match read.value {
+            Some(pair) if self.is_ours(&pair) && pair.flags == LOCK_FLAG_VALUE => {
+                let Some(session) = pair.session else { return };
+                let token = FencingToken {
+                    key: self.options.key.clone(),
+                    session,
+                    lock_index: pair.lock_index,
+                };
+                tracing::info!(key = %token.key, lock_index = token.lock_index, "lock acquired");
+                self.out.event(LockEvent::Acquired(token.clone()));
+                self.phase = Phase::Held(Held {
+                    token,
+                    index: read.meta.index,
+                    monitor: Monitor::Pause(now),
+                    failures: 0,
+                    pace: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+                });
+                self.monitor(now);
+            }
+            // Lost between the acquire and this read (an operator, an expiry): wait again.
+            _ => {
+                if let Some(a) = self.acquiring() {
+                    a.index = 0;
+                }
+                self.read(now);
+            }
+        }
+    }
+
+    // ----- holding -------------------------------------------------------------------------
+
+    fn monitor(&mut self, now: Instant) {
+        let wait = self.options.monitor_wait;
+        let key = self.options.key.clone();
+        let Some(h) = self.held() else { return };
+        let get = KvGet {
+            key,
+            consistency: Consistency::Consistent,
+            blocking: Some(Blocking { index: h.index, wait }),
+        };
+        let wait = (h.index > 0).then_some(wait);
+        let pending = self.send(now, &get, wait);
+        if let Some(h) = self.held() {
+            h.monitor = Monitor::Read(pending);
+        }
+    }
+
+    fn on_monitor(&mut self, now: Instant, sent: Pending, reply: &Reply) {
+        let read = match decode::<KvGet>(reply) {
+            // A server that knows no leader may answer from stale state: not an answer to act on.
+            Ok(read) if read.meta.known_leader == Some(false) => Err(Failure::Transient(
+                "the answering server knows no leader".to_owned(),
+            )),
+            other => other,
+        };
+        let read = match read {
+            Ok(read) => read,
+            Err(failure) => return self.on_monitor_failure(now, failure),
+        };
+        let Some(pair) = read.value else {
+            return self.lose(now, LossReason::KeyDeleted);
+        };
+        if pair.flags != LOCK_FLAG_VALUE {
+            return self.lose(now, LossReason::Conflict { flags: pair.flags });
+        }
+        if !self.is_ours(&pair) {
+            return match pair.session {
+                Some(other) => self.lose(now, LossReason::TakenBy(other)),
+                None => self.lose(now, LossReason::NotHeld),
+            };
+        }
+        let monitor_wait = self.options.monitor_wait;
+        let rng = &mut self.rng;
+        let Some(h) = (match &mut self.phase {
+            Phase::Held(h) => Some(h),
+            _ => None,
+        }) else {
+            return;
+        };
+        h.failures = 0;
+        let (index, moved) = Self::next_index(h.index, read.meta.index);
+        let quick = now.saturating_duration_since(sent.sent_at) < monitor_wait / 2;
+        let spinning = h.index > 0 && !moved && quick;
+        h.index = index;
+        if spinning {
+            let pause = h.pace.next(rng);
+            h.monitor = Monitor::Pause(now + pause);
+        } else {
+            h.pace.reset();
+            self.monitor(now);
+        }
+    }
+
+    fn on_monitor_failure(&mut self, now: Instant, failure: Failure) {
+        let retries = self.options.monitor_retries;
+        let retry_time = self.options.monitor_retry_time;
+        let Some(h) = self.held() else { return };
+        h.failures = h.failures.saturating_add(1);
+        let failures = h.failures;
+        let last = match failure {
+            Failure::Transient(why) => why,
+            Failure::Fatal(e) => {
+                return self.lose(
+                    now,
+                    LossReason::MonitorFailed {
+                        failures,
+                        last: e.to_string(),
+                    },
+                );
+            }
+        };
+        if retries.is_some_and(|n| failures > n) {
+            return self.lose(now, LossReason::MonitorFailed { failures, last });
+        }
+        tracing::warn!(%last, failures, "monitor read failed; retrying");
+        h.index = 0;
+        h.monitor = Monitor::Pause(now + retry_time);
+    }
+
+    // ----- releasing and destroying --------------------------------------------------------
+
+    fn on_release(&mut self, now: Instant, reply: &Reply) {
+        if let Err(why) = decode::<KvRelease>(reply) {
+            // An owned session's destroy releases the key anyway.
+            tracing::warn!(?why, "release failed");
+        }
+        self.phase = Phase::Releasing(Releasing::Session);
+        let events = self.session.stop(now, &mut self.out);
+        self.on_session_events(now, events);
+    }
+
+    fn on_destroy_read(&mut self, now: Instant, reply: &Reply) {
+        let outcome = match decode::<KvGet>(reply) {
+            Err(Failure::Transient(why)) => Err(LockError::Unavailable(why)),
+            Err(Failure::Fatal(e)) => Err(LockError::Refused(e)),
+            Ok(QueryReply { value: None, .. }) => Ok(None),
+            Ok(QueryReply {
+                value: Some(pair), ..
+            }) if pair.flags != LOCK_FLAG_VALUE => Err(LockError::Conflict { flags: pair.flags }),
+            Ok(QueryReply {
+                value: Some(pair), ..
+            }) if pair.session.is_some() => Err(LockError::InUse),
+            Ok(QueryReply {
+                value: Some(pair), ..
+            }) => Ok(Some(pair.modify_index)),
+        };
+        match outcome {
+            Ok(None) => self.end_destroy(LockEvent::Destroyed),
+            Ok(Some(cas)) => {
+                let delete = KvCasDelete {
+                    key: self.options.key.clone(),
+                    cas,
+                };
+                let pending = self.send(now, &delete, None);
+                self.phase = Phase::Destroying(Destroying::Delete(pending));
+            }
+            Err(e) => self.end_destroy(LockEvent::Failed(e)),
+        }
+    }
+
+    fn on_destroy_delete(&mut self, _now: Instant, reply: &Reply) {
+        let event = match decode::<KvCasDelete>(reply) {
+            Ok(true) => LockEvent::Destroyed,
+            Ok(false) => LockEvent::Failed(LockError::InUse),
+            Err(Failure::Transient(why)) => LockEvent::Failed(LockError::Unavailable(why)),
+            Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::Refused(e)),
+        };
+        self.end_destroy(event);
+    }
+
+    fn end_destroy(&mut self, event: LockEvent) {
+        self.phase = Phase::Idle;
+        self.out.event(event);
+    }
+}

@@ -1,0 +1,323 @@
+//! Lock options, with Go's names and defaults, validated once at construction.
+
+use std::time::Duration;
+
+use crate::api::{Key, KeyError, SessionBehavior, SessionCreate, SessionId};
+
+/// The session a lock holds its key with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionChoice {
+    /// Create a session, renew it while needed, destroy it when done (Go's default).
+    Create(SessionOptions),
+    /// Use a session the caller created and keeps alive (Go's `Session` option). The machine
+    /// neither renews nor destroys it, and so can't apply the renew deadline: loss is learnt from
+    /// the key alone.
+    Existing(SessionId),
+}
+
+/// How to create the lock's session (Go's `SessionName`, `SessionTTL`, `LockDelay` and
+/// `SessionOpts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// The session's name (default `Consul API Lock`, as Go's).
+    pub name: String,
+    /// Time to live between renewals: 10 s to 86400 s (default 15 s).
+    pub ttl: Duration,
+    /// How long the key refuses new holders after the session is invalidated: `None` for the
+    /// server's default (15 s), up to 60 s. `Some(Duration::ZERO)` is really sent, unlike Go.
+    pub lock_delay: Option<Duration>,
+    /// What happens to the key when the session is invalidated (default: released).
+    pub behavior: SessionBehavior,
+    /// The session's node; `None`: the agent's own.
+    pub node: Option<String>,
+    /// Health checks (Consul's `Checks`); `None`: Consul's default, `serfHealth`.
+    pub checks: Option<Vec<String>>,
+    /// Node health checks (Consul's `NodeChecks`).
+    pub node_checks: Option<Vec<String>>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            name: LockOptions::DEFAULT_SESSION_NAME.to_owned(),
+            ttl: LockOptions::DEFAULT_SESSION_TTL,
+            lock_delay: None,
+            behavior: SessionBehavior::Release,
+            node: None,
+            checks: None,
+            node_checks: None,
+        }
+    }
+}
+
+impl SessionOptions {
+    /// The create request these options describe.
+    pub fn to_request(&self) -> SessionCreate {
+        SessionCreate {
+            name: Some(self.name.clone()),
+            ttl: Some(self.ttl),
+            lock_delay: self.lock_delay,
+            behavior: self.behavior,
+            node: self.node.clone(),
+            checks: self.checks.clone(),
+            node_checks: self.node_checks.clone(),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), OptionsError> {
+        if self.ttl < Duration::from_secs(10) || self.ttl > Duration::from_secs(86_400) {
+            return Err(OptionsError::SessionTtl { ttl: self.ttl });
+        }
+        if let Some(delay) = self.lock_delay {
+            if delay > Duration::from_secs(60) {
+                return Err(OptionsError::LockDelay { delay });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a [`LockMachine`](crate::machine::LockMachine) needs to know about its lock.
+///
+/// ```
+/// # use consul_lock_core::machine::LockOptions;
+/// # use std::time::Duration;
+/// let mut options = LockOptions::new("service/leader").unwrap();
+/// options.value = b"node-1".to_vec();
+/// options.lock_try_once = true;
+/// options.seed = 7;
+/// assert_eq!(options.lock_wait_time, Duration::from_secs(15));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockOptions {
+    /// The lock key.
+    pub key: Key,
+    /// Written to the key on acquire and on release.
+    pub value: Vec<u8>,
+    /// Create a session, or use the caller's.
+    pub session: SessionChoice,
+    /// The `wait` of each blocking read while waiting for the key (default 15 s, at most Consul's
+    /// 10 min). With `lock_try_once`, the whole time to wait.
+    pub lock_wait_time: Duration,
+    /// Give up once `lock_wait_time` has passed without the lock: a distinct outcome
+    /// ([`LockEvent::GaveUp`](crate::machine::LockEvent::GaveUp)), never mistaken for success.
+    pub lock_try_once: bool,
+    /// How many consecutive failed monitor reads to bear before declaring the lock lost.
+    /// `None` (the default) bears them for as long as the session's renewals succeed, since the
+    /// renew deadline already bounds how long a holder can be wrong; `Some(n)` is Go's
+    /// `MonitorRetries`.
+    pub monitor_retries: Option<u32>,
+    /// The pause before retrying a failed monitor read (default 2 s, as Go's).
+    pub monitor_retry_time: Duration,
+    /// The `wait` of each monitor read (default 5 min, Consul's default).
+    pub monitor_wait: Duration,
+    /// The deadline of every request that is not a blocking read (default 10 s). Renewals get at
+    /// most what is left before the renew deadline.
+    pub request_timeout: Duration,
+    /// The Consul namespace (Enterprise), overriding the client config's.
+    pub namespace: Option<String>,
+    /// Seeds the jitter of retries, so that a run can be replayed.
+    pub seed: u64,
+}
+
+impl LockOptions {
+    /// Go's session name for locks.
+    pub const DEFAULT_SESSION_NAME: &'static str = "Consul API Lock";
+    /// Go's session TTL.
+    pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
+    /// Go's lock wait time.
+    pub const DEFAULT_LOCK_WAIT_TIME: Duration = Duration::from_secs(15);
+    /// Go's monitor retry time.
+    pub const DEFAULT_MONITOR_RETRY_TIME: Duration = Duration::from_secs(2);
+    /// Consul's default (and the largest useful) blocking wait for monitor reads.
+    pub const DEFAULT_MONITOR_WAIT: Duration = Duration::from_secs(300);
+    /// The default deadline of requests that do not block.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Consul caps a blocking read's wait at 10 minutes.
+    pub const MAX_WAIT: Duration = Duration::from_secs(600);
+
+    /// Options for a lock on `key` with Go's defaults.
+    pub fn new(key: &str) -> Result<LockOptions, OptionsError> {
+        Ok(LockOptions {
+            key: Key::new(key)?,
+            value: Vec::new(),
+            session: SessionChoice::Create(SessionOptions::default()),
+            lock_wait_time: Self::DEFAULT_LOCK_WAIT_TIME,
+            lock_try_once: false,
+            monitor_retries: None,
+            monitor_retry_time: Self::DEFAULT_MONITOR_RETRY_TIME,
+            monitor_wait: Self::DEFAULT_MONITOR_WAIT,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            namespace: None,
+            seed: 0,
+        })
+    }
+
+    /// The session options, when the lock creates its session.
+    pub fn session_options_mut(&mut self) -> Option<&mut SessionOptions> {
+        match &mut self.session {
+            SessionChoice::Create(o) => Some(o),
+            SessionChoice::Existing(_) => None,
+        }
+    }
+
+    /// Checks every option against what Consul accepts and what the machine needs.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if let SessionChoice::Create(session) = &self.session {
+            session.validate()?;
+        }
+        let wait = |name: &'static str, value: Duration| {
+            if value.is_zero() || value > Self::MAX_WAIT {
+                Err(OptionsError::Wait { name, value })
+            } else {
+                Ok(())
+            }
+        };
+        wait("lock_wait_time", self.lock_wait_time)?;
+        wait("monitor_wait", self.monitor_wait)?;
+        for (name, value) in [
+            ("monitor_retry_time", self.monitor_retry_time),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3600) {
+                return Err(OptionsError::Pause { name, value });
+            }
+        }
+        if self.value.len() > 512 * 1024 {
+            return Err(OptionsError::ValueTooLarge {
+                len: self.value.len(),
+            });
+        }
+        if matches!(&self.namespace, Some(ns) if ns.is_empty()) {
+            return Err(OptionsError::EmptyNamespace);
+        }
+        Ok(())
+    }
+}
+
+/// An option Consul or the machine can't work with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// The key is not usable.
+    #[error("invalid lock key: {0}")]
+    Key(#[from] KeyError),
+    /// Consul accepts session TTLs from 10 s to 86400 s.
+    #[error("session TTL {ttl:?} is out of range: Consul accepts 10s to 24h")]
+    SessionTtl {
+        /// The TTL given.
+        ttl: Duration,
+    },
+    /// Consul caps lock-delay at 60 s.
+    #[error("lock delay {delay:?} is too long: Consul accepts at most 60s (0 disables it)")]
+    LockDelay {
+        /// The delay given.
+        delay: Duration,
+    },
+    /// A blocking wait of zero or over Consul's 10-minute cap.
+    #[error("{name} {value:?} is out of range: use more than 0 and at most 10 minutes")]
+    Wait {
+        /// Which option.
+        name: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// A pause or timeout of zero (a retry storm) or over an hour.
+    #[error("{name} {value:?} is out of range: use more than 0 and at most 1 hour")]
+    Pause {
+        /// Which option.
+        name: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// Consul caps values at 512 KiB.
+    #[error("the lock value is {len} bytes; Consul accepts at most 512 KiB")]
+    ValueTooLarge {
+        /// The value's length.
+        len: usize,
+    },
+    /// An empty namespace would be sent as `ns=`.
+    #[error("the namespace is empty: leave it unset for the default namespace")]
+    EmptyNamespace,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> LockOptions {
+        match LockOptions::new("a/b") {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_gos_and_valid() {
+        let o = options();
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.lock_wait_time, Duration::from_secs(15));
+        let SessionChoice::Create(s) = &o.session else {
+            panic!("creates a session")
+        };
+        assert_eq!(
+            (s.name.as_str(), s.ttl),
+            ("Consul API Lock", Duration::from_secs(15))
+        );
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let mut o = options();
+        if let Some(s) = o.session_options_mut() {
+            s.ttl = Duration::from_secs(5);
+        }
+        let err = o.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("session TTL") && err.contains("10s"), "{err}");
+
+        let mut o = options();
+        if let Some(s) = o.session_options_mut() {
+            s.lock_delay = Some(Duration::from_secs(61));
+        }
+        assert!(matches!(o.validate(), Err(OptionsError::LockDelay { .. })));
+
+        let mut o = options();
+        o.lock_wait_time = Duration::ZERO;
+        assert!(matches!(
+            o.validate(),
+            Err(OptionsError::Wait {
+                name: "lock_wait_time",
+                ..
+            })
+        ));
+        o.lock_wait_time = Duration::from_secs(601);
+        assert!(matches!(o.validate(), Err(OptionsError::Wait { .. })));
+
+        let mut o = options();
+        o.monitor_retry_time = Duration::ZERO;
+        assert!(matches!(
+            o.validate(),
+            Err(OptionsError::Pause {
+                name: "monitor_retry_time",
+                ..
+            })
+        ));
+
+        assert!(matches!(
+            LockOptions::new(""),
+            Err(OptionsError::Key(KeyError::Empty))
+        ));
+    }
+
+    #[test]
+    fn zero_lock_delay_is_kept() {
+        let mut o = options();
+        if let Some(s) = o.session_options_mut() {
+            s.lock_delay = Some(Duration::ZERO);
+        }
+        assert_eq!(o.validate(), Ok(()));
+        let SessionChoice::Create(s) = &o.session else {
+            panic!("creates a session")
+        };
+        assert_eq!(s.to_request().lock_delay, Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,137 @@
+//! What the machines hand to a driver: requests to send and events to report, correlated by id.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Instant;
+
+use crate::api::{ClientConfig, Endpoint};
+
+/// Names one request a machine sent, so that its reply finds its way back.
+///
+/// Ids are never reused by a machine; a reply to an id the machine no longer waits for (an
+/// abandoned or timed-out request) is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A request for the driver to send.
+#[derive(Debug)]
+pub struct Transmit {
+    /// Pass this back with the reply.
+    pub id: RequestId,
+    /// The request, ready to go.
+    pub request: http::Request<Vec<u8>>,
+    /// Give up on the request at this instant (and report [`TransportErrorKind::Timeout`]).
+    /// If the driver reports nothing by then, the machine treats the request as timed out
+    /// itself, so a driver that loses a request can't wedge the machine.
+    pub deadline: Instant,
+}
+
+/// What a machine asks of its driver.
+#[derive(Debug)]
+pub enum Action<E> {
+    /// Send a request.
+    Send(Transmit),
+    /// Tell the user something.
+    Event(E),
+}
+
+/// Why a request got no HTTP reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// The deadline passed.
+    Timeout,
+    /// No connection could be made (refused, unreachable, DNS).
+    Connect,
+    /// The connection failed part way (reset, closed, TLS failure, bad HTTP).
+    Io,
+    /// The reply body exceeded [`MAX_REPLY_BYTES`](crate::api::MAX_REPLY_BYTES).
+    TooLarge,
+}
+
+/// A request that got no HTTP reply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct TransportError {
+    /// The kind of failure.
+    pub kind: TransportErrorKind,
+    /// The transport's description, for logs.
+    pub message: String,
+}
+
+impl TransportError {
+    /// A transport error of `kind`.
+    pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> TransportError {
+        TransportError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of one request: Consul's reply, or why there was none.
+pub type Reply = Result<http::Response<Vec<u8>>, TransportError>;
+
+/// The queue of actions and the id counter, shared by a machine and the sub-machines it uses so
+/// that ids stay unique across all of them.
+#[derive(Debug)]
+pub(crate) struct Outbox<E> {
+    next_id: u64,
+    queue: VecDeque<Action<E>>,
+    pub(crate) config: ClientConfig,
+}
+
+impl<E> Outbox<E> {
+    pub(crate) fn new(config: ClientConfig) -> Outbox<E> {
+        Outbox {
+            next_id: 1,
+            queue: VecDeque::new(),
+            config,
+        }
+    }
+
+    /// Queues `endpoint` for sending, giving its id.
+    pub(crate) fn send(&mut self, endpoint: &impl Endpoint, deadline: Instant) -> RequestId {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        let request = endpoint.encode(&self.config);
+        tracing::trace!(%id, method = %request.method(), uri = %request.uri(), "send");
+        self.queue.push_back(Action::Send(Transmit {
+            id,
+            request,
+            deadline,
+        }));
+        id
+    }
+
+    pub(crate) fn event(&mut self, event: E) {
+        self.queue.push_back(Action::Event(event));
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Action<E>> {
+        self.queue.pop_front()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// One outstanding request: its id and when the machine stops waiting for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pending {
+    pub(crate) id: RequestId,
+    pub(crate) sent_at: Instant,
+    pub(crate) deadline: Instant,
+}
+
+impl Pending {
+    pub(crate) fn is(&self, id: RequestId) -> bool {
+        self.id == id
+    }
+}

@@ -1,0 +1,450 @@
+//! The session a lock stands on: create it, renew it every TTL/2, notice when it may be gone,
+//! destroy it when done.
+//!
+//! The renew deadline is the safety rule Go's client lacks (hashicorp/consul#18271): Consul frees
+//! a session's keys no earlier than TTL after the last renew it saw, and a renew can't be seen
+//! before it was sent. So if no renew has been acknowledged for TTL, counted from the *send* time
+//! of the last acknowledged one, someone else may be about to hold the key, and the holder must
+//! stop, whatever else it hears or doesn't.
+
+use std::time::{Duration, Instant};
+
+use crate::api::{ApiError, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionRenew};
+use crate::machine::backoff::{Backoff, Rng};
+use crate::machine::classify::{Failure, decode};
+use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::{Reply, RequestId};
+
+/// Go retries a failed renew every second; so do we, until the deadline.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+
+/// Something the session machine reports to the machine that uses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The session exists and may be used.
+    Ready(SessionId),
+    /// The session is gone, or may be: its keys must be taken as lost.
+    Lost(SessionLoss),
+    /// The session could not be created, for a reason that retrying won't fix.
+    CreateFailed(ApiError),
+    /// The session was destroyed (or was the caller's, and was let go).
+    Stopped,
+}
+
+/// Why a session is taken as lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionLoss {
+    /// Consul answered a renew with 404: the session expired or was destroyed.
+    Invalidated,
+    /// No renew was acknowledged within the TTL.
+    RenewDeadline {
+        /// How long since the last acknowledged renew was sent.
+        since_ack: Duration,
+    },
+}
+
+/// Where a session machine stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionStatus {
+    /// No session.
+    Idle,
+    /// Creating one.
+    Creating,
+    /// A session is in use.
+    Active,
+    /// Destroying it.
+    Destroying,
+}
+
+/// The lease on an owned session: what renewal needs to know.
+#[derive(Clone, Debug)]
+struct Lease {
+    ttl: Duration,
+    /// Send time of the last acknowledged renew (or of the create).
+    acked_sent_at: Instant,
+    renew: Renew,
+}
+
+impl Lease {
+    fn deadline(&self) -> Instant {
+        self.acked_sent_at + self.ttl
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Renew {
+    At(Instant),
+    InFlight(Pending),
+}
+
+#[derive(Clone, Debug)]
+enum State {
+    Idle,
+    Creating {
+        pending: Pending,
+        stop_when_created: bool,
+    },
+    CreatePause {
+        until: Instant,
+    },
+    /// `lease` is `None` for the caller's session, which the machine neither renews nor destroys.
+    Active {
+        id: SessionId,
+        lease: Option<Lease>,
+    },
+    Destroying {
+        pending: Pending,
+        restart: bool,
+    },
+}
+
+/// Keeps one Consul session alive for the machines that hold keys with it.
+///
+/// A lock uses a session rather than owning the idea of one: Consul lets one session hold many
+/// keys, so the session's life (create, renew, deadline, destroy) is its own machine.
+#[derive(Clone, Debug)]
+pub struct SessionMachine {
+    /// `Err` holds the caller's session.
+    source: Result<SessionCreate, SessionId>,
+    request_timeout: Duration,
+    state: State,
+    backoff: Backoff,
+}
+
+impl SessionMachine {
+    pub(crate) fn new(source: Result<SessionCreate, SessionId>, request_timeout: Duration) -> SessionMachine {
+        SessionMachine {
+            source,
+            request_timeout,
+            state: State::Idle,
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
+        }
+    }
+
+    /// Where the machine stands.
+    pub fn status(&self) -> SessionStatus {
+        match &self.state {
+            State::Idle => SessionStatus::Idle,
+            State::Creating { .. } | State::CreatePause { .. } => SessionStatus::Creating,
+            State::Active { .. } => SessionStatus::Active,
+            State::Destroying { .. } => SessionStatus::Destroying,
+        }
+    }
+
+    /// The session in use, if any.
+    pub fn id(&self) -> Option<&SessionId> {
+        match &self.state {
+            State::Active { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The instant by which a renew must be acknowledged, for a session the machine renews.
+    pub fn renew_deadline(&self) -> Option<Instant> {
+        match &self.state {
+            State::Active {
+                lease: Some(lease), ..
+            } => Some(lease.deadline()),
+            _ => None,
+        }
+    }
+
+    /// The TTL in force (the server may raise it), for a session the machine renews.
+    pub fn ttl(&self) -> Option<Duration> {
+        match &self.state {
+            State::Active {
+                lease: Some(lease), ..
+            } => Some(lease.ttl),
+            _ => None,
+        }
+    }
+
+    /// Whether a renew is outstanding.
+    pub fn renew_in_flight(&self) -> bool {
+        matches!(
+            &self.state,
+            State::Active {
+                lease: Some(Lease {
+                    renew: Renew::InFlight(_),
+                    ..
+                }),
+                ..
+            }
+        )
+    }
+
+    /// Gets a session going: creates one, or takes up the caller's.
+    pub(crate) fn start<E>(&mut self, now: Instant, out: &mut Outbox<E>, rng: &mut Rng) -> Vec<SessionEvent> {
+        match &mut self.state {
+            State::Idle => self.create(now, out, rng),
+            State::Destroying { restart, .. } => {
+                *restart = true;
+                Vec::new()
+            }
+            State::Creating {
+                stop_when_created, ..
+            } => {
+                *stop_when_created = false;
+                Vec::new()
+            }
+            State::CreatePause { .. } => Vec::new(),
+            State::Active { id, .. } => vec![SessionEvent::Ready(id.clone())],
+        }
+    }
+
+    fn create<E>(&mut self, now: Instant, out: &mut Outbox<E>, _rng: &mut Rng) -> Vec<SessionEvent> {
+        match &self.source {
+            Err(id) => {
+                self.state = State::Active {
+                    id: id.clone(),
+                    lease: None,
+                };
+                vec![SessionEvent::Ready(id.clone())]
+            }
+            Ok(request) => {
+                let deadline = now + self.request_timeout;
+                let id = out.send(request, deadline);
+                self.state = State::Creating {
+                    pending: Pending {
+                        id,
+                        sent_at: now,
+                        deadline,
+                    },
+                    stop_when_created: false,
+                };
+                Vec::new()
+            }
+        }
+    }
+
+    /// Ends the session: destroys an owned one, lets go of the caller's.
+    pub(crate) fn stop<E>(&mut self, now: Instant, out: &mut Outbox<E>) -> Vec<SessionEvent> {
+        match &mut self.state {
+            State::Idle => Vec::new(),
+            State::Creating {
+                stop_when_created, ..
+            } => {
+                *stop_when_created = true;
+                Vec::new()
+            }
+            State::CreatePause { .. } => {
+                self.state = State::Idle;
+                vec![SessionEvent::Stopped]
+            }
+            State::Destroying { restart, .. } => {
+                *restart = false;
+                Vec::new()
+            }
+            State::Active { id, lease } => {
+                if lease.is_none() {
+                    self.state = State::Idle;
+                    return vec![SessionEvent::Stopped];
+                }
+                let id = id.clone();
+                self.destroy(now, id, out);
+                Vec::new()
+            }
+        }
+    }
+
+    fn destroy<E>(&mut self, now: Instant, id: SessionId, out: &mut Outbox<E>) {
+        let deadline = now + self.request_timeout;
+        let req = out.send(&SessionDestroy { id }, deadline);
+        self.state = State::Destroying {
+            pending: Pending {
+                id: req,
+                sent_at: now,
+                deadline,
+            },
+            restart: false,
+        };
+    }
+
+    /// Consul said (e.g. in an acquire's 500) that it no longer knows the session: drop it and
+    /// start again.
+    pub(crate) fn forget<E>(
+        &mut self,
+        now: Instant,
+        out: &mut Outbox<E>,
+        rng: &mut Rng,
+    ) -> Vec<SessionEvent> {
+        if matches!(self.source, Err(_)) {
+            return Vec::new();
+        }
+        self.state = State::Idle;
+        self.create(now, out, rng)
+    }
+
+    /// The requests this machine waits for.
+    pub(crate) fn pending(&self) -> Option<Pending> {
+        match &self.state {
+            State::Creating { pending, .. } | State::Destroying { pending, .. } => Some(*pending),
+            State::Active {
+                lease:
+                    Some(Lease {
+                        renew: Renew::InFlight(pending),
+                        ..
+                    }),
+                ..
+            } => Some(*pending),
+            _ => None,
+        }
+    }
+
+    /// The next instant the machine needs `handle_timeout`.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Idle => None,
+            State::Creating { pending, .. } | State::Destroying { pending, .. } => Some(pending.deadline),
+            State::CreatePause { until } => Some(*until),
+            State::Active { lease: None, .. } => None,
+            State::Active {
+                lease: Some(lease), ..
+            } => Some(match &lease.renew {
+                Renew::At(at) => (*at).min(lease.deadline()),
+                Renew::InFlight(p) => p.deadline.min(lease.deadline()),
+            }),
+        }
+    }
+
+    /// Timers: send a due renew, give up on the deadline, retry a paused create. Requests past
+    /// their deadline are handled by the caller, as transport timeouts.
+    pub(crate) fn handle_timeout<E>(
+        &mut self,
+        now: Instant,
+        out: &mut Outbox<E>,
+        rng: &mut Rng,
+    ) -> Vec<SessionEvent> {
+        match &mut self.state {
+            State::CreatePause { until } if now >= *until => self.create(now, out, rng),
+            State::Active {
+                id,
+                lease: Some(lease),
+            } => {
+                if now >= lease.deadline() {
+                    let since_ack = now.saturating_duration_since(lease.acked_sent_at);
+                    tracing::warn!(session = %id, ?since_ack, "no renew acknowledged within the TTL");
+                    let id = id.clone();
+                    // The server may still think the session alive (a partition): destroy it so
+                    // its keys are freed as soon as the server hears from us again.
+                    self.destroy(now, id, out);
+                    return vec![SessionEvent::Lost(SessionLoss::RenewDeadline { since_ack })];
+                }
+                if let Renew::At(at) = lease.renew {
+                    if now >= at {
+                        let deadline = (now + self.request_timeout).min(lease.deadline());
+                        let req = out.send(&SessionRenew { id: id.clone() }, deadline);
+                        lease.renew = Renew::InFlight(Pending {
+                            id: req,
+                            sent_at: now,
+                            deadline,
+                        });
+                    }
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A reply to one of this machine's requests; `None` when `id` is not one of them.
+    pub(crate) fn handle_response<E>(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        reply: &Reply,
+        out: &mut Outbox<E>,
+        rng: &mut Rng,
+    ) -> Option<Vec<SessionEvent>> {
+        let pending = self.pending().filter(|p| p.is(id))?;
+        let events = match &mut self.state {
+            State::Creating {
+                stop_when_created, ..
+            } => {
+                let stop = *stop_when_created;
+                match decode::<SessionCreate>(reply) {
+                    Ok(session) => {
+                        self.backoff.reset();
+                        tracing::debug!(%session, "session created");
+                        if stop {
+                            self.destroy(now, session, out);
+                            return Some(Vec::new());
+                        }
+                        let ttl = match &self.source {
+                            Ok(request) => request.ttl,
+                            Err(_) => None,
+                        };
+                        let lease = ttl.map(|ttl| Lease {
+                            ttl,
+                            acked_sent_at: pending.sent_at,
+                            renew: Renew::At(pending.sent_at + ttl / 2),
+                        });
+                        self.state = State::Active {
+                            id: session.clone(),
+                            lease,
+                        };
+                        vec![SessionEvent::Ready(session)]
+                    }
+                    Err(_) if stop => {
+                        self.state = State::Idle;
+                        vec![SessionEvent::Stopped]
+                    }
+                    Err(Failure::Transient(why)) => {
+                        let pause = self.backoff.next(rng);
+                        tracing::warn!(%why, ?pause, "session create failed; retrying");
+                        self.state = State::CreatePause { until: now + pause };
+                        Vec::new()
+                    }
+                    Err(Failure::Fatal(e)) => {
+                        tracing::warn!(error = %e, "session create refused");
+                        self.state = State::Idle;
+                        vec![SessionEvent::CreateFailed(e)]
+                    }
+                }
+            }
+            State::Destroying { restart, .. } => {
+                if let Err(why) = decode::<SessionDestroy>(reply) {
+                    // Nobody renews it any more, so Consul ends it within 2×TTL regardless.
+                    tracing::warn!(?why, "session destroy failed; it will expire on its own");
+                }
+                let restart = *restart;
+                self.state = State::Idle;
+                let mut events = vec![SessionEvent::Stopped];
+                if restart {
+                    events.extend(self.create(now, out, rng));
+                }
+                events
+            }
+            State::Active {
+                id,
+                lease: Some(lease),
+            } => match decode::<SessionRenew>(reply) {
+                Ok(Some(entry)) => {
+                    lease.acked_sent_at = pending.sent_at;
+                    lease.ttl = renewed_ttl(&entry, lease.ttl);
+                    lease.renew = Renew::At(pending.sent_at + lease.ttl / 2);
+                    Vec::new()
+                }
+                Ok(None) => {
+                    tracing::warn!(session = %id, "session invalidated (renew answered 404)");
+                    self.state = State::Idle;
+                    vec![SessionEvent::Lost(SessionLoss::Invalidated)]
+                }
+                Err(why) => {
+                    let retry_at = (now + RENEW_RETRY).min(lease.deadline());
+                    tracing::warn!(session = %id, ?why, "renew failed; retrying");
+                    lease.renew = Renew::At(retry_at);
+                    Vec::new()
+                }
+            },
+            State::Idle | State::CreatePause { .. } | State::Active { lease: None, .. } => Vec::new(),
+        };
+        Some(events)
+    }
+}
+
+/// The TTL to renew by: the server's, which it may raise under load. It is the server that
+/// invalidates the session, so its figure is the one the deadline must follow.
+fn renewed_ttl(entry: &SessionEntry, asked: Duration) -> Duration {
+    entry.ttl.unwrap_or(asked)
+}
