@@ -1,1 +1,7 @@
 //! Test kit for consul-lock.
+
+#[cfg(unix)]
+pub mod agent;
+
+#[cfg(unix)]
+pub use agent::{AgentError, ConsulAgent};

@@ -268,7 +268,7 @@ impl SessionMachine {
         out: &mut Outbox<E>,
         rng: &mut Rng,
     ) -> Vec<SessionEvent> {
-        if matches!(self.source, Err(_)) {
+        if self.source.is_err() {
             return Vec::new();
         }
         self.state = State::Idle;
