@@ -542,7 +542,12 @@ impl LockMachine {
                     Step::Pause { until, .. } => Some(until),
                     _ => None,
                 };
-                [pause, a.give_up_at].into_iter().flatten().min()
+                // While an acquire or confirm is in flight its reply decides (see
+                // `phase_timeout`): the give-up time is no timer then, or a driver would spin.
+                let give_up = a
+                    .give_up_at
+                    .filter(|_| !matches!(a.step, Step::Acquire(_) | Step::Confirm(_)));
+                [pause, give_up].into_iter().flatten().min()
             }
             Phase::Held(Held {
                 monitor: Monitor::Pause(until),
@@ -620,6 +625,13 @@ impl LockMachine {
             }
         };
         if let (true, SessionChoice::Existing(session)) = (granted, &self.options.session) {
+            if matches!(self.phase, Phase::Acquiring(_) | Phase::Held(_)) {
+                // A new attempt on the same session is under way or holds the key: the grant is
+                // its own now (re-acquiring is harmless and keeps LockIndex). Releasing would
+                // pull the key from under it while it believes it holds it.
+                tracing::debug!("a key granted to an abandoned acquire is kept by the new attempt");
+                return;
+            }
             let release = KvRelease {
                 key: self.options.key.clone(),
                 session: session.clone(),
@@ -663,6 +675,11 @@ impl LockMachine {
         for event in events {
             match (event, &self.phase) {
                 (SessionEvent::Ready(_), Phase::Acquiring(a)) if matches!(a.step, Step::AwaitSession) => {
+                    // A new session (the old one was lost or forgotten): look at the key afresh
+                    // rather than block on an index the last attempt saw.
+                    if let Some(a) = self.acquiring() {
+                        a.index = 0;
+                    }
                     self.read(now);
                 }
                 (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::Session(e)),
@@ -802,13 +819,26 @@ impl LockMachine {
         let Some(a) = self.acquiring() else { return };
         let (index, moved) = Self::next_index(a.index, read.meta.index);
         let quick = now.saturating_duration_since(sent.sent_at) < lock_wait / 2;
-        let spinning = a.index > 0 && !moved && quick;
+        // A read on index 0 answers at once by design; only a blocking one says anything about
+        // the agent's pace.
+        let blocked = a.index > 0;
+        // No progress, at once: index 0 included (a reply without X-Consul-Index).
+        let spinning = !moved && quick;
         a.index = index;
         match other {
             None => {
                 // Free (or already ours: re-acquiring is harmless and does not bump LockIndex).
                 if let Some(h) = &mut a.holder {
                     h.freed_at.get_or_insert(now);
+                }
+                if blocked && spinning {
+                    // A blocking read back at once on an index that showed the key held: don't
+                    // let an agent that says so make us spin through acquire and recheck.
+                    return self.retry(
+                        now,
+                        Then::Read,
+                        "a blocking read returned at once without progress",
+                    );
                 }
                 self.acquire(now);
             }
@@ -835,7 +865,7 @@ impl LockMachine {
                         "a blocking read returned at once without progress",
                     );
                 } else {
-                    if let Some(a) = self.acquiring() {
+                    if let Some(a) = self.acquiring().filter(|_| blocked) {
                         a.backoff.reset();
                     }
                     self.read(now);
@@ -892,7 +922,13 @@ impl LockMachine {
             return self.read(now);
         }
         if ours {
-            return self.acquire(now);
+            // Refused, yet ours: the agent contradicts itself. Try again, but not at once.
+            let until = now + a.backoff.next(rng);
+            a.step = Step::Pause {
+                until: a.give_up_at.map_or(until, |at| until.min(at)),
+                then: Then::Acquire,
+            };
+            return;
         }
         // Free, yet refused: the last holder's lock-delay is in force. Retry when it ends, if we
         // know it; otherwise back off.
@@ -941,13 +977,9 @@ impl LockMachine {
                 });
                 self.monitor(now);
             }
-            // Lost between the acquire and this read (an operator, an expiry): wait again.
-            _ => {
-                if let Some(a) = self.acquiring() {
-                    a.index = 0;
-                }
-                self.read(now);
-            }
+            // Lost between the acquire and this read (an operator, an expiry): wait again,
+            // after a pause, so that an agent that grants and then denies can't make us spin.
+            _ => self.retry(now, Then::Read, "the granted key does not show our session"),
         }
     }
 
@@ -1004,13 +1036,17 @@ impl LockMachine {
         h.failures = 0;
         let (index, moved) = Self::next_index(h.index, read.meta.index);
         let quick = now.saturating_duration_since(sent.sent_at) < monitor_wait / 2;
-        let spinning = h.index > 0 && !moved && quick;
+        let blocked = h.index > 0;
+        // No progress, at once: index 0 included (a reply without X-Consul-Index).
+        let spinning = !moved && quick;
         h.index = index;
         if spinning {
             let pause = h.pace.next(rng);
             h.monitor = Monitor::Pause(now + pause);
         } else {
-            h.pace.reset();
+            if blocked {
+                h.pace.reset();
+            }
             self.monitor(now);
         }
     }
@@ -1049,6 +1085,8 @@ impl LockMachine {
             tracing::warn!(?why, "release failed");
         }
         self.phase = Phase::Releasing(Releasing::Session);
+        // If the session ended while the release was out (invalidated), `stop` reports it
+        // stopped at once.
         let events = self.session.stop(now, &mut self.out);
         self.on_session_events(now, events);
     }

@@ -218,9 +218,11 @@ impl SessionMachine {
     }
 
     /// Ends the session: destroys an owned one, lets go of the caller's.
+    /// Reports [`SessionEvent::Stopped`] at once when there is nothing to destroy, so a caller
+    /// waiting for it never waits in vain.
     pub(crate) fn stop<E>(&mut self, now: Instant, out: &mut Outbox<E>) -> Vec<SessionEvent> {
         match &mut self.state {
-            State::Idle => Vec::new(),
+            State::Idle => vec![SessionEvent::Stopped],
             State::Creating {
                 stop_when_created, ..
             } => {
