@@ -1,0 +1,43 @@
+//! The driver's error type.
+
+use std::path::PathBuf;
+
+use consul_lock_core::api::ConfigError;
+use consul_lock_core::machine::{LockError, OptionsError};
+
+/// Everything that can go wrong with a lock on tokio.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The client configuration (from `CONSUL_*` variables) is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The lock options are unusable.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// A TLS file could not be read or parsed.
+    #[error("TLS setup: {what} {path:?}: {problem}")]
+    Tls {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(String),
+    /// No tokio runtime is running here.
+    #[error("no tokio runtime: create locks from inside a tokio runtime (e.g. under #[tokio::main])")]
+    NoRuntime,
+    /// The lock's task is gone (its runtime shut down).
+    #[error("the lock's driver task has stopped (its tokio runtime shut down)")]
+    DriverStopped,
+    /// The lock refused the operation or the attempt failed (conflict, session, permission).
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// Try-once: the wait ended without the lock. Not a success: there is no guard.
+    #[error("gave up: no lock within the wait time (lock_try_once)")]
+    GaveUp,
+}

@@ -1,0 +1,235 @@
+//! The task that owns a [`LockMachine`]: it feeds the machine replies and timeouts, sends what it
+//! asks for, and turns its events into answers for the lock handle and its guards.
+
+use std::time::Instant;
+
+use consul_lock_core::api::ClientConfig;
+use consul_lock_core::machine::{Action, FencingToken, LockEvent, LockMachine, LockStatus, LossReason, RequestId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::Error;
+
+/// Each acquisition gets a generation, so that a guard or a cancel from an earlier one can't act
+/// on a later one.
+pub(crate) type Generation = u64;
+
+/// What a guard watches: `None` while held, then why it ended.
+pub(crate) type HoldState = Option<Ended>;
+
+/// How a hold ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Lost(LossReason),
+    Released,
+}
+
+pub(crate) struct Granted {
+    pub(crate) token: FencingToken,
+    pub(crate) state: watch::Receiver<HoldState>,
+}
+
+pub(crate) enum Command {
+    Acquire {
+        generation: Generation,
+        reply: oneshot::Sender<Result<Granted, Error>>,
+    },
+    /// The acquire future was dropped before it finished.
+    CancelAcquire { generation: Generation },
+    /// Release the hold of `generation`; `reply` is `None` when a guard was dropped.
+    Release {
+        generation: Generation,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    Destroy {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+}
+
+struct Waiters {
+    generation: Generation,
+    acquire: Option<oneshot::Sender<Result<Granted, Error>>>,
+    hold: Option<watch::Sender<HoldState>>,
+    release: Vec<oneshot::Sender<Result<(), Error>>>,
+    destroy: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
+pub(crate) async fn run(
+    mut machine: LockMachine,
+    http: reqwest::Client,
+    config: ClientConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let config = std::sync::Arc::new(config);
+    let mut inflight: JoinSet<(RequestId, consul_lock_core::machine::Reply)> = JoinSet::new();
+    let mut waiters = Waiters {
+        generation: 0,
+        acquire: None,
+        hold: None,
+        release: Vec::new(),
+        destroy: None,
+    };
+    let mut handles_gone = false;
+    loop {
+        while let Some(action) = machine.poll_action() {
+            match action {
+                Action::Send(t) => {
+                    let (http, config) = (http.clone(), config.clone());
+                    inflight.spawn(async move {
+                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
+                        (t.id, reply)
+                    });
+                }
+                Action::Event(event) => on_event(&mut machine, &mut waiters, event),
+            }
+        }
+        if handles_gone {
+            // Nobody can ask anything any more: finish what is under way, then stop.
+            if matches!(machine.status(), LockStatus::Acquiring) {
+                machine.cancel(Instant::now());
+                continue;
+            }
+            if machine.status() == LockStatus::Held {
+                let _ = machine.unlock(Instant::now());
+                continue;
+            }
+            if machine.is_quiescent() {
+                break;
+            }
+        }
+        let timer = machine.poll_timeout();
+        tokio::select! {
+            command = commands.recv(), if !handles_gone => match command {
+                Some(command) => on_command(&mut machine, &mut waiters, command),
+                None => handles_gone = true,
+            },
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                if let Ok((id, reply)) = done {
+                    machine.handle_response(Instant::now(), id, reply);
+                }
+            }
+            () = sleep_until(timer), if timer.is_some() => machine.handle_timeout(Instant::now()),
+        }
+    }
+    tracing::debug!("lock task done");
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+    }
+}
+
+fn on_command(machine: &mut LockMachine, w: &mut Waiters, command: Command) {
+    let now = Instant::now();
+    match command {
+        Command::Acquire { generation, reply } => match machine.lock(now) {
+            Ok(()) => {
+                w.generation = generation;
+                w.acquire = Some(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Lock(e)));
+            }
+        },
+        Command::CancelAcquire { generation } if generation == w.generation => {
+            w.acquire = None;
+            match machine.status() {
+                LockStatus::Acquiring => machine.cancel(now),
+                // Acquired, but the future was dropped before it could hand out a guard.
+                LockStatus::Held if w.hold.is_none() => {
+                    let _ = machine.unlock(now);
+                }
+                _ => {}
+            }
+        }
+        Command::Release { generation, reply } if generation == w.generation => match machine.status() {
+            LockStatus::Held => {
+                let _ = machine.unlock(now);
+                w.release.extend(reply);
+            }
+            LockStatus::Releasing => w.release.extend(reply),
+            // Already lost or released: nothing to do.
+            _ => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        },
+        // A stale generation: its hold is long over.
+        Command::CancelAcquire { .. } => {}
+        Command::Release { reply, .. } => {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Command::Destroy { reply } => match machine.destroy(now) {
+            Ok(()) => w.destroy = Some(reply),
+            Err(e) => {
+                let _ = reply.send(Err(Error::Lock(e)));
+            }
+        },
+    }
+}
+
+fn on_event(machine: &mut LockMachine, w: &mut Waiters, event: LockEvent) {
+    let now = Instant::now();
+    match event {
+        LockEvent::Acquired(token) => {
+            let (hold, state) = watch::channel(None);
+            match w.acquire.take() {
+                Some(reply) => match reply.send(Ok(Granted { token, state })) {
+                    Ok(()) => w.hold = Some(hold),
+                    // The acquire future is gone: nobody will hold this lock.
+                    Err(_) => {
+                        let _ = machine.unlock(now);
+                    }
+                },
+                None => {
+                    let _ = machine.unlock(now);
+                }
+            }
+        }
+        LockEvent::Lost(reason) => {
+            if let Some(hold) = w.hold.take() {
+                let _ = hold.send(Some(Ended::Lost(reason)));
+            }
+            for reply in w.release.drain(..) {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        LockEvent::Released => {
+            if let Some(hold) = w.hold.take() {
+                let _ = hold.send(Some(Ended::Released));
+            }
+            for reply in w.release.drain(..) {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        LockEvent::GaveUp => answer(&mut w.acquire, Err(Error::GaveUp)),
+        LockEvent::Cancelled => {
+            answer(&mut w.acquire, Err(Error::Lock(consul_lock_core::machine::LockError::NotHeld)));
+            if let Some(reply) = w.destroy.take() {
+                let _ = reply.send(Err(Error::DriverStopped));
+            }
+        }
+        LockEvent::Failed(e) => {
+            if let Some(reply) = w.destroy.take() {
+                let _ = reply.send(Err(Error::Lock(e)));
+            } else {
+                answer(&mut w.acquire, Err(Error::Lock(e)));
+            }
+        }
+        LockEvent::Destroyed => {
+            if let Some(reply) = w.destroy.take() {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+}
+
+fn answer(slot: &mut Option<oneshot::Sender<Result<Granted, Error>>>, result: Result<Granted, Error>) {
+    if let Some(reply) = slot.take() {
+        let _ = reply.send(result);
+    }
+}

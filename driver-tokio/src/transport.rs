@@ -1,0 +1,162 @@
+//! Moves the core's requests over reqwest: an `http::Request` in, an `http::Response` (or a
+//! transport error) out, with the request's deadline as its timeout and the body size capped.
+
+use std::time::Instant;
+
+use consul_lock_core::api::{Address, ClientConfig, MAX_REPLY_BYTES};
+use consul_lock_core::machine::{Reply, TransportError, TransportErrorKind};
+
+use crate::Error;
+
+/// Builds the reqwest client for `config`: unix socket or TCP, and TLS from its settings.
+pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Error> {
+    // reqwest is built without a default crypto provider (to keep aws-lc's C build out of the
+    // tree); ring is installed once per process unless the application installed one already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder().no_proxy().pool_idle_timeout(None);
+    if let Address::Unix { path } = &config.address {
+        builder = builder.unix_socket(path.as_path());
+    }
+    let tls = &config.tls;
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Error::Tls {
+            what,
+            path: path.to_owned(),
+            problem: e.to_string(),
+        })
+    };
+    let mut roots = Vec::new();
+    if let Some(ca) = &tls.ca_file {
+        let pem = read("CA file (CONSUL_CACERT)", ca)?;
+        roots.extend(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+            what: "CA file (CONSUL_CACERT)",
+            path: ca.clone(),
+            problem: e.to_string(),
+        })?);
+    }
+    if let Some(dir) = &tls.ca_path {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::Tls {
+            what: "CA directory (CONSUL_CAPATH)",
+            path: dir.clone(),
+            problem: e.to_string(),
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_file() {
+                let pem = read("CA directory (CONSUL_CAPATH)", &path)?;
+                // Files that are not certificates (a README, a key) are skipped, as Go does.
+                roots.extend(reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default());
+            }
+        }
+    }
+    if !roots.is_empty() {
+        builder = builder.tls_certs_only(roots);
+    }
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        let mut pem = read("client certificate (CONSUL_CLIENT_CERT)", cert)?;
+        pem.push(b'\n');
+        pem.extend(read("client key (CONSUL_CLIENT_KEY)", key)?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| Error::Tls {
+            what: "client certificate and key",
+            path: cert.clone(),
+            problem: e.to_string(),
+        })?;
+        builder = builder.identity(identity);
+    }
+    if !tls.verify {
+        tracing::warn!("CONSUL_HTTP_SSL_VERIFY=false: the server's certificate is not checked");
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    if let (Some(name), Address::Tcp { authority, .. }) = (&tls.server_name, &config.address) {
+        // Connect to the configured address but check the certificate against `name`: requests
+        // go to `name` (see `rewrite_for_server_name`), which resolves to the real address.
+        let addr = resolve(authority)?;
+        builder = builder.resolve(name, addr);
+    }
+    builder.build().map_err(|e| Error::Http(e.to_string()))
+}
+
+fn resolve(authority: &http::uri::Authority) -> Result<std::net::SocketAddr, Error> {
+    use std::net::ToSocketAddrs;
+    let port = authority.port_u16().unwrap_or(443);
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| Error::Http(format!("could not resolve {authority} (for CONSUL_TLS_SERVER_NAME)")))
+}
+
+/// With `CONSUL_TLS_SERVER_NAME`, requests name the server by that name (SNI and certificate
+/// check), and the client resolves it to the configured address.
+pub(crate) fn rewrite_for_server_name(config: &ClientConfig, request: &mut http::Request<Vec<u8>>) {
+    let (Some(name), Address::Tcp { authority, .. }) = (&config.tls.server_name, &config.address) else {
+        return;
+    };
+    let port = authority.port_u16().unwrap_or(443);
+    let mut parts = request.uri().clone().into_parts();
+    if let Ok(new) = format!("{name}:{port}").parse() {
+        parts.authority = Some(new);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+}
+
+/// Sends one request, giving up at `deadline`.
+pub(crate) async fn exchange(
+    client: reqwest::Client,
+    config: &ClientConfig,
+    mut request: http::Request<Vec<u8>>,
+    deadline: Instant,
+) -> Reply {
+    rewrite_for_server_name(config, &mut request);
+    let budget = deadline.saturating_duration_since(Instant::now());
+    if budget.is_zero() {
+        return Err(TransportError::new(TransportErrorKind::Timeout, "deadline passed before sending"));
+    }
+    let exchange = async {
+        let request = reqwest::Request::try_from(request).map_err(|e| transport_error(&e))?;
+        let mut response = client.execute(request).await.map_err(|e| transport_error(&e))?;
+        let mut reply = http::Response::builder().status(response.status());
+        if let Some(headers) = reply.headers_mut() {
+            *headers = std::mem::take(response.headers_mut());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+            if body.len() + chunk.len() > MAX_REPLY_BYTES {
+                return Err(TransportError::new(
+                    TransportErrorKind::TooLarge,
+                    format!("reply body over {MAX_REPLY_BYTES} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        reply
+            .body(body)
+            .map_err(|e| TransportError::new(TransportErrorKind::Io, e.to_string()))
+    };
+    match tokio::time::timeout(budget, exchange).await {
+        Ok(reply) => reply,
+        Err(_) => Err(TransportError::new(TransportErrorKind::Timeout, format!("no reply within {budget:?}"))),
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> TransportError {
+    let kind = if e.is_timeout() {
+        TransportErrorKind::Timeout
+    } else if e.is_connect() {
+        TransportErrorKind::Connect
+    } else {
+        TransportErrorKind::Io
+    };
+    // reqwest's Display leaves out the cause ("error sending request"); the chain says why.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    TransportError::new(kind, message)
+}
