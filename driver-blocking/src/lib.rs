@@ -1,1 +1,253 @@
-//! Runs consul-lock on plain threads (under construction: see the drivers issue).
+//! Consul locks and leader election for plain threads.
+//!
+//! ```no_run
+//! use consul_lock_blocking::{Client, Error};
+//! use std::time::Duration;
+//!
+//! fn main() -> Result<(), Error> {
+//!     let client = Client::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ...
+//!     let lock = client.lock_key("service/leader")?;
+//!     let guard = lock.acquire()?;
+//!     println!("leading with fencing token {}", guard.token().lock_index);
+//!     while guard.wait_lost(Duration::from_secs(1))?.is_none() {
+//!         // one unit of leader work per second, while still leading
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Under the hood the lock runs on a private single-threaded tokio runtime owned by the
+//! [`Client`] (as `reqwest::blocking` does), driving the same task as `consul-lock-tokio`: a
+//! blocking read of the key never holds up a session renewal, because the two are separate
+//! requests in flight at once, and no thread of yours is used for either.
+
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+pub use consul_lock_core::api::ClientConfig;
+pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason};
+pub use consul_lock_tokio::Error;
+use tokio::sync::watch;
+
+/// The private runtime: one thread, shut down when the last handle using it is dropped.
+#[derive(Debug)]
+struct Runtime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Runtime {
+    fn handle(&self) -> Result<&tokio::runtime::Runtime, Error> {
+        self.runtime.as_ref().ok_or(Error::DriverStopped)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Give releases handed over by dropped guards a moment to go out, without blocking
+            // the dropping thread for long.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A connection to one Consul agent, with the thread that runs its locks.
+#[derive(Clone, Debug)]
+pub struct Client {
+    runtime: Arc<Runtime>,
+    inner: consul_lock_tokio::Client,
+}
+
+impl Client {
+    /// A client configured from Consul's `CONSUL_*` environment variables.
+    pub fn from_env() -> Result<Client, Error> {
+        Client::with(consul_lock_tokio::Client::from_env)
+    }
+
+    /// A client for `config`.
+    pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        Client::with(|| consul_lock_tokio::Client::new(config))
+    }
+
+    fn with(
+        make: impl FnOnce() -> Result<consul_lock_tokio::Client, Error>,
+    ) -> Result<Client, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("consul-lock")
+            .enable_time()
+            .enable_io()
+            .build()
+            .map_err(|e| Error::Http(format!("could not start the lock thread: {e}")))?;
+        let inner = {
+            let _entered = runtime.enter();
+            make()?
+        };
+        Ok(Client {
+            runtime: Arc::new(Runtime {
+                runtime: Some(runtime),
+            }),
+            inner,
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ClientConfig {
+        self.inner.config()
+    }
+
+    /// A lock with Go's defaults on `key`.
+    pub fn lock_key(&self, key: &str) -> Result<Lock, Error> {
+        self.lock(LockOptions::new(key)?)
+    }
+
+    /// A lock with `options`.
+    pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
+        let _entered = self.runtime.handle()?.enter();
+        Ok(Lock {
+            inner: Arc::new(self.inner.lock(options)?),
+            runtime: self.runtime.clone(),
+        })
+    }
+}
+
+/// Stops a blocked [`Lock::acquire`] from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl StopHandle {
+    /// Makes every `acquire` waiting with this handle return [`Error::Lock`]`(`[`LockError::NotHeld`]`)`
+    /// at once (the attempt is cancelled and its session destroyed in the background).
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Whether `stop` was called.
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+/// A lock on one key, for threads. Acquire it as often as you like, one hold at a time.
+#[derive(Clone, Debug)]
+pub struct Lock {
+    inner: Arc<consul_lock_tokio::Lock>,
+    runtime: Arc<Runtime>,
+}
+
+impl Lock {
+    /// A handle that stops acquisitions made with [`acquire_with`](Self::acquire_with).
+    pub fn stop_handle() -> StopHandle {
+        StopHandle {
+            stop: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Blocks until the lock is held. With `lock_try_once`, returns [`Error::GaveUp`] when the
+    /// wait ends without it.
+    pub fn acquire(&self) -> Result<LockGuard, Error> {
+        self.acquire_with(None, None)
+    }
+
+    /// Blocks until the lock is held, `timeout` passes (then [`Error::GaveUp`]), or `stop` is
+    /// stopped (then [`LockError::NotHeld`]). Either way the attempt is cancelled at once.
+    pub fn acquire_with(&self, timeout: Option<Duration>, stop: Option<&StopHandle>) -> Result<LockGuard, Error> {
+        let runtime = self.runtime.handle()?;
+        let mut stopped = stop.map(|s| s.stop.subscribe());
+        let inner = self.inner.clone();
+        let guard = runtime.block_on(async move {
+            let stop = async {
+                match &mut stopped {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|stopped| *stopped).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let limit = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                result = inner.acquire() => result,
+                () = stop => Err(Error::Lock(LockError::NotHeld)),
+                () = limit => Err(Error::GaveUp),
+            }
+        })?;
+        Ok(LockGuard::new(guard, self.runtime.clone()))
+    }
+
+    /// Deletes the lock key if nobody holds it (Go's `Destroy`).
+    pub fn destroy(&self) -> Result<(), Error> {
+        let inner = self.inner.clone();
+        self.runtime.handle()?.block_on(async move { inner.destroy().await })
+    }
+}
+
+/// A held lock. Dropping it releases the lock in the background.
+#[derive(Debug)]
+pub struct LockGuard {
+    token: FencingToken,
+    inner: Option<consul_lock_tokio::LockGuard>,
+    lost: mpsc::Receiver<LossReason>,
+    runtime: Arc<Runtime>,
+}
+
+impl LockGuard {
+    fn new(guard: consul_lock_tokio::LockGuard, runtime: Arc<Runtime>) -> LockGuard {
+        let token = guard.token().clone();
+        let (tx, lost) = mpsc::channel();
+        let mut watcher = guard.watch();
+        if let Ok(handle) = runtime.handle() {
+            handle.spawn(async move {
+                if let Ok(reason) = watcher.lost().await {
+                    let _ = tx.send(reason);
+                }
+            });
+        }
+        LockGuard {
+            token,
+            inner: Some(guard),
+            lost,
+            runtime,
+        }
+    }
+
+    /// The fencing token: key, session and `LockIndex`.
+    pub fn token(&self) -> &FencingToken {
+        &self.token
+    }
+
+    /// Whether the lock is still held, as far as the machine knows right now.
+    pub fn is_held(&self) -> bool {
+        self.inner.as_ref().is_some_and(consul_lock_tokio::LockGuard::is_held)
+    }
+
+    /// The channel that receives the reason when the lock is lost (once).
+    pub fn lost(&self) -> &mpsc::Receiver<LossReason> {
+        &self.lost
+    }
+
+    /// Waits up to `timeout` for the lock to be lost: `Some(reason)` if it was, `None` if it is
+    /// still held.
+    pub fn wait_lost(&self, timeout: Duration) -> Result<Option<LossReason>, Error> {
+        match self.lost.recv_timeout(timeout) {
+            Ok(reason) => Ok(Some(reason)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            // The watcher ended without a loss: the runtime is going away.
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::DriverStopped),
+        }
+    }
+
+    /// Releases the lock and destroys its session, blocking until both are done.
+    pub fn release(mut self) -> Result<(), Error> {
+        let Some(guard) = self.inner.take() else {
+            return Ok(());
+        };
+        self.runtime.handle()?.block_on(guard.release())
+    }
+}

@@ -115,7 +115,7 @@ impl Lock {
         let granted = granted?;
         Ok(LockGuard {
             token: granted.token,
-            state: granted.state,
+            watch: LossWatch { state: granted.state },
             commands: self.commands.clone(),
             generation,
             released: false,
@@ -155,11 +155,40 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Watches a hold for its loss; cheap to clone, and usable after the guard moved elsewhere (to
+/// hand to a worker that must stop when leadership ends).
+#[derive(Clone, Debug)]
+pub struct LossWatch {
+    state: watch::Receiver<task::HoldState>,
+}
+
+impl LossWatch {
+    /// Whether the lock is still held, as far as the machine knows right now.
+    pub fn is_held(&self) -> bool {
+        self.state.borrow().is_none()
+    }
+
+    /// Resolves when the lock is lost, with the reason. Resolves with
+    /// [`Error::DriverStopped`] if the runtime shut the lock's task down, and never resolves
+    /// after a release (there is nothing to lose).
+    pub async fn lost(&mut self) -> Result<LossReason, Error> {
+        loop {
+            // Cloned out, so that no borrow of the channel is held across an await.
+            let state = self.state.borrow_and_update().clone();
+            match state {
+                Some(Ended::Lost(reason)) => return Ok(reason),
+                Some(Ended::Released) => std::future::pending::<()>().await,
+                None => self.state.changed().await.map_err(|_| Error::DriverStopped)?,
+            }
+        }
+    }
+}
+
 /// A held lock. Dropping it releases the lock in the background.
 #[derive(Debug)]
 pub struct LockGuard {
     token: FencingToken,
-    state: watch::Receiver<task::HoldState>,
+    watch: LossWatch,
     commands: mpsc::UnboundedSender<Command>,
     generation: Generation,
     released: bool,
@@ -174,21 +203,17 @@ impl LockGuard {
 
     /// Whether the lock is still held, as far as the machine knows right now.
     pub fn is_held(&self) -> bool {
-        self.state.borrow().is_none()
+        self.watch.is_held()
     }
 
-    /// Resolves when the lock is lost, with the reason. Resolves with
-    /// [`Error::DriverStopped`] if the runtime shut the lock's task down, and never resolves
-    /// after a [`release`](Self::release) (there is nothing to lose).
+    /// Resolves when the lock is lost, with the reason (see [`LossWatch::lost`]).
     pub async fn lost(&mut self) -> Result<LossReason, Error> {
-        loop {
-            match &*self.state.borrow_and_update() {
-                Some(Ended::Lost(reason)) => return Ok(reason.clone()),
-                Some(Ended::Released) => std::future::pending::<()>().await,
-                None => {}
-            }
-            self.state.changed().await.map_err(|_| Error::DriverStopped)?;
-        }
+        self.watch.lost().await
+    }
+
+    /// A watcher of this hold's loss, to hand to other tasks.
+    pub fn watch(&self) -> LossWatch {
+        self.watch.clone()
     }
 
     /// Releases the lock (writing the lock's value) and destroys its session, waiting for both.
