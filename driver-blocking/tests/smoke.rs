@@ -1,3 +1,4 @@
+//! Smoke test of the blocking driver against a real agent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::{Duration, Instant};
 

@@ -1,3 +1,4 @@
+//! Smoke test of the tokio driver against a real agent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::Duration;
 
