@@ -51,6 +51,9 @@ apt_opts=(
   -o "Dir::Cache::Archives=$work/archives"
   -o "Debug::NoLocking=1"
 )
+# As root, apt drops privileges to `_apt` for downloads and warns that it can't read our private
+# directories; download as root instead.
+if [ "$(id -u)" = 0 ]; then apt_opts+=(-o "APT::Sandbox::User=root"); fi
 log "fetching consul from Debian bullseye ($uri)"
 for attempt in 1 2 3; do
   if apt-get "${apt_opts[@]}" -qq update >&2 && (cd "$work" && apt-get "${apt_opts[@]}" -qq download consul >&2); then

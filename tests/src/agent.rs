@@ -16,7 +16,7 @@
 //! the watchdog sends consul `SIGTERM`, then `SIGKILL` if it is still there 5 s later, reaps it,
 //! deletes the agent's temporary directory and exits. `Drop` closes the pipe and waits for the
 //! watchdog, so when `drop` returns, consul is gone. The only way around this is to `SIGKILL` the
-//! watchdog itself.
+//! watchdog's own shells.
 
 use std::ffi::OsString;
 use std::fs::{self, File};

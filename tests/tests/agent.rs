@@ -8,8 +8,7 @@ use consul_lock_testkit::ConsulAgent;
 use consul_lock_testkit::agent::{require_agent, require_new_agent};
 
 fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
+    consul_lock_testkit::transport::blocking_client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .expect("HTTP client")
