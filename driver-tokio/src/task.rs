@@ -1,10 +1,10 @@
-//! The task that owns a [`LockMachine`]: it feeds the machine replies and timeouts, sends what it
+//! The task that owns a lock or semaphore machine ([`HoldMachine`]): it feeds the machine replies and timeouts, sends what it
 //! asks for, and turns its events into answers for the lock handle and its guards.
 
 use std::time::Instant;
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::{Action, FencingToken, LockEvent, LockMachine, LockStatus, LossReason, RequestId};
+use consul_lock_core::machine::{Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, RequestId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -54,8 +54,8 @@ struct Waiters {
     destroy: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
-pub(crate) async fn run(
-    mut machine: LockMachine,
+pub(crate) async fn run<M: HoldMachine>(
+    mut machine: M,
     http: reqwest::Client,
     config: ClientConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
@@ -120,7 +120,7 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn on_command(machine: &mut LockMachine, w: &mut Waiters, command: Command) {
+fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command) {
     let now = Instant::now();
     match command {
         Command::Acquire { generation, reply } => match machine.lock(now) {
@@ -172,7 +172,7 @@ fn on_command(machine: &mut LockMachine, w: &mut Waiters, command: Command) {
     }
 }
 
-fn on_event(machine: &mut LockMachine, w: &mut Waiters, event: LockEvent) {
+fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
     let now = Instant::now();
     match event {
         LockEvent::Acquired(token) => {

@@ -25,3 +25,63 @@ pub const LOCK_FLAG_VALUE: u64 = 0x2ddc_cbc0_58a5_0c18;
 
 /// The `Flags` value that marks a key as part of a semaphore (Go's `api.Semaphore`).
 pub const SEMAPHORE_FLAG_VALUE: u64 = 0xe0f6_9a2b_aa41_4de0;
+
+/// The surface shared by the machines that take and hold something on a session (a lock, a
+/// semaphore slot), so that one driver loop can run any of them.
+///
+/// Every method is the inherent method of the same name; see [`LockMachine`] for the contract.
+pub trait HoldMachine: Send + 'static {
+    /// Starts acquiring.
+    fn lock(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    /// Gives up what is held.
+    fn unlock(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    /// Stops whatever is under way, at once.
+    fn cancel(&mut self, now: std::time::Instant);
+    /// Deletes the key(s), if nobody holds them.
+    fn destroy(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    /// Where the machine stands.
+    fn status(&self) -> LockStatus;
+    /// Handles the reply to request `id`.
+    fn handle_response(&mut self, now: std::time::Instant, id: RequestId, reply: Reply);
+    /// Handles the passage of time.
+    fn handle_timeout(&mut self, now: std::time::Instant);
+    /// The next thing to do, if any.
+    fn poll_action(&mut self) -> Option<Action<LockEvent>>;
+    /// When `handle_timeout` is due next.
+    fn poll_timeout(&self) -> Option<std::time::Instant>;
+    /// Whether the machine has nothing left to do.
+    fn is_quiescent(&self) -> bool;
+}
+
+impl HoldMachine for LockMachine {
+    fn lock(&mut self, now: std::time::Instant) -> Result<(), LockError> {
+        LockMachine::lock(self, now)
+    }
+    fn unlock(&mut self, now: std::time::Instant) -> Result<(), LockError> {
+        LockMachine::unlock(self, now)
+    }
+    fn cancel(&mut self, now: std::time::Instant) {
+        LockMachine::cancel(self, now);
+    }
+    fn destroy(&mut self, now: std::time::Instant) -> Result<(), LockError> {
+        LockMachine::destroy(self, now)
+    }
+    fn status(&self) -> LockStatus {
+        LockMachine::status(self)
+    }
+    fn handle_response(&mut self, now: std::time::Instant, id: RequestId, reply: Reply) {
+        LockMachine::handle_response(self, now, id, reply);
+    }
+    fn handle_timeout(&mut self, now: std::time::Instant) {
+        LockMachine::handle_timeout(self, now);
+    }
+    fn poll_action(&mut self) -> Option<Action<LockEvent>> {
+        LockMachine::poll_action(self)
+    }
+    fn poll_timeout(&self) -> Option<std::time::Instant> {
+        LockMachine::poll_timeout(self)
+    }
+    fn is_quiescent(&self) -> bool {
+        LockMachine::is_quiescent(self)
+    }
+}
