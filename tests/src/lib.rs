@@ -11,3 +11,6 @@ pub mod transport;
 pub use transport::TestTransport;
 pub mod drive;
 pub use drive::ThreadDriver;
+pub mod proxy;
+pub mod sim;
+pub mod harness;

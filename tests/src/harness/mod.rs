@@ -1,0 +1,698 @@
+//! Virtual-time runs of several [`LockMachine`]s against one [`SimConsul`], with a seeded,
+//! fault-injecting network in between (after quinn-proto's `Pair` and str0m's sans-IO network
+//! emulator). One virtual clock jumps to the next thing that happens; nothing sleeps.
+//!
+//! [`run`] plays a [`Scenario`] and returns an [`Outcome`]: every request, reply and event with
+//! its virtual time (the trace, and its hash: the same scenario gives the same hash), every hold,
+//! and every violation of the properties checked along the way:
+//! - safety: never two holders at once in their own view, except after an operator deleted the
+//!   key or destroyed the holder's session, and then only until the old holder hears of it
+//!   (measured, and bounded by the holder's TTL);
+//! - fencing: successive holders' tokens strictly increase;
+//! - machine invariants: `poll_timeout` never before `now`, every request's deadline after
+//!   `now`, at most one renew outstanding per client, `Acquired` before `Lost`/`Released`,
+//!   nothing emitted by a quiescent machine;
+//! - cleanup: once everyone stops, every machine settles with nothing in flight, and no session
+//!   outlives its TTL window.
+//!
+//! Liveness is measured ([`Outcome::first_acquire_after`]) for the caller to bound.
+
+mod scenario;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use consul_lock_core::api::ClientConfig;
+use consul_lock_core::machine::{
+    Action, FencingToken, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply, RequestId, TransportError,
+    TransportErrorKind,
+};
+pub use scenario::{ClientSpec, Fault, FaultKind, Scenario};
+
+use crate::sim::{QueryId, SimConsul, SimReply};
+
+/// One hold: from `Acquired` to its end, in virtual time from the start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// Which client.
+    pub client: usize,
+    /// Its fencing token.
+    pub token: FencingToken,
+    /// When `Acquired` came.
+    pub from: Duration,
+    /// When `Lost` or `Released` came (`None`: held at the end, a violation of cleanup).
+    pub until: Option<Duration>,
+    /// The loss reason, if it ended in a loss.
+    pub lost: Option<LossReason>,
+}
+
+/// What a run gives back.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Every request, reply, event and fault with its virtual time, one per line.
+    pub trace: Vec<String>,
+    /// FNV-1a of the trace: equal for equal scenarios.
+    pub trace_hash: u64,
+    /// Every hold, in order of acquisition.
+    pub holds: Vec<Hold>,
+    /// Property violations; empty when all held.
+    pub violations: Vec<String>,
+    /// The longest overlap of two holders after an operator action (zero when none).
+    pub max_operator_overlap: Duration,
+    /// Virtual time when the run ended.
+    pub ended: Duration,
+    /// Requests sent, by all clients.
+    pub requests: usize,
+}
+
+impl Outcome {
+    /// When the first hold that was under way at or began after `t` began (`t` itself when a
+    /// hold spans it): the measure of liveness after the last fault heals.
+    pub fn first_acquire_after(&self, t: Duration) -> Option<Duration> {
+        self.holds
+            .iter()
+            .filter_map(|h| match h.until {
+                Some(until) if until <= t => None,
+                _ => Some(h.from.max(t)),
+            })
+            .min()
+    }
+
+    /// The last `n` trace lines, for a failure message.
+    pub fn trace_tail(&self, n: usize) -> String {
+        let start = self.trace.len().saturating_sub(n);
+        self.trace[start..].join("\n")
+    }
+}
+
+/// Plays `scenario` to its end.
+pub fn run(scenario: &Scenario) -> Outcome {
+    let mut h = Harness::new(scenario);
+    h.play();
+    h.finish()
+}
+
+#[derive(Debug)]
+enum Delivery {
+    ToServer {
+        client: usize,
+        id: RequestId,
+        request: http::Request<Vec<u8>>,
+    },
+    ToClient {
+        client: usize,
+        id: RequestId,
+        reply: Reply,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Lock,
+    Unlock,
+}
+
+struct Client {
+    spec: ClientSpec,
+    machine: LockMachine,
+    /// Index into `holds` of the current hold.
+    holding: Option<usize>,
+    /// `unlock` was called and `Released` has not come yet.
+    releasing: bool,
+    next_op: Option<(Instant, Op)>,
+    /// Requests sent and not yet answered, with their path and deadline.
+    outstanding: BTreeMap<RequestId, (String, Instant)>,
+}
+
+struct Harness<'s> {
+    scenario: &'s Scenario,
+    base: Instant,
+    now: Instant,
+    sim: SimConsul,
+    rng: u64,
+    seq: u64,
+    clients: Vec<Client>,
+    queue: BTreeMap<(Instant, u64), Delivery>,
+    parked: HashMap<QueryId, (usize, RequestId)>,
+    trace: Vec<String>,
+    holds: Vec<Hold>,
+    violations: Vec<String>,
+    max_operator_overlap: Duration,
+    /// Virtual times of operator actions.
+    operator_actions: Vec<Duration>,
+    last_token: Option<FencingToken>,
+    stopped: bool,
+    requests: usize,
+    leader: bool,
+    /// Overwrites to undo (by deleting the key) at these offsets.
+    restores: Vec<Duration>,
+    done_faults: Vec<bool>,
+}
+
+const MAX_STEPS: usize = 2_000_000;
+
+impl<'s> Harness<'s> {
+    fn new(scenario: &'s Scenario) -> Harness<'s> {
+        let base = Instant::now();
+        let config = ClientConfig::default();
+        let clients = scenario
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let mut options = LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
+                options.seed = scenario.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                options.value = format!("client-{i}").into_bytes();
+                options.monitor_retries = spec.monitor_retries;
+                if let Some(wait) = spec.try_once {
+                    options.lock_try_once = true;
+                    options.lock_wait_time = wait;
+                }
+                if let Some(s) = options.session_options_mut() {
+                    s.ttl = spec.ttl;
+                    s.lock_delay = spec.lock_delay;
+                    s.name = format!("client-{i}");
+                }
+                let machine = LockMachine::new(config.clone(), options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
+                Client {
+                    spec: spec.clone(),
+                    machine,
+                    holding: None,
+                    releasing: false,
+                    next_op: Some((base + spec.start, Op::Lock)),
+                    outstanding: BTreeMap::new(),
+                }
+            })
+            .collect();
+        Harness {
+            scenario,
+            base,
+            now: base,
+            sim: SimConsul::new(scenario.seed, base),
+            rng: scenario.seed ^ 0x5eed,
+            seq: 0,
+            clients,
+            queue: BTreeMap::new(),
+            parked: HashMap::new(),
+            trace: Vec::new(),
+            holds: Vec::new(),
+            violations: Vec::new(),
+            max_operator_overlap: Duration::ZERO,
+            operator_actions: Vec::new(),
+            last_token: None,
+            stopped: false,
+            requests: 0,
+            leader: true,
+            restores: Vec::new(),
+            done_faults: vec![false; scenario.faults.len()],
+        }
+    }
+
+    fn t(&self) -> Duration {
+        self.now.duration_since(self.base)
+    }
+
+    fn log(&mut self, line: impl AsRef<str>) {
+        let t = self.t();
+        self.trace.push(format!("{:>10.3} {}", t.as_secs_f64(), line.as_ref()));
+    }
+
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 20 {
+            let t = self.t();
+            self.log(format!("VIOLATION {what}"));
+            self.violations.push(format!("at {t:?}: {what}"));
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// One-way latency for `client` now: 0.5 to 5 ms, plus any latency fault.
+    fn latency(&mut self, client: usize) -> Duration {
+        let base = Duration::from_micros(500 + self.random() % 4_500);
+        let t = self.t();
+        let extra: Duration = self
+            .scenario
+            .faults
+            .iter()
+            .filter(|f| f.active(t))
+            .filter_map(|f| match f.kind {
+                FaultKind::Latency { client: c, extra } if c == client => Some(extra),
+                _ => None,
+            })
+            .sum();
+        base + extra
+    }
+
+    fn fault_on(&self, client: usize, at: Duration) -> Option<FaultKind> {
+        self.scenario.faults.iter().filter(|f| f.active(at)).find_map(|f| match f.kind {
+            FaultKind::Hang { client: c }
+            | FaultKind::Refuse { client: c }
+            | FaultKind::Error500 { client: c }
+            | FaultKind::Partition { client: c }
+                if c == client =>
+            {
+                Some(f.kind.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn schedule(&mut self, at: Instant, delivery: Delivery) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), delivery);
+    }
+
+    fn contention_end(&self) -> Instant {
+        self.base + self.scenario.duration
+    }
+
+    fn next_time(&self) -> Option<Instant> {
+        // Timers of the machines and the simulator may fall due at `now` again (that is a spin,
+        // caught by the step counter); scheduled boundaries are handled once, so only later ones
+        // count.
+        let mut due: Vec<Instant> = Vec::new();
+        due.extend(self.queue.keys().next().map(|(t, _)| *t));
+        due.extend(self.sim.poll_timeout());
+        due.extend(self.clients.iter().filter_map(|c| c.machine.poll_timeout()));
+        let due = due.into_iter().filter(|t| *t >= self.now).min();
+        let mut candidates: Vec<Instant> = Vec::new();
+        candidates.extend(self.clients.iter().filter_map(|c| c.next_op.map(|(t, _)| t)));
+        if !self.stopped {
+            candidates.push(self.contention_end());
+        }
+        for (i, f) in self.scenario.faults.iter().enumerate() {
+            if !self.done_faults[i] {
+                candidates.push(self.base + f.from);
+            }
+            if !f.kind.is_operator() {
+                candidates.push(self.base + f.from + f.lasting);
+            }
+        }
+        candidates.extend(self.restores.iter().map(|d| self.base + *d));
+        let later = candidates.into_iter().filter(|t| *t > self.now).min();
+        due.into_iter().chain(later).min()
+    }
+
+    fn play(&mut self) {
+        let hard_stop = self.contention_end() + Duration::from_secs(600);
+        let mut steps = 0usize;
+        let mut same_instant = 0usize;
+        // What is scheduled at the very start happens before anything else.
+        self.step();
+        while let Some(t) = self.next_time() {
+            if t > hard_stop {
+                self.violation("the run did not settle within 600 s after contention ended".into());
+                break;
+            }
+            steps += 1;
+            same_instant = if t == self.now { same_instant + 1 } else { 0 };
+            if steps > MAX_STEPS || same_instant > 10_000 {
+                self.violation(format!("no progress: {steps} steps, {same_instant} at one instant"));
+                break;
+            }
+            self.now = t;
+            self.step();
+            if self.stopped && self.settled() {
+                break;
+            }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.queue.is_empty()
+            && self.clients.iter().all(|c| c.machine.is_quiescent() && c.next_op.is_none())
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        let t = self.t();
+        // Contention ends: everyone stops (cancel also unlocks a held lock).
+        if !self.stopped && now >= self.contention_end() {
+            self.stopped = true;
+            self.log("contention ends: every client cancels");
+            for i in 0..self.clients.len() {
+                self.clients[i].next_op = None;
+                self.clients[i].machine.cancel(now);
+                // Cancel while holding is an unlock: the hold ends here, in the user's view.
+                self.end_hold(i, None);
+            }
+        }
+        self.apply_faults(t);
+        // Client operations.
+        for i in 0..self.clients.len() {
+            if let Some((at, op)) = self.clients[i].next_op {
+                if at <= now && !self.stopped {
+                    self.clients[i].next_op = None;
+                    let result = match op {
+                        Op::Lock => self.clients[i].machine.lock(now),
+                        Op::Unlock => self.clients[i].machine.unlock(now),
+                    };
+                    self.log(format!("client {i} {op:?} -> {result:?}"));
+                    if op == Op::Unlock && result.is_ok() {
+                        self.end_hold(i, None);
+                    }
+                }
+            }
+        }
+        let woken = self.sim.advance(now);
+        self.route_woken(woken);
+        // Deliveries due now.
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let delivery = entry.remove();
+            self.deliver(delivery);
+        }
+        for i in 0..self.clients.len() {
+            if self.clients[i].machine.poll_timeout().is_some_and(|at| at <= now) {
+                let quiet = self.clients[i].machine.is_quiescent();
+                self.clients[i].machine.handle_timeout(now);
+                self.drain(i, quiet);
+            }
+            // Requests past their deadline are no longer outstanding.
+            self.clients[i].outstanding.retain(|_, (_, deadline)| *deadline > now);
+        }
+        for i in 0..self.clients.len() {
+            self.drain(i, false);
+            self.check_machine(i);
+        }
+    }
+
+    fn apply_faults(&mut self, t: Duration) {
+        let now = self.now;
+        for i in 0..self.scenario.faults.len() {
+            let fault = self.scenario.faults[i].clone();
+            if !self.done_faults[i] && t >= fault.from {
+                self.done_faults[i] = true;
+                self.log(format!("fault {:?} for {:?}", fault.kind, fault.lasting));
+                match fault.kind {
+                    FaultKind::DestroyHolderSession => {
+                        let holder = self.sim.kv(&self.scenario.key).and_then(|e| e.session.clone());
+                        if let Some(session) = holder {
+                            self.sim.destroy_session(now, &session);
+                            self.operator_actions.push(t);
+                        }
+                    }
+                    FaultKind::DeleteKey if self.sim.delete_key(now, &self.scenario.key) => {
+                        self.operator_actions.push(t);
+                    }
+                    FaultKind::OverwriteKey => {
+                        self.sim.put_key(now, &self.scenario.key, 0, b"operator");
+                        self.operator_actions.push(t);
+                        self.restores.push(fault.from + fault.lasting);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Undo overwrites: the operator deletes the plain key again.
+        let (due, later): (Vec<Duration>, Vec<Duration>) = self.restores.iter().partition(|d| **d <= t);
+        self.restores = later;
+        for _ in due {
+            self.log("operator deletes the overwritten key");
+            self.sim.delete_key(now, &self.scenario.key);
+            self.operator_actions.push(t);
+        }
+        let electing = self.scenario.faults.iter().any(|f| f.kind == FaultKind::LeaderElection && f.active(t));
+        if electing == self.leader {
+            self.leader = !electing;
+            self.log(format!("leader: {}", self.leader));
+            self.sim.set_leader(now, self.leader);
+        }
+    }
+
+    fn route_woken(&mut self, woken: Vec<(QueryId, http::Response<Vec<u8>>)>) {
+        for (query, response) in woken {
+            if let Some((client, id)) = self.parked.remove(&query) {
+                let latency = self.latency(client);
+                self.schedule(self.now + latency, Delivery::ToClient {
+                    client,
+                    id,
+                    reply: Ok(response),
+                });
+            }
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        let t = self.t();
+        match delivery {
+            Delivery::ToServer { client, id, request } => {
+                if matches!(self.fault_on(client, t), Some(FaultKind::Partition { .. })) {
+                    self.log(format!("client {client} {id} lost on the way (partition)"));
+                    return;
+                }
+                match self.sim.handle(self.now, &request) {
+                    SimReply::Now(response) => {
+                        let latency = self.latency(client);
+                        self.schedule(self.now + latency, Delivery::ToClient {
+                            client,
+                            id,
+                            reply: Ok(response),
+                        });
+                    }
+                    SimReply::Parked(query) => {
+                        self.parked.insert(query, (client, id));
+                    }
+                }
+                let woken = self.sim.advance(self.now);
+                self.route_woken(woken);
+            }
+            Delivery::ToClient { client, id, reply } => {
+                if matches!(self.fault_on(client, t), Some(FaultKind::Partition { .. } | FaultKind::Hang { .. })) {
+                    self.log(format!("client {client} reply to {id} lost"));
+                    return;
+                }
+                let line = match &reply {
+                    Ok(r) => format!(
+                        "client {client} <- {id} {} {}",
+                        r.status().as_u16(),
+                        String::from_utf8_lossy(&r.body()[..r.body().len().min(160)]).replace('\n', " ")
+                    ),
+                    Err(e) => format!("client {client} <- {id} {e}"),
+                };
+                self.log(line);
+                self.clients[client].outstanding.remove(&id);
+                let quiet = self.clients[client].machine.is_quiescent();
+                self.clients[client].machine.handle_response(self.now, id, reply);
+                self.drain(client, quiet);
+            }
+        }
+    }
+
+    /// Routes what client `i`'s machine wants; `was_quiescent`: it must want nothing.
+    fn drain(&mut self, i: usize, was_quiescent: bool) {
+        let now = self.now;
+        let t = self.t();
+        while let Some(action) = self.clients[i].machine.poll_action() {
+            if was_quiescent {
+                self.violation(format!("client {i}: a quiescent machine emitted {action:?}"));
+            }
+            match action {
+                Action::Send(transmit) => {
+                    self.requests += 1;
+                    let path = transmit.request.uri().path().to_owned();
+                    self.log(format!(
+                        "client {i} -> {} {} {}",
+                        transmit.id,
+                        transmit.request.method(),
+                        transmit.request.uri().path_and_query().map_or("", |p| p.as_str())
+                    ));
+                    if transmit.deadline <= now {
+                        self.violation(format!("client {i}: request {} with a past deadline", transmit.id));
+                    }
+                    self.clients[i].outstanding.insert(transmit.id, (path, transmit.deadline));
+                    let latency = self.latency(i);
+                    match self.fault_on(i, t) {
+                        Some(FaultKind::Refuse { .. }) => self.schedule(now + Duration::from_millis(1), Delivery::ToClient {
+                            client: i,
+                            id: transmit.id,
+                            reply: Err(TransportError::new(TransportErrorKind::Connect, "connection refused")),
+                        }),
+                        Some(FaultKind::Error500 { .. }) => {
+                            let response = http::Response::builder()
+                                .status(500)
+                                .body(b"injected failure".to_vec())
+                                .unwrap_or_default();
+                            self.schedule(now + latency, Delivery::ToClient {
+                                client: i,
+                                id: transmit.id,
+                                reply: Ok(response),
+                            });
+                        }
+                        _ => self.schedule(now + latency, Delivery::ToServer {
+                            client: i,
+                            id: transmit.id,
+                            request: transmit.request,
+                        }),
+                    }
+                }
+                Action::Event(event) => self.on_event(i, event),
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, event: LockEvent) {
+        let now = self.now;
+        let t = self.t();
+        self.log(format!("client {i} EVENT {event:?}"));
+        let pause = self.clients[i].spec.pause;
+        match event {
+            LockEvent::Acquired(token) => {
+                if self.clients[i].holding.is_some() {
+                    self.violation(format!("client {i}: Acquired while already holding"));
+                }
+                if let Some(last) = &self.last_token {
+                    if token.sequence() <= last.sequence() {
+                        self.violation(format!("fencing: token {token:?} after {last:?}"));
+                    }
+                }
+                self.last_token = Some(token.clone());
+                let unexcused: Vec<usize> = self
+                    .clients
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, other)| *j != i && other.holding.is_some())
+                    .filter(|(_, other)| {
+                        // Allowed only after an operator action during the other's hold.
+                        let other_from = other.holding.map_or(Duration::ZERO, |h| self.holds[h].from);
+                        !self.operator_actions.iter().any(|a| *a >= other_from)
+                    })
+                    .map(|(j, _)| j)
+                    .collect();
+                for j in unexcused {
+                    self.violation(format!("safety: client {i} acquired while client {j} holds"));
+                }
+                self.holds.push(Hold {
+                    client: i,
+                    token,
+                    from: t,
+                    until: None,
+                    lost: None,
+                });
+                self.clients[i].holding = Some(self.holds.len() - 1);
+                let hold = self.clients[i].spec.hold;
+                self.clients[i].next_op = Some((now + hold, Op::Unlock));
+            }
+            LockEvent::Lost(reason) => {
+                if self.clients[i].holding.is_none() {
+                    return self.violation(format!("client {i}: Lost without a hold"));
+                }
+                self.end_hold(i, Some(reason));
+                self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
+            }
+            LockEvent::Released => {
+                if !self.clients[i].releasing {
+                    return self.violation(format!("client {i}: Released without an unlock"));
+                }
+                self.clients[i].releasing = false;
+                self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
+            }
+            LockEvent::GaveUp | LockEvent::Failed(_) | LockEvent::Cancelled => {
+                self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
+            }
+            LockEvent::Destroyed => {}
+        }
+    }
+
+    /// Ends client `i`'s hold now, if it has one: by a loss, or (`None`) by its own unlock.
+    fn end_hold(&mut self, i: usize, lost: Option<LossReason>) {
+        let Some(h) = self.clients[i].holding.take() else { return };
+        let t = self.t();
+        if lost.is_none() {
+            self.clients[i].releasing = true;
+        }
+        self.holds[h].until = Some(t);
+        self.holds[h].lost = lost;
+        // The overlap this holder had with later holders (only possible after an operator
+        // action, which `on_event` checks when the later holder acquires).
+        let from = self.holds[h].from;
+        let ttl = self.clients[i].spec.ttl;
+        let overlaps: Vec<(usize, Duration)> = self.holds[h + 1..]
+            .iter()
+            .filter(|later| later.client != i && later.from < t)
+            .map(|later| (later.client, t - later.from))
+            .collect();
+        for (other, overlap) in overlaps {
+            self.max_operator_overlap = self.max_operator_overlap.max(overlap);
+            if overlap > ttl {
+                self.violation(format!(
+                    "overlap {overlap:?} of client {i} (held since {from:?}) with client {other} beyond its TTL"
+                ));
+            }
+        }
+    }
+
+    fn check_machine(&mut self, i: usize) {
+        let now = self.now;
+        let m = &self.clients[i].machine;
+        // The user's view: held from `Acquired` until `Lost` or the call to `unlock`.
+        let machine_held = m.status() == LockStatus::Held;
+        let timeout = m.poll_timeout();
+        if let Some(at) = timeout {
+            if at < now {
+                let what = format!("client {i}: poll_timeout {:?} before now", at.duration_since(self.base));
+                self.violation(what);
+            }
+        }
+        let renews = self.clients[i]
+            .outstanding
+            .values()
+            .filter(|(path, deadline)| path.starts_with("/v1/session/renew/") && *deadline > now)
+            .count();
+        if renews > 1 {
+            self.violation(format!("client {i}: {renews} renewals outstanding"));
+        }
+        let held = self.clients[i].holding.is_some();
+        if held != machine_held {
+            self.violation(format!("client {i}: events say held={held}, machine says {machine_held}"));
+        }
+    }
+
+    fn finish(mut self) -> Outcome {
+        let t = self.t();
+        for i in 0..self.clients.len() {
+            let c = &self.clients[i];
+            if !c.machine.is_quiescent() || c.machine.in_flight() > 0 {
+                let what = format!("cleanup: client {i} not settled ({:?}, {} in flight)", c.machine.status(), c.machine.in_flight());
+                self.violation(what);
+            }
+        }
+        // No session a machine made outlives its TTL window.
+        let max_ttl = self.clients.iter().map(|c| c.spec.ttl).max().unwrap_or_default();
+        let later = self.now + 2 * max_ttl + Duration::from_secs(1);
+        let _ = self.sim.advance(later);
+        let left: Vec<String> = self.sim.sessions().map(|s| s.name.clone()).collect();
+        if !left.is_empty() {
+            self.violation(format!("cleanup: sessions outlive their TTL window: {left:?}"));
+        }
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for line in &self.trace {
+            for b in line.bytes().chain(std::iter::once(b'\n')) {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let mut summary = String::new();
+        let _ = write!(summary, "{} holds, {} requests", self.holds.len(), self.requests);
+        self.log(summary);
+        Outcome {
+            trace: self.trace,
+            trace_hash: hash,
+            holds: self.holds,
+            violations: self.violations,
+            max_operator_overlap: self.max_operator_overlap,
+            ended: t,
+            requests: self.requests,
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Scenarios: who contends, with which options, and what goes wrong when. A scenario is plain
+//! data, so proptest can generate and shrink it and a failure prints as something readable.
+
+use std::time::Duration;
+
+/// One contender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSpec {
+    /// Session TTL (10 s or more).
+    pub ttl: Duration,
+    /// Session lock-delay: `None` for the server's default (15 s).
+    pub lock_delay: Option<Duration>,
+    /// Go's `MonitorRetries`; `None` for the machine's default.
+    pub monitor_retries: Option<u32>,
+    /// When it first calls `lock`, from the start.
+    pub start: Duration,
+    /// How long it holds before unlocking (then it locks again after `pause`).
+    pub hold: Duration,
+    /// How long it waits between an ending (unlock, loss, give-up) and the next `lock`.
+    pub pause: Duration,
+    /// Try-once with this wait time.
+    pub try_once: Option<Duration>,
+}
+
+impl ClientSpec {
+    /// A contender with Go's defaults that holds for `hold` at a time.
+    pub fn new(hold: Duration) -> ClientSpec {
+        ClientSpec {
+            ttl: Duration::from_secs(15),
+            lock_delay: None,
+            monitor_retries: None,
+            start: Duration::ZERO,
+            hold,
+            pause: Duration::from_secs(1),
+            try_once: None,
+        }
+    }
+}
+
+/// What goes wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Extra one-way latency for one client's traffic.
+    Latency {
+        /// Which client.
+        client: usize,
+        /// Added each way.
+        extra: Duration,
+    },
+    /// One client's requests get no answer (a hung connection): they reach the server but the
+    /// replies are lost.
+    Hang {
+        /// Which client.
+        client: usize,
+    },
+    /// One client's connections are refused.
+    Refuse {
+        /// Which client.
+        client: usize,
+    },
+    /// One client's requests are answered 500 by something in the way.
+    Error500 {
+        /// Which client.
+        client: usize,
+    },
+    /// A partition between one client and the server: nothing gets through either way.
+    Partition {
+        /// Which client.
+        client: usize,
+    },
+    /// The servers lose their leader: every request answers 500 "No cluster leader".
+    LeaderElection,
+    /// An operator destroys the session of whoever holds the key (at the window's start).
+    DestroyHolderSession,
+    /// An operator deletes the lock key (at the window's start).
+    DeleteKey,
+    /// An operator overwrites the lock key with a plain value (at the window's start).
+    OverwriteKey,
+}
+
+impl FaultKind {
+    /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a
+    /// condition that lasts a window.
+    pub fn is_operator(&self) -> bool {
+        matches!(self, FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey)
+    }
+}
+
+/// A fault over a window of virtual time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// What goes wrong.
+    pub kind: FaultKind,
+    /// When it starts, from the start.
+    pub from: Duration,
+    /// How long it lasts (ignored for operator actions).
+    pub lasting: Duration,
+}
+
+impl Fault {
+    /// When it heals.
+    pub fn until(&self) -> Duration {
+        if self.kind.is_operator() { self.from } else { self.from + self.lasting }
+    }
+
+    /// Whether it applies to `client` at `t`.
+    pub(crate) fn active(&self, t: Duration) -> bool {
+        !self.kind.is_operator() && t >= self.from && t < self.from + self.lasting
+    }
+}
+
+/// A whole run: a seed, the contenders, the faults, and how long to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Seeds the simulator, the network and the machines.
+    pub seed: u64,
+    /// The contenders.
+    pub clients: Vec<ClientSpec>,
+    /// The faults.
+    pub faults: Vec<Fault>,
+    /// How long contenders keep contending; then everyone stops and the run winds down.
+    pub duration: Duration,
+    /// The lock key.
+    pub key: String,
+}
+
+impl Scenario {
+    /// When the last fault heals (zero without faults).
+    pub fn last_heal(&self) -> Duration {
+        self.faults.iter().map(Fault::until).max().unwrap_or(Duration::ZERO)
+    }
+}

@@ -1,0 +1,149 @@
+//! JSON as Go's `encoding/json` writes it: struct fields in declaration order, HTML-safe string
+//! escapes, and (Consul's `?pretty` and dev mode) `MarshalIndent` with four spaces plus a newline.
+
+/// A JSON value with ordered object fields.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Json {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(&'static str, Json)>),
+}
+
+impl Json {
+    pub(crate) fn str(s: impl Into<String>) -> Json {
+        Json::Str(s.into())
+    }
+
+    /// Encodes like `json.Marshal`, or like `json.MarshalIndent(v, "", "    ")` followed by a
+    /// newline when `pretty`.
+    pub(crate) fn encode(&self, pretty: bool) -> Vec<u8> {
+        let mut out = String::new();
+        self.write(&mut out, pretty, 0);
+        if pretty {
+            out.push('\n');
+        }
+        out.into_bytes()
+    }
+
+    fn write(&self, out: &mut String, pretty: bool, depth: usize) {
+        let newline = |out: &mut String, depth: usize| {
+            if pretty {
+                out.push('\n');
+                for _ in 0..depth {
+                    out.push_str("    ");
+                }
+            }
+        };
+        match self {
+            Json::Null => out.push_str("null"),
+            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Json::U64(n) => out.push_str(&n.to_string()),
+            Json::I64(n) => out.push_str(&n.to_string()),
+            Json::Str(s) => write_string(out, s),
+            Json::Arr(items) => {
+                out.push('[');
+                if !items.is_empty() {
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        newline(out, depth + 1);
+                        item.write(out, pretty, depth + 1);
+                    }
+                    newline(out, depth);
+                }
+                out.push(']');
+            }
+            Json::Obj(fields) => {
+                out.push('{');
+                if !fields.is_empty() {
+                    for (i, (name, value)) in fields.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        newline(out, depth + 1);
+                        write_string(out, name);
+                        out.push(':');
+                        if pretty {
+                            out.push(' ');
+                        }
+                        value.write(out, pretty, depth + 1);
+                    }
+                    newline(out, depth);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+/// A Go JSON string: `"`, `\`, `\n`, `\r`, `\t` escaped; other control characters, `<`, `>`, `&`,
+/// U+2028 and U+2029 as `\u00XX`.
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c if c < ' ' => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Standard base64 with padding, as Go encodes a `[]byte`.
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextet = |shift: u32| char::from(ALPHABET[usize::try_from((n >> shift) & 63).unwrap_or(0)]);
+        out.push(sextet(18));
+        out.push(sextet(12));
+        out.push(if chunk.len() > 1 { sextet(6) } else { '=' });
+        out.push(if chunk.len() > 2 { sextet(0) } else { '=' });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_and_pretty_match_go() {
+        let v = Json::Arr(vec![Json::Obj(vec![
+            ("Key", Json::str("a<b>&\u{1}\u{2028}é")),
+            ("Value", Json::Null),
+            ("List", Json::Arr(vec![])),
+        ])]);
+        assert_eq!(
+            String::from_utf8(v.encode(false)).unwrap_or_default(),
+            r#"[{"Key":"a\u003cb\u003e\u0026\u0001\u2028é","Value":null,"List":[]}]"#
+        );
+        assert_eq!(
+            String::from_utf8(v.encode(true)).unwrap_or_default(),
+            "[\n    {\n        \"Key\": \"a\\u003cb\\u003e\\u0026\\u0001\\u2028é\",\n        \"Value\": null,\n        \"List\": []\n    }\n]\n"
+        );
+        assert_eq!(Json::Bool(true).encode(true), b"true\n");
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"v1"), "djE=");
+        assert_eq!(base64(b"hello"), "aGVsbG8=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(base64(&[0xff, 0xfe]), "//4=");
+    }
+}

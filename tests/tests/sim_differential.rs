@@ -1,0 +1,875 @@
+//! Keeps `SimConsul` honest: scripted request sequences run against the simulator and against a
+//! real Consul agent, comparing what a client can observe.
+//!
+//! Compared, step by step: the status; `Content-Type`, `Allow`, `X-Consul-KnownLeader` and
+//! `X-Consul-LastContact`; whether JSON ends with a newline (the agent runs in `-dev` mode, so it
+//! indents, and so is the simulator told to); the body, as JSON or text, after normalising:
+//!
+//! - session IDs become `<S0>`, `<S1>`… in the order the script created them (`<S0U>` for the
+//!   upper-case spelling); the node name becomes `<node>`; session lists keep only the script's
+//!   own sessions, sorted;
+//! - indexes are compared by order, not value: every `CreateIndex`/`ModifyIndex` and the
+//!   `X-Consul-Index` of a KV read that found something (all tied to the script's own writes)
+//!   becomes its rank among those values (`#0`, `#1`…); any other `X-Consul-Index` (a missing key,
+//!   the session table) becomes its place among them: `=#n` when it is one of them, `>#n` when it
+//!   lies between `#n` and the next one, `<#0` below all;
+//! - the detail of a JSON syntax error (Go's and serde's wording differ) becomes `<syntax>`.
+//!
+//! Scripts run one at a time (the agent is shared; a script's sessions are destroyed when it
+//! ends) under unique key prefixes, so that the agent's tables only move with the script.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use consul_lock_testkit::TestTransport;
+use consul_lock_testkit::agent::require_agent;
+use consul_lock_testkit::sim::{SimConfig, SimConsul, SimReply, TtlExpiry};
+use serde_json::Value;
+
+/// Go's `LockFlagValue`.
+const LOCK_FLAGS: &str = "3304740253564472344";
+/// A well-formed session ID nobody has.
+const UNKNOWN: &str = "11111111-2222-3333-4444-555555555555";
+
+/// One step of a script. Templates: `{P}` the script's key prefix, `{S0}`… the sessions it
+/// created (`{S0U}` upper-cased), `{MI}` the `ModifyIndex` of the last KV entry read, `{MI-1}`
+/// one less, `{I}` the last `X-Consul-Index`.
+#[derive(Clone, Debug)]
+enum Step {
+    Request {
+        method: &'static str,
+        path: String,
+        body: String,
+    },
+    Sleep(Duration),
+}
+
+fn req(method: &'static str, path: &str, body: &str) -> Step {
+    Step::Request {
+        method,
+        path: path.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn get(path: &str) -> Step {
+    req("GET", path, "")
+}
+
+fn put(path: &str, body: &str) -> Step {
+    req("PUT", path, body)
+}
+
+fn del(path: &str) -> Step {
+    req("DELETE", path, "")
+}
+
+fn create(body: &str) -> Step {
+    put("/v1/session/create", body)
+}
+
+fn sleep_ms(ms: u64) -> Step {
+    Step::Sleep(Duration::from_millis(ms))
+}
+
+type Response = http::Response<Vec<u8>>;
+
+/// Where a script runs.
+trait Side {
+    fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response;
+    fn sleep(&mut self, d: Duration);
+}
+
+struct Real {
+    transport: TestTransport,
+    base: String,
+}
+
+impl Side for Real {
+    fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response {
+        self.transport.exchange(request).expect("the agent answers")
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+struct Simulated {
+    consul: SimConsul,
+    now: Instant,
+}
+
+impl Side for Simulated {
+    fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response {
+        match self.consul.handle(self.now, &request) {
+            SimReply::Now(r) => r,
+            SimReply::Parked(query) => loop {
+                let next = self.consul.poll_timeout().expect("a parked read has a deadline");
+                self.now = self.now.max(next);
+                if let Some((_, r)) = self
+                    .consul
+                    .advance(self.now)
+                    .into_iter()
+                    .find(|(q, _)| *q == query)
+                {
+                    return r;
+                }
+            },
+        }
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        self.now += d;
+        self.consul.advance(self.now);
+    }
+}
+
+/// What one step gave, before normalisation.
+#[derive(Debug)]
+struct Raw {
+    method: &'static str,
+    path: String,
+    status: u16,
+    headers: BTreeMap<&'static str, String>,
+    body: Vec<u8>,
+}
+
+/// What a run gave: the replies and the sessions created.
+struct Run {
+    raws: Vec<Raw>,
+    sessions: Vec<String>,
+}
+
+fn expand(template: &str, prefix: &str, sessions: &[String], mi: u64, index: u64) -> String {
+    let mut out = template
+        .replace("{P}", prefix)
+        .replace("{MI-1}", &mi.saturating_sub(1).to_string())
+        .replace("{MI}", &mi.to_string())
+        .replace("{I}", &index.to_string());
+    for (i, id) in sessions.iter().enumerate().rev() {
+        out = out
+            .replace(&format!("{{S{i}U}}"), &id.to_uppercase())
+            .replace(&format!("{{S{i}}}"), id);
+    }
+    out
+}
+
+fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
+    let mut sessions: Vec<String> = Vec::new();
+    let (mut mi, mut index) = (0, 0);
+    let mut raws = Vec::new();
+    for step in steps {
+        let (method, path, body) = match step {
+            Step::Sleep(d) => {
+                side.sleep(*d);
+                continue;
+            }
+            Step::Request { method, path, body } => (*method, path, body),
+        };
+        let uri = expand(path, prefix, &sessions, mi, index);
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{base}{uri}"))
+            .body(expand(body, prefix, &sessions, mi, index).into_bytes())
+            .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
+        let response = side.exchange(request);
+        let json: Option<Value> = serde_json::from_slice(response.body()).ok();
+        if response.status() == 200 && path.starts_with("/v1/session/create") {
+            if let Some(id) = json.as_ref().and_then(|v| v["ID"].as_str()) {
+                sessions.push(id.to_owned());
+            }
+        }
+        if let Some(first) = json.as_ref().and_then(|v| v.as_array()?.first()) {
+            if first.get("Key").is_some() {
+                mi = first["ModifyIndex"].as_u64().unwrap_or(mi);
+            }
+        }
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("?").to_owned())
+        };
+        if let Some(i) = header("X-Consul-Index").and_then(|v| v.parse().ok()) {
+            index = i;
+        }
+        let mut headers = BTreeMap::new();
+        for name in [
+            "Content-Type",
+            "Allow",
+            "X-Consul-Index",
+            "X-Consul-KnownLeader",
+            "X-Consul-LastContact",
+        ] {
+            if let Some(v) = header(name) {
+                headers.insert(name, v);
+            }
+        }
+        raws.push(Raw {
+            method,
+            path: path.clone(),
+            status: response.status().as_u16(),
+            headers,
+            body: response.body().clone(),
+        });
+    }
+    // Leave nothing behind that could move the agent's tables during the next script.
+    for id in &sessions {
+        let request = http::Request::builder()
+            .method("PUT")
+            .uri(format!("{base}/v1/session/destroy/{id}"))
+            .body(Vec::new())
+            .unwrap();
+        side.exchange(request);
+    }
+    Run { raws, sessions }
+}
+
+/// Whether the `X-Consul-Index` of this reply is tied to the script's own writes.
+fn exact_index(raw: &Raw) -> bool {
+    raw.method == "GET" && raw.path.starts_with("/v1/kv/") && raw.status == 200
+}
+
+fn collect_indexes(v: &Value, out: &mut Vec<u64>, ours: &dyn Fn(&Value) -> bool) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| collect_indexes(i, out, ours)),
+        Value::Object(map) => {
+            if ours(v) {
+                for name in ["CreateIndex", "ModifyIndex"] {
+                    if let Some(n) = map.get(name).and_then(Value::as_u64) {
+                        out.push(n);
+                    }
+                }
+            }
+            map.values().for_each(|i| collect_indexes(i, out, ours));
+        }
+        _ => {}
+    }
+}
+
+/// A session ID's placeholder, if it is one of the script's.
+fn placeholder(s: &str, sessions: &[String]) -> Option<String> {
+    sessions.iter().enumerate().find_map(|(i, id)| {
+        if s == id {
+            Some(format!("<S{i}>"))
+        } else if s == id.to_uppercase() {
+            Some(format!("<S{i}U>"))
+        } else {
+            None
+        }
+    })
+}
+
+fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) -> Value {
+    match v {
+        Value::String(s) => Value::String(placeholder(s, sessions).unwrap_or_else(|| s.clone())),
+        Value::Array(items) => {
+            let mut items: Vec<Value> = items.iter().map(|i| normalize_json(i, sessions, ranks)).collect();
+            // Session lists: the script's own sessions only, in placeholder order.
+            if items.iter().all(|i| i.get("Behavior").is_some()) && !items.is_empty() {
+                items.retain(|i| i["ID"].as_str().is_some_and(|id| id.starts_with("<S")));
+                items.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str()));
+            }
+            Value::Array(items)
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = match (k.as_str(), v) {
+                        ("Node", _) => Value::String("<node>".to_owned()),
+                        ("CreateIndex" | "ModifyIndex", Value::Number(n)) => Value::String(format!(
+                            "#{}",
+                            n.as_u64().and_then(|n| ranks.get(&n)).unwrap_or(&999)
+                        )),
+                        _ => normalize_json(v, sessions, ranks),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The observable, normalised.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    status: u16,
+    headers: BTreeMap<&'static str, String>,
+    body: String,
+}
+
+fn normalize(run: &Run) -> Vec<Observed> {
+    let sessions = &run.sessions;
+    let ours = |v: &Value| match v.get("ID").and_then(Value::as_str) {
+        Some(id) => placeholder(id, sessions).is_some(),
+        None => true,
+    };
+    let mut exact = Vec::new();
+    for raw in &run.raws {
+        if let Ok(v) = serde_json::from_slice::<Value>(&raw.body) {
+            collect_indexes(&v, &mut exact, &ours);
+        }
+        if exact_index(raw) {
+            if let Some(i) = raw.headers.get("X-Consul-Index").and_then(|v| v.parse().ok()) {
+                exact.push(i);
+            }
+        }
+    }
+    exact.sort_unstable();
+    exact.dedup();
+    let ranks: BTreeMap<u64, usize> = exact.iter().enumerate().map(|(rank, i)| (*i, rank)).collect();
+    run.raws
+        .iter()
+        .map(|raw| {
+            let mut headers = raw.headers.clone();
+            if let Some(i) = headers.get("X-Consul-Index").and_then(|v| v.parse::<u64>().ok()) {
+                let normalized = if exact_index(raw) {
+                    format!("#{}", ranks[&i])
+                } else {
+                    match (ranks.get(&i), exact.iter().rposition(|e| *e < i)) {
+                        (Some(rank), _) => format!("=#{rank}"),
+                        (None, Some(below)) => format!(">#{below}"),
+                        (None, None) => "<#0".to_owned(),
+                    }
+                };
+                headers.insert("X-Consul-Index", normalized);
+            }
+            let body = match serde_json::from_slice::<Value>(&raw.body) {
+                Ok(v) => format!(
+                    "{}{}",
+                    normalize_json(&v, sessions, &ranks),
+                    if raw.body.ends_with(b"\n") {
+                        " (newline)"
+                    } else {
+                        ""
+                    }
+                ),
+                Err(_) => {
+                    let mut text = String::from_utf8_lossy(&raw.body).into_owned();
+                    for (i, id) in sessions.iter().enumerate() {
+                        text = text.replace(&id.to_uppercase(), &format!("<S{i}U>"));
+                        text = text.replace(id, &format!("<S{i}>"));
+                    }
+                    if let Some(detail) = text.strip_prefix("Request decode failed: ") {
+                        if !detail.starts_with("json: cannot unmarshal") && !detail.starts_with("time: ") {
+                            text = "Request decode failed: <syntax>".to_owned();
+                        }
+                    }
+                    text
+                }
+            };
+            Observed {
+                status: raw.status,
+                headers,
+                body,
+            }
+        })
+        .collect()
+}
+
+/// With `SIM_DIFF_DUMP` set: what the agent answered, raw and normalised.
+#[allow(clippy::print_stderr)]
+fn dump(name: &str, run: &Run, observed: &[Observed]) {
+    for (raw, obs) in run.raws.iter().zip(observed) {
+        eprintln!(
+            "{name}: {} {} -> {} {:?}\n    raw: {}\n    normalised: {obs:?}",
+            raw.method,
+            raw.path,
+            raw.status,
+            raw.headers,
+            String::from_utf8_lossy(&raw.body).replace('\n', " ")
+        );
+    }
+}
+
+/// One script at a time: the agent's tables must move only with the running script.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn differential(name: &str, steps: Vec<Step>) {
+    let Some(agent) = require_agent() else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let prefix = format!("diff/{name}-{}", std::process::id());
+
+    let mut real = Real {
+        transport: TestTransport::new().unwrap(),
+        base: agent.base_url(),
+    };
+    let base = real.base.clone();
+    let real_run = run(&mut real, &base, &prefix, &steps);
+
+    let config = SimConfig {
+        pretty_json: true,
+        ttl_expiry: TtlExpiry::TwiceTtl,
+        ..SimConfig::default()
+    };
+    let mut sim = Simulated {
+        consul: SimConsul::with_config(0x5eed, Instant::now(), config),
+        now: Instant::now(),
+    };
+    let sim_run = run(&mut sim, "http://sim.invalid", &prefix, &steps);
+
+    let (real_obs, sim_obs) = (normalize(&real_run), normalize(&sim_run));
+    if std::env::var_os("SIM_DIFF_DUMP").is_some() {
+        dump(name, &real_run, &real_obs);
+    }
+    assert_eq!(real_obs.len(), sim_obs.len());
+    let mismatches: Vec<String> = real_obs
+        .iter()
+        .zip(&sim_obs)
+        .zip(&real_run.raws)
+        .enumerate()
+        .filter(|(_, ((r, s), _))| r != s)
+        .map(|(i, ((r, s), raw))| {
+            format!(
+                "step {i}: {} {}\n  real: {r:?}\n  sim:  {s:?}\n  real raw body: {}",
+                raw.method,
+                raw.path,
+                String::from_utf8_lossy(&raw.body)
+            )
+        })
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "script {name}: the simulator and the agent disagree:\n{}",
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn acquire_and_read_back() {
+    differential(
+        "acquire_read_back",
+        vec![
+            create(r#"{"Name":"diff","TTL":"15s"}"#),
+            put(
+                &format!("/v1/kv/{{P}}/lock?acquire={{S0}}&flags={LOCK_FLAGS}"),
+                "holder",
+            ),
+            get("/v1/kv/{P}/lock"),
+            get("/v1/kv/{P}/lock?consistent"),
+            get("/v1/kv/{P}/lock?stale"),
+            get("/v1/session/info/{S0}"),
+            put("/v1/session/renew/{S0}", ""),
+            put(
+                &format!("/v1/kv/{{P}}/lock?release={{S0}}&flags={LOCK_FLAGS}"),
+                "",
+            ),
+            get("/v1/kv/{P}/lock"),
+            put("/v1/session/destroy/{S0}", ""),
+            get("/v1/session/info/{S0}"),
+        ],
+    );
+}
+
+#[test]
+fn contention() {
+    differential(
+        "contention",
+        vec![
+            create(r#"{"TTL":"15s"}"#),
+            create(r#"{"TTL":"15s"}"#),
+            put("/v1/kv/{P}/lock?acquire={S0}", "zero"),
+            put("/v1/kv/{P}/lock?acquire={S1}", "one"),
+            get("/v1/kv/{P}/lock"),
+            put("/v1/kv/{P}/lock?release={S1}", ""),
+            put("/v1/kv/{P}/lock?release={S0}", ""),
+            put("/v1/kv/{P}/lock?acquire={S1}", "one"),
+            get("/v1/kv/{P}/lock"),
+            put("/v1/kv/{P}/lock?acquire={S0}", "zero"),
+            get("/v1/kv/{P}/lock"),
+        ],
+    );
+}
+
+#[test]
+fn release_semantics() {
+    differential(
+        "release",
+        vec![
+            create("{}"),
+            create("{}"),
+            put("/v1/kv/{P}/missing?release={S0}", ""),
+            get("/v1/kv/{P}/missing"),
+            put("/v1/kv/{P}/plain", "p"),
+            put("/v1/kv/{P}/plain?release={S0}", ""),
+            put("/v1/kv/{P}/k?acquire={S0}&flags=1", "a"),
+            put("/v1/kv/{P}/k?release={S1}", "x"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?release={S0}&flags=2", "b"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?release={S0}", "c"),
+            put("/v1/kv/{P}/k?release=", ""),
+            put("/v1/kv/{P}/k?release=garbage", ""),
+            put(&format!("/v1/kv/{{P}}/k?release={UNKNOWN}"), ""),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn lock_index_progression() {
+    differential(
+        "lock_index",
+        vec![
+            create("{}"),
+            create("{}"),
+            put("/v1/kv/{P}/k?acquire={S0}", "v1"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S0}", "v2"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S0}", "v2"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?release={S0}", ""),
+            put("/v1/kv/{P}/k?acquire={S0}", ""),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?flags=9", "plain while held"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S1}", ""),
+            put("/v1/kv/{P}/k?release={S0}", ""),
+            put("/v1/kv/{P}/k?acquire={S1}", ""),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?cas={MI}", "cas while held"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S1}", "again"),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn cas_put_and_delete() {
+    differential(
+        "cas",
+        vec![
+            put("/v1/kv/{P}/c?cas=0", "a"),
+            put("/v1/kv/{P}/c?cas=0", "b"),
+            get("/v1/kv/{P}/c"),
+            put("/v1/kv/{P}/c?cas={MI-1}", "stale"),
+            put("/v1/kv/{P}/c?cas={MI}&flags=5", "c"),
+            get("/v1/kv/{P}/c"),
+            put("/v1/kv/{P}/missing?cas=7", "x"),
+            get("/v1/kv/{P}/missing"),
+            del("/v1/kv/{P}/c?cas=1"),
+            del("/v1/kv/{P}/c?cas=0"),
+            del("/v1/kv/{P}/c?cas={MI}"),
+            get("/v1/kv/{P}/c"),
+            del("/v1/kv/{P}/never?cas=99"),
+            put("/v1/kv/{P}/c?cas=abc", ""),
+            del("/v1/kv/{P}/c?cas=1&recurse"),
+            put("/v1/kv/{P}/same", "x"),
+            get("/v1/kv/{P}/same"),
+            put("/v1/kv/{P}/same", "x"),
+            get("/v1/kv/{P}/same"),
+            del("/v1/kv/{P}/same"),
+            del("/v1/kv/{P}/same"),
+            get("/v1/kv/{P}/same"),
+        ],
+    );
+}
+
+#[test]
+fn missing_key_404() {
+    differential(
+        "missing",
+        vec![
+            get("/v1/kv/{P}/nope"),
+            get("/v1/kv/{P}/nope?raw"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/?keys"),
+            put("/v1/kv/{P}/a", "1"),
+            get("/v1/kv/{P}/nope"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/a?raw"),
+            del("/v1/kv/{P}/a"),
+            get("/v1/kv/{P}/a"),
+            get("/v1/kv/{P}/?recurse"),
+        ],
+    );
+}
+
+#[test]
+fn renew_after_destroy_404() {
+    differential(
+        "renew_destroyed",
+        vec![
+            create(r#"{"TTL":"20s"}"#),
+            put("/v1/session/renew/{S0}", ""),
+            put("/v1/session/destroy/{S0}", ""),
+            put("/v1/session/renew/{S0}", ""),
+            put("/v1/session/destroy/{S0}", ""),
+            get("/v1/session/info/{S0}"),
+            put("/v1/session/renew/garbage", ""),
+            put("/v1/session/renew/", ""),
+            put(&format!("/v1/session/renew/{UNKNOWN}"), ""),
+        ],
+    );
+}
+
+#[test]
+fn acquire_with_unknown_session_500() {
+    differential(
+        "unknown_session",
+        vec![
+            put(&format!("/v1/kv/{{P}}/k?acquire={UNKNOWN}"), ""),
+            put("/v1/kv/{P}/k?acquire=garbage", ""),
+            put("/v1/kv/{P}/k?acquire=", ""),
+            put("/v1/kv/{P}/k?acquire=g1111111-2222-3333-4444-555555555555", ""),
+            create("{}"),
+            put("/v1/session/destroy/{S0}", ""),
+            put("/v1/kv/{P}/k?acquire={S0}", ""),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn lock_delay_after_destroy() {
+    differential(
+        "lock_delay",
+        vec![
+            create(r#"{"TTL":"60s","LockDelay":"1s"}"#),
+            create(r#"{"TTL":"60s"}"#),
+            put("/v1/kv/{P}/k?acquire={S0}", "zero"),
+            put("/v1/session/destroy/{S0}", ""),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S1}", "one"),
+            put(&format!("/v1/kv/{{P}}/k?acquire={UNKNOWN}"), ""),
+            put("/v1/kv/{P}/k?acquire=garbage", ""),
+            put("/v1/kv/{P}/k?flags=1", "plain writes are not delayed"),
+            get("/v1/kv/{P}/k"),
+            sleep_ms(1500),
+            put("/v1/kv/{P}/k?acquire={S1}", "one"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?release={S1}", ""),
+            create(r#"{"LockDelay":"1s"}"#),
+            put("/v1/kv/{P}/k?acquire={S2}", "two: no delay after a release"),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn session_info_of_unknown_ids() {
+    differential(
+        "session_info",
+        vec![
+            get(&format!("/v1/session/info/{UNKNOWN}")),
+            get("/v1/session/info/garbage"),
+            get("/v1/session/info/g1111111-2222-3333-4444-555555555555"),
+            get("/v1/session/info/111111112-222-3333-4444-555555555555"),
+            get("/v1/session/info/"),
+            put(&format!("/v1/session/destroy/{UNKNOWN}"), ""),
+            put("/v1/session/destroy/garbage", ""),
+            get("/v1/session/list?stale&consistent"),
+            create(r#"{"Name":"listed"}"#),
+            get("/v1/session/info/{S0U}"),
+            get("/v1/session/list"),
+        ],
+    );
+}
+
+#[test]
+fn flags_round_trip() {
+    differential(
+        "flags",
+        vec![
+            put("/v1/kv/{P}/f?flags=42", "v"),
+            get("/v1/kv/{P}/f"),
+            put("/v1/kv/{P}/f?flags=18446744073709551615", "max"),
+            get("/v1/kv/{P}/f"),
+            put("/v1/kv/{P}/f?flags=18446744073709551616", ""),
+            put("/v1/kv/{P}/f?flags=abc", ""),
+            put("/v1/kv/{P}/f?flags=", ""),
+            put("/v1/kv/{P}/f?flags=%2B5", ""),
+            create("{}"),
+            put(
+                &format!("/v1/kv/{{P}}/f?acquire={{S0}}&flags={LOCK_FLAGS}"),
+                "locked",
+            ),
+            get("/v1/kv/{P}/f"),
+            put("/v1/kv/{P}/f?release={S0}", ""),
+            get("/v1/kv/{P}/f"),
+            put("/v1/kv/{P}/f", "no flags"),
+            get("/v1/kv/{P}/f"),
+        ],
+    );
+}
+
+#[test]
+fn recurse_list() {
+    differential(
+        "recurse",
+        vec![
+            put("/v1/kv/{P}/a", "1"),
+            put("/v1/kv/{P}/b/c", "2"),
+            put("/v1/kv/{P}/b/d", "3"),
+            put("/v1/kv/{P}x", "sibling"),
+            get("/v1/kv/{P}?recurse"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/?keys"),
+            get("/v1/kv/{P}/?keys&separator=/"),
+            get("/v1/kv/{P}?keys&separator=/"),
+            del("/v1/kv/{P}/b/c"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/b/?recurse"),
+            del("/v1/kv/{P}/b/?recurse"),
+            get("/v1/kv/{P}/b/?recurse"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/a?recurse=false"),
+        ],
+    );
+}
+
+#[test]
+fn namespaces_and_query_errors() {
+    differential(
+        "ns",
+        vec![
+            get("/v1/kv/{P}/k?ns=x"),
+            put("/v1/kv/{P}/k?ns=x", ""),
+            del("/v1/kv/{P}/k?ns=x"),
+            put("/v1/session/create?ns=x", "{}"),
+            get("/v1/session/list?ns=x"),
+            get("/v1/kv/{P}/k?ns="),
+            get("/v1/kv/{P}/k?partition=x"),
+            get("/v1/kv/{P}/k?ns=x&dc=dc2"),
+            get("/v1/kv/{P}/k?dc=dc2"),
+            put("/v1/kv/{P}/k?dc=dc2", ""),
+            put("/v1/session/create?dc=dc2", "{}"),
+            get(&format!("/v1/session/info/{UNKNOWN}?dc=dc2")),
+            get("/v1/kv/{P}/k?dc=dc1"),
+            get("/v1/kv/{P}/k?stale&consistent"),
+            get("/v1/kv/{P}/k?cached&consistent"),
+            get("/v1/kv/{P}/k?wait=5"),
+            get("/v1/kv/{P}/k?index=x"),
+            get("/v1/kv/{P}/k?max_stale=x"),
+            put("/v1/kv/{P}/k?wait=x", ""),
+            put(&format!("/v1/kv/{{P}}/k?cas=1&acquire={UNKNOWN}"), ""),
+            req("POST", "/v1/kv/{P}/k", ""),
+            req("OPTIONS", "/v1/kv/{P}/k", ""),
+            get("/v1/session/create"),
+            get("/v1/kv/"),
+            put("/v1/kv/", ""),
+            get("/v1/kv/{P}/k?x=%zz"),
+            get("/v1/no/such/endpoint"),
+        ],
+    );
+}
+
+#[test]
+fn session_create_validation() {
+    differential(
+        "session_validation",
+        vec![
+            create(r#"{"TTL":"5s"}"#),
+            create(r#"{"TTL":"86401s"}"#),
+            create(r#"{"TTL":"abc"}"#),
+            create(r#"{"TTL":" 15s"}"#),
+            create(r#"{"TTL":"-10s"}"#),
+            create(r#"{"Behavior":"bogus"}"#),
+            create(r#"{"Behavior":"Delete"}"#),
+            create(r#"{"Checks":["nope"]}"#),
+            create(r#"{"Node":"elsewhere"}"#),
+            create(r#"{"Node":""}"#),
+            create(r#"{"TTL":15}"#),
+            create(r#"{"Name":5}"#),
+            create(r#"{"LockDelay":"abc"}"#),
+            create("[]"),
+            create("garbage"),
+            create(r#"{"TTL":"0s"}"#),
+            get("/v1/session/info/{S0}"),
+        ],
+    );
+}
+
+#[test]
+fn session_create_formats() {
+    differential(
+        "session_formats",
+        vec![
+            create(r#"{"Name":"a","TTL":"15000ms","LockDelay":15}"#),
+            get("/v1/session/info/{S0}"),
+            create(r#"{"LockDelay":"0s","Behavior":"delete","Checks":[]}"#),
+            get("/v1/session/info/{S1}"),
+            create(r#"{"lockdelay":"500ns","ttl":"1m","NodeChecks":null}"#),
+            get("/v1/session/info/{S2}"),
+            create(r#"{"Checks":["serfHealth","serfHealth"]}"#),
+            get("/v1/session/info/{S3}"),
+            create(r#"{"LockDelay":1.5,"NodeChecks":[]}"#),
+            get("/v1/session/info/{S4}"),
+            create(r#"{"LockDelay":-1}"#),
+            get("/v1/session/info/{S5}"),
+            create(r#"{"LockDelay":true,"Name":"a\u2028<>&\u00e9"}"#),
+            get("/v1/session/info/{S6}"),
+            create(""),
+            get("/v1/session/info/{S7}"),
+            create("null"),
+            create(r#"{"TTL":"10s"} trailing"#),
+            get("/v1/session/info/{S9}"),
+            get("/v1/session/list"),
+            put("/v1/session/renew/{S0}", ""),
+        ],
+    );
+}
+
+#[test]
+fn blocking_reads() {
+    differential(
+        "blocking",
+        vec![
+            put("/v1/kv/{P}/k", "1"),
+            get("/v1/kv/{P}/k"),
+            get("/v1/kv/{P}/k?index={I}&wait=1s"),
+            get("/v1/kv/{P}/k?index=1&wait=10s"),
+            get("/v1/kv/{P}/k?index=0&wait=10s"),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/?recurse&index={I}&wait=500ms"),
+            create("{}"),
+            get("/v1/session/info/{S0}"),
+            get("/v1/session/info/{S0}?index={I}&wait=500ms"),
+        ],
+    );
+}
+
+#[test]
+fn delete_behavior() {
+    differential(
+        "delete_behavior",
+        vec![
+            create(r#"{"Behavior":"delete","LockDelay":"0s"}"#),
+            put("/v1/kv/{P}/a?acquire={S0}", "a"),
+            put("/v1/kv/{P}/b?acquire={S0}", "b"),
+            put("/v1/kv/{P}/c", "c"),
+            get("/v1/kv/{P}/?recurse"),
+            put("/v1/session/destroy/{S0}", ""),
+            get("/v1/kv/{P}/?recurse"),
+            get("/v1/kv/{P}/a"),
+            create("{}"),
+            put("/v1/kv/{P}/a?acquire={S1}", "again"),
+            get("/v1/kv/{P}/a"),
+        ],
+    );
+}
+
+#[test]
+fn uuid_spellings() {
+    differential(
+        "uuid_spelling",
+        vec![
+            create(r#"{"LockDelay":"0s"}"#),
+            put("/v1/kv/{P}/k?acquire={S0U}", "upper"),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S0}", "lower"),
+            put("/v1/kv/{P}/k?release={S0}", ""),
+            get("/v1/session/info/{S0U}"),
+            put("/v1/session/renew/{S0U}", ""),
+            put("/v1/session/destroy/{S0U}", ""),
+            get("/v1/kv/{P}/k"),
+            get("/v1/session/info/{S0}"),
+        ],
+    );
+}

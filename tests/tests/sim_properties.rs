@@ -1,0 +1,212 @@
+//! Safety, fencing, liveness and cleanup of the lock, over generated scenarios of contenders and
+//! faults, in virtual time against the simulated Consul. `PROPTEST_CASES` sets the number of
+//! cases (CI: the default below); `CONSUL_LOCK_SOAK=1` runs a long soak instead.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use consul_lock_testkit::harness::{ClientSpec, Fault, FaultKind, Outcome, Scenario, run};
+use proptest::prelude::*;
+
+const KEY: &str = "service/leader/.lock";
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn assert_clean(outcome: &Outcome) {
+    assert!(
+        outcome.violations.is_empty(),
+        "violations: {:#?}\n--- trace tail ---\n{}",
+        outcome.violations,
+        outcome.trace_tail(80)
+    );
+}
+
+fn two_contenders(seed: u64, faults: Vec<Fault>) -> Scenario {
+    let mut a = ClientSpec::new(secs(30));
+    a.lock_delay = Some(Duration::ZERO);
+    a.ttl = secs(10);
+    let mut b = ClientSpec::new(secs(5));
+    b.start = Duration::from_millis(100);
+    b.ttl = secs(10);
+    Scenario {
+        seed,
+        clients: vec![a, b],
+        faults,
+        duration: secs(120),
+        key: KEY.into(),
+    }
+}
+
+/// The liveness bound after the last fault heals: two TTLs (the server frees a lost holder's key
+/// within 2×TTL), the lock-delay, and the retry backoff cap plus a lock wait.
+fn liveness_bound(scenario: &Scenario) -> Duration {
+    let ttl = scenario.clients.iter().map(|c| c.ttl).max().unwrap_or_default();
+    let delay = scenario
+        .clients
+        .iter()
+        .map(|c| c.lock_delay.unwrap_or(secs(15)))
+        .max()
+        .unwrap_or_default();
+    let pause = scenario.clients.iter().map(|c| c.pause + c.hold).max().unwrap_or_default();
+    2 * ttl + delay + secs(20) + pause
+}
+
+fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
+    let healed = scenario.last_heal();
+    let bound = liveness_bound(scenario);
+    if healed + bound <= scenario.duration {
+        let first = outcome.first_acquire_after(healed);
+        assert!(
+            first.is_some_and(|t| t <= healed + bound),
+            "liveness: healed at {healed:?}, first hold after at {first:?}, bound {bound:?}\n{}",
+            outcome.trace_tail(60)
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let scenario = two_contenders(7, vec![Fault {
+        kind: FaultKind::Partition { client: 0 },
+        from: secs(5),
+        lasting: secs(20),
+    }]);
+    let first = run(&scenario);
+    let second = run(&scenario);
+    assert_clean(&first);
+    assert_eq!(first.trace_hash, second.trace_hash);
+    assert_eq!(first.trace, second.trace);
+    let other = run(&Scenario { seed: 8, ..scenario });
+    assert_ne!(first.trace_hash, other.trace_hash);
+}
+
+#[test]
+fn partitioned_holder_loses_before_anyone_else_acquires() {
+    let scenario = two_contenders(1, vec![Fault {
+        kind: FaultKind::Partition { client: 0 },
+        from: secs(5),
+        lasting: secs(40),
+    }]);
+    let outcome = run(&scenario);
+    assert_clean(&outcome);
+    let lost = outcome.holds.iter().find(|h| h.client == 0).expect("client 0 held first");
+    let lost_at = lost.until.expect("client 0's hold ended");
+    assert!(lost_at <= secs(5) + secs(10), "renew deadline: lost at {lost_at:?}");
+    let next = outcome.holds.iter().find(|h| h.client == 1).expect("client 1 took over");
+    assert!(next.from > lost_at, "client 1 at {:?}, client 0 lost at {lost_at:?}", next.from);
+    check_liveness(&scenario, &outcome);
+}
+
+#[test]
+fn operator_delete_overlap_is_measured_and_short() {
+    let scenario = two_contenders(3, vec![Fault {
+        kind: FaultKind::DeleteKey,
+        from: secs(10),
+        lasting: Duration::ZERO,
+    }]);
+    let outcome = run(&scenario);
+    assert_clean(&outcome);
+    assert!(outcome.max_operator_overlap < Duration::from_millis(50), "{:?}", outcome.max_operator_overlap);
+}
+
+#[test]
+fn leader_election_does_not_lose_a_renewed_lock() {
+    let scenario = two_contenders(5, vec![Fault {
+        kind: FaultKind::LeaderElection,
+        from: secs(5),
+        lasting: secs(3),
+    }]);
+    let outcome = run(&scenario);
+    assert_clean(&outcome);
+    let first = &outcome.holds[0];
+    assert_eq!(first.client, 0);
+    assert_eq!(first.lost, None, "a 3 s election within the TTL must not lose the lock: {first:?}");
+}
+
+fn client_spec() -> impl Strategy<Value = ClientSpec> {
+    (
+        prop_oneof![Just(10u64), Just(15), Just(20)],
+        prop_oneof![Just(None), Just(Some(0u64)), Just(Some(1_000)), Just(Some(2_000))],
+        prop_oneof![3 => Just(None), 1 => (0u32..3).prop_map(Some)],
+        0u64..5_000,
+        500u64..20_000,
+        100u64..3_000,
+        prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
+    )
+        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
+            ttl: secs(ttl),
+            lock_delay: delay.map(Duration::from_millis),
+            monitor_retries: retries,
+            start: Duration::from_millis(start),
+            hold: Duration::from_millis(hold),
+            pause: Duration::from_millis(pause),
+            try_once: try_once.map(secs),
+        })
+}
+
+fn fault(clients: usize) -> impl Strategy<Value = Fault> {
+    let c = 0..clients;
+    let kind = prop_oneof![
+        (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
+            client,
+            extra: Duration::from_millis(ms)
+        }),
+        c.clone().prop_map(|client| FaultKind::Hang { client }),
+        c.clone().prop_map(|client| FaultKind::Refuse { client }),
+        c.clone().prop_map(|client| FaultKind::Error500 { client }),
+        c.prop_map(|client| FaultKind::Partition { client }),
+        Just(FaultKind::LeaderElection),
+        Just(FaultKind::DestroyHolderSession),
+        Just(FaultKind::DeleteKey),
+        Just(FaultKind::OverwriteKey),
+    ];
+    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
+        kind,
+        from: Duration::from_millis(from),
+        lasting: Duration::from_millis(lasting),
+    })
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (2usize..=4)
+        .prop_flat_map(|n| {
+            (
+                any::<u64>(),
+                proptest::collection::vec(client_spec(), n),
+                proptest::collection::vec(fault(n), 0..=3),
+            )
+        })
+        .prop_map(|(seed, clients, faults)| Scenario {
+            seed,
+            clients,
+            faults,
+            duration: secs(150),
+            key: KEY.into(),
+        })
+}
+
+fn cases() -> u32 {
+    if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
+        return 20_000;
+    }
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn safety_fencing_liveness_and_cleanup(scenario in scenario()) {
+        let outcome = run(&scenario);
+        prop_assert!(
+            outcome.violations.is_empty(),
+            "violations: {:#?}\n--- trace tail ---\n{}",
+            outcome.violations,
+            outcome.trace_tail(80)
+        );
+        check_liveness(&scenario, &outcome);
+    }
+}
+
