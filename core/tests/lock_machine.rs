@@ -81,6 +81,7 @@ fn go_lock_unlock() {
         key: Key::new(KEY).unwrap(),
         session: SessionId::new("s1").unwrap(),
         lock_index: 1,
+        modify_index: 6,
     };
     assert_eq!(r.events(), [LockEvent::Acquired(token.clone())]);
     assert_eq!(r.m().status(), LockStatus::Held);

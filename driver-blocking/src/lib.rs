@@ -69,9 +69,7 @@ impl Client {
         Client::with(|| consul_lock_tokio::Client::new(config))
     }
 
-    fn with(
-        make: impl FnOnce() -> Result<consul_lock_tokio::Client, Error>,
-    ) -> Result<Client, Error> {
+    fn with(make: impl FnOnce() -> Result<consul_lock_tokio::Client, Error>) -> Result<Client, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("consul-lock")
@@ -153,7 +151,11 @@ impl Lock {
 
     /// Blocks until the lock is held, `timeout` passes (then [`Error::GaveUp`]), or `stop` is
     /// stopped (then [`LockError::NotHeld`]). Either way the attempt is cancelled at once.
-    pub fn acquire_with(&self, timeout: Option<Duration>, stop: Option<&StopHandle>) -> Result<LockGuard, Error> {
+    pub fn acquire_with(
+        &self,
+        timeout: Option<Duration>,
+        stop: Option<&StopHandle>,
+    ) -> Result<LockGuard, Error> {
         let runtime = self.runtime.handle()?;
         let mut stopped = stop.map(|s| s.stop.subscribe());
         let inner = self.inner.clone();
@@ -184,7 +186,9 @@ impl Lock {
     /// Deletes the lock key if nobody holds it (Go's `Destroy`).
     pub fn destroy(&self) -> Result<(), Error> {
         let inner = self.inner.clone();
-        self.runtime.handle()?.block_on(async move { inner.destroy().await })
+        self.runtime
+            .handle()?
+            .block_on(async move { inner.destroy().await })
     }
 }
 
@@ -224,7 +228,9 @@ impl LockGuard {
 
     /// Whether the lock is still held, as far as the machine knows right now.
     pub fn is_held(&self) -> bool {
-        self.inner.as_ref().is_some_and(consul_lock_tokio::LockGuard::is_held)
+        self.inner
+            .as_ref()
+            .is_some_and(consul_lock_tokio::LockGuard::is_held)
     }
 
     /// The channel that receives the reason when the lock is lost (once).

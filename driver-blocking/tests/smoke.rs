@@ -32,7 +32,10 @@ fn acquire_handoff_stop_and_release() {
     assert!(returned.duration_since(stopped) < Duration::from_millis(50));
 
     // A timeout gives up.
-    assert!(matches!(b.acquire_with(Some(Duration::from_millis(200)), None), Err(Error::GaveUp)));
+    assert!(matches!(
+        b.acquire_with(Some(Duration::from_millis(200)), None),
+        Err(Error::GaveUp)
+    ));
 
     let first = guard.token().clone();
     let waiter = std::thread::spawn(move || b.acquire().map(|g| (g, b)));

@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use consul_lock_core::api::ClientConfig;
-pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason};
 use consul_lock_core::machine::LockMachine;
+pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason};
 pub use error::Error;
 use task::{Command, Ended, Generation};
 use tokio::sync::{mpsc, oneshot, watch};

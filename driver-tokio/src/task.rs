@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::{Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, RequestId};
+use consul_lock_core::machine::{
+    Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, RequestId,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -208,7 +210,10 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
         }
         LockEvent::GaveUp => answer(&mut w.acquire, Err(Error::GaveUp)),
         LockEvent::Cancelled => {
-            answer(&mut w.acquire, Err(Error::Lock(consul_lock_core::machine::LockError::NotHeld)));
+            answer(
+                &mut w.acquire,
+                Err(Error::Lock(consul_lock_core::machine::LockError::NotHeld)),
+            );
             if let Some(reply) = w.destroy.take() {
                 let _ = reply.send(Err(Error::DriverStopped));
             }

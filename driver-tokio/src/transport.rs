@@ -28,11 +28,13 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
     let mut roots = Vec::new();
     if let Some(ca) = &tls.ca_file {
         let pem = read("CA file (CONSUL_CACERT)", ca)?;
-        roots.extend(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
-            what: "CA file (CONSUL_CACERT)",
-            path: ca.clone(),
-            problem: e.to_string(),
-        })?);
+        roots.extend(
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+                what: "CA file (CONSUL_CACERT)",
+                path: ca.clone(),
+                problem: e.to_string(),
+            })?,
+        );
     }
     if let Some(dir) = &tls.ca_path {
         let entries = std::fs::read_dir(dir).map_err(|e| Error::Tls {
@@ -84,7 +86,11 @@ fn resolve(authority: &http::uri::Authority) -> Result<std::net::SocketAddr, Err
         .to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| Error::Http(format!("could not resolve {authority} (for CONSUL_TLS_SERVER_NAME)")))
+        .ok_or_else(|| {
+            Error::Http(format!(
+                "could not resolve {authority} (for CONSUL_TLS_SERVER_NAME)"
+            ))
+        })
 }
 
 /// With `CONSUL_TLS_SERVER_NAME`, requests name the server by that name (SNI and certificate
@@ -113,7 +119,10 @@ pub(crate) async fn exchange(
     rewrite_for_server_name(config, &mut request);
     let budget = deadline.saturating_duration_since(Instant::now());
     if budget.is_zero() {
-        return Err(TransportError::new(TransportErrorKind::Timeout, "deadline passed before sending"));
+        return Err(TransportError::new(
+            TransportErrorKind::Timeout,
+            "deadline passed before sending",
+        ));
     }
     let exchange = async {
         let request = reqwest::Request::try_from(request).map_err(|e| transport_error(&e))?;
@@ -138,7 +147,10 @@ pub(crate) async fn exchange(
     };
     match tokio::time::timeout(budget, exchange).await {
         Ok(reply) => reply,
-        Err(_) => Err(TransportError::new(TransportErrorKind::Timeout, format!("no reply within {budget:?}"))),
+        Err(_) => Err(TransportError::new(
+            TransportErrorKind::Timeout,
+            format!("no reply within {budget:?}"),
+        )),
     }
 }
 

@@ -15,10 +15,14 @@ use consul_lock_core::machine::{LockEvent, LockMachine, LockOptions};
 use consul_lock_testkit::{ConsulAgent, TestTransport, ThreadDriver};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let key = std::env::args().nth(1).unwrap_or_else(|| "consul-lock/example/.lock".to_owned());
+    let key = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "consul-lock/example/.lock".to_owned());
     let mut _agent = None;
     let config = if std::env::var_os("CONSUL_HTTP_ADDR").is_some() {
-        ClientConfig::from_env_vars(std::env::vars(), |path: &std::path::Path| std::fs::read_to_string(path))?
+        ClientConfig::from_env_vars(std::env::vars(), |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+        })?
     } else {
         println!("CONSUL_HTTP_ADDR is not set: starting a dev agent on loopback");
         let agent = ConsulAgent::start()?;
@@ -35,7 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     lock.lock(Instant::now())?;
-    let event = driver.run_until(&mut lock, Duration::from_secs(60), |e| !matches!(e, LockEvent::Lost(_)));
+    let event = driver.run_until(&mut lock, Duration::from_secs(60), |e| {
+        !matches!(e, LockEvent::Lost(_))
+    });
     match event {
         Some(LockEvent::Acquired(token)) => println!(
             "acquired {:?} in {:.1?}: session {}, LockIndex {} (the fencing token)",
@@ -54,7 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let releasing = Instant::now();
     lock.unlock(Instant::now())?;
-    match driver.run_until(&mut lock, Duration::from_secs(30), |e| matches!(e, LockEvent::Released)) {
+    match driver.run_until(&mut lock, Duration::from_secs(30), |e| {
+        matches!(e, LockEvent::Released)
+    }) {
         Some(_) => println!("released in {:.1?}; session destroyed", releasing.elapsed()),
         None => return Err("no release within 30 s".into()),
     }

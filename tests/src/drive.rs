@@ -5,7 +5,9 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use consul_lock_core::machine::{Action, LockEvent, LockMachine, Reply, RequestId, TransportError, TransportErrorKind};
+use consul_lock_core::machine::{
+    Action, LockEvent, LockMachine, Reply, RequestId, TransportError, TransportErrorKind,
+};
 
 use crate::TestTransport;
 
@@ -108,7 +110,10 @@ impl TestTransport {
     /// [`exchange`](TestTransport::exchange) with a per-request timeout.
     pub fn exchange_with_timeout(&self, request: http::Request<Vec<u8>>, timeout: Duration) -> Reply {
         if timeout.is_zero() {
-            return Err(TransportError::new(TransportErrorKind::Timeout, "deadline already passed"));
+            return Err(TransportError::new(
+                TransportErrorKind::Timeout,
+                "deadline already passed",
+            ));
         }
         self.exchange_timeout(request, Some(timeout))
     }

@@ -11,6 +11,7 @@ pub mod transport;
 pub use transport::TestTransport;
 pub mod drive;
 pub use drive::ThreadDriver;
+pub mod harness;
+mod http1;
 pub mod proxy;
 pub mod sim;
-pub mod harness;

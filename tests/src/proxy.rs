@@ -20,7 +20,7 @@
 //! order. Everything is plain `std` threads; dropping the proxy closes the listener and every
 //! connection, and the threads end.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 
-/// The largest request head (request line and headers) the proxy reads.
-const MAX_HEAD: usize = 64 * 1024;
+use crate::http1::read_request;
+
 /// How long connecting to the upstream may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `Drop` waits for the proxy's threads to end before leaving them be.
@@ -52,52 +52,7 @@ pub enum Mode {
     Refuse,
 }
 
-/// The head of a request as the proxy saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    /// `GET`, `PUT`, ...
-    pub method: String,
-    /// The request target: path and query (`/v1/kv/a?index=5`).
-    pub target: String,
-    /// The headers, names as sent.
-    pub headers: Vec<(String, String)>,
-}
-
-impl RequestHead {
-    /// The path, without the query.
-    pub fn path(&self) -> &str {
-        self.target
-            .split_once('?')
-            .map_or(self.target.as_str(), |(path, _)| path)
-    }
-
-    /// The query (after `?`), empty when there is none.
-    pub fn query(&self) -> &str {
-        self.target.split_once('?').map_or("", |(_, query)| query)
-    }
-
-    /// Whether the query has parameter `name` (with or without a value).
-    pub fn has_param(&self, name: &str) -> bool {
-        self.param(name).is_some()
-    }
-
-    /// The value of query parameter `name` (`""` for a bare flag), undecoded.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.query()
-            .split('&')
-            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v)
-    }
-
-    /// The value of header `name` (case-insensitive), the first if repeated.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use crate::http1::RequestHead;
 
 /// What became of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +127,8 @@ struct Shared {
     seen: Mutex<Vec<SeenRequest>>,
     counters: Atomics,
     stopping: AtomicBool,
+    /// Added before each request is forwarded.
+    latency: Mutex<Duration>,
 }
 
 /// Locks `mutex`, taking the data even if a thread panicked while holding it: a test proxy must
@@ -328,6 +285,7 @@ impl FaultProxy {
             threads: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
             counters: Atomics::default(),
+            latency: Mutex::new(Duration::ZERO),
             stopping: AtomicBool::new(false),
         });
         let accept = {
@@ -383,6 +341,11 @@ impl FaultProxy {
                 conn.cut();
             }
         }
+    }
+
+    /// Delays every request by `latency` before forwarding it (zero: no delay).
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.shared.latency) = latency;
     }
 
     /// Answers the next `n` GET requests with a 500 (in [`Mode::Pass`]).
@@ -528,6 +491,10 @@ fn serve(shared: &Arc<Shared>, conn: &Arc<Conn>, reader: TcpStream) {
             }
             continue;
         }
+        let latency = *lock(&shared.latency);
+        if !latency.is_zero() {
+            thread::sleep(latency);
+        }
         let at = shared.record(request.head, Outcome::Forwarded);
         if forward(shared, conn, &request.raw).is_err() {
             shared.amend(at, Outcome::Cut);
@@ -580,113 +547,5 @@ fn relay_back(shared: &Shared, conn: &Conn, mut upstream: TcpStream) {
     // The agent closed the connection: tell the client, unless a partition hides it.
     if !conn.is_dead(shared) {
         conn.cut();
-    }
-}
-
-/// A request read in full: its head, and its exact bytes to forward.
-struct Request {
-    head: RequestHead,
-    raw: Vec<u8>,
-}
-
-fn bad(why: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, why.to_owned())
-}
-
-/// Reads one line (up to `\n`) onto `raw`, returning it without the line end.
-fn read_line(reader: &mut impl BufRead, raw: &mut Vec<u8>, head_len: &mut usize) -> io::Result<String> {
-    let start = raw.len();
-    let n = reader
-        .take((MAX_HEAD - *head_len) as u64 + 1)
-        .read_until(b'\n', raw)?;
-    *head_len += n;
-    if *head_len > MAX_HEAD {
-        return Err(bad("request head too large"));
-    }
-    if n == 0 || raw.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed mid-request",
-        ));
-    }
-    let line = &raw[start..raw.len() - 1];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    String::from_utf8(line.to_vec()).map_err(|_| bad("a request line that is not UTF-8"))
-}
-
-/// Reads one request; `None` when the connection ended cleanly before one began.
-fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
-    if reader.fill_buf()?.is_empty() {
-        return Ok(None);
-    }
-    let mut raw = Vec::new();
-    let mut head_len = 0;
-    let mut line = read_line(reader, &mut raw, &mut head_len)?;
-    // Tolerate empty lines before a request (RFC 9112 2.2).
-    while line.is_empty() {
-        line = read_line(reader, &mut raw, &mut head_len)?;
-    }
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(_version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("a malformed request line"));
-    };
-    let (method, target) = (method.to_owned(), target.to_owned());
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(reader, &mut raw, &mut head_len)?;
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':').ok_or_else(|| bad("a malformed header"))?;
-        headers.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-    let head = RequestHead {
-        method,
-        target,
-        headers,
-    };
-    let chunked = head
-        .header("transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        read_chunked(reader, &mut raw)?;
-    } else if let Some(length) = head.header("content-length") {
-        let length: u64 = length.parse().map_err(|_| bad("a malformed Content-Length"))?;
-        let read = reader.take(length).read_to_end(&mut raw)?;
-        if read as u64 != length {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-body",
-            ));
-        }
-    }
-    Ok(Some(Request { head, raw }))
-}
-
-/// Reads a chunked body onto `raw`, as sent.
-fn read_chunked(reader: &mut impl BufRead, raw: &mut Vec<u8>) -> io::Result<()> {
-    loop {
-        let mut line_len = 0;
-        let line = read_line(reader, raw, &mut line_len)?;
-        let size = line.split(';').next().unwrap_or("").trim();
-        let size = u64::from_str_radix(size, 16).map_err(|_| bad("a malformed chunk size"))?;
-        if size == 0 {
-            // Trailers, up to an empty line.
-            loop {
-                let mut trailer_len = 0;
-                if read_line(reader, raw, &mut trailer_len)?.is_empty() {
-                    return Ok(());
-                }
-            }
-        }
-        // The chunk and its CRLF.
-        let want = size + 2;
-        let read = reader.take(want).read_to_end(raw)?;
-        if read as u64 != want {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-chunk",
-            ));
-        }
     }
 }

@@ -32,7 +32,10 @@ impl TestTransport {
     }
 
     /// Sends `request`, returning the reply with its status, headers and body.
-    pub fn exchange(&self, request: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, TransportError> {
+    pub fn exchange(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<http::Response<Vec<u8>>, TransportError> {
         self.exchange_timeout(request, None)
     }
 
@@ -64,7 +67,10 @@ impl TestTransport {
             .bytes()
             .map_err(|e| TransportError::new(TransportErrorKind::Io, e.to_string()))?;
         if body.len() > MAX_REPLY_BYTES {
-            return Err(TransportError::new(TransportErrorKind::TooLarge, format!("{} bytes", body.len())));
+            return Err(TransportError::new(
+                TransportErrorKind::TooLarge,
+                format!("{} bytes", body.len()),
+            ));
         }
         builder
             .body(body.to_vec())

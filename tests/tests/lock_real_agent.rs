@@ -23,7 +23,10 @@ fn sessions(config: &ClientConfig, http: &TestTransport) -> Vec<serde_json::Valu
 }
 
 fn sessions_named(config: &ClientConfig, http: &TestTransport, name: &str) -> usize {
-    sessions(config, http).iter().filter(|s| s["Name"] == name).count()
+    sessions(config, http)
+        .iter()
+        .filter(|s| s["Name"] == name)
+        .count()
 }
 
 #[test]
@@ -41,7 +44,12 @@ fn lock_handoff_and_release_on_a_real_agent() {
     let Some(LockEvent::Acquired(ta)) = da.run_until(&mut a, Duration::from_secs(20), |_| true) else {
         panic!("a: no lock: {:?}", da.events)
     };
-    let pair = http.call(&config, &KvGet::new(Key::new(key).unwrap())).unwrap().unwrap().value.unwrap();
+    let pair = http
+        .call(&config, &KvGet::new(Key::new(key).unwrap()))
+        .unwrap()
+        .unwrap()
+        .value
+        .unwrap();
     assert_eq!(pair.flags, LOCK_FLAG_VALUE);
     assert_eq!(pair.session.as_ref(), Some(&ta.session));
     assert_eq!(pair.lock_index, ta.lock_index);
@@ -61,13 +69,26 @@ fn lock_handoff_and_release_on_a_real_agent() {
         panic!("b: no lock: {:?}", db.events)
     };
     let handoff = released_at.elapsed();
-    assert!(tb.lock_index > ta.lock_index, "fencing tokens increase: {ta:?} then {tb:?}");
+    assert!(
+        tb.lock_index > ta.lock_index,
+        "fencing tokens increase: {ta:?} then {tb:?}"
+    );
     assert!(handoff < Duration::from_secs(5), "handoff took {handoff:?}");
 
     b.unlock(Instant::now()).unwrap();
     assert!(db.settle(&mut b, Duration::from_secs(10)));
-    assert_eq!(sessions_named(&config, &http, "Consul API Lock"), 0, "{:?}", sessions(&config, &http));
-    let pair = http.call(&config, &KvGet::new(Key::new(key).unwrap())).unwrap().unwrap().value.unwrap();
+    assert_eq!(
+        sessions_named(&config, &http, "Consul API Lock"),
+        0,
+        "{:?}",
+        sessions(&config, &http)
+    );
+    let pair = http
+        .call(&config, &KvGet::new(Key::new(key).unwrap()))
+        .unwrap()
+        .unwrap()
+        .value
+        .unwrap();
     assert_eq!(pair.session, None);
     assert_eq!(pair.value, b"b", "the release writes the value");
 }
@@ -81,7 +102,10 @@ fn cancel_while_waiting_leaves_no_session() {
     let mut holder = machine(&config, key, "holder");
     let mut dh = ThreadDriver::new(http.clone());
     holder.lock(Instant::now()).unwrap();
-    assert!(matches!(dh.run_until(&mut holder, Duration::from_secs(20), |_| true), Some(LockEvent::Acquired(_))));
+    assert!(matches!(
+        dh.run_until(&mut holder, Duration::from_secs(20), |_| true),
+        Some(LockEvent::Acquired(_))
+    ));
 
     let mut waiter = LockMachine::new(config.clone(), {
         let mut o = LockOptions::new(key).unwrap();
@@ -93,11 +117,17 @@ fn cancel_while_waiting_leaves_no_session() {
     .unwrap();
     let mut dw = ThreadDriver::new(http.clone());
     waiter.lock(Instant::now()).unwrap();
-    assert_eq!(dw.run_until(&mut waiter, Duration::from_millis(500), |_| true), None);
+    assert_eq!(
+        dw.run_until(&mut waiter, Duration::from_millis(500), |_| true),
+        None
+    );
     assert_eq!(sessions_named(&config, &http, "cancel-test waiter"), 1);
     let cancelled_at = Instant::now();
     waiter.cancel(Instant::now());
-    assert!(matches!(waiter.poll_action(), Some(consul_lock_core::machine::Action::Event(LockEvent::Cancelled))));
+    assert!(matches!(
+        waiter.poll_action(),
+        Some(consul_lock_core::machine::Action::Event(LockEvent::Cancelled))
+    ));
     assert!(cancelled_at.elapsed() < Duration::from_millis(5));
     assert!(dw.settle(&mut waiter, Duration::from_secs(10)));
     assert_eq!(sessions_named(&config, &http, "cancel-test waiter"), 0);
@@ -125,7 +155,12 @@ fn conflict_with_a_plain_key() {
     m.lock(Instant::now()).unwrap();
     let event = d.run_until(&mut m, Duration::from_secs(20), |_| true);
     assert!(
-        matches!(event, Some(LockEvent::Failed(consul_lock_core::machine::LockError::Conflict { flags: 0 }))),
+        matches!(
+            event,
+            Some(LockEvent::Failed(
+                consul_lock_core::machine::LockError::Conflict { flags: 0 }
+            ))
+        ),
         "{event:?}"
     );
     assert!(d.settle(&mut m, Duration::from_secs(10)));

@@ -49,7 +49,12 @@ fn liveness_bound(scenario: &Scenario) -> Duration {
         .map(|c| c.lock_delay.unwrap_or(secs(15)))
         .max()
         .unwrap_or_default();
-    let pause = scenario.clients.iter().map(|c| c.pause + c.hold).max().unwrap_or_default();
+    let pause = scenario
+        .clients
+        .iter()
+        .map(|c| c.pause + c.hold)
+        .max()
+        .unwrap_or_default();
     2 * ttl + delay + secs(20) + pause
 }
 
@@ -68,11 +73,14 @@ fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
 
 #[test]
 fn same_seed_same_trace() {
-    let scenario = two_contenders(7, vec![Fault {
-        kind: FaultKind::Partition { client: 0 },
-        from: secs(5),
-        lasting: secs(20),
-    }]);
+    let scenario = two_contenders(
+        7,
+        vec![Fault {
+            kind: FaultKind::Partition { client: 0 },
+            from: secs(5),
+            lasting: secs(20),
+        }],
+    );
     let first = run(&scenario);
     let second = run(&scenario);
     assert_clean(&first);
@@ -84,45 +92,76 @@ fn same_seed_same_trace() {
 
 #[test]
 fn partitioned_holder_loses_before_anyone_else_acquires() {
-    let scenario = two_contenders(1, vec![Fault {
-        kind: FaultKind::Partition { client: 0 },
-        from: secs(5),
-        lasting: secs(40),
-    }]);
+    let scenario = two_contenders(
+        1,
+        vec![Fault {
+            kind: FaultKind::Partition { client: 0 },
+            from: secs(5),
+            lasting: secs(40),
+        }],
+    );
     let outcome = run(&scenario);
     assert_clean(&outcome);
-    let lost = outcome.holds.iter().find(|h| h.client == 0).expect("client 0 held first");
+    let lost = outcome
+        .holds
+        .iter()
+        .find(|h| h.client == 0)
+        .expect("client 0 held first");
     let lost_at = lost.until.expect("client 0's hold ended");
-    assert!(lost_at <= secs(5) + secs(10), "renew deadline: lost at {lost_at:?}");
-    let next = outcome.holds.iter().find(|h| h.client == 1).expect("client 1 took over");
-    assert!(next.from > lost_at, "client 1 at {:?}, client 0 lost at {lost_at:?}", next.from);
+    assert!(
+        lost_at <= secs(5) + secs(10),
+        "renew deadline: lost at {lost_at:?}"
+    );
+    let next = outcome
+        .holds
+        .iter()
+        .find(|h| h.client == 1)
+        .expect("client 1 took over");
+    assert!(
+        next.from > lost_at,
+        "client 1 at {:?}, client 0 lost at {lost_at:?}",
+        next.from
+    );
     check_liveness(&scenario, &outcome);
 }
 
 #[test]
 fn operator_delete_overlap_is_measured_and_short() {
-    let scenario = two_contenders(3, vec![Fault {
-        kind: FaultKind::DeleteKey,
-        from: secs(10),
-        lasting: Duration::ZERO,
-    }]);
+    let scenario = two_contenders(
+        3,
+        vec![Fault {
+            kind: FaultKind::DeleteKey,
+            from: secs(10),
+            lasting: Duration::ZERO,
+        }],
+    );
     let outcome = run(&scenario);
     assert_clean(&outcome);
-    assert!(outcome.max_operator_overlap < Duration::from_millis(50), "{:?}", outcome.max_operator_overlap);
+    assert!(
+        outcome.max_operator_overlap < Duration::from_millis(50),
+        "{:?}",
+        outcome.max_operator_overlap
+    );
 }
 
 #[test]
 fn leader_election_does_not_lose_a_renewed_lock() {
-    let scenario = two_contenders(5, vec![Fault {
-        kind: FaultKind::LeaderElection,
-        from: secs(5),
-        lasting: secs(3),
-    }]);
+    let scenario = two_contenders(
+        5,
+        vec![Fault {
+            kind: FaultKind::LeaderElection,
+            from: secs(5),
+            lasting: secs(3),
+        }],
+    );
     let outcome = run(&scenario);
     assert_clean(&outcome);
     let first = &outcome.holds[0];
     assert_eq!(first.client, 0);
-    assert_eq!(first.lost, None, "a 3 s election within the TTL must not lose the lock: {first:?}");
+    assert_eq!(
+        first.lost, None,
+        "a 3 s election within the TTL must not lose the lock: {first:?}"
+    );
 }
 
 fn client_spec() -> impl Strategy<Value = ClientSpec> {
@@ -191,7 +230,10 @@ fn cases() -> u32 {
     if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
         return 20_000;
     }
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
 }
 
 proptest! {
@@ -209,4 +251,3 @@ proptest! {
         check_liveness(&scenario, &outcome);
     }
 }
-

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{
-    ApiError, Blocking, ClientConfig, Consistency, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList,
-    KvRelease, SessionBehavior, SessionCreate, SessionDestroy, SessionId, SessionInfo, SessionRenew,
+    ApiError, Blocking, ClientConfig, Consistency, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet,
+    KvList, KvRelease, SessionBehavior, SessionCreate, SessionDestroy, SessionId, SessionInfo, SessionRenew,
 };
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
 use consul_lock_testkit::TestTransport;
@@ -79,7 +79,11 @@ fn session_create_then_info_shows_what_was_asked() {
     assert_eq!(entry.ttl, Some(Duration::from_secs(10)));
     assert_eq!(entry.lock_delay, Duration::from_secs(2));
     assert_eq!(entry.behavior, SessionBehavior::Delete);
-    assert!(entry.checks.iter().any(|c| c == "serfHealth"), "{:?}", entry.checks);
+    assert!(
+        entry.checks.iter().any(|c| c == "serfHealth"),
+        "{:?}",
+        entry.checks
+    );
     assert!(info.meta.index > 0);
     assert_eq!(info.meta.known_leader, Some(true));
 }
@@ -202,7 +206,10 @@ fn blocking_read_returns_on_change_and_otherwise_after_wait() {
     let started = Instant::now();
     let unchanged = w.call(&blocking).unwrap();
     let took = started.elapsed();
-    assert!(took >= wait - Duration::from_millis(50), "returned after {took:?}");
+    assert!(
+        took >= wait - Duration::from_millis(50),
+        "returned after {took:?}"
+    );
     assert_eq!(unchanged.meta.index, index);
 
     // A change: returns early with a greater index.
@@ -231,7 +238,11 @@ fn blocking_read_returns_on_change_and_otherwise_after_wait() {
     let started = Instant::now();
     let changed = w.call(&long).unwrap();
     assert!(writer.join().unwrap());
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(changed.meta.index > index);
     assert_eq!(changed.value.unwrap().value, b"v2");
 }
@@ -251,7 +262,10 @@ fn missing_key_is_none_with_an_index() {
 fn renew_answers_the_ttl_and_404_once_destroyed() {
     let Some(w) = Wire::new() else { return };
     let s = w.session(None);
-    let renewed = w.call(&SessionRenew { id: s.clone() }).unwrap().expect("known session");
+    let renewed = w
+        .call(&SessionRenew { id: s.clone() })
+        .unwrap()
+        .expect("known session");
     assert_eq!(renewed.id, s);
     assert_eq!(renewed.ttl, Some(Duration::from_secs(30)));
     assert!(w.call(&SessionDestroy { id: s.clone() }).unwrap());
@@ -318,7 +332,13 @@ fn cas_put_and_delete_follow_the_modify_index() {
     };
     assert!(!w.call(&stale_delete).unwrap(), "stale cas delete");
     let current = w.get(&k).unwrap().modify_index;
-    assert!(w.call(&KvCasDelete { key: k.clone(), cas: current }).unwrap());
+    assert!(
+        w.call(&KvCasDelete {
+            key: k.clone(),
+            cas: current
+        })
+        .unwrap()
+    );
     assert_eq!(w.get(&k), None);
 }
 
@@ -455,7 +475,11 @@ fn datacenter_parameter_is_honoured() {
         datacenter: Some("nowhere".into()),
         ..w.config.clone()
     };
-    let err = w.http.call(&elsewhere, &KvGet::new(key("dc"))).unwrap().unwrap_err();
+    let err = w
+        .http
+        .call(&elsewhere, &KvGet::new(key("dc")))
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.status(), Some(500));
     assert!(err.to_string().contains("No path to datacenter"), "{err}");
 }

@@ -237,7 +237,15 @@ pub struct KvCasDelete {
     pub cas: u64,
 }
 
-/// The four KV writes share one shape: a method, one parameter, maybe flags and a body, and a
+/// `DELETE /v1/kv/<key>`: delete the key, whoever holds it (what Go's `KV.Delete` sends). Consul
+/// answers `true` whether or not the key existed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvDelete {
+    /// The key.
+    pub key: Key,
+}
+
+/// The KV writes share one shape: a method, one parameter, maybe flags and a body, and a
 /// `true`/`false` answer.
 macro_rules! bool_write {
     ($ty:ty, $what:literal, |$s:ident| $target:expr, $body:expr) => {
@@ -280,6 +288,12 @@ bool_write!(
         .param("cas", &s.cas.to_string())
         .param("flags", &s.flags.to_string()),
     s.value.clone()
+);
+bool_write!(
+    KvDelete,
+    "a KV delete",
+    |s| Target::new(Method::DELETE, "kv/", s.key.as_str()),
+    Vec::new()
 );
 bool_write!(
     KvCasDelete,

@@ -14,7 +14,7 @@ pub mod session;
 pub use config::{Address, ClientConfig, InvalidToken, Scheme, TlsConfig, Token};
 pub use env::ConfigError;
 pub use key::{Key, KeyError};
-pub use kv::{KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvPair, KvRelease};
+pub use kv::{KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvGet, KvList, KvPair, KvRelease};
 pub use reply::{ApiError, MAX_REPLY_BYTES, QueryMeta, QueryReply};
 pub use request::{Blocking, Consistency, Endpoint};
 pub use session::{

@@ -13,26 +13,52 @@ use crate::api::{
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::{Failure, decode};
 use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::read;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{Action, LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestId, SessionChoice};
 
-/// Slack added to a blocking read's deadline beyond `wait + wait/16`, for the network and a busy
-/// server.
-const READ_MARGIN: Duration = Duration::from_secs(5);
 /// Margin past the holder's lock-delay before acquiring again, for clock granularity.
 const LOCK_DELAY_MARGIN: Duration = Duration::from_millis(15);
 
-/// Proof of holding the lock: the key, the session and the key's `LockIndex`. `LockIndex` grows
-/// each time a new session acquires the key, so `(key, lock_index)` orders successive holders
-/// and can fence writes made on the lock's behalf.
+/// Proof of holding the lock: the key, the session, and where this hold stands in the key's
+/// history.
+///
+/// Consul's `LockIndex` grows by one each time a new session acquires the key, but starts again
+/// when the key is deleted or overwritten by a plain write, so it can repeat. `modify_index` is
+/// the key's `ModifyIndex` when the hold was confirmed: the Raft index of the write that granted
+/// it (or a later write to the held key), so it strictly increases from one holder to the next
+/// whatever happens to the key. [`sequence`](Self::sequence) gives it: pass it with writes made
+/// on the lock's behalf, and refuse writes that carry a smaller one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FencingToken {
     /// The lock key.
     pub key: Key,
     /// The holding session.
     pub session: SessionId,
-    /// The key's `LockIndex` when acquired.
+    /// The key's `LockIndex` when acquired (what Go's client and `consul lock` expose).
     pub lock_index: u64,
+    /// The key's `ModifyIndex` when the hold was confirmed.
+    pub modify_index: u64,
+}
+
+impl FencingToken {
+    /// The hold's place in the key's history: compare these to order holders of one key.
+    ///
+    /// ```
+    /// # use consul_lock_core::api::{Key, SessionId};
+    /// # use consul_lock_core::machine::FencingToken;
+    /// let token = |lock_index, modify_index| FencingToken {
+    ///     key: Key::new("k").unwrap(),
+    ///     session: SessionId::new("s").unwrap(),
+    ///     lock_index,
+    ///     modify_index,
+    /// };
+    /// // After the key was deleted and written again, LockIndex restarts; the order holds.
+    /// assert!(token(1, 40).sequence() > token(7, 25).sequence());
+    /// ```
+    pub fn sequence(&self) -> u64 {
+        self.modify_index
+    }
 }
 
 /// Why a held lock was lost.
@@ -96,6 +122,18 @@ pub enum LockError {
     /// `destroy` could not reach a verdict.
     #[error("could not destroy the lock: {0}")]
     Unavailable(String),
+    /// A semaphore's `.lock` names another limit than ours: every contender must agree on it.
+    #[error("semaphore limit conflict (lock: {theirs}, local: {ours})")]
+    LimitMismatch {
+        /// Our limit.
+        ours: u32,
+        /// The limit the semaphore's `.lock` holds.
+        theirs: u32,
+    },
+    /// A semaphore's `.lock` (with the semaphore's flags) holds something that is not a
+    /// semaphore's state.
+    #[error("the semaphore's .lock is not a semaphore's state: {0}")]
+    BadSemaphore(String),
 }
 
 /// What the lock reports to its user.
@@ -418,11 +456,7 @@ impl LockMachine {
         let now = self.observe(now);
         for pending in self.pendings() {
             if now >= pending.deadline {
-                let timeout = Err(crate::machine::TransportError::new(
-                    crate::machine::TransportErrorKind::Timeout,
-                    "no reply by the request's deadline",
-                ));
-                self.handle_response(now, pending.id, timeout);
+                self.handle_response(now, pending.id, read::deadline_passed());
             }
         }
         let events = self.session.handle_timeout(now, &mut self.out, &mut self.rng);
@@ -434,6 +468,20 @@ impl LockMachine {
     /// request the machine no longer waits for is ignored.
     pub fn handle_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
         let now = self.observe(now);
+        // The renew deadline holds whatever the input: a reply that comes after it (the driver
+        // had not called `handle_timeout` yet) finds the loss declared first, and a renew reply
+        // whose TTL puts the deadline behind us (fuzz finding F1) is caught right after.
+        self.check_renew_deadline(now);
+        self.dispatch_response(now, id, reply);
+        self.check_renew_deadline(now);
+    }
+
+    fn check_renew_deadline(&mut self, now: Instant) {
+        let events = self.session.check_deadline(now, &mut self.out);
+        self.on_session_events(now, events);
+    }
+
+    fn dispatch_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
         if let Some(events) = self
             .session
             .handle_response(now, id, &reply, &mut self.out, &mut self.rng)
@@ -482,12 +530,7 @@ impl LockMachine {
 
     /// Records `now`, never letting time run backwards inside the machine.
     fn observe(&mut self, now: Instant) -> Instant {
-        let now = match self.last_now {
-            Some(last) if last > now => last,
-            _ => now,
-        };
-        self.last_now = Some(now);
-        now
+        read::observe(&mut self.last_now, now)
     }
 
     fn ignore(&self, id: RequestId) {
@@ -502,17 +545,7 @@ impl LockMachine {
         endpoint: &impl crate::api::Endpoint,
         wait: Option<Duration>,
     ) -> Pending {
-        let budget = match wait {
-            Some(w) => w + w / 16 + READ_MARGIN,
-            None => self.options.request_timeout,
-        };
-        let deadline = now + budget;
-        let id = self.out.send(endpoint, deadline);
-        Pending {
-            id,
-            sent_at: now,
-            deadline,
-        }
+        read::send(&mut self.out, now, endpoint, wait, self.options.request_timeout)
     }
 
     fn pendings(&self) -> Vec<Pending> {
@@ -797,7 +830,7 @@ impl LockMachine {
     /// Takes in a read's index: reset when it went backwards (a server restored from a snapshot
     /// or another server answering), and tells whether it moved.
     fn next_index(sent: u64, got: u64) -> (u64, bool) {
-        if got < sent { (0, false) } else { (got, got > sent) }
+        read::next_index(sent, got)
     }
 
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
@@ -965,6 +998,7 @@ impl LockMachine {
                     key: self.options.key.clone(),
                     session,
                     lock_index: pair.lock_index,
+                    modify_index: pair.modify_index,
                 };
                 tracing::info!(key = %token.key, lock_index = token.lock_index, "lock acquired");
                 self.out.event(LockEvent::Acquired(token.clone()));

@@ -12,11 +12,14 @@ mod classify;
 mod lock;
 mod options;
 mod outbox;
+mod read;
+mod semaphore;
 mod session;
 
 pub use lock::{FencingToken, LockError, LockEvent, LockMachine, LockStatus, LossReason};
-pub use options::{LockOptions, OptionsError, SessionChoice, SessionOptions};
+pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
+pub use semaphore::{SemaphoreMachine, SemaphoreState};
 pub use session::{SessionEvent, SessionMachine, SessionStatus};
 
 /// The `Flags` value that marks a key as a lock, shared with Go's `api.Lock` so that Go and Rust

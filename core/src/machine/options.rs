@@ -238,6 +238,159 @@ pub enum OptionsError {
     /// An empty namespace would be sent as `ns=`.
     #[error("the namespace is empty: leave it unset for the default namespace")]
     EmptyNamespace,
+    /// A semaphore needs at least one slot.
+    #[error("the semaphore limit is 0: a semaphore needs at least one slot")]
+    Limit,
+}
+
+impl SessionOptions {
+    /// Go's session for a semaphore: named `Consul API Semaphore`, TTL 15 s, behavior `delete`
+    /// (so that a contender's key goes with its session).
+    pub fn semaphore() -> SessionOptions {
+        SessionOptions {
+            name: SemaphoreOptions::DEFAULT_SESSION_NAME.to_owned(),
+            behavior: SessionBehavior::Delete,
+            ..SessionOptions::default()
+        }
+    }
+}
+
+/// Everything a [`SemaphoreMachine`](crate::machine::SemaphoreMachine) needs to know: Go's
+/// `SemaphoreOptions`, with the same defaults.
+///
+/// The semaphore lives under `prefix`: each contender holds `<prefix>/<session>` and the holders
+/// are listed in `<prefix>/.lock`, as Go's `api.Semaphore` and `consul lock -n N` do, so that
+/// Go and Rust contenders share one semaphore.
+///
+/// ```
+/// # use consul_lock_core::machine::{OptionsError, SemaphoreOptions};
+/// # use std::time::Duration;
+/// let mut options = SemaphoreOptions::new("service/workers", 3).unwrap();
+/// options.value = b"node-1".to_vec();
+/// assert_eq!(options.lock_key().as_str(), "service/workers/.lock");
+/// assert_eq!(options.wait_time, Duration::from_secs(15));
+/// assert_eq!(SemaphoreOptions::new("service/workers", 0).err(), Some(OptionsError::Limit));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SemaphoreOptions {
+    /// The prefix the semaphore's keys live under.
+    pub prefix: Key,
+    /// How many may hold at once (1 or more); every contender must agree on it.
+    pub limit: u32,
+    /// Written to the contender key.
+    pub value: Vec<u8>,
+    /// Create a session (default: [`SessionOptions::semaphore`]), or use the caller's.
+    pub session: SessionChoice,
+    /// The `wait` of each blocking read while waiting for a slot (default 15 s, at most Consul's
+    /// 10 min). With `try_once`, the whole time to wait.
+    pub wait_time: Duration,
+    /// Give up once `wait_time` has passed without a slot
+    /// ([`LockEvent::GaveUp`](crate::machine::LockEvent::GaveUp)).
+    pub try_once: bool,
+    /// As [`LockOptions::monitor_retries`]: `None` (the default) bears failed monitor reads for as
+    /// long as renewals succeed; `Some(n)` is Go's `MonitorRetries`.
+    pub monitor_retries: Option<u32>,
+    /// The pause before retrying a failed monitor read (default 2 s, as Go's).
+    pub monitor_retry_time: Duration,
+    /// The `wait` of each monitor read (default 5 min, Consul's default).
+    pub monitor_wait: Duration,
+    /// The deadline of every request that is not a blocking read (default 10 s).
+    pub request_timeout: Duration,
+    /// The Consul namespace (Enterprise), overriding the client config's.
+    pub namespace: Option<String>,
+    /// Seeds the jitter of retries, so that a run can be replayed.
+    pub seed: u64,
+}
+
+impl SemaphoreOptions {
+    /// Go's session name for semaphores.
+    pub const DEFAULT_SESSION_NAME: &'static str = "Consul API Semaphore";
+    /// Go's semaphore wait time.
+    pub const DEFAULT_WAIT_TIME: Duration = Duration::from_secs(15);
+    /// The key under the prefix that lists the holders (Go's `DefaultSemaphoreKey`).
+    pub const LOCK_KEY: &'static str = ".lock";
+
+    /// Options for a semaphore of `limit` slots under `prefix`, with Go's defaults.
+    pub fn new(prefix: &str, limit: u32) -> Result<SemaphoreOptions, OptionsError> {
+        if limit == 0 {
+            return Err(OptionsError::Limit);
+        }
+        Ok(SemaphoreOptions {
+            prefix: Key::new(prefix)?,
+            limit,
+            value: Vec::new(),
+            session: SessionChoice::Create(SessionOptions::semaphore()),
+            wait_time: Self::DEFAULT_WAIT_TIME,
+            try_once: false,
+            monitor_retries: None,
+            monitor_retry_time: LockOptions::DEFAULT_MONITOR_RETRY_TIME,
+            monitor_wait: LockOptions::DEFAULT_MONITOR_WAIT,
+            request_timeout: LockOptions::DEFAULT_REQUEST_TIMEOUT,
+            namespace: None,
+            seed: 0,
+        })
+    }
+
+    /// The session options, when the semaphore creates its session.
+    pub fn session_options_mut(&mut self) -> Option<&mut SessionOptions> {
+        match &mut self.session {
+            SessionChoice::Create(o) => Some(o),
+            SessionChoice::Existing(_) => None,
+        }
+    }
+
+    /// `<prefix>/.lock`, the key that lists the holders.
+    pub fn lock_key(&self) -> Key {
+        match self.prefix.join(Self::LOCK_KEY) {
+            Ok(key) => key,
+            // A valid prefix joined with `.lock` is a valid key (no empty or dot segment).
+            Err(e) => unreachable!("consul-lock bug: {e}"),
+        }
+    }
+
+    /// `<prefix>/<session>`, the key a contender holds.
+    pub fn contender_key(&self, session: &SessionId) -> Result<Key, KeyError> {
+        self.prefix.join(session.as_str())
+    }
+
+    /// Checks every option against what Consul accepts and what the machine needs.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if self.limit == 0 {
+            return Err(OptionsError::Limit);
+        }
+        match &self.session {
+            SessionChoice::Create(session) => session.validate()?,
+            SessionChoice::Existing(id) => {
+                self.contender_key(id)?;
+            }
+        }
+        let wait = |name: &'static str, value: Duration| {
+            if value.is_zero() || value > LockOptions::MAX_WAIT {
+                Err(OptionsError::Wait { name, value })
+            } else {
+                Ok(())
+            }
+        };
+        wait("wait_time", self.wait_time)?;
+        wait("monitor_wait", self.monitor_wait)?;
+        for (name, value) in [
+            ("monitor_retry_time", self.monitor_retry_time),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3600) {
+                return Err(OptionsError::Pause { name, value });
+            }
+        }
+        if self.value.len() > 512 * 1024 {
+            return Err(OptionsError::ValueTooLarge {
+                len: self.value.len(),
+            });
+        }
+        if matches!(&self.namespace, Some(ns) if ns.is_empty()) {
+            return Err(OptionsError::EmptyNamespace);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -319,5 +472,64 @@ mod tests {
             panic!("creates a session")
         };
         assert_eq!(s.to_request().lock_delay, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn semaphore_defaults_are_gos_and_valid() {
+        let o = match SemaphoreOptions::new("a/b", 2) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.wait_time, Duration::from_secs(15));
+        assert_eq!(o.lock_key().as_str(), "a/b/.lock");
+        let SessionChoice::Create(s) = &o.session else {
+            panic!("creates a session")
+        };
+        assert_eq!(
+            (s.name.as_str(), s.ttl, s.behavior),
+            (
+                "Consul API Semaphore",
+                Duration::from_secs(15),
+                SessionBehavior::Delete
+            )
+        );
+        let session = SessionId::new("s1").ok();
+        let contender = session.and_then(|s| o.contender_key(&s).ok());
+        assert_eq!(contender.as_ref().map(Key::as_str), Some("a/b/s1"));
+    }
+
+    #[test]
+    fn bad_semaphore_options_are_named() {
+        assert_eq!(SemaphoreOptions::new("a", 0).err(), Some(OptionsError::Limit));
+        assert!(matches!(
+            SemaphoreOptions::new("", 1),
+            Err(OptionsError::Key(KeyError::Empty))
+        ));
+        let Ok(mut o) = SemaphoreOptions::new("a/", 1) else {
+            panic!("valid")
+        };
+        assert_eq!(o.lock_key().as_str(), "a/.lock");
+        o.limit = 0;
+        assert_eq!(o.validate(), Err(OptionsError::Limit));
+        o.limit = 1;
+        o.wait_time = Duration::ZERO;
+        assert!(matches!(
+            o.validate(),
+            Err(OptionsError::Wait {
+                name: "wait_time",
+                ..
+            })
+        ));
+        o.wait_time = Duration::from_secs(1);
+        if let Some(s) = o.session_options_mut() {
+            s.ttl = Duration::from_secs(5);
+        }
+        assert!(matches!(o.validate(), Err(OptionsError::SessionTtl { .. })));
+        // The caller's session must make a usable contender key.
+        if let Ok(id) = SessionId::new("..") {
+            o.session = SessionChoice::Existing(id);
+        }
+        assert!(matches!(o.validate(), Err(OptionsError::Key(_))));
     }
 }

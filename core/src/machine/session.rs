@@ -324,13 +324,7 @@ impl SessionMachine {
                 lease: Some(lease),
             } => {
                 if now >= lease.deadline() {
-                    let since_ack = now.saturating_duration_since(lease.acked_sent_at);
-                    tracing::warn!(session = %id, ?since_ack, "no renew acknowledged within the TTL");
-                    let id = id.clone();
-                    // The server may still think the session alive (a partition): destroy it so
-                    // its keys are freed as soon as the server hears from us again.
-                    self.destroy(now, id, out);
-                    return vec![SessionEvent::Lost(SessionLoss::RenewDeadline { since_ack })];
+                    return self.check_deadline(now, out);
                 }
                 if let Renew::At(at) = lease.renew {
                     if now >= at {
@@ -347,6 +341,28 @@ impl SessionMachine {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// The renew deadline, applied to every input (timeouts and replies alike), so that no reply
+    /// can leave the session counted alive past it: declares the loss and destroys the session
+    /// (the server may still think it alive, in a partition: the destroy frees its keys as soon
+    /// as the server hears from us again).
+    pub(crate) fn check_deadline<E>(&mut self, now: Instant, out: &mut Outbox<E>) -> Vec<SessionEvent> {
+        let State::Active {
+            id,
+            lease: Some(lease),
+        } = &self.state
+        else {
+            return Vec::new();
+        };
+        if now < lease.deadline() {
+            return Vec::new();
+        }
+        let since_ack = now.saturating_duration_since(lease.acked_sent_at);
+        tracing::warn!(session = %id, ?since_ack, "no renew acknowledged within the TTL");
+        let id = id.clone();
+        self.destroy(now, id, out);
+        vec![SessionEvent::Lost(SessionLoss::RenewDeadline { since_ack })]
     }
 
     /// A reply to one of this machine's requests; `None` when `id` is not one of them.

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, FencingToken, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply, RequestId, TransportError,
-    TransportErrorKind,
+    Action, FencingToken, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply, RequestId,
+    TransportError, TransportErrorKind,
 };
 pub use scenario::{ClientSpec, Fault, FaultKind, Scenario};
 
@@ -161,7 +161,8 @@ impl<'s> Harness<'s> {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let mut options = LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
+                let mut options =
+                    LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
                 options.seed = scenario.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 options.value = format!("client-{i}").into_bytes();
                 options.monitor_retries = spec.monitor_retries;
@@ -174,7 +175,8 @@ impl<'s> Harness<'s> {
                     s.lock_delay = spec.lock_delay;
                     s.name = format!("client-{i}");
                 }
-                let machine = LockMachine::new(config.clone(), options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
+                let machine = LockMachine::new(config.clone(), options)
+                    .unwrap_or_else(|e| panic!("client {i} options: {e}"));
                 Client {
                     spec: spec.clone(),
                     machine,
@@ -215,7 +217,8 @@ impl<'s> Harness<'s> {
 
     fn log(&mut self, line: impl AsRef<str>) {
         let t = self.t();
-        self.trace.push(format!("{:>10.3} {}", t.as_secs_f64(), line.as_ref()));
+        self.trace
+            .push(format!("{:>10.3} {}", t.as_secs_f64(), line.as_ref()));
     }
 
     fn violation(&mut self, what: String) {
@@ -252,17 +255,21 @@ impl<'s> Harness<'s> {
     }
 
     fn fault_on(&self, client: usize, at: Duration) -> Option<FaultKind> {
-        self.scenario.faults.iter().filter(|f| f.active(at)).find_map(|f| match f.kind {
-            FaultKind::Hang { client: c }
-            | FaultKind::Refuse { client: c }
-            | FaultKind::Error500 { client: c }
-            | FaultKind::Partition { client: c }
-                if c == client =>
-            {
-                Some(f.kind.clone())
-            }
-            _ => None,
-        })
+        self.scenario
+            .faults
+            .iter()
+            .filter(|f| f.active(at))
+            .find_map(|f| match f.kind {
+                FaultKind::Hang { client: c }
+                | FaultKind::Refuse { client: c }
+                | FaultKind::Error500 { client: c }
+                | FaultKind::Partition { client: c }
+                    if c == client =>
+                {
+                    Some(f.kind.clone())
+                }
+                _ => None,
+            })
     }
 
     fn schedule(&mut self, at: Instant, delivery: Delivery) {
@@ -315,7 +322,9 @@ impl<'s> Harness<'s> {
             steps += 1;
             same_instant = if t == self.now { same_instant + 1 } else { 0 };
             if steps > MAX_STEPS || same_instant > 10_000 {
-                self.violation(format!("no progress: {steps} steps, {same_instant} at one instant"));
+                self.violation(format!(
+                    "no progress: {steps} steps, {same_instant} at one instant"
+                ));
                 break;
             }
             self.now = t;
@@ -328,7 +337,10 @@ impl<'s> Harness<'s> {
 
     fn settled(&self) -> bool {
         self.queue.is_empty()
-            && self.clients.iter().all(|c| c.machine.is_quiescent() && c.next_op.is_none())
+            && self
+                .clients
+                .iter()
+                .all(|c| c.machine.is_quiescent() && c.next_op.is_none())
     }
 
     fn step(&mut self) {
@@ -379,7 +391,9 @@ impl<'s> Harness<'s> {
                 self.drain(i, quiet);
             }
             // Requests past their deadline are no longer outstanding.
-            self.clients[i].outstanding.retain(|_, (_, deadline)| *deadline > now);
+            self.clients[i]
+                .outstanding
+                .retain(|_, (_, deadline)| *deadline > now);
         }
         for i in 0..self.clients.len() {
             self.drain(i, false);
@@ -422,7 +436,11 @@ impl<'s> Harness<'s> {
             self.sim.delete_key(now, &self.scenario.key);
             self.operator_actions.push(t);
         }
-        let electing = self.scenario.faults.iter().any(|f| f.kind == FaultKind::LeaderElection && f.active(t));
+        let electing = self
+            .scenario
+            .faults
+            .iter()
+            .any(|f| f.kind == FaultKind::LeaderElection && f.active(t));
         if electing == self.leader {
             self.leader = !electing;
             self.log(format!("leader: {}", self.leader));
@@ -434,11 +452,14 @@ impl<'s> Harness<'s> {
         for (query, response) in woken {
             if let Some((client, id)) = self.parked.remove(&query) {
                 let latency = self.latency(client);
-                self.schedule(self.now + latency, Delivery::ToClient {
-                    client,
-                    id,
-                    reply: Ok(response),
-                });
+                self.schedule(
+                    self.now + latency,
+                    Delivery::ToClient {
+                        client,
+                        id,
+                        reply: Ok(response),
+                    },
+                );
             }
         }
     }
@@ -454,11 +475,14 @@ impl<'s> Harness<'s> {
                 match self.sim.handle(self.now, &request) {
                     SimReply::Now(response) => {
                         let latency = self.latency(client);
-                        self.schedule(self.now + latency, Delivery::ToClient {
-                            client,
-                            id,
-                            reply: Ok(response),
-                        });
+                        self.schedule(
+                            self.now + latency,
+                            Delivery::ToClient {
+                                client,
+                                id,
+                                reply: Ok(response),
+                            },
+                        );
                     }
                     SimReply::Parked(query) => {
                         self.parked.insert(query, (client, id));
@@ -468,7 +492,10 @@ impl<'s> Harness<'s> {
                 self.route_woken(woken);
             }
             Delivery::ToClient { client, id, reply } => {
-                if matches!(self.fault_on(client, t), Some(FaultKind::Partition { .. } | FaultKind::Hang { .. })) {
+                if matches!(
+                    self.fault_on(client, t),
+                    Some(FaultKind::Partition { .. } | FaultKind::Hang { .. })
+                ) {
                     self.log(format!("client {client} reply to {id} lost"));
                     return;
                 }
@@ -508,32 +535,49 @@ impl<'s> Harness<'s> {
                         transmit.request.uri().path_and_query().map_or("", |p| p.as_str())
                     ));
                     if transmit.deadline <= now {
-                        self.violation(format!("client {i}: request {} with a past deadline", transmit.id));
+                        self.violation(format!(
+                            "client {i}: request {} with a past deadline",
+                            transmit.id
+                        ));
                     }
-                    self.clients[i].outstanding.insert(transmit.id, (path, transmit.deadline));
+                    self.clients[i]
+                        .outstanding
+                        .insert(transmit.id, (path, transmit.deadline));
                     let latency = self.latency(i);
                     match self.fault_on(i, t) {
-                        Some(FaultKind::Refuse { .. }) => self.schedule(now + Duration::from_millis(1), Delivery::ToClient {
-                            client: i,
-                            id: transmit.id,
-                            reply: Err(TransportError::new(TransportErrorKind::Connect, "connection refused")),
-                        }),
+                        Some(FaultKind::Refuse { .. }) => self.schedule(
+                            now + Duration::from_millis(1),
+                            Delivery::ToClient {
+                                client: i,
+                                id: transmit.id,
+                                reply: Err(TransportError::new(
+                                    TransportErrorKind::Connect,
+                                    "connection refused",
+                                )),
+                            },
+                        ),
                         Some(FaultKind::Error500 { .. }) => {
                             let response = http::Response::builder()
                                 .status(500)
                                 .body(b"injected failure".to_vec())
                                 .unwrap_or_default();
-                            self.schedule(now + latency, Delivery::ToClient {
+                            self.schedule(
+                                now + latency,
+                                Delivery::ToClient {
+                                    client: i,
+                                    id: transmit.id,
+                                    reply: Ok(response),
+                                },
+                            );
+                        }
+                        _ => self.schedule(
+                            now + latency,
+                            Delivery::ToServer {
                                 client: i,
                                 id: transmit.id,
-                                reply: Ok(response),
-                            });
-                        }
-                        _ => self.schedule(now + latency, Delivery::ToServer {
-                            client: i,
-                            id: transmit.id,
-                            request: transmit.request,
-                        }),
+                                request: transmit.request,
+                            },
+                        ),
                     }
                 }
                 Action::Event(event) => self.on_event(i, event),
@@ -606,7 +650,9 @@ impl<'s> Harness<'s> {
 
     /// Ends client `i`'s hold now, if it has one: by a loss, or (`None`) by its own unlock.
     fn end_hold(&mut self, i: usize, lost: Option<LossReason>) {
-        let Some(h) = self.clients[i].holding.take() else { return };
+        let Some(h) = self.clients[i].holding.take() else {
+            return;
+        };
         let t = self.t();
         if lost.is_none() {
             self.clients[i].releasing = true;
@@ -640,7 +686,10 @@ impl<'s> Harness<'s> {
         let timeout = m.poll_timeout();
         if let Some(at) = timeout {
             if at < now {
-                let what = format!("client {i}: poll_timeout {:?} before now", at.duration_since(self.base));
+                let what = format!(
+                    "client {i}: poll_timeout {:?} before now",
+                    at.duration_since(self.base)
+                );
                 self.violation(what);
             }
         }
@@ -654,7 +703,9 @@ impl<'s> Harness<'s> {
         }
         let held = self.clients[i].holding.is_some();
         if held != machine_held {
-            self.violation(format!("client {i}: events say held={held}, machine says {machine_held}"));
+            self.violation(format!(
+                "client {i}: events say held={held}, machine says {machine_held}"
+            ));
         }
     }
 
@@ -663,7 +714,11 @@ impl<'s> Harness<'s> {
         for i in 0..self.clients.len() {
             let c = &self.clients[i];
             if !c.machine.is_quiescent() || c.machine.in_flight() > 0 {
-                let what = format!("cleanup: client {i} not settled ({:?}, {} in flight)", c.machine.status(), c.machine.in_flight());
+                let what = format!(
+                    "cleanup: client {i} not settled ({:?}, {} in flight)",
+                    c.machine.status(),
+                    c.machine.in_flight()
+                );
                 self.violation(what);
             }
         }

@@ -82,7 +82,10 @@ impl FaultKind {
     /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a
     /// condition that lasts a window.
     pub fn is_operator(&self) -> bool {
-        matches!(self, FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey)
+        matches!(
+            self,
+            FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey
+        )
     }
 }
 
@@ -100,7 +103,11 @@ pub struct Fault {
 impl Fault {
     /// When it heals.
     pub fn until(&self) -> Duration {
-        if self.kind.is_operator() { self.from } else { self.from + self.lasting }
+        if self.kind.is_operator() {
+            self.from
+        } else {
+            self.from + self.lasting
+        }
     }
 
     /// Whether it applies to `client` at `t`.
@@ -127,6 +134,10 @@ pub struct Scenario {
 impl Scenario {
     /// When the last fault heals (zero without faults).
     pub fn last_heal(&self) -> Duration {
-        self.faults.iter().map(Fault::until).max().unwrap_or(Duration::ZERO)
+        self.faults
+            .iter()
+            .map(Fault::until)
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 }

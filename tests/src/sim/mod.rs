@@ -68,6 +68,7 @@ mod gotime;
 mod json;
 mod kv;
 mod rng;
+mod server;
 mod session;
 mod wire;
 
@@ -75,6 +76,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use self::rng::SplitMix64;
+pub use self::server::SimServer;
 use self::wire::{Query, Reply};
 
 /// The lock-delay cap Consul applies when it invalidates a session.

@@ -1,0 +1,88 @@
+//! What the holding machines (lock, semaphore) share about their requests: each request's
+//! deadline, the index of blocking reads, and a `now` that never runs backwards.
+
+use std::time::{Duration, Instant};
+
+use crate::api::Endpoint;
+use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::{Reply, TransportError, TransportErrorKind};
+
+/// Slack added to a blocking read's deadline beyond `wait + wait/16`, for the network and a busy
+/// server.
+pub(crate) const READ_MARGIN: Duration = Duration::from_secs(5);
+
+/// Sends `endpoint` with a deadline fit for it: a blocking read (`wait` given) gets its wait plus
+/// Consul's jitter (wait/16) plus [`READ_MARGIN`]; anything else `request_timeout`.
+pub(crate) fn send<E>(
+    out: &mut Outbox<E>,
+    now: Instant,
+    endpoint: &impl Endpoint,
+    wait: Option<Duration>,
+    request_timeout: Duration,
+) -> Pending {
+    let budget = match wait {
+        Some(w) => w + w / 16 + READ_MARGIN,
+        None => request_timeout,
+    };
+    let deadline = now + budget;
+    let id = out.send(endpoint, deadline);
+    Pending {
+        id,
+        sent_at: now,
+        deadline,
+    }
+}
+
+/// Takes in a read's index: reset when it went backwards (a server restored from a snapshot or
+/// another server answering), and tells whether it moved.
+pub(crate) fn next_index(sent: u64, got: u64) -> (u64, bool) {
+    if got < sent { (0, false) } else { (got, got > sent) }
+}
+
+/// Records `now` in `last_now`, never letting time run backwards inside a machine: a `now`
+/// earlier than the latest one seen is taken as the latest.
+pub(crate) fn observe(last_now: &mut Option<Instant>, now: Instant) -> Instant {
+    let now = match *last_now {
+        Some(last) if last > now => last,
+        _ => now,
+    };
+    *last_now = Some(now);
+    now
+}
+
+/// What a machine tells itself about a request past its deadline that the driver never
+/// answered.
+pub(crate) fn deadline_passed() -> Reply {
+    Err(TransportError::new(
+        TransportErrorKind::Timeout,
+        "no reply by the request's deadline",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_move_forward_or_reset() {
+        assert_eq!(next_index(5, 7), (7, true));
+        assert_eq!(next_index(5, 5), (5, false));
+        assert_eq!(next_index(5, 3), (0, false));
+        assert_eq!(next_index(0, 0), (0, false));
+    }
+
+    #[test]
+    fn time_never_runs_backwards() {
+        let t0 = Instant::now();
+        let mut last = None;
+        assert_eq!(
+            observe(&mut last, t0 + Duration::from_secs(2)),
+            t0 + Duration::from_secs(2)
+        );
+        assert_eq!(observe(&mut last, t0), t0 + Duration::from_secs(2));
+        assert_eq!(
+            observe(&mut last, t0 + Duration::from_secs(3)),
+            t0 + Duration::from_secs(3)
+        );
+    }
+}
