@@ -7,9 +7,9 @@
 //! implement the same grammar and the same formatting here, on top of
 //! [`std::time::Duration`].
 //!
-//! * [`parse`] follows Go's `time.ParseDuration`: an optional sign, then one
+//! * [`parse()`] follows Go's `time.ParseDuration`: an optional sign, then one
 //!   or more `<decimal number><unit>` pairs such as `"1h2m3.5s"`.
-//! * [`format`] follows Go's `Duration.String()`.
+//! * [`format()`] follows Go's `Duration.String()`.
 //! * [`format_millis_wait`] renders the `wait` query parameter of Consul's
 //!   blocking queries as whole milliseconds, rounded up.
 //!
@@ -19,7 +19,7 @@
 //! * a negative non-zero duration is rejected with
 //!   [`DurationError::Negative`] (`"-0s"` is still zero);
 //! * durations longer than Go's maximum ([`MAX`], `i64::MAX` nanoseconds,
-//!   about 292 years) cannot be parsed, and [`format`] saturates them to the
+//!   about 292 years) cannot be parsed, and [`format()`] saturates them to the
 //!   text of [`MAX`].
 //!
 //! [`time.Duration`]: https://pkg.go.dev/time#Duration
@@ -30,8 +30,8 @@ use std::time::Duration;
 /// The largest duration Go can represent: `i64::MAX` nanoseconds,
 /// formatted as `2562047h47m16.854775807s`.
 ///
-/// [`parse`] rejects anything longer with [`DurationError::Overflow`] and
-/// [`format`] saturates to this value.
+/// [`parse()`] rejects anything longer with [`DurationError::Overflow`] and
+/// [`format()`] saturates to this value.
 pub const MAX: Duration = Duration::from_nanos(MAX_NANOS);
 
 /// `i64::MAX` as nanoseconds (lossless: the value is positive).

@@ -10,12 +10,13 @@ use crate::api::{
     ApiError, Blocking, Consistency, Key, KvAcquire, KvCasDelete, KvGet, KvPair, KvRelease, QueryReply,
     SessionId, SessionInfo,
 };
-use crate::machine::backoff::{Backoff, Rng};
+use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
-use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
+use crate::machine::outbox::Pending;
 use crate::machine::read;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
-use crate::machine::{Action, LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestId, SessionChoice};
+use crate::machine::{LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestId, SessionChoice};
 
 /// Margin past the holder's lock-delay before acquiring again, for clock granularity.
 const LOCK_DELAY_MARGIN: Duration = Duration::from_millis(15);
@@ -214,18 +215,9 @@ struct Acquiring {
 }
 
 #[derive(Clone, Debug)]
-enum Monitor {
-    Read(Pending),
-    Pause(Instant),
-}
-
-#[derive(Clone, Debug)]
 struct Held {
     token: FencingToken,
-    index: u64,
-    monitor: Monitor,
-    failures: u32,
-    pace: Backoff,
+    watch: Watch,
 }
 
 #[derive(Clone, Debug)]
@@ -271,14 +263,11 @@ enum Phase {
 #[derive(Debug)]
 pub struct LockMachine {
     options: LockOptions,
-    session: SessionMachine,
+    base: Base,
     phase: Phase,
-    out: Outbox<LockEvent>,
-    rng: Rng,
     /// An acquire abandoned by a cancel or give-up on the caller's session: if it was granted,
     /// the key must be released, since no session destroy will do it.
     stray: Option<Pending>,
-    last_now: Option<Instant>,
 }
 
 impl LockMachine {
@@ -286,22 +275,18 @@ impl LockMachine {
     /// are validated here.
     pub fn new(config: crate::api::ClientConfig, options: LockOptions) -> Result<LockMachine, OptionsError> {
         options.validate()?;
-        let mut config = config;
-        if options.namespace.is_some() {
-            config.namespace = options.namespace.clone();
-        }
-        let source = match &options.session {
-            SessionChoice::Create(s) => Ok(s.to_request()),
-            SessionChoice::Existing(id) => Err(id.clone()),
-        };
+        let base = Base::new(
+            config,
+            options.namespace.as_ref(),
+            &options.session,
+            options.request_timeout,
+            options.seed,
+        );
         Ok(LockMachine {
-            session: SessionMachine::new(source, options.request_timeout),
-            rng: Rng::new(options.seed),
+            base,
             options,
             phase: Phase::Idle,
-            out: Outbox::new(config),
             stray: None,
-            last_now: None,
         })
     }
 
@@ -328,7 +313,7 @@ impl LockMachine {
 
     /// The session machine the lock stands on.
     pub fn session(&self) -> &SessionMachine {
-        &self.session
+        &self.base.session
     }
 
     /// The options the machine was made with.
@@ -336,26 +321,11 @@ impl LockMachine {
         &self.options
     }
 
-    /// Whether the machine has nothing left to do: idle, no request outstanding, nothing queued.
-    /// A driver may stop driving it then.
-    pub fn is_quiescent(&self) -> bool {
-        matches!(self.phase, Phase::Idle)
-            && self.session.pending().is_none()
-            && self.session.poll_timeout().is_none()
-            && self.stray.is_none()
-            && self.out.is_empty()
-    }
-
-    /// The number of requests the machine is waiting on.
-    pub fn in_flight(&self) -> usize {
-        self.pendings().len()
-    }
-
     // ----- operations ----------------------------------------------------------------------
 
     /// Starts acquiring the lock. Usable again after a loss, an unlock, a give-up or a cancel.
     pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         match self.phase {
             Phase::Idle => {}
             Phase::Acquiring(_) | Phase::Held(_) => return Err(LockError::AlreadyHeld),
@@ -372,7 +342,7 @@ impl LockMachine {
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
             holder: None,
         });
-        let events = self.session.start(now, &mut self.out, &mut self.rng);
+        let events = self.base.start_session(now);
         self.on_session_events(now, events);
         Ok(())
     }
@@ -380,7 +350,7 @@ impl LockMachine {
     /// Releases a held lock (writing the value), then destroys the session if the machine made
     /// it. Ends with [`LockEvent::Released`].
     pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         let Phase::Held(held) = &self.phase else {
             return Err(LockError::NotHeld);
         };
@@ -390,7 +360,7 @@ impl LockMachine {
             flags: LOCK_FLAG_VALUE,
             value: self.options.value.clone(),
         };
-        let pending = self.send(now, &release, None);
+        let pending = self.base.send(now, &release, None);
         self.phase = Phase::Releasing(Releasing::Release(pending));
         Ok(())
     }
@@ -399,7 +369,7 @@ impl LockMachine {
     /// (its session is destroyed in the background), a held lock is unlocked, a destroy is
     /// abandoned. A no-op when idle or already releasing.
     pub fn cancel(&mut self, now: Instant) {
-        self.observe(now);
+        self.base.observe(now);
         match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Idle => {}
             Phase::Acquiring(a) => {
@@ -412,7 +382,7 @@ impl LockMachine {
                 let _ = self.unlock(now);
             }
             phase @ Phase::Releasing(_) => self.phase = phase,
-            Phase::Destroying(_) => self.out.event(LockEvent::Cancelled),
+            Phase::Destroying(_) => self.base.out.event(LockEvent::Cancelled),
         }
     }
 
@@ -420,203 +390,23 @@ impl LockMachine {
     /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
     /// [`LockError::Conflict`]).
     pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         match self.phase {
             Phase::Idle => {}
             Phase::Held(_) => return Err(LockError::AlreadyHeld),
             _ => return Err(LockError::Busy),
         }
-        let pending = self.send(now, &KvGet::new(self.options.key.clone()), None);
+        let pending = self.base.send(now, &KvGet::new(self.options.key.clone()), None);
         self.phase = Phase::Destroying(Destroying::Read(pending));
         Ok(())
     }
 
     // ----- driving ---------------------------------------------------------------------------
 
-    /// The next thing to do, if any.
-    pub fn poll_action(&mut self) -> Option<Action<LockEvent>> {
-        self.out.pop()
-    }
-
-    /// The next instant at which [`handle_timeout`](Self::handle_timeout) must be called, if
-    /// any. Never earlier than the latest `now` the machine was given.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let timers = [self.session.poll_timeout(), self.phase_timer()];
-        let deadlines = self.pendings().into_iter().map(|p| p.deadline);
-        let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
-        Some(match self.last_now {
-            Some(last) => earliest.max(last),
-            None => earliest,
-        })
-    }
-
-    /// Handles the passage of time: timers that are due fire, requests past their deadline are
-    /// taken as timed out. Calling it early, or twice, does nothing.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let now = self.observe(now);
-        for pending in self.pendings() {
-            if now >= pending.deadline {
-                self.handle_response(now, pending.id, read::deadline_passed());
-            }
-        }
-        let events = self.session.handle_timeout(now, &mut self.out, &mut self.rng);
-        self.on_session_events(now, events);
-        self.phase_timeout(now);
-    }
-
-    /// Handles the reply to request `id` (or the transport's failure to get one). A reply to a
-    /// request the machine no longer waits for is ignored.
-    pub fn handle_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        let now = self.observe(now);
-        // The renew deadline holds whatever the input: a reply that comes after it (the driver
-        // had not called `handle_timeout` yet) finds the loss declared first, and a renew reply
-        // whose TTL puts the deadline behind us (fuzz finding F1) is caught right after.
-        self.check_renew_deadline(now);
-        self.dispatch_response(now, id, reply);
-        self.check_renew_deadline(now);
-    }
-
-    fn check_renew_deadline(&mut self, now: Instant) {
-        let events = self.session.check_deadline(now, &mut self.out);
-        self.on_session_events(now, events);
-    }
-
-    fn dispatch_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        if let Some(events) = self
-            .session
-            .handle_response(now, id, &reply, &mut self.out, &mut self.rng)
-        {
-            self.on_session_events(now, events);
-            return;
-        }
-        if self.stray.is_some_and(|p| p.is(id)) {
-            self.stray = None;
-            self.on_stray_acquire(now, &reply);
-            return;
-        }
-        if let Phase::Acquiring(a) = &mut self.phase {
-            if let Some(holder) = a.holder.as_mut().filter(|h| h.info.is_some_and(|p| p.is(id))) {
-                holder.info = None;
-                if let Ok(QueryReply {
-                    value: Some(entry), ..
-                }) = decode::<SessionInfo>(&reply)
-                {
-                    tracing::debug!(holder = %holder.session, lock_delay = ?entry.lock_delay, "holder's lock-delay");
-                    holder.lock_delay = Some(entry.lock_delay);
-                }
-                return;
-            }
-        }
-        match &self.phase {
-            Phase::Acquiring(a) => match a.step {
-                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
-                Step::Acquire(p) if p.is(id) => self.on_acquire(now, &reply),
-                Step::Recheck(p) if p.is(id) => self.on_recheck(now, &reply),
-                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Held(h) => match h.monitor {
-                Monitor::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Releasing(Releasing::Release(p)) if p.is(id) => self.on_release(now, &reply),
-            Phase::Destroying(Destroying::Read(p)) if p.is(id) => self.on_destroy_read(now, &reply),
-            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(now, &reply),
-            _ => self.ignore(id),
-        }
-    }
-
     // ----- plumbing --------------------------------------------------------------------------
-
-    /// Records `now`, never letting time run backwards inside the machine.
-    fn observe(&mut self, now: Instant) -> Instant {
-        read::observe(&mut self.last_now, now)
-    }
 
     fn ignore(&self, id: RequestId) {
         tracing::trace!(%id, "ignoring a reply to a request no longer awaited");
-    }
-
-    /// Sends `endpoint` with a deadline fit for it: a blocking read gets its wait plus Consul's
-    /// jitter (wait/16) plus a margin; anything else the request timeout.
-    fn send(
-        &mut self,
-        now: Instant,
-        endpoint: &impl crate::api::Endpoint,
-        wait: Option<Duration>,
-    ) -> Pending {
-        read::send(&mut self.out, now, endpoint, wait, self.options.request_timeout)
-    }
-
-    fn pendings(&self) -> Vec<Pending> {
-        let mut all: Vec<Pending> = self.session.pending().into_iter().chain(self.stray).collect();
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) | Step::Confirm(p) = a.step {
-                    all.push(p);
-                }
-                all.extend(a.holder.as_ref().and_then(|h| h.info));
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Read(p),
-                ..
-            })
-            | Phase::Releasing(Releasing::Release(p))
-            | Phase::Destroying(Destroying::Read(p) | Destroying::Delete(p)) => all.push(*p),
-            _ => {}
-        }
-        all
-    }
-
-    fn phase_timer(&self) -> Option<Instant> {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                let pause = match a.step {
-                    Step::Pause { until, .. } => Some(until),
-                    _ => None,
-                };
-                // While an acquire or confirm is in flight its reply decides (see
-                // `phase_timeout`): the give-up time is no timer then, or a driver would spin.
-                let give_up = a
-                    .give_up_at
-                    .filter(|_| !matches!(a.step, Step::Acquire(_) | Step::Confirm(_)));
-                [pause, give_up].into_iter().flatten().min()
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Pause(until),
-                ..
-            }) => Some(*until),
-            _ => None,
-        }
-    }
-
-    fn phase_timeout(&mut self, now: Instant) {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if a.give_up_at.is_some_and(|at| now >= at)
-                    && !matches!(a.step, Step::Acquire(_) | Step::Confirm(_))
-                {
-                    // An acquire or confirm in flight may yet give us the lock: their replies
-                    // check the deadline instead.
-                    self.give_up(now);
-                    return;
-                }
-                if let Step::Pause { until, then } = a.step {
-                    if now >= until {
-                        match then {
-                            Then::Read => self.read(now),
-                            Then::Acquire => self.acquire(now),
-                            Then::Confirm => self.confirm(now),
-                        }
-                    }
-                }
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Pause(until),
-                ..
-            }) if now >= *until => self.monitor(now),
-            _ => {}
-        }
     }
 
     fn acquiring(&mut self) -> Option<&mut Acquiring> {
@@ -636,8 +426,8 @@ impl LockMachine {
     /// Ends an acquisition or a hold: report `event`, go idle, and stop the session.
     fn finish(&mut self, now: Instant, event: LockEvent) {
         self.phase = Phase::Idle;
-        self.out.event(event);
-        let events = self.session.stop(now, &mut self.out);
+        self.base.out.event(event);
+        let events = self.base.stop_session(now);
         self.on_session_events(now, events);
     }
 
@@ -673,14 +463,14 @@ impl LockMachine {
             };
             tracing::debug!("releasing a key granted to an abandoned acquire");
             // Fire and forget: nobody waits for this one.
-            let _ = self.send(now, &release, None);
+            let _ = self.base.send(now, &release, None);
         }
     }
 
     fn is_ours(&self, pair: &KvPair) -> bool {
         pair.session
             .as_ref()
-            .is_some_and(|s| Some(s) == self.session.id())
+            .is_some_and(|s| Some(s) == self.base.session.id())
     }
 
     fn give_up(&mut self, now: Instant) {
@@ -704,7 +494,7 @@ impl LockMachine {
 
     // ----- session -------------------------------------------------------------------------
 
-    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
+    fn on_session(&mut self, now: Instant, events: Vec<SessionEvent>) {
         for event in events {
             match (event, &self.phase) {
                 (SessionEvent::Ready(_), Phase::Acquiring(a)) if matches!(a.step, Step::AwaitSession) => {
@@ -728,12 +518,12 @@ impl LockMachine {
                     if let Some(a) = self.acquiring() {
                         a.step = Step::AwaitSession;
                     }
-                    let events = self.session.start(now, &mut self.out, &mut self.rng);
+                    let events = self.base.start_session(now);
                     self.on_session_events(now, events);
                 }
                 (SessionEvent::Stopped, Phase::Releasing(Releasing::Session)) => {
                     self.phase = Phase::Idle;
-                    self.out.event(LockEvent::Released);
+                    self.base.out.event(LockEvent::Released);
                 }
                 _ => {}
             }
@@ -763,14 +553,14 @@ impl LockMachine {
             blocking: Some(blocking),
         };
         let wait = (blocking.index > 0).then_some(wait);
-        let pending = self.send(now, &get, wait);
+        let pending = self.base.send(now, &get, wait);
         if let Some(a) = self.acquiring() {
             a.step = Step::Read(pending);
         }
     }
 
     fn acquire(&mut self, now: Instant) {
-        let Some(session) = self.session.id().cloned() else {
+        let Some(session) = self.base.session.id().cloned() else {
             if let Some(a) = self.acquiring() {
                 a.step = Step::AwaitSession;
             }
@@ -782,7 +572,7 @@ impl LockMachine {
             flags: LOCK_FLAG_VALUE,
             value: self.options.value.clone(),
         };
-        let pending = self.send(now, &acquire, None);
+        let pending = self.base.send(now, &acquire, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Acquire(pending);
         }
@@ -794,14 +584,14 @@ impl LockMachine {
             consistency: Consistency::Consistent,
             blocking: None,
         };
-        let pending = self.send(now, &get, None);
+        let pending = self.base.send(now, &get, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Confirm(pending);
         }
     }
 
     fn recheck(&mut self, now: Instant) {
-        let pending = self.send(now, &KvGet::new(self.options.key.clone()), None);
+        let pending = self.base.send(now, &KvGet::new(self.options.key.clone()), None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Recheck(pending);
         }
@@ -809,7 +599,7 @@ impl LockMachine {
 
     /// Pauses with backoff after a transient failure, then does `then`.
     fn retry(&mut self, now: Instant, then: Then, why: &str) {
-        let rng = &mut self.rng;
+        let rng = &mut self.base.rng;
         let Some(a) = (match &mut self.phase {
             Phase::Acquiring(a) => Some(a),
             _ => None,
@@ -825,12 +615,6 @@ impl LockMachine {
             until: now + pause,
             then,
         };
-    }
-
-    /// Takes in a read's index: reset when it went backwards (a server restored from a snapshot
-    /// or another server answering), and tells whether it moved.
-    fn next_index(sent: u64, got: u64) -> (u64, bool) {
-        read::next_index(sent, got)
     }
 
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
@@ -850,7 +634,7 @@ impl LockMachine {
         let lock_wait = self.options.lock_wait_time;
         let key_session_info = other.clone();
         let Some(a) = self.acquiring() else { return };
-        let (index, moved) = Self::next_index(a.index, read.meta.index);
+        let (index, moved) = read::next_index(a.index, read.meta.index);
         let quick = now.saturating_duration_since(sent.sent_at) < lock_wait / 2;
         // A read on index 0 answers at once by design; only a blocking one says anything about
         // the agent's pace.
@@ -884,7 +668,7 @@ impl LockMachine {
                         info: None,
                         freed_at: None,
                     });
-                    let info = self.send(now, &SessionInfo::new(holder), None);
+                    let info = self.base.send(now, &SessionInfo::new(holder), None);
                     if let Some(h) = self.acquiring().and_then(|a| a.holder.as_mut()) {
                         h.info = Some(info);
                     }
@@ -918,7 +702,7 @@ impl LockMachine {
                 if let Some(a) = self.acquiring() {
                     a.step = Step::AwaitSession;
                 }
-                let events = self.session.forget(now, &mut self.out, &mut self.rng);
+                let events = self.base.forget_session(now);
                 if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
                     return self.fail(now, LockError::Refused(e));
                 }
@@ -942,7 +726,7 @@ impl LockMachine {
         }
         let ours = read.value.as_ref().is_some_and(|p| self.is_ours(p));
         let held_by_other = read.value.as_ref().is_some_and(|p| p.session.is_some()) && !ours;
-        let rng = &mut self.rng;
+        let rng = &mut self.base.rng;
         let Some(a) = (match &mut self.phase {
             Phase::Acquiring(a) => Some(a),
             _ => None,
@@ -1001,13 +785,10 @@ impl LockMachine {
                     modify_index: pair.modify_index,
                 };
                 tracing::info!(key = %token.key, lock_index = token.lock_index, "lock acquired");
-                self.out.event(LockEvent::Acquired(token.clone()));
+                self.base.out.event(LockEvent::Acquired(token.clone()));
                 self.phase = Phase::Held(Held {
                     token,
-                    index: read.meta.index,
-                    monitor: Monitor::Pause(now),
-                    failures: 0,
-                    pace: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+                    watch: Watch::new(read.meta.index, now),
                 });
                 self.monitor(now);
             }
@@ -1026,24 +807,20 @@ impl LockMachine {
         let get = KvGet {
             key,
             consistency: Consistency::Consistent,
-            blocking: Some(Blocking { index: h.index, wait }),
+            blocking: Some(Blocking {
+                index: h.watch.index,
+                wait,
+            }),
         };
-        let wait = (h.index > 0).then_some(wait);
-        let pending = self.send(now, &get, wait);
+        let wait = (h.watch.index > 0).then_some(wait);
+        let pending = self.base.send(now, &get, wait);
         if let Some(h) = self.held() {
-            h.monitor = Monitor::Read(pending);
+            h.watch.step = WatchStep::Read(pending);
         }
     }
 
     fn on_monitor(&mut self, now: Instant, sent: Pending, reply: &Reply) {
-        let read = match decode::<KvGet>(reply) {
-            // A server that knows no leader may answer from stale state: not an answer to act on.
-            Ok(read) if read.meta.known_leader == Some(false) => Err(Failure::Transient(
-                "the answering server knows no leader".to_owned(),
-            )),
-            other => other,
-        };
-        let read = match read {
+        let read = match Watch::trust(decode::<KvGet>(reply)) {
             Ok(read) => read,
             Err(failure) => return self.on_monitor_failure(now, failure),
         };
@@ -1059,56 +836,21 @@ impl LockMachine {
                 None => self.lose(now, LossReason::NotHeld),
             };
         }
-        let monitor_wait = self.options.monitor_wait;
-        let rng = &mut self.rng;
-        let Some(h) = (match &mut self.phase {
-            Phase::Held(h) => Some(h),
-            _ => None,
-        }) else {
-            return;
-        };
-        h.failures = 0;
-        let (index, moved) = Self::next_index(h.index, read.meta.index);
-        let quick = now.saturating_duration_since(sent.sent_at) < monitor_wait / 2;
-        let blocked = h.index > 0;
-        // No progress, at once: index 0 included (a reply without X-Consul-Index).
-        let spinning = !moved && quick;
-        h.index = index;
-        if spinning {
-            let pause = h.pace.next(rng);
-            h.monitor = Monitor::Pause(now + pause);
-        } else {
-            if blocked {
-                h.pace.reset();
-            }
+        let wait = self.options.monitor_wait;
+        let Phase::Held(h) = &mut self.phase else { return };
+        if h.watch
+            .still_held(now, sent, read.meta.index, wait, &mut self.base.rng)
+        {
             self.monitor(now);
         }
     }
 
     fn on_monitor_failure(&mut self, now: Instant, failure: Failure) {
-        let retries = self.options.monitor_retries;
-        let retry_time = self.options.monitor_retry_time;
+        let (retries, retry_time) = (self.options.monitor_retries, self.options.monitor_retry_time);
         let Some(h) = self.held() else { return };
-        h.failures = h.failures.saturating_add(1);
-        let failures = h.failures;
-        let last = match failure {
-            Failure::Transient(why) => why,
-            Failure::Fatal(e) => {
-                return self.lose(
-                    now,
-                    LossReason::MonitorFailed {
-                        failures,
-                        last: e.to_string(),
-                    },
-                );
-            }
-        };
-        if retries.is_some_and(|n| failures > n) {
-            return self.lose(now, LossReason::MonitorFailed { failures, last });
+        if let Err(reason) = h.watch.failed(now, failure, retries, retry_time) {
+            self.lose(now, reason);
         }
-        tracing::warn!(%last, failures, "monitor read failed; retrying");
-        h.index = 0;
-        h.monitor = Monitor::Pause(now + retry_time);
     }
 
     // ----- releasing and destroying --------------------------------------------------------
@@ -1121,7 +863,7 @@ impl LockMachine {
         self.phase = Phase::Releasing(Releasing::Session);
         // If the session ended while the release was out (invalidated), `stop` reports it
         // stopped at once.
-        let events = self.session.stop(now, &mut self.out);
+        let events = self.base.stop_session(now);
         self.on_session_events(now, events);
     }
 
@@ -1147,7 +889,7 @@ impl LockMachine {
                     key: self.options.key.clone(),
                     cas,
                 };
-                let pending = self.send(now, &delete, None);
+                let pending = self.base.send(now, &delete, None);
                 self.phase = Phase::Destroying(Destroying::Delete(pending));
             }
             Err(e) => self.end_destroy(LockEvent::Failed(e)),
@@ -1166,6 +908,125 @@ impl LockMachine {
 
     fn end_destroy(&mut self, event: LockEvent) {
         self.phase = Phase::Idle;
-        self.out.event(event);
+        self.base.out.event(event);
+    }
+}
+
+holding_surface!(LockMachine);
+
+impl Phases for LockMachine {
+    fn base(&self) -> &Base {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
+    }
+
+    fn phase_pendings(&self, all: &mut Vec<Pending>) {
+        all.extend(self.stray);
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) | Step::Confirm(p) = a.step {
+                    all.push(p);
+                }
+                all.extend(a.holder.as_ref().and_then(|h| h.info));
+            }
+            Phase::Held(h) => all.extend(h.watch.pending()),
+            Phase::Releasing(Releasing::Release(p))
+            | Phase::Destroying(Destroying::Read(p) | Destroying::Delete(p)) => all.push(*p),
+            _ => {}
+        }
+    }
+
+    fn phase_timer(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                let pause = match a.step {
+                    Step::Pause { until, .. } => Some(until),
+                    _ => None,
+                };
+                // While an acquire or confirm is in flight its reply decides (see
+                // `phase_timeout`): the give-up time is no timer then, or a driver would spin.
+                let give_up = a
+                    .give_up_at
+                    .filter(|_| !matches!(a.step, Step::Acquire(_) | Step::Confirm(_)));
+                [pause, give_up].into_iter().flatten().min()
+            }
+            Phase::Held(h) => h.watch.timer(),
+            _ => None,
+        }
+    }
+
+    fn phase_timeout(&mut self, now: Instant) {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if a.give_up_at.is_some_and(|at| now >= at)
+                    && !matches!(a.step, Step::Acquire(_) | Step::Confirm(_))
+                {
+                    // An acquire or confirm in flight may yet give us the lock: their replies
+                    // check the deadline instead.
+                    self.give_up(now);
+                    return;
+                }
+                if let Step::Pause { until, then } = a.step {
+                    if now >= until {
+                        match then {
+                            Then::Read => self.read(now),
+                            Then::Acquire => self.acquire(now),
+                            Then::Confirm => self.confirm(now),
+                        }
+                    }
+                }
+            }
+            Phase::Held(h) if h.watch.due(now) => self.monitor(now),
+            _ => {}
+        }
+    }
+
+    fn phase_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
+        if self.stray.is_some_and(|p| p.is(id)) {
+            self.stray = None;
+            self.on_stray_acquire(now, &reply);
+            return;
+        }
+        if let Phase::Acquiring(a) = &mut self.phase {
+            if let Some(holder) = a.holder.as_mut().filter(|h| h.info.is_some_and(|p| p.is(id))) {
+                holder.info = None;
+                if let Ok(QueryReply {
+                    value: Some(entry), ..
+                }) = decode::<SessionInfo>(&reply)
+                {
+                    tracing::debug!(holder = %holder.session, lock_delay = ?entry.lock_delay, "holder's lock-delay");
+                    holder.lock_delay = Some(entry.lock_delay);
+                }
+                return;
+            }
+        }
+        match &self.phase {
+            Phase::Acquiring(a) => match a.step {
+                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
+                Step::Acquire(p) if p.is(id) => self.on_acquire(now, &reply),
+                Step::Recheck(p) if p.is(id) => self.on_recheck(now, &reply),
+                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
+                _ => self.ignore(id),
+            },
+            Phase::Held(h) => match h.watch.step {
+                WatchStep::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
+                WatchStep::Read(_) | WatchStep::Pause(_) => self.ignore(id),
+            },
+            Phase::Releasing(Releasing::Release(p)) if p.is(id) => self.on_release(now, &reply),
+            Phase::Destroying(Destroying::Read(p)) if p.is(id) => self.on_destroy_read(now, &reply),
+            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(now, &reply),
+            _ => self.ignore(id),
+        }
+    }
+
+    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
+        self.on_session(now, events);
+    }
+
+    fn phase_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle) && self.stray.is_none()
     }
 }

@@ -9,6 +9,7 @@
 
 mod backoff;
 mod classify;
+mod hold;
 mod lock;
 mod options;
 mod outbox;
@@ -54,37 +55,4 @@ pub trait HoldMachine: Send + 'static {
     fn poll_timeout(&self) -> Option<std::time::Instant>;
     /// Whether the machine has nothing left to do.
     fn is_quiescent(&self) -> bool;
-}
-
-impl HoldMachine for LockMachine {
-    fn lock(&mut self, now: std::time::Instant) -> Result<(), LockError> {
-        LockMachine::lock(self, now)
-    }
-    fn unlock(&mut self, now: std::time::Instant) -> Result<(), LockError> {
-        LockMachine::unlock(self, now)
-    }
-    fn cancel(&mut self, now: std::time::Instant) {
-        LockMachine::cancel(self, now);
-    }
-    fn destroy(&mut self, now: std::time::Instant) -> Result<(), LockError> {
-        LockMachine::destroy(self, now)
-    }
-    fn status(&self) -> LockStatus {
-        LockMachine::status(self)
-    }
-    fn handle_response(&mut self, now: std::time::Instant, id: RequestId, reply: Reply) {
-        LockMachine::handle_response(self, now, id, reply);
-    }
-    fn handle_timeout(&mut self, now: std::time::Instant) {
-        LockMachine::handle_timeout(self, now);
-    }
-    fn poll_action(&mut self) -> Option<Action<LockEvent>> {
-        LockMachine::poll_action(self)
-    }
-    fn poll_timeout(&self) -> Option<std::time::Instant> {
-        LockMachine::poll_timeout(self)
-    }
-    fn is_quiescent(&self) -> bool {
-        LockMachine::is_quiescent(self)
-    }
 }

@@ -26,14 +26,15 @@ use crate::api::{
     ApiError, Blocking, Consistency, Key, KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvGet, KvList, KvPair,
     QueryReply, SessionId,
 };
-use crate::machine::backoff::{Backoff, Rng};
+use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
-use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::read::{self, next_index};
+use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
+use crate::machine::outbox::Pending;
+use crate::machine::read::next_index;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{
-    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply,
-    RequestId, SEMAPHORE_FLAG_VALUE, SemaphoreOptions, SessionChoice,
+    FencingToken, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply, RequestId,
+    SEMAPHORE_FLAG_VALUE, SemaphoreOptions, SessionChoice,
 };
 
 /// How many times `unlock` tries to take our session out of the `.lock` before it settles for
@@ -238,19 +239,10 @@ struct Acquiring {
 }
 
 #[derive(Clone, Debug)]
-enum Monitor {
-    Read(Pending),
-    Pause(Instant),
-}
-
-#[derive(Clone, Debug)]
 struct Held {
     token: FencingToken,
     contender: Key,
-    index: u64,
-    monitor: Monitor,
-    failures: u32,
-    pace: Backoff,
+    watch: Watch,
 }
 
 #[derive(Clone, Debug)]
@@ -316,17 +308,14 @@ enum Phase {
 pub struct SemaphoreMachine {
     options: SemaphoreOptions,
     lock_key: Key,
-    session: SessionMachine,
+    base: Base,
     phase: Phase,
-    out: Outbox<LockEvent>,
-    rng: Rng,
     /// The caller's session: a contender acquire abandoned in flight. If it made the key, the key
     /// must go, since no session destroy will take it.
     stray: Option<Pending>,
     /// The caller's session: the delete of the contender key of an abandoned attempt or a lost
     /// slot, so that the others prune us.
     cleanup: Option<Pending>,
-    last_now: Option<Instant>,
 }
 
 impl SemaphoreMachine {
@@ -337,24 +326,20 @@ impl SemaphoreMachine {
         options: SemaphoreOptions,
     ) -> Result<SemaphoreMachine, OptionsError> {
         options.validate()?;
-        let mut config = config;
-        if options.namespace.is_some() {
-            config.namespace = options.namespace.clone();
-        }
-        let source = match &options.session {
-            SessionChoice::Create(s) => Ok(s.to_request()),
-            SessionChoice::Existing(id) => Err(id.clone()),
-        };
+        let base = Base::new(
+            config,
+            options.namespace.as_ref(),
+            &options.session,
+            options.request_timeout,
+            options.seed,
+        );
         Ok(SemaphoreMachine {
-            session: SessionMachine::new(source, options.request_timeout),
-            rng: Rng::new(options.seed),
+            base,
             lock_key: options.lock_key(),
             options,
             phase: Phase::Idle,
-            out: Outbox::new(config),
             stray: None,
             cleanup: None,
-            last_now: None,
         })
     }
 
@@ -381,7 +366,7 @@ impl SemaphoreMachine {
 
     /// The session machine the semaphore stands on.
     pub fn session(&self) -> &SessionMachine {
-        &self.session
+        &self.base.session
     }
 
     /// The options the machine was made with.
@@ -389,26 +374,11 @@ impl SemaphoreMachine {
         &self.options
     }
 
-    /// Whether the machine has nothing left to do: idle, no request outstanding, nothing queued.
-    pub fn is_quiescent(&self) -> bool {
-        matches!(self.phase, Phase::Idle)
-            && self.session.pending().is_none()
-            && self.session.poll_timeout().is_none()
-            && self.stray.is_none()
-            && self.cleanup.is_none()
-            && self.out.is_empty()
-    }
-
-    /// The number of requests the machine is waiting on.
-    pub fn in_flight(&self) -> usize {
-        self.pendings().len()
-    }
-
     // ----- operations ----------------------------------------------------------------------
 
     /// Starts acquiring a slot. Usable again after a loss, a release, a give-up or a cancel.
     pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         match self.phase {
             Phase::Idle => {}
             Phase::Acquiring(_) | Phase::Held(_) => return Err(LockError::AlreadyHeld),
@@ -423,7 +393,7 @@ impl SemaphoreMachine {
             conflicts: 0,
             contended: false,
         });
-        let events = self.session.start(now, &mut self.out, &mut self.rng);
+        let events = self.base.start_session(now);
         self.on_session_events(now, events);
         Ok(())
     }
@@ -431,7 +401,7 @@ impl SemaphoreMachine {
     /// Gives up a held slot: takes our session out of the `.lock`, deletes our contender key,
     /// then destroys the session if the machine made it. Ends with [`LockEvent::Released`].
     pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         let Phase::Held(held) = &self.phase else {
             return Err(LockError::NotHeld);
         };
@@ -451,7 +421,7 @@ impl SemaphoreMachine {
     /// (its session is destroyed in the background, taking the contender key with it), a held
     /// slot is released, a destroy is abandoned. A no-op when idle or already releasing.
     pub fn cancel(&mut self, now: Instant) {
-        self.observe(now);
+        self.base.observe(now);
         match &self.phase {
             Phase::Idle | Phase::Releasing(_) => {}
             Phase::Acquiring(_) => self.finish(now, LockEvent::Cancelled),
@@ -461,7 +431,7 @@ impl SemaphoreMachine {
             }
             Phase::Destroying(_) => {
                 self.phase = Phase::Idle;
-                self.out.event(LockEvent::Cancelled);
+                self.base.out.event(LockEvent::Cancelled);
             }
         }
     }
@@ -470,204 +440,30 @@ impl SemaphoreMachine {
     /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
     /// [`LockError::Conflict`]).
     pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        self.observe(now);
+        self.base.observe(now);
         match self.phase {
             Phase::Idle => {}
             Phase::Held(_) => return Err(LockError::AlreadyHeld),
             _ => return Err(LockError::Busy),
         }
-        let pending = self.send(now, &KvList::new(self.options.prefix.clone()), None);
+        let pending = self
+            .base
+            .send(now, &KvList::new(self.options.prefix.clone()), None);
         self.phase = Phase::Destroying(Destroying::List(pending));
         Ok(())
     }
 
     // ----- driving ---------------------------------------------------------------------------
 
-    /// The next thing to do, if any.
-    pub fn poll_action(&mut self) -> Option<Action<LockEvent>> {
-        self.out.pop()
-    }
-
-    /// The next instant at which [`handle_timeout`](Self::handle_timeout) must be called, if
-    /// any. Never earlier than the latest `now` the machine was given.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let timers = [self.session.poll_timeout(), self.phase_timer()];
-        let deadlines = self.pendings().into_iter().map(|p| p.deadline);
-        let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
-        Some(match self.last_now {
-            Some(last) => earliest.max(last),
-            None => earliest,
-        })
-    }
-
-    /// Handles the passage of time: timers that are due fire, requests past their deadline are
-    /// taken as timed out. Calling it early, or twice, does nothing.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let now = self.observe(now);
-        for pending in self.pendings() {
-            if now >= pending.deadline {
-                self.handle_response(now, pending.id, read::deadline_passed());
-            }
-        }
-        let events = self.session.handle_timeout(now, &mut self.out, &mut self.rng);
-        self.on_session_events(now, events);
-        self.phase_timeout(now);
-    }
-
-    /// Handles the reply to request `id` (or the transport's failure to get one). A reply to a
-    /// request the machine no longer waits for is ignored.
-    pub fn handle_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        let now = self.observe(now);
-        if let Some(events) = self
-            .session
-            .handle_response(now, id, &reply, &mut self.out, &mut self.rng)
-        {
-            self.on_session_events(now, events);
-            return;
-        }
-        if self.stray.is_some_and(|p| p.is(id)) {
-            self.stray = None;
-            // Refused: no key was made. Anything else may have made it.
-            if !matches!(decode::<KvAcquire>(&reply), Ok(false)) {
-                self.clean_up(now);
-            }
-            self.resume_after_cleanup(now);
-            return;
-        }
-        if self.cleanup.is_some_and(|p| p.is(id)) {
-            self.cleanup = None;
-            if let Err(why) = decode::<KvDelete>(&reply) {
-                tracing::warn!(?why, "could not delete the contender key of an abandoned attempt");
-            }
-            self.resume_after_cleanup(now);
-            return;
-        }
-        match &self.phase {
-            Phase::Acquiring(a) => match a.step {
-                Step::Contend(p) if p.is(id) => self.on_contend(now, &reply),
-                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
-                Step::Cas(p) if p.is(id) => self.on_cas(now, &reply),
-                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Held(h) => match h.monitor {
-                Monitor::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Releasing(r) => match r.step {
-                ReleaseStep::Read(p) if p.is(id) => self.on_release_read(now, &reply),
-                ReleaseStep::Cas(p) if p.is(id) => self.on_release_cas(now, &reply),
-                ReleaseStep::Delete(p) if p.is(id) => self.on_release_delete(now, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Destroying(Destroying::List(p)) if p.is(id) => self.on_destroy_list(now, &reply),
-            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(&reply),
-            _ => self.ignore(id),
-        }
-    }
-
     // ----- plumbing --------------------------------------------------------------------------
-
-    fn observe(&mut self, now: Instant) -> Instant {
-        read::observe(&mut self.last_now, now)
-    }
 
     fn ignore(&self, id: RequestId) {
         tracing::trace!(%id, "ignoring a reply to a request no longer awaited");
     }
 
-    fn send(
-        &mut self,
-        now: Instant,
-        endpoint: &impl crate::api::Endpoint,
-        wait: Option<Duration>,
-    ) -> Pending {
-        read::send(&mut self.out, now, endpoint, wait, self.options.request_timeout)
-    }
-
-    fn pendings(&self) -> Vec<Pending> {
-        let mut all: Vec<Pending> = self
-            .session
-            .pending()
-            .into_iter()
-            .chain(self.stray)
-            .chain(self.cleanup)
-            .collect();
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if let Step::Contend(p) | Step::Read(p) | Step::Cas(p) | Step::Confirm(p) = a.step {
-                    all.push(p);
-                }
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Read(p),
-                ..
-            })
-            | Phase::Destroying(Destroying::List(p) | Destroying::Delete(p)) => all.push(*p),
-            Phase::Releasing(r) => {
-                if let ReleaseStep::Read(p) | ReleaseStep::Cas(p) | ReleaseStep::Delete(p) = r.step {
-                    all.push(p);
-                }
-            }
-            _ => {}
-        }
-        all
-    }
-
     /// Whether the step's reply may grant us a slot: the give-up time waits for it.
     fn deciding(step: &Step) -> bool {
         matches!(step, Step::Cas(_) | Step::Confirm(_))
-    }
-
-    fn phase_timer(&self) -> Option<Instant> {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                let pause = match a.step {
-                    Step::Pause { until, .. } => Some(until),
-                    _ => None,
-                };
-                let give_up = a.give_up_at.filter(|_| !Self::deciding(&a.step));
-                [pause, give_up].into_iter().flatten().min()
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Pause(until),
-                ..
-            }) => Some(*until),
-            Phase::Releasing(Releasing {
-                step: ReleaseStep::Pause(until),
-                ..
-            }) => Some(*until),
-            _ => None,
-        }
-    }
-
-    fn phase_timeout(&mut self, now: Instant) {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if a.give_up_at.is_some_and(|at| now >= at) && !Self::deciding(&a.step) {
-                    self.give_up(now);
-                    return;
-                }
-                if let Step::Pause { until, then } = a.step {
-                    if now >= until {
-                        match then {
-                            Then::Contend => self.contend(now),
-                            Then::Read => self.read(now),
-                            Then::Confirm => self.confirm(now),
-                        }
-                    }
-                }
-            }
-            Phase::Held(Held {
-                monitor: Monitor::Pause(until),
-                ..
-            }) if now >= *until => self.monitor(now),
-            Phase::Releasing(Releasing {
-                step: ReleaseStep::Pause(until),
-                ..
-            }) if now >= *until => self.release_read(now),
-            _ => {}
-        }
     }
 
     fn acquiring(&mut self) -> Option<&mut Acquiring> {
@@ -693,7 +489,7 @@ impl SemaphoreMachine {
 
     /// The session in use and its contender key.
     fn contender(&self) -> Option<(SessionId, Key)> {
-        let session = self.session.id()?.clone();
+        let session = self.base.session.id()?.clone();
         let key = self.options.contender_key(&session).ok()?;
         Some((session, key))
     }
@@ -714,8 +510,8 @@ impl SemaphoreMachine {
                 _ => {}
             }
         }
-        self.out.event(event);
-        let events = self.session.stop(now, &mut self.out);
+        self.base.out.event(event);
+        let events = self.base.stop_session(now);
         self.on_session_events(now, events);
     }
 
@@ -728,7 +524,7 @@ impl SemaphoreMachine {
             return;
         };
         tracing::debug!(%key, "deleting the contender key of an abandoned attempt");
-        self.cleanup = Some(self.send(now, &KvDelete { key }, None));
+        self.cleanup = Some(self.base.send(now, &KvDelete { key }, None));
     }
 
     /// An attempt waiting for a cleanup goes on once it is done.
@@ -760,7 +556,7 @@ impl SemaphoreMachine {
 
     /// Pauses with backoff after a transient failure, then does `then`.
     fn retry(&mut self, now: Instant, then: Then, why: &str) {
-        let rng = &mut self.rng;
+        let rng = &mut self.base.rng;
         let Some(a) = (match &mut self.phase {
             Phase::Acquiring(a) => Some(a),
             _ => None,
@@ -780,7 +576,7 @@ impl SemaphoreMachine {
 
     // ----- session -------------------------------------------------------------------------
 
-    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
+    fn on_session(&mut self, now: Instant, events: Vec<SessionEvent>) {
         for event in events {
             match (event, &self.phase) {
                 (SessionEvent::Ready(_), Phase::Acquiring(a)) if matches!(a.step, Step::AwaitSession) => {
@@ -803,7 +599,7 @@ impl SemaphoreMachine {
                     if let Some(a) = self.acquiring() {
                         a.step = Step::AwaitSession;
                     }
-                    let events = self.session.start(now, &mut self.out, &mut self.rng);
+                    let events = self.base.start_session(now);
                     self.on_session_events(now, events);
                 }
                 (
@@ -814,7 +610,7 @@ impl SemaphoreMachine {
                     }),
                 ) => {
                     self.phase = Phase::Idle;
-                    self.out.event(LockEvent::Released);
+                    self.base.out.event(LockEvent::Released);
                 }
                 _ => {}
             }
@@ -825,7 +621,7 @@ impl SemaphoreMachine {
 
     /// Acquires our contender key `<prefix>/<session>`.
     fn contend(&mut self, now: Instant) {
-        let Some(session) = self.session.id().cloned() else {
+        let Some(session) = self.base.session.id().cloned() else {
             if let Some(a) = self.acquiring() {
                 a.step = Step::AwaitSession;
             }
@@ -847,7 +643,7 @@ impl SemaphoreMachine {
             flags: SEMAPHORE_FLAG_VALUE,
             value: self.options.value.clone(),
         };
-        let pending = self.send(now, &acquire, None);
+        let pending = self.base.send(now, &acquire, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Contend(pending);
             a.contended = true;
@@ -869,7 +665,7 @@ impl SemaphoreMachine {
                 if let Some(a) = self.acquiring() {
                     a.step = Step::AwaitSession;
                 }
-                let events = self.session.forget(now, &mut self.out, &mut self.rng);
+                let events = self.base.forget_session(now);
                 if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
                     return self.fail(now, LockError::Refused(e));
                 }
@@ -900,7 +696,7 @@ impl SemaphoreMachine {
             blocking: Some(blocking),
         };
         let wait = (blocking.index > 0).then_some(wait);
-        let pending = self.send(now, &list, wait);
+        let pending = self.base.send(now, &list, wait);
         if let Some(a) = self.acquiring() {
             a.step = Step::Read(pending);
         }
@@ -999,7 +795,7 @@ impl SemaphoreMachine {
             flags: SEMAPHORE_FLAG_VALUE,
             value: state.encode(),
         };
-        let pending = self.send(now, &put, None);
+        let pending = self.base.send(now, &put, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Cas(pending);
         }
@@ -1036,7 +832,7 @@ impl SemaphoreMachine {
             consistency: Consistency::Consistent,
             blocking: None,
         };
-        let pending = self.send(now, &list, None);
+        let pending = self.base.send(now, &list, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Confirm(pending);
         }
@@ -1074,14 +870,11 @@ impl SemaphoreMachine {
             modify_index,
         };
         tracing::info!(key = %token.key, index = modify_index, "semaphore slot acquired");
-        self.out.event(LockEvent::Acquired(token.clone()));
+        self.base.out.event(LockEvent::Acquired(token.clone()));
         self.phase = Phase::Held(Held {
             token,
             contender,
-            index: list.meta.index,
-            monitor: Monitor::Pause(now),
-            failures: 0,
-            pace: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+            watch: Watch::new(list.meta.index, now),
         });
         self.monitor(now);
     }
@@ -1095,12 +888,15 @@ impl SemaphoreMachine {
         let list = KvList {
             prefix,
             consistency: Consistency::Consistent,
-            blocking: Some(Blocking { index: h.index, wait }),
+            blocking: Some(Blocking {
+                index: h.watch.index,
+                wait,
+            }),
         };
-        let wait = (h.index > 0).then_some(wait);
-        let pending = self.send(now, &list, wait);
+        let wait = (h.watch.index > 0).then_some(wait);
+        let pending = self.base.send(now, &list, wait);
         if let Some(h) = self.held() {
-            h.monitor = Monitor::Read(pending);
+            h.watch.step = WatchStep::Read(pending);
         }
     }
 
@@ -1128,14 +924,7 @@ impl SemaphoreMachine {
     }
 
     fn on_monitor(&mut self, now: Instant, sent: Pending, reply: &Reply) {
-        let list = match decode::<KvList>(reply) {
-            // A server that knows no leader may answer from stale state: not an answer to act on.
-            Ok(list) if list.meta.known_leader == Some(false) => Err(Failure::Transient(
-                "the answering server knows no leader".to_owned(),
-            )),
-            other => other,
-        };
-        let list = match list {
+        let list = match Watch::trust(decode::<KvList>(reply)) {
             Ok(list) => list,
             Err(failure) => return self.on_monitor_failure(now, failure),
         };
@@ -1143,62 +932,27 @@ impl SemaphoreMachine {
         if let Some(reason) = self.loss_in(&list.value, held) {
             return self.lose(now, reason);
         }
-        let monitor_wait = self.options.monitor_wait;
-        let rng = &mut self.rng;
-        let Some(h) = (match &mut self.phase {
-            Phase::Held(h) => Some(h),
-            _ => None,
-        }) else {
-            return;
-        };
-        h.failures = 0;
-        let (index, moved) = next_index(h.index, list.meta.index);
-        let quick = now.saturating_duration_since(sent.sent_at) < monitor_wait / 2;
-        let blocked = h.index > 0;
-        // No progress, at once: index 0 included (a reply without X-Consul-Index).
-        let spinning = !moved && quick;
-        h.index = index;
-        if spinning {
-            let pause = h.pace.next(rng);
-            h.monitor = Monitor::Pause(now + pause);
-        } else {
-            if blocked {
-                h.pace.reset();
-            }
+        let wait = self.options.monitor_wait;
+        let Phase::Held(h) = &mut self.phase else { return };
+        if h.watch
+            .still_held(now, sent, list.meta.index, wait, &mut self.base.rng)
+        {
             self.monitor(now);
         }
     }
 
     fn on_monitor_failure(&mut self, now: Instant, failure: Failure) {
-        let retries = self.options.monitor_retries;
-        let retry_time = self.options.monitor_retry_time;
+        let (retries, retry_time) = (self.options.monitor_retries, self.options.monitor_retry_time);
         let Some(h) = self.held() else { return };
-        h.failures = h.failures.saturating_add(1);
-        let failures = h.failures;
-        let last = match failure {
-            Failure::Transient(why) => why,
-            Failure::Fatal(e) => {
-                return self.lose(
-                    now,
-                    LossReason::MonitorFailed {
-                        failures,
-                        last: e.to_string(),
-                    },
-                );
-            }
-        };
-        if retries.is_some_and(|n| failures > n) {
-            return self.lose(now, LossReason::MonitorFailed { failures, last });
+        if let Err(reason) = h.watch.failed(now, failure, retries, retry_time) {
+            self.lose(now, reason);
         }
-        tracing::warn!(%last, failures, "monitor read failed; retrying");
-        h.index = 0;
-        h.monitor = Monitor::Pause(now + retry_time);
     }
 
     // ----- releasing -----------------------------------------------------------------------
 
     fn release_read(&mut self, now: Instant) {
-        let pending = self.send(now, &KvGet::new(self.lock_key.clone()), None);
+        let pending = self.base.send(now, &KvGet::new(self.lock_key.clone()), None);
         if let Some(r) = self.releasing() {
             r.step = ReleaseStep::Read(pending);
         }
@@ -1234,7 +988,7 @@ impl SemaphoreMachine {
             flags: SEMAPHORE_FLAG_VALUE,
             value: state.encode(),
         };
-        let pending = self.send(now, &put, None);
+        let pending = self.base.send(now, &put, None);
         if let Some(r) = self.releasing() {
             r.step = ReleaseStep::Cas(pending);
         }
@@ -1255,7 +1009,7 @@ impl SemaphoreMachine {
     /// Reads the `.lock` again (at once after a first check-and-set conflict, else after a
     /// pause), or settles for deleting the contender key after enough attempts.
     fn release_retry(&mut self, now: Instant, conflict: bool, why: &str) {
-        let rng = &mut self.rng;
+        let rng = &mut self.base.rng;
         let Some(r) = (match &mut self.phase {
             Phase::Releasing(r) => Some(r),
             _ => None,
@@ -1280,7 +1034,7 @@ impl SemaphoreMachine {
         let delete = KvDelete {
             key: r.contender.clone(),
         };
-        let pending = self.send(now, &delete, None);
+        let pending = self.base.send(now, &delete, None);
         if let Some(r) = self.releasing() {
             r.step = ReleaseStep::Delete(pending);
         }
@@ -1295,7 +1049,7 @@ impl SemaphoreMachine {
             r.step = ReleaseStep::Session;
         }
         // If the session ended meanwhile (invalidated), `stop` reports it stopped at once.
-        let events = self.session.stop(now, &mut self.out);
+        let events = self.base.stop_session(now);
         self.on_session_events(now, events);
     }
 
@@ -1333,7 +1087,7 @@ impl SemaphoreMachine {
             key: self.lock_key.clone(),
             cas: lock.modify_index,
         };
-        let pending = self.send(now, &delete, None);
+        let pending = self.base.send(now, &delete, None);
         self.phase = Phase::Destroying(Destroying::Delete(pending));
     }
 
@@ -1349,40 +1103,134 @@ impl SemaphoreMachine {
 
     fn end_destroy(&mut self, event: LockEvent) {
         self.phase = Phase::Idle;
-        self.out.event(event);
+        self.base.out.event(event);
     }
 }
 
-impl HoldMachine for SemaphoreMachine {
-    fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        SemaphoreMachine::lock(self, now)
+holding_surface!(SemaphoreMachine);
+
+impl Phases for SemaphoreMachine {
+    fn base(&self) -> &Base {
+        &self.base
     }
-    fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        SemaphoreMachine::unlock(self, now)
+
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
     }
-    fn cancel(&mut self, now: Instant) {
-        SemaphoreMachine::cancel(self, now);
+
+    fn phase_pendings(&self, all: &mut Vec<Pending>) {
+        all.extend(self.stray);
+        all.extend(self.cleanup);
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if let Step::Contend(p) | Step::Read(p) | Step::Cas(p) | Step::Confirm(p) = a.step {
+                    all.push(p);
+                }
+            }
+            Phase::Held(h) => all.extend(h.watch.pending()),
+            Phase::Destroying(Destroying::List(p) | Destroying::Delete(p)) => all.push(*p),
+            Phase::Releasing(r) => {
+                if let ReleaseStep::Read(p) | ReleaseStep::Cas(p) | ReleaseStep::Delete(p) = r.step {
+                    all.push(p);
+                }
+            }
+            Phase::Idle => {}
+        }
     }
-    fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        SemaphoreMachine::destroy(self, now)
+
+    fn phase_timer(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                let pause = match a.step {
+                    Step::Pause { until, .. } => Some(until),
+                    _ => None,
+                };
+                let give_up = a.give_up_at.filter(|_| !Self::deciding(&a.step));
+                [pause, give_up].into_iter().flatten().min()
+            }
+            Phase::Held(h) => h.watch.timer(),
+            Phase::Releasing(Releasing {
+                step: ReleaseStep::Pause(until),
+                ..
+            }) => Some(*until),
+            _ => None,
+        }
     }
-    fn status(&self) -> LockStatus {
-        SemaphoreMachine::status(self)
+
+    fn phase_timeout(&mut self, now: Instant) {
+        match &self.phase {
+            Phase::Acquiring(a) => {
+                if a.give_up_at.is_some_and(|at| now >= at) && !Self::deciding(&a.step) {
+                    self.give_up(now);
+                    return;
+                }
+                if let Step::Pause { until, then } = a.step {
+                    if now >= until {
+                        match then {
+                            Then::Contend => self.contend(now),
+                            Then::Read => self.read(now),
+                            Then::Confirm => self.confirm(now),
+                        }
+                    }
+                }
+            }
+            Phase::Held(h) if h.watch.due(now) => self.monitor(now),
+            Phase::Releasing(Releasing {
+                step: ReleaseStep::Pause(until),
+                ..
+            }) if now >= *until => self.release_read(now),
+            _ => {}
+        }
     }
-    fn handle_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        SemaphoreMachine::handle_response(self, now, id, reply);
+
+    fn phase_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
+        if self.stray.is_some_and(|p| p.is(id)) {
+            self.stray = None;
+            // Refused: no key was made. Anything else may have made it.
+            if !matches!(decode::<KvAcquire>(&reply), Ok(false)) {
+                self.clean_up(now);
+            }
+            self.resume_after_cleanup(now);
+            return;
+        }
+        if self.cleanup.is_some_and(|p| p.is(id)) {
+            self.cleanup = None;
+            if let Err(why) = decode::<KvDelete>(&reply) {
+                tracing::warn!(?why, "could not delete the contender key of an abandoned attempt");
+            }
+            self.resume_after_cleanup(now);
+            return;
+        }
+        match &self.phase {
+            Phase::Acquiring(a) => match a.step {
+                Step::Contend(p) if p.is(id) => self.on_contend(now, &reply),
+                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
+                Step::Cas(p) if p.is(id) => self.on_cas(now, &reply),
+                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
+                _ => self.ignore(id),
+            },
+            Phase::Held(h) => match h.watch.step {
+                WatchStep::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
+                WatchStep::Read(_) | WatchStep::Pause(_) => self.ignore(id),
+            },
+            Phase::Releasing(r) => match r.step {
+                ReleaseStep::Read(p) if p.is(id) => self.on_release_read(now, &reply),
+                ReleaseStep::Cas(p) if p.is(id) => self.on_release_cas(now, &reply),
+                ReleaseStep::Delete(p) if p.is(id) => self.on_release_delete(now, &reply),
+                _ => self.ignore(id),
+            },
+            Phase::Destroying(Destroying::List(p)) if p.is(id) => self.on_destroy_list(now, &reply),
+            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(&reply),
+            _ => self.ignore(id),
+        }
     }
-    fn handle_timeout(&mut self, now: Instant) {
-        SemaphoreMachine::handle_timeout(self, now);
+
+    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
+        self.on_session(now, events);
     }
-    fn poll_action(&mut self) -> Option<Action<LockEvent>> {
-        SemaphoreMachine::poll_action(self)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        SemaphoreMachine::poll_timeout(self)
-    }
-    fn is_quiescent(&self) -> bool {
-        SemaphoreMachine::is_quiescent(self)
+
+    fn phase_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle) && self.stray.is_none() && self.cleanup.is_none()
     }
 }
 
