@@ -166,33 +166,48 @@ impl LockOptions {
         if let SessionChoice::Create(session) = &self.session {
             session.validate()?;
         }
-        let wait = |name: &'static str, value: Duration| {
-            if value.is_zero() || value > Self::MAX_WAIT {
-                Err(OptionsError::Wait { name, value })
-            } else {
-                Ok(())
-            }
-        };
-        wait("lock_wait_time", self.lock_wait_time)?;
-        wait("monitor_wait", self.monitor_wait)?;
-        for (name, value) in [
-            ("monitor_retry_time", self.monitor_retry_time),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() || value > Duration::from_secs(3600) {
-                return Err(OptionsError::Pause { name, value });
-            }
-        }
-        if self.value.len() > 512 * 1024 {
-            return Err(OptionsError::ValueTooLarge {
-                len: self.value.len(),
-            });
-        }
-        if matches!(&self.namespace, Some(ns) if ns.is_empty()) {
-            return Err(OptionsError::EmptyNamespace);
-        }
-        Ok(())
+        validate_common(Common {
+            wait: ("lock_wait_time", self.lock_wait_time),
+            monitor_wait: self.monitor_wait,
+            monitor_retry_time: self.monitor_retry_time,
+            request_timeout: self.request_timeout,
+            value: &self.value,
+            namespace: self.namespace.as_deref(),
+        })
     }
+}
+
+/// The options the lock and the semaphore share, checked in one place.
+struct Common<'a> {
+    wait: (&'static str, Duration),
+    monitor_wait: Duration,
+    monitor_retry_time: Duration,
+    request_timeout: Duration,
+    value: &'a [u8],
+    namespace: Option<&'a str>,
+}
+
+fn validate_common(o: Common<'_>) -> Result<(), OptionsError> {
+    for (name, value) in [o.wait, ("monitor_wait", o.monitor_wait)] {
+        if value.is_zero() || value > LockOptions::MAX_WAIT {
+            return Err(OptionsError::Wait { name, value });
+        }
+    }
+    for (name, value) in [
+        ("monitor_retry_time", o.monitor_retry_time),
+        ("request_timeout", o.request_timeout),
+    ] {
+        if value.is_zero() || value > Duration::from_secs(3600) {
+            return Err(OptionsError::Pause { name, value });
+        }
+    }
+    if o.value.len() > 512 * 1024 {
+        return Err(OptionsError::ValueTooLarge { len: o.value.len() });
+    }
+    if o.namespace.is_some_and(str::is_empty) {
+        return Err(OptionsError::EmptyNamespace);
+    }
+    Ok(())
 }
 
 /// An option Consul or the machine can't work with.
@@ -364,32 +379,14 @@ impl SemaphoreOptions {
                 self.contender_key(id)?;
             }
         }
-        let wait = |name: &'static str, value: Duration| {
-            if value.is_zero() || value > LockOptions::MAX_WAIT {
-                Err(OptionsError::Wait { name, value })
-            } else {
-                Ok(())
-            }
-        };
-        wait("wait_time", self.wait_time)?;
-        wait("monitor_wait", self.monitor_wait)?;
-        for (name, value) in [
-            ("monitor_retry_time", self.monitor_retry_time),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() || value > Duration::from_secs(3600) {
-                return Err(OptionsError::Pause { name, value });
-            }
-        }
-        if self.value.len() > 512 * 1024 {
-            return Err(OptionsError::ValueTooLarge {
-                len: self.value.len(),
-            });
-        }
-        if matches!(&self.namespace, Some(ns) if ns.is_empty()) {
-            return Err(OptionsError::EmptyNamespace);
-        }
-        Ok(())
+        validate_common(Common {
+            wait: ("wait_time", self.wait_time),
+            monitor_wait: self.monitor_wait,
+            monitor_retry_time: self.monitor_retry_time,
+            request_timeout: self.request_timeout,
+            value: &self.value,
+            namespace: self.namespace.as_deref(),
+        })
     }
 }
 
