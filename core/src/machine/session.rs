@@ -94,8 +94,28 @@ enum State {
     },
     Destroying {
         pending: Pending,
-        restart: bool,
+        teardown: Teardown,
     },
+    /// A destroy failed; the next try is due at `until`.
+    DestroyPause {
+        until: Instant,
+        teardown: Teardown,
+    },
+}
+
+/// A destroy under way: which session, until when it is worth retrying, and what the user was
+/// told.
+#[derive(Clone, Debug)]
+struct Teardown {
+    id: SessionId,
+    /// Past this instant the server has invalidated the session on its own (2×TTL after the
+    /// last renew that could still arrive), so a destroy has nothing left to do.
+    retry_until: Instant,
+    /// `Stopped` was reported already (after the first failed attempt): the user's unlock or
+    /// cancel does not wait for the retries.
+    reported: bool,
+    /// Create a new session once this one is gone.
+    restart: bool,
 }
 
 /// Keeps one Consul session alive for the machines that hold keys with it.
@@ -127,7 +147,7 @@ impl SessionMachine {
             State::Idle => SessionStatus::Idle,
             State::Creating { .. } | State::CreatePause { .. } => SessionStatus::Creating,
             State::Active { .. } => SessionStatus::Active,
-            State::Destroying { .. } => SessionStatus::Destroying,
+            State::Destroying { .. } | State::DestroyPause { .. } => SessionStatus::Destroying,
         }
     }
 
@@ -177,9 +197,15 @@ impl SessionMachine {
     pub(crate) fn start<E>(&mut self, now: Instant, out: &mut Outbox<E>, rng: &mut Rng) -> Vec<SessionEvent> {
         match &mut self.state {
             State::Idle => self.create(now, out, rng),
-            State::Destroying { restart, .. } => {
-                *restart = true;
+            State::Destroying { teardown, .. } => {
+                teardown.restart = true;
                 Vec::new()
+            }
+            // The old session's teardown keeps failing: leave it to expire on the server, and
+            // don't make the new attempt wait for that.
+            State::DestroyPause { .. } => {
+                self.state = State::Idle;
+                self.create(now, out, rng)
             }
             State::Creating {
                 stop_when_created, ..
@@ -233,32 +259,64 @@ impl SessionMachine {
                 self.state = State::Idle;
                 vec![SessionEvent::Stopped]
             }
-            State::Destroying { restart, .. } => {
-                *restart = false;
-                Vec::new()
+            State::Destroying { teardown, .. } => {
+                teardown.restart = false;
+                if teardown.reported {
+                    vec![SessionEvent::Stopped]
+                } else {
+                    Vec::new()
+                }
+            }
+            State::DestroyPause { teardown, .. } => {
+                teardown.restart = false;
+                vec![SessionEvent::Stopped]
             }
             State::Active { id, lease } => {
-                if lease.is_none() {
+                let Some(lease) = lease else {
                     self.state = State::Idle;
                     return vec![SessionEvent::Stopped];
-                }
-                let id = id.clone();
-                self.destroy(now, id, out);
+                };
+                let (id, ttl) = (id.clone(), lease.ttl);
+                self.destroy(now, id, ttl, out);
                 Vec::new()
             }
         }
     }
 
-    fn destroy<E>(&mut self, now: Instant, id: SessionId, out: &mut Outbox<E>) {
+    /// The TTL asked for at creation (Go's default when none).
+    fn asked_ttl(&self) -> Duration {
+        match &self.source {
+            Ok(request) => request.ttl.unwrap_or(Duration::from_secs(15)),
+            Err(_) => Duration::from_secs(15),
+        }
+    }
+
+    /// Destroys session `id` (of time to live `ttl`), retrying on failure until it must be gone.
+    fn destroy<E>(&mut self, now: Instant, id: SessionId, ttl: Duration, out: &mut Outbox<E>) {
+        let teardown = Teardown {
+            id,
+            retry_until: now + self.request_timeout + 2 * ttl,
+            reported: false,
+            restart: false,
+        };
+        self.send_destroy(now, teardown, out);
+    }
+
+    fn send_destroy<E>(&mut self, now: Instant, teardown: Teardown, out: &mut Outbox<E>) {
         let deadline = now + self.request_timeout;
-        let req = out.send(&SessionDestroy { id }, deadline);
+        let req = out.send(
+            &SessionDestroy {
+                id: teardown.id.clone(),
+            },
+            deadline,
+        );
         self.state = State::Destroying {
             pending: Pending {
                 id: req,
                 sent_at: now,
                 deadline,
             },
-            restart: false,
+            teardown,
         };
     }
 
@@ -298,6 +356,7 @@ impl SessionMachine {
         match &self.state {
             State::Idle => None,
             State::Creating { pending, .. } | State::Destroying { pending, .. } => Some(pending.deadline),
+            State::DestroyPause { until, .. } => Some(*until),
             State::CreatePause { until } => Some(*until),
             State::Active { lease: None, .. } => None,
             State::Active {
@@ -319,6 +378,11 @@ impl SessionMachine {
     ) -> Vec<SessionEvent> {
         match &mut self.state {
             State::CreatePause { until } if now >= *until => self.create(now, out, rng),
+            State::DestroyPause { until, teardown } if now >= *until => {
+                let teardown = teardown.clone();
+                self.send_destroy(now, teardown, out);
+                Vec::new()
+            }
             State::Active {
                 id,
                 lease: Some(lease),
@@ -360,8 +424,8 @@ impl SessionMachine {
         }
         let since_ack = now.saturating_duration_since(lease.acked_sent_at);
         tracing::warn!(session = %id, ?since_ack, "no renew acknowledged within the TTL");
-        let id = id.clone();
-        self.destroy(now, id, out);
+        let (id, ttl) = (id.clone(), lease.ttl);
+        self.destroy(now, id, ttl, out);
         vec![SessionEvent::Lost(SessionLoss::RenewDeadline { since_ack })]
     }
 
@@ -385,7 +449,8 @@ impl SessionMachine {
                         self.backoff.reset();
                         tracing::debug!(%session, "session created");
                         if stop {
-                            self.destroy(now, session, out);
+                            let ttl = self.asked_ttl();
+                            self.destroy(now, session, ttl, out);
                             return Some(Vec::new());
                         }
                         let ttl = match &self.source {
@@ -420,15 +485,34 @@ impl SessionMachine {
                     }
                 }
             }
-            State::Destroying { restart, .. } => {
-                if let Err(why) = decode::<SessionDestroy>(reply) {
-                    // Nobody renews it any more, so Consul ends it within 2×TTL regardless.
-                    tracing::warn!(?why, "session destroy failed; it will expire on its own");
+            State::Destroying { teardown, .. } => {
+                let mut teardown = teardown.clone();
+                let mut events = Vec::new();
+                if !teardown.reported {
+                    teardown.reported = true;
+                    events.push(SessionEvent::Stopped);
                 }
-                let restart = *restart;
+                match decode::<SessionDestroy>(reply) {
+                    Err(Failure::Transient(why)) if now < teardown.retry_until && !teardown.restart => {
+                        // A key the session holds stays held until the destroy lands or the
+                        // session expires: keep trying, in the background.
+                        let pause = self.backoff.next(rng);
+                        tracing::warn!(%why, ?pause, session = %teardown.id, "session destroy failed; retrying");
+                        self.state = State::DestroyPause {
+                            until: (now + pause).min(teardown.retry_until),
+                            teardown,
+                        };
+                        return Some(events);
+                    }
+                    Err(why) => {
+                        // Nobody renews it any more, so Consul ends it within 2×TTL regardless.
+                        tracing::warn!(?why, session = %teardown.id, "session destroy failed; it will expire on its own");
+                    }
+                    Ok(_) => {}
+                }
+                self.backoff.reset();
                 self.state = State::Idle;
-                let mut events = vec![SessionEvent::Stopped];
-                if restart {
+                if teardown.restart {
                     events.extend(self.create(now, out, rng));
                 }
                 events
@@ -455,7 +539,10 @@ impl SessionMachine {
                     Vec::new()
                 }
             },
-            State::Idle | State::CreatePause { .. } | State::Active { lease: None, .. } => Vec::new(),
+            State::Idle
+            | State::CreatePause { .. }
+            | State::DestroyPause { .. }
+            | State::Active { lease: None, .. } => Vec::new(),
         };
         Some(events)
     }
