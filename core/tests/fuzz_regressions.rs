@@ -59,19 +59,14 @@ fn held(t0: Instant) -> LockMachine {
     m
 }
 
-/// F1 (`lock_machine` target): a renew reply whose TTL is shorter than the renew's round trip
-/// (here `1ns`; `0s` alike) moves the renew deadline into the past, yet the machine stays `Held`
-/// with its token until the next `handle_timeout` (due at once) reports
-/// `Lost(RenewDeadline)`. In between, a caller asking `status()` or `token()` is told it holds a
-/// lock that, by the machine's own rule, it may no longer hold.
-///
-/// Consul itself never answers a TTL under 10 s, so it takes a hostile or broken agent (or a
-/// driver that hands over a reply after the request's deadline); but the renew deadline is the
-/// safety rule, and a reply should not be able to suspend it. Either take the loss in
-/// `handle_response` (as `handle_timeout` would), or don't let a renewed TTL put the deadline
-/// before `now`.
+/// F1 (`lock_machine` target; fixed in core): a renew reply whose TTL is shorter than the
+/// renew's round trip (here `1ns`; `0s` alike) moved the renew deadline into the past, yet the
+/// machine stayed `Held` with its token until the next `handle_timeout` (due at once) reported
+/// `Lost(RenewDeadline)`. In between, a caller asking `status()` or `token()` was told it held a
+/// lock that, by the machine's own rule, it could no longer hold. Consul never answers a TTL under
+/// 10 s, so it took a hostile or broken agent (or a reply handed over after the request's
+/// deadline), but the renew deadline is the safety rule, and no reply may suspend it.
 #[test]
-
 fn a_renewed_ttl_shorter_than_the_round_trip_does_not_leave_the_lock_held_past_its_deadline() {
     let t0 = Instant::now();
     let mut m = held(t0);
@@ -89,7 +84,6 @@ fn a_renewed_ttl_shorter_than_the_round_trip_does_not_leave_the_lock_held_past_i
 
     let deadline = m.session().renew_deadline();
     let still_held = m.status() == LockStatus::Held;
-    // What happens today: still held, deadline 1 s in the past.
     assert!(
         !(still_held && deadline.is_some_and(|d| d <= now)),
         "held at {:?} past the renew deadline (token {:?}, events {events:?})",
@@ -102,4 +96,116 @@ fn a_renewed_ttl_shorter_than_the_round_trip_does_not_leave_the_lock_held_past_i
             "{events:?}"
         );
     }
+}
+
+/// A renew's success with `ttl` for session `id`.
+fn renewed(id: &str, ttl: &str) -> Reply {
+    let entry = format!(
+        r#"[{{"ID":"{id}","Name":"Consul API Lock","Node":"n","LockDelay":15000000000,"Behavior":"release","TTL":"{ttl}","CreateIndex":1,"ModifyIndex":1}}]"#
+    );
+    reply(200, &[], &entry)
+}
+
+/// F2 (`lock_machine` target's hostile session-info replies): the waiter takes the last holder's
+/// `LockDelay` from its session info as is, and pauses until `freed_at + LockDelay` before
+/// acquiring again. An info reply with `LockDelay: 18446744073709551615` (u64::MAX ns, 584 years)
+/// makes it wait for centuries on a free key; nothing but a cancel gets it going again. Consul
+/// caps lock-delay at 60 s, so nothing longer can be in force: cap the wait there (then back off
+/// as usual).
+#[test]
+fn a_huge_lock_delay_in_the_holders_session_info_does_not_stall_the_waiter() {
+    let t0 = Instant::now();
+    let mut m = LockMachine::new(ClientConfig::default(), LockOptions::new("k").unwrap()).unwrap();
+    m.lock(t0).unwrap();
+    let create = only(drain(&mut m).0, "/v1/session/create");
+    m.handle_response(t0, create.id, reply(200, &[], r#"{"ID":"s1"}"#));
+    let read = only(drain(&mut m).0, "/v1/kv/k");
+    let held_by_other = format!(
+        r#"[{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"Session":"other","CreateIndex":5,"ModifyIndex":5}}]"#
+    );
+    m.handle_response(
+        t0,
+        read.id,
+        reply(200, &[("X-Consul-Index", "5")], &held_by_other),
+    );
+
+    // The machine asks for the holder's session (for its lock-delay) and blocks on the key.
+    let (sent, _) = drain(&mut m);
+    let info = sent
+        .iter()
+        .find(|t| t.request.uri().path() == "/v1/session/info/other")
+        .unwrap();
+    let wait = sent
+        .iter()
+        .find(|t| t.request.uri().path() == "/v1/kv/k")
+        .unwrap();
+    let info_entry = r#"[{"ID":"other","Name":"x","Node":"n","LockDelay":18446744073709551615,"Behavior":"release","TTL":"15s","CreateIndex":4,"ModifyIndex":4}]"#;
+    m.handle_response(t0, info.id, reply(200, &[("X-Consul-Index", "5")], info_entry));
+
+    // One second later the key is free; the acquire is refused (lock-delay), the re-read shows
+    // it still free.
+    let freed = t0 + Duration::from_secs(1);
+    let free = format!(
+        r#"[{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"CreateIndex":5,"ModifyIndex":6}}]"#
+    );
+    m.handle_response(freed, wait.id, reply(200, &[("X-Consul-Index", "6")], &free));
+    let acquire = only(drain(&mut m).0, "/v1/kv/k");
+    assert!(acquire.request.uri().query().unwrap().contains("acquire=s1"));
+    m.handle_response(freed, acquire.id, reply(200, &[], "false"));
+    let recheck = only(drain(&mut m).0, "/v1/kv/k");
+    m.handle_response(freed, recheck.id, reply(200, &[("X-Consul-Index", "6")], &free));
+    assert!(drain(&mut m).0.is_empty());
+
+    // Serve the machine for 2 minutes (renewing its session): Consul's longest lock-delay is
+    // 60 s, so it must try to acquire again within that.
+    let end = freed + Duration::from_secs(120);
+    let mut now = freed;
+    let mut acquired_again = false;
+    while now < end && !acquired_again {
+        now = m.poll_timeout().map_or(end, |t| t.min(end)).max(now);
+        m.handle_timeout(now);
+        for t in drain(&mut m).0 {
+            let path = t.request.uri().path().to_owned();
+            if path == "/v1/session/renew/s1" {
+                m.handle_response(now, t.id, renewed("s1", "15s"));
+            } else if t.request.uri().query().is_some_and(|q| q.contains("acquire=")) {
+                acquired_again = true;
+            }
+        }
+    }
+    assert!(
+        acquired_again,
+        "no acquire in the 2 minutes after the key was freed; next timer in {:?}",
+        m.poll_timeout().map(|t| t - now)
+    );
+}
+
+/// F3 (`lock_machine` target's hostile renew replies): the machine adopts whatever TTL a renew
+/// reply carries, e.g. `2562047h` (292 years): it then renews every 146 years and its renew
+/// deadline, the safety rule that bounds how long a holder can be wrong, is 292 years out. Consul
+/// accepts TTLs of 10 s to 86400 s only, and a server that raises a TTL stays within that; a
+/// larger figure can't be Consul's, and following it switches the deadline off (loss would then
+/// be learnt from the monitor read alone). Cap the renewed TTL at 86400 s (or keep the asked TTL
+/// when the reply's is out of range).
+#[test]
+fn a_renewed_ttl_beyond_consuls_range_does_not_push_the_renew_deadline_out_by_centuries() {
+    let t0 = Instant::now();
+    let mut m = held(t0);
+    let t_renew = t0 + Duration::from_millis(7_500);
+    m.handle_timeout(t_renew);
+    let renew = only(drain(&mut m).0, "/v1/session/renew/s1");
+    let now = t_renew + Duration::from_millis(100);
+    m.handle_response(now, renew.id, renewed("s1", "2562047h"));
+    assert_eq!(m.status(), LockStatus::Held);
+    let day = Duration::from_secs(86_400);
+    assert!(
+        m.session().ttl().is_some_and(|ttl| ttl <= day),
+        "renewing by a TTL of {:?}",
+        m.session().ttl()
+    );
+    assert!(
+        m.session().renew_deadline().is_some_and(|d| d <= t_renew + day),
+        "renew deadline {:?} from now",
+        m.session().renew_deadline().map(|d| d - now)
+    );
 }

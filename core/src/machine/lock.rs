@@ -754,7 +754,10 @@ impl LockMachine {
             .as_mut()
             .and_then(|h| Some((h.lock_delay.take()?, h.freed_at?)))
         {
-            Some((delay, freed_at)) => (freed_at + delay + LOCK_DELAY_MARGIN).max(now),
+            // Consul caps lock-delay at 60 s, whatever the session info says (fuzz finding F2).
+            Some((delay, freed_at)) => {
+                (freed_at + delay.min(crate::machine::options::MAX_LOCK_DELAY) + LOCK_DELAY_MARGIN).max(now)
+            }
             None => now + a.backoff.next(rng),
         };
         tracing::debug!(wait = ?until.saturating_duration_since(now), "lock-delay in force");

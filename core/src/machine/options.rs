@@ -4,6 +4,13 @@ use std::time::Duration;
 
 use crate::api::{Key, KeyError, SessionBehavior, SessionCreate, SessionId};
 
+/// The session TTLs Consul accepts.
+pub(crate) const SESSION_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(10)..=Duration::from_secs(86_400);
+
+/// Consul caps lock-delay here, whatever a session asked for.
+pub(crate) const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
+
 /// The session a lock holds its key with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionChoice {
@@ -65,11 +72,11 @@ impl SessionOptions {
     }
 
     pub(crate) fn validate(&self) -> Result<(), OptionsError> {
-        if self.ttl < Duration::from_secs(10) || self.ttl > Duration::from_secs(86_400) {
+        if !SESSION_TTL_RANGE.contains(&self.ttl) {
             return Err(OptionsError::SessionTtl { ttl: self.ttl });
         }
         if let Some(delay) = self.lock_delay {
-            if delay > Duration::from_secs(60) {
+            if delay > MAX_LOCK_DELAY {
                 return Err(OptionsError::LockDelay { delay });
             }
         }

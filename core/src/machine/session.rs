@@ -549,7 +549,12 @@ impl SessionMachine {
 }
 
 /// The TTL to renew by: the server's, which it may raise under load. It is the server that
-/// invalidates the session, so its figure is the one the deadline must follow.
-fn renewed_ttl(entry: &SessionEntry, asked: Duration) -> Duration {
-    entry.ttl.unwrap_or(asked)
+/// invalidates the session, so its figure is the one the deadline must follow, as long as it is
+/// one Consul could mean: a figure outside Consul's range would switch the renew deadline off
+/// (fuzz finding F3), so the TTL in force is kept then.
+fn renewed_ttl(entry: &SessionEntry, in_force: Duration) -> Duration {
+    entry
+        .ttl
+        .filter(|ttl| crate::machine::options::SESSION_TTL_RANGE.contains(ttl))
+        .unwrap_or(in_force)
 }
