@@ -25,6 +25,12 @@ pub enum Error {
         /// What went wrong.
         problem: String,
     },
+    /// Acquiring failed in a TLS handshake that retrying can't fix: the agent's certificate is
+    /// not trusted (`CONSUL_CACERT`, `CONSUL_CAPATH`) or does not name the host
+    /// (`CONSUL_TLS_SERVER_NAME`), the agent wants a client certificate (`CONSUL_CLIENT_CERT`,
+    /// `CONSUL_CLIENT_KEY`), or the address does not speak TLS. The message is rustls's.
+    #[error("TLS handshake with the Consul agent failed: {0}")]
+    TlsHandshake(String),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(String),

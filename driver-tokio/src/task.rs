@@ -63,7 +63,7 @@ pub(crate) async fn run<M: HoldMachine>(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let config = std::sync::Arc::new(config);
-    let mut inflight: JoinSet<(RequestId, consul_lock_core::machine::Reply)> = JoinSet::new();
+    let mut inflight: JoinSet<(RequestId, consul_lock_core::machine::Reply, bool)> = JoinSet::new();
     let mut waiters = Waiters {
         generation: 0,
         acquire: None,
@@ -78,8 +78,9 @@ pub(crate) async fn run<M: HoldMachine>(
                 Action::Send(t) => {
                     let (http, config) = (http.clone(), config.clone());
                     inflight.spawn(async move {
-                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
-                        (t.id, reply)
+                        let (reply, tls_refused) =
+                            crate::transport::exchange(http, &config, t.request, t.deadline).await;
+                        (t.id, reply, tls_refused)
                     });
                 }
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
@@ -106,8 +107,16 @@ pub(crate) async fn run<M: HoldMachine>(
                 None => handles_gone = true,
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                if let Ok((id, reply)) = done {
-                    machine.handle_response(Instant::now(), id, reply);
+                if let Ok((id, reply, tls_refused)) = done {
+                    let now = Instant::now();
+                    if tls_refused && waiters.acquire.is_some() && machine.status() == LockStatus::Acquiring {
+                        // The machine would retry for ever (a transport error is transient to it),
+                        // but no answer can come while the TLS setup is wrong: tell the caller.
+                        let why = reply.as_ref().err().map(|e| e.message.clone()).unwrap_or_default();
+                        answer(&mut waiters.acquire, Err(Error::TlsHandshake(why)));
+                        machine.cancel(now);
+                    }
+                    machine.handle_response(now, id, reply);
                 }
             }
             () = sleep_until(timer), if timer.is_some() => machine.handle_timeout(Instant::now()),

@@ -109,12 +109,25 @@ pub(crate) fn rewrite_for_server_name(config: &ClientConfig, request: &mut http:
     }
 }
 
-/// Sends one request, giving up at `deadline`.
+/// Sends one request, giving up at `deadline`. The flag is set when the request failed in a TLS
+/// handshake that retrying can't fix (see [`tls_refused`]).
 pub(crate) async fn exchange(
+    client: reqwest::Client,
+    config: &ClientConfig,
+    request: http::Request<Vec<u8>>,
+    deadline: Instant,
+) -> (Reply, bool) {
+    let mut refused = false;
+    let reply = exchange_inner(client, config, request, deadline, &mut refused).await;
+    (reply, refused)
+}
+
+async fn exchange_inner(
     client: reqwest::Client,
     config: &ClientConfig,
     mut request: http::Request<Vec<u8>>,
     deadline: Instant,
+    refused: &mut bool,
 ) -> Reply {
     rewrite_for_server_name(config, &mut request);
     let budget = deadline.saturating_duration_since(Instant::now());
@@ -126,7 +139,10 @@ pub(crate) async fn exchange(
     }
     let exchange = async {
         let request = reqwest::Request::try_from(request).map_err(|e| transport_error(&e))?;
-        let mut response = client.execute(request).await.map_err(|e| transport_error(&e))?;
+        let mut response = client.execute(request).await.map_err(|e| {
+            *refused = tls_refused(&e);
+            transport_error(&e)
+        })?;
         let mut reply = http::Response::builder().status(response.status());
         if let Some(headers) = reply.headers_mut() {
             *headers = std::mem::take(response.headers_mut());
@@ -152,6 +168,49 @@ pub(crate) async fn exchange(
             format!("no reply within {budget:?}"),
         )),
     }
+}
+
+/// Whether `e` is a TLS failure that asking again can't fix, because the configuration is wrong:
+/// the agent's certificate is not trusted or does not name the host we asked for, the agent
+/// refused our (missing) client certificate, or the other side does not speak TLS at all.
+fn tls_refused(e: &reqwest::Error) -> bool {
+    use rustls::AlertDescription as Alert;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(mut cause) = source {
+        // rustls's error travels inside an `io::Error` (itself sometimes inside another), whose
+        // `source` skips what it wraps.
+        while let Some(inner) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            cause = inner;
+        }
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::PeerIncompatible(_)
+                    | rustls::Error::InvalidMessage(_)
+                    | rustls::Error::AlertReceived(
+                        Alert::BadCertificate
+                            | Alert::UnsupportedCertificate
+                            | Alert::CertificateRevoked
+                            | Alert::CertificateExpired
+                            | Alert::CertificateUnknown
+                            | Alert::UnknownCA
+                            | Alert::AccessDenied
+                            | Alert::CertificateRequired
+                            | Alert::HandshakeFailure
+                            | Alert::ProtocolVersion
+                            | Alert::InsufficientSecurity
+                    )
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn transport_error(e: &reqwest::Error) -> TransportError {

@@ -179,6 +179,8 @@ pub enum AgentError {
 pub struct ConsulAgent {
     binary: PathBuf,
     http: SocketAddr,
+    https: Option<SocketAddr>,
+    tls: Option<TlsFiles>,
     pid: u32,
     dir: PathBuf,
     log: PathBuf,
@@ -196,7 +198,13 @@ impl ConsulAgent {
     ///
     /// Safe to call from within an async runtime: the blocking probes run on a thread of their own.
     pub fn start() -> Result<ConsulAgent, AgentError> {
-        match thread::spawn(start_agent).join() {
+        ConsulAgent::start_with(AgentOptions::default())
+    }
+
+    /// Like [`start`](Self::start), with extra configuration: `-hcl` snippets and, on request,
+    /// HTTPS with certificates made by `consul tls` (see [`AgentOptions`]).
+    pub fn start_with(options: AgentOptions) -> Result<ConsulAgent, AgentError> {
+        match thread::spawn(move || start_agent(&options)).join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
         }
@@ -232,6 +240,19 @@ impl ConsulAgent {
     pub fn config(&self) -> Result<ClientConfig, AgentError> {
         let addr = self.http_addr();
         ClientConfig::http(&addr).map_err(|source| AgentError::Config { addr, source })
+    }
+
+    /// The HTTPS API's address (`127.0.0.1:PORT`), when the agent was started with
+    /// [`AgentOptions::tls`].
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https
+    }
+
+    /// The certificates the agent's HTTPS port uses, and a client certificate from the same CA,
+    /// when the agent was started with [`AgentOptions::tls`]. They live in the agent's temporary
+    /// directory, deleted when the agent stops.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// The consul binary the agent runs.
@@ -305,6 +326,125 @@ pub fn require_agent() -> Option<&'static ConsulAgent> {
 /// When no agent can be had and `CI` is set.
 pub fn require_new_agent() -> Option<ConsulAgent> {
     apply_policy(ConsulAgent::start())
+}
+
+/// Like [`require_new_agent`], for an agent started with `options` (see
+/// [`ConsulAgent::start_with`]).
+///
+/// # Panics
+///
+/// When no agent can be had and `CI` is set.
+pub fn require_new_agent_with(options: AgentOptions) -> Option<ConsulAgent> {
+    apply_policy(ConsulAgent::start_with(options))
+}
+
+/// Opt-in settings for [`ConsulAgent::start_with`]; the default starts the same agent as
+/// [`ConsulAgent::start`].
+///
+/// ```no_run
+/// # use consul_lock_testkit::agent::{AgentOptions, ConsulAgent};
+/// // HTTPS that wants a client certificate, also listening on 127.0.0.2.
+/// let options = AgentOptions::default()
+///     .tls()
+///     .hcl("verify_incoming_https = true")
+///     .hcl(r#"addresses { https = "127.0.0.1 127.0.0.2" }"#);
+/// let agent = ConsulAgent::start_with(options)?;
+/// let https = agent.https_addr().unwrap();
+/// let ca = &agent.tls_files().unwrap().ca;
+/// # Ok::<(), consul_lock_testkit::AgentError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    hcl: Vec<String>,
+    tls: bool,
+}
+
+impl AgentOptions {
+    /// Adds a configuration snippet, passed to consul as one `-hcl` argument (after the
+    /// launcher's own).
+    pub fn hcl(mut self, snippet: impl Into<String>) -> AgentOptions {
+        self.hcl.push(snippet.into());
+        self
+    }
+
+    /// Serves HTTPS too, on a free loopback port ([`ConsulAgent::https_addr`]), with a CA and a
+    /// server certificate for `server.dc1.consul` (SANs: `server.dc1.consul`, `localhost`,
+    /// `127.0.0.1`) made by `consul tls` in the agent's directory ([`ConsulAgent::tls_files`]).
+    /// Client certificates are not required unless a snippet says so
+    /// (`verify_incoming_https = true`). Plain HTTP stays on.
+    pub fn tls(mut self) -> AgentOptions {
+        self.tls = true;
+        self
+    }
+}
+
+/// PEM files made by `consul tls ca create`, `consul tls cert create -server -dc dc1` and
+/// `consul tls cert create -client -dc dc1`.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The CA certificate (`consul-agent-ca.pem`).
+    pub ca: PathBuf,
+    /// The server certificate (`dc1-server-consul-0.pem`): CN `server.dc1.consul`.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate from the same CA (`dc1-client-consul-0.pem`).
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes a CA, a server certificate and a client certificate in `dir` with `consul tls`.
+    pub fn create(consul: &Path, dir: &Path) -> Result<TlsFiles, AgentError> {
+        let steps: [&[&str]; 3] = [
+            &["tls", "ca", "create"],
+            &["tls", "cert", "create", "-server", "-dc", "dc1"],
+            &["tls", "cert", "create", "-client", "-dc", "dc1"],
+        ];
+        for args in steps {
+            let what = format!("{} {}", consul.display(), args.join(" "));
+            let output = Command::new(consul)
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|source| AgentError::Spawn {
+                    what: what.clone(),
+                    source,
+                })?;
+            if !output.status.success() {
+                return Err(AgentError::Setup {
+                    what,
+                    source: io::Error::other(format!(
+                        "{}: {}",
+                        describe_exit(output.status),
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    )),
+                });
+            }
+        }
+        let files = TlsFiles {
+            ca: dir.join("consul-agent-ca.pem"),
+            server_cert: dir.join("dc1-server-consul-0.pem"),
+            server_key: dir.join("dc1-server-consul-0-key.pem"),
+            client_cert: dir.join("dc1-client-consul-0.pem"),
+            client_key: dir.join("dc1-client-consul-0-key.pem"),
+        };
+        for path in [
+            &files.ca,
+            &files.server_cert,
+            &files.server_key,
+            &files.client_cert,
+            &files.client_key,
+        ] {
+            fs::metadata(path).map_err(|source| AgentError::Setup {
+                what: format!("consul tls did not write {}", path.display()),
+                source,
+            })?;
+        }
+        Ok(files)
+    }
 }
 
 /// Fail in CI, skip elsewhere.
@@ -421,16 +561,22 @@ struct Ports {
     serf_lan: u16,
     serf_wan: u16,
     server: u16,
+    https: Option<u16>,
 }
 
-/// Picks five distinct free ports at once: each is bound (TCP, plus UDP for DNS and Serf, which
-/// use both) until all are chosen, then released for consul.
-fn pick_ports() -> io::Result<Ports> {
+/// Picks five distinct free ports at once (six with `https`): each is bound (TCP, plus UDP for DNS
+/// and Serf, which use both) until all are chosen, then released for consul.
+fn pick_ports(https: bool) -> io::Result<Ports> {
     let mut held: Vec<(TcpListener, Option<UdpSocket>)> = Vec::new();
     let mut rejected: Vec<TcpListener> = Vec::new();
-    let mut ports = [0_u16; 5];
-    // http, dns, serf_lan, serf_wan, server
-    for (slot, needs_udp) in ports.iter_mut().zip([false, true, true, true, false]) {
+    let mut ports = [0_u16; 6];
+    let count = if https { 6 } else { 5 };
+    // http, dns, serf_lan, serf_wan, server, https
+    for (slot, needs_udp) in ports
+        .iter_mut()
+        .zip([false, true, true, true, false, false])
+        .take(count)
+    {
         let mut tries = 0;
         loop {
             let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -456,13 +602,14 @@ fn pick_ports() -> io::Result<Ports> {
             break;
         }
     }
-    let [http, dns, serf_lan, serf_wan, server] = ports;
+    let [http, dns, serf_lan, serf_wan, server, https_port] = ports;
     Ok(Ports {
         http,
         dns,
         serf_lan,
         serf_wan,
         server,
+        https: https.then_some(https_port),
     })
 }
 
@@ -474,7 +621,7 @@ enum Attempt {
     Failed(AgentError),
 }
 
-fn start_agent() -> Result<ConsulAgent, AgentError> {
+fn start_agent(options: &AgentOptions) -> Result<ConsulAgent, AgentError> {
     let binary = binary()?;
     let client = crate::transport::blocking_client_builder()
         .no_proxy()
@@ -483,7 +630,7 @@ fn start_agent() -> Result<ConsulAgent, AgentError> {
         .map_err(AgentError::HttpClient)?;
     let mut attempt = 1;
     loop {
-        match start_once(&binary, &client) {
+        match start_once(&binary, &client, options) {
             Ok(agent) => return Ok(agent),
             Err(Attempt::PortTaken(err)) if attempt < START_ATTEMPTS => {
                 tracing::debug!(attempt, %err, "consul agent port taken; retrying with new ports");
@@ -494,7 +641,11 @@ fn start_agent() -> Result<ConsulAgent, AgentError> {
     }
 }
 
-fn start_once(binary: &Binary, client: &reqwest::blocking::Client) -> Result<ConsulAgent, Attempt> {
+fn start_once(
+    binary: &Binary,
+    client: &reqwest::blocking::Client,
+    options: &AgentOptions,
+) -> Result<ConsulAgent, Attempt> {
     let began = Instant::now();
     let setup = |what: &str| {
         let what = what.to_owned();
@@ -509,7 +660,18 @@ fn start_once(binary: &Binary, client: &reqwest::blocking::Client) -> Result<Con
             return Err(setup("creating the log file")(err));
         }
     };
-    let ports = match pick_ports() {
+    let tls = if options.tls {
+        match TlsFiles::create(&binary.path, &dir) {
+            Ok(files) => Some(files),
+            Err(err) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(Attempt::Failed(err));
+            }
+        }
+    } else {
+        None
+    };
+    let ports = match pick_ports(options.tls) {
         Ok(ports) => ports,
         Err(err) => {
             let _ = fs::remove_dir_all(&dir);
@@ -534,6 +696,17 @@ fn start_once(binary: &Binary, client: &reqwest::blocking::Client) -> Result<Con
         // Consul 1.14 added a gRPC TLS port, on 8503 in dev mode.
         args.push("-hcl=ports { grpc_tls = -1 }".into());
     }
+    if let (Some(port), Some(tls)) = (ports.https, &tls) {
+        args.push(format!("-hcl=ports {{ https = {port} }}").into());
+        for (name, path) in [
+            ("ca_file", &tls.ca),
+            ("cert_file", &tls.server_cert),
+            ("key_file", &tls.server_key),
+        ] {
+            args.push(format!("-hcl={name} = {:?}", path.display().to_string()).into());
+        }
+    }
+    args.extend(options.hcl.iter().map(|snippet| format!("-hcl={snippet}").into()));
     let mut watchdog = match Command::new("sh")
         .arg("-c")
         .arg(WATCHDOG)
@@ -569,6 +742,10 @@ fn start_once(binary: &Binary, client: &reqwest::blocking::Client) -> Result<Con
     let agent = ConsulAgent {
         binary: binary.path.clone(),
         http,
+        https: ports
+            .https
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        tls,
         pid: pid.unwrap_or(0),
         dir,
         log,
