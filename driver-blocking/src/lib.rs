@@ -1,4 +1,4 @@
-//! Consul locks and leader election for plain threads.
+//! Consul locks, leader election and semaphores for plain threads.
 //!
 //! ```no_run
 //! use consul_lock_blocking::{Client, Error};
@@ -16,6 +16,21 @@
 //! }
 //! ```
 //!
+//! A semaphore (Go's `api.Semaphore`, `consul lock -n N`) lets up to `limit` holders in at once;
+//! its handle and guard are the lock's:
+//!
+//! ```no_run
+//! # use consul_lock_blocking::{Client, Error};
+//! # fn run() -> Result<(), Error> {
+//! let client = Client::from_env()?;
+//! let workers = client.semaphore_prefix("service/workers", 3)?; // at most 3 at once
+//! let slot = workers.acquire()?;
+//! // ... work while `slot.is_held()` ...
+//! slot.release()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Under the hood the lock runs on a private single-threaded tokio runtime owned by the
 //! [`Client`] (as `reqwest::blocking` does), driving the same task as `consul-lock-tokio`: a
 //! blocking read of the key never holds up a session renewal, because the two are separate
@@ -25,7 +40,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
-pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason};
+pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
 pub use consul_lock_tokio::Error;
 use tokio::sync::watch;
 
@@ -51,7 +66,7 @@ impl Drop for Runtime {
     }
 }
 
-/// A connection to one Consul agent, with the thread that runs its locks.
+/// A connection to one Consul agent, with the thread that runs its locks and semaphores.
 #[derive(Clone, Debug)]
 pub struct Client {
     runtime: Arc<Runtime>,
@@ -107,6 +122,22 @@ impl Client {
             runtime: self.runtime.clone(),
         })
     }
+
+    /// A semaphore of `limit` slots under `prefix`, with Go's defaults (Go's `SemaphorePrefix`).
+    pub fn semaphore_prefix(&self, prefix: &str, limit: u32) -> Result<Semaphore, Error> {
+        self.semaphore(SemaphoreOptions::new(prefix, limit)?)
+    }
+
+    /// A semaphore with `options`: each [`acquire`](Lock::acquire) takes one of its slots. Its
+    /// keys are Go's `api.Semaphore`'s, so Rust and Go contenders (`consul lock -n N <prefix>`)
+    /// share one semaphore, provided they agree on the limit.
+    pub fn semaphore(&self, options: SemaphoreOptions) -> Result<Semaphore, Error> {
+        let _entered = self.runtime.handle()?.enter();
+        Ok(Lock {
+            inner: Arc::new(self.inner.semaphore(options)?),
+            runtime: self.runtime.clone(),
+        })
+    }
 }
 
 /// Stops a blocked [`Lock::acquire`] from another thread.
@@ -128,12 +159,19 @@ impl StopHandle {
     }
 }
 
-/// A lock on one key, for threads. Acquire it as often as you like, one hold at a time.
+/// A lock on one key ([`Client::lock`]) or a semaphore ([`Client::semaphore`]), for threads.
+/// Acquire it as often as you like, one hold at a time per handle (a semaphore handle holds at
+/// most one slot; take several slots with several handles).
 #[derive(Clone, Debug)]
 pub struct Lock {
     inner: Arc<consul_lock_tokio::Lock>,
     runtime: Arc<Runtime>,
 }
+
+/// A semaphore: the same handle as a [`Lock`] (made by [`Client::semaphore`]), whose
+/// [`acquire`](Lock::acquire) blocks until one of the semaphore's slots is held. See
+/// [`consul_lock_tokio::Semaphore`] for what its fencing token carries.
+pub type Semaphore = Lock;
 
 impl Lock {
     /// A handle that stops acquisitions made with [`acquire_with`](Self::acquire_with).
@@ -143,8 +181,9 @@ impl Lock {
         }
     }
 
-    /// Blocks until the lock is held. With `lock_try_once`, returns [`Error::GaveUp`] when the
-    /// wait ends without it.
+    /// Blocks until the lock (for a semaphore: a slot) is held. With `lock_try_once` (a
+    /// semaphore's `try_once`), returns [`Error::GaveUp`] when the wait ends without it. The
+    /// errors are those of [`consul_lock_tokio::Lock::acquire`].
     pub fn acquire(&self) -> Result<LockGuard, Error> {
         self.acquire_with(None, None)
     }
@@ -183,7 +222,8 @@ impl Lock {
         Ok(LockGuard::new(guard, self.runtime.clone()))
     }
 
-    /// Deletes the lock key if nobody holds it (Go's `Destroy`).
+    /// Deletes the lock key if nobody holds it (Go's `Destroy`); for a semaphore, its `.lock` if
+    /// no live contender remains.
     pub fn destroy(&self) -> Result<(), Error> {
         let inner = self.inner.clone();
         self.runtime
@@ -192,7 +232,8 @@ impl Lock {
     }
 }
 
-/// A held lock. Dropping it releases the lock in the background.
+/// A held lock, or a held semaphore slot. Dropping it releases the lock (the slot) in the
+/// background.
 #[derive(Debug)]
 pub struct LockGuard {
     token: FencingToken,
@@ -249,7 +290,7 @@ impl LockGuard {
         }
     }
 
-    /// Releases the lock and destroys its session, blocking until both are done.
+    /// Releases the lock (the slot) and destroys its session, blocking until both are done.
     pub fn release(mut self) -> Result<(), Error> {
         let Some(guard) = self.inner.take() else {
             return Ok(());

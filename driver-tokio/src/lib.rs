@@ -1,5 +1,5 @@
-//! Consul locks and leader election on tokio: [`consul-lock-core`](consul_lock_core)'s sans-IO
-//! [`LockMachine`] driven by a task, with reqwest for HTTP.
+//! Consul locks, leader election and semaphores on tokio: [`consul-lock-core`](consul_lock_core)'s
+//! sans-IO [`LockMachine`] and [`SemaphoreMachine`] driven by a task, with reqwest for HTTP.
 //!
 //! ```no_run
 //! use consul_lock_tokio::{Client, Error};
@@ -19,11 +19,30 @@
 //! }
 //! ```
 //!
+//! A semaphore (Go's `api.Semaphore`, `consul lock -n N`) lets up to `limit` holders in at once;
+//! its handle and guard are the lock's:
+//!
+//! ```no_run
+//! use consul_lock_tokio::{Client, Error};
+//!
+//! # async fn work() {}
+//! # async fn run() -> Result<(), Error> {
+//! let client = Client::from_env()?;
+//! let workers = client.semaphore_prefix("service/workers", 3)?; // at most 3 at once
+//! let mut slot = workers.acquire().await?;
+//! tokio::select! {
+//!     () = work() => slot.release().await?,
+//!     lost = slot.lost() => println!("lost the slot: {lost:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! - Dropping the future of [`Lock::acquire`] cancels the attempt at once; its session is
 //!   destroyed in the background.
-//! - Dropping a [`LockGuard`] releases the lock in the background (no IO happens in `Drop`,
-//!   and no runtime is needed there).
-//! - A lock is usable again after it was lost or released.
+//! - Dropping a [`LockGuard`] releases the lock (or the slot) in the background (no IO happens in
+//!   `Drop`, and no runtime is needed there).
+//! - A lock or a semaphore is usable again after it was lost or released.
 
 mod error;
 mod task;
@@ -34,13 +53,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::LockMachine;
-pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason};
+pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
+use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
 pub use error::Error;
 use task::{Command, Ended, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// A connection to one Consul agent: one HTTP client (connection pool) shared by every lock.
+/// A connection to one Consul agent: one HTTP client (connection pool) shared by every lock and
+/// semaphore.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
@@ -78,28 +98,64 @@ impl Client {
     pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let machine = LockMachine::new((*self.config).clone(), options)?;
+        Ok(self.spawn(&runtime, machine))
+    }
+
+    /// A semaphore of `limit` slots under `prefix`, with Go's defaults (Go's `SemaphorePrefix`).
+    pub fn semaphore_prefix(&self, prefix: &str, limit: u32) -> Result<Semaphore, Error> {
+        self.semaphore(SemaphoreOptions::new(prefix, limit)?)
+    }
+
+    /// A semaphore with `options`: each [`acquire`](Lock::acquire) takes one of its slots. Must
+    /// be called inside a tokio runtime: the semaphore's task starts here.
+    ///
+    /// The keys and the algorithm are Go's `api.Semaphore`'s (`<prefix>/<session>` and
+    /// `<prefix>/.lock`), so Rust and Go contenders (`consul lock -n N <prefix>`) share one
+    /// semaphore, provided they agree on the limit.
+    pub fn semaphore(&self, options: SemaphoreOptions) -> Result<Semaphore, Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let machine = SemaphoreMachine::new((*self.config).clone(), options)?;
+        Ok(self.spawn(&runtime, machine))
+    }
+
+    /// Starts the task that owns `machine`, and hands out its handle.
+    fn spawn<M: HoldMachine>(&self, runtime: &tokio::runtime::Handle, machine: M) -> Lock {
         let (commands, rx) = mpsc::unbounded_channel();
         runtime.spawn(task::run(machine, self.http.clone(), (*self.config).clone(), rx));
-        Ok(Lock {
+        Lock {
             commands,
             generation: Arc::new(AtomicU64::new(0)),
-        })
+        }
     }
 }
 
-/// A lock on one key. Acquire it as often as you like, one hold at a time.
+/// A lock on one key ([`Client::lock`]), or a semaphore ([`Client::semaphore`]): acquire it as
+/// often as you like, one hold at a time per handle. A semaphore handle holds at most one slot;
+/// take several slots with several handles.
 #[derive(Debug)]
 pub struct Lock {
     commands: mpsc::UnboundedSender<Command>,
     generation: Arc<AtomicU64>,
 }
 
+/// A semaphore: the same handle as a [`Lock`] (made by [`Client::semaphore`]), whose
+/// [`acquire`](Lock::acquire) waits for one of the semaphore's slots and whose guard holds it.
+///
+/// For a semaphore, the guard's [`FencingToken`] names `<prefix>/.lock` and carries its
+/// `ModifyIndex` after the grant (as both `lock_index` and `modify_index`): it orders grants (a
+/// slot granted before another contender's attempt wrote carries a smaller one), but slots granted
+/// close together may carry the same value; their sessions tell them apart.
+pub type Semaphore = Lock;
+
 impl Lock {
-    /// Waits for the lock. Cancel by dropping the future: the attempt stops at once.
+    /// Waits for the lock (for a semaphore: for a slot). Cancel by dropping the future: the
+    /// attempt stops at once.
     ///
-    /// Errors: [`Error::GaveUp`] with `lock_try_once` when the wait ended without the lock (never
-    /// a guard); [`Error::Lock`] for a key used otherwise (`Conflict`), a session Consul refused,
-    /// a permission error, or a lock already held by this handle.
+    /// Errors: [`Error::GaveUp`] with `lock_try_once` (a semaphore's `try_once`) when the wait
+    /// ended without the lock (never a guard); [`Error::Lock`] for a key used otherwise
+    /// (`Conflict`: a lock where a semaphore is, or the reverse), a semaphore whose `.lock` has
+    /// another limit (`LimitMismatch`) or is unreadable (`BadSemaphore`), a session Consul
+    /// refused, a permission error, or a lock already held by this handle (`AlreadyHeld`).
     pub async fn acquire(&self) -> Result<LockGuard, Error> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, answer) = oneshot::channel();
@@ -123,7 +179,9 @@ impl Lock {
     }
 
     /// Deletes the lock key if nobody holds it (Go's `Destroy`): [`LockError::InUse`] if someone
-    /// does, [`LockError::Conflict`] if the key is not a lock.
+    /// does, [`LockError::Conflict`] if the key is not a lock, [`LockError::AlreadyHeld`] if this
+    /// handle holds it. For a semaphore: deletes `<prefix>/.lock` if no live contender remains
+    /// (holding or waiting), with the same errors.
     pub async fn destroy(&self) -> Result<(), Error> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -155,8 +213,8 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Watches a hold for its loss; cheap to clone, and usable after the guard moved elsewhere (to
-/// hand to a worker that must stop when leadership ends).
+/// Watches a hold (of a lock or a semaphore slot) for its loss; cheap to clone, and usable after
+/// the guard moved elsewhere (to hand to a worker that must stop when leadership ends).
 #[derive(Clone, Debug)]
 pub struct LossWatch {
     state: watch::Receiver<task::HoldState>,
@@ -184,7 +242,8 @@ impl LossWatch {
     }
 }
 
-/// A held lock. Dropping it releases the lock in the background.
+/// A held lock, or a held semaphore slot. Dropping it releases the lock (the slot) in the
+/// background.
 #[derive(Debug)]
 pub struct LockGuard {
     token: FencingToken,
@@ -196,7 +255,8 @@ pub struct LockGuard {
 
 impl LockGuard {
     /// The fencing token: key, session and `LockIndex`, which grows with each new holder. Pass
-    /// it along with writes made on the lock's behalf so stale holders can be refused.
+    /// it along with writes made on the lock's behalf so stale holders can be refused. (For a
+    /// semaphore slot, see [`Semaphore`].)
     pub fn token(&self) -> &FencingToken {
         &self.token
     }
@@ -217,7 +277,9 @@ impl LockGuard {
     }
 
     /// Releases the lock (writing the lock's value) and destroys its session, waiting for both.
-    /// Releasing a lock that was lost meanwhile succeeds: there is nothing left to release.
+    /// For a semaphore: takes the session out of the `.lock`'s holders, deletes the contender key
+    /// and destroys the session. Releasing a hold that was lost meanwhile succeeds: there is
+    /// nothing left to release.
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
         let (reply, answer) = oneshot::channel();

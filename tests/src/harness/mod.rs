@@ -1,19 +1,25 @@
-//! Virtual-time runs of several [`LockMachine`]s against one [`SimConsul`], with a seeded,
-//! fault-injecting network in between (after quinn-proto's `Pair` and str0m's sans-IO network
-//! emulator). One virtual clock jumps to the next thing that happens; nothing sleeps.
+//! Virtual-time runs of several [`LockMachine`]s or [`SemaphoreMachine`]s (as
+//! [`HoldMachine`]s) against one [`SimConsul`], with a seeded, fault-injecting network in between
+//! (after quinn-proto's `Pair` and str0m's sans-IO network emulator). One virtual clock jumps to
+//! the next thing that happens; nothing sleeps.
 //!
-//! [`run`] plays a [`Scenario`] and returns an [`Outcome`]: every request, reply and event with
+//! [`run`] plays a [`Scenario`] of lock contenders, [`run_target`] one of lock or semaphore
+//! contenders ([`Target`]), and both return an [`Outcome`]: every request, reply and event with
 //! its virtual time (the trace, and its hash: the same scenario gives the same hash), every hold,
 //! and every violation of the properties checked along the way:
-//! - safety: never two holders at once in their own view, except after an operator deleted the
-//!   key or destroyed the holder's session, and then only until the old holder hears of it
-//!   (measured, and bounded by the holder's TTL);
-//! - fencing: successive holders' tokens strictly increase;
+//! - safety: never more holders at once in their own view than the limit (one for a lock),
+//!   except after an operator action on a holder (deleted its key, destroyed its session,
+//!   overwrote the key; for a semaphore slot, also one between the write that granted it and its
+//!   `Acquired`), and then only until that holder hears of it (measured, and bounded by the
+//!   holder's TTL);
+//! - fencing: for a lock, successive holders' tokens strictly increase; for a semaphore, a slot
+//!   granted before another contender's attempt sent its first check-and-set carries a smaller
+//!   token than that contender's next slot (the `.lock`'s `ModifyIndex` orders grants);
 //! - machine invariants: `poll_timeout` never before `now`, every request's deadline after
 //!   `now`, at most one renew outstanding per client, `Acquired` before `Lost`/`Released`,
 //!   nothing emitted by a quiescent machine;
-//! - cleanup: once everyone stops, every machine settles with nothing in flight, and no session
-//!   outlives its TTL window.
+//! - cleanup: once everyone stops, every machine settles with nothing in flight, no session
+//!   outlives its TTL window, and (semaphore) no contender key is left under the prefix.
 //!
 //! Liveness is measured ([`Outcome::first_acquire_after`]) for the caller to bound.
 
@@ -25,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, FencingToken, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply, RequestId,
-    TransportError, TransportErrorKind,
+    Action, FencingToken, HoldMachine, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply,
+    RequestId, SemaphoreMachine, SemaphoreOptions, SemaphoreState, TransportError, TransportErrorKind,
 };
-pub use scenario::{ClientSpec, Fault, FaultKind, Scenario};
+pub use scenario::{ClientSpec, Fault, FaultKind, Scenario, Target};
 
 use crate::sim::{QueryId, SimConsul, SimReply};
 
@@ -86,9 +92,14 @@ impl Outcome {
     }
 }
 
-/// Plays `scenario` to its end.
+/// Plays `scenario` to its end, with lock contenders.
 pub fn run(scenario: &Scenario) -> Outcome {
-    let mut h = Harness::new(scenario);
+    run_target(scenario, Target::Lock)
+}
+
+/// Plays `scenario` to its end, with contenders for `target`.
+pub fn run_target(scenario: &Scenario, target: Target) -> Outcome {
+    let mut h = Harness::new(scenario, target);
     h.play();
     h.finish()
 }
@@ -115,9 +126,11 @@ enum Op {
 
 struct Client {
     spec: ClientSpec,
-    machine: LockMachine,
+    machine: Box<dyn HoldMachine>,
     /// Index into `holds` of the current hold.
     holding: Option<usize>,
+    /// Semaphore: when the current attempt sent its first check-and-set of the `.lock`.
+    first_cas: Option<Duration>,
     /// `unlock` was called and `Released` has not come yet.
     releasing: bool,
     next_op: Option<(Instant, Op)>,
@@ -125,8 +138,27 @@ struct Client {
     outstanding: BTreeMap<RequestId, (String, Instant)>,
 }
 
+/// An operator action: when, and on whose hold.
+#[derive(Clone, Debug)]
+struct OperatorAction {
+    at: Duration,
+    /// The session whose hold it acts on; `None`: every hold (the lock's key, the `.lock`).
+    session: Option<String>,
+}
+
+impl OperatorAction {
+    fn touches(&self, hold: &Hold) -> bool {
+        self.session
+            .as_ref()
+            .is_none_or(|s| s == hold.token.session.as_str())
+    }
+}
+
 struct Harness<'s> {
     scenario: &'s Scenario,
+    target: Target,
+    /// The semaphore's `.lock` (semaphore runs).
+    lock_key: String,
     base: Instant,
     now: Instant,
     sim: SimConsul,
@@ -139,8 +171,15 @@ struct Harness<'s> {
     holds: Vec<Hold>,
     violations: Vec<String>,
     max_operator_overlap: Duration,
-    /// Virtual times of operator actions.
-    operator_actions: Vec<Duration>,
+    /// The operator's actions.
+    operator_actions: Vec<OperatorAction>,
+    /// For each hold (as `holds`), the holds that were over the limit with it when it began
+    /// (excused by an operator action): its overlap with them is measured when they end.
+    culprits: Vec<Vec<usize>>,
+    /// For each hold (as `holds`), since when an operator action on it excuses it: its start for
+    /// a lock; for a semaphore, its attempt's first check-and-set (an action between the write
+    /// that granted the slot and the `Acquired` event acts on the slot).
+    exposed: Vec<Duration>,
     last_token: Option<FencingToken>,
     stopped: bool,
     requests: usize,
@@ -152,43 +191,85 @@ struct Harness<'s> {
 
 const MAX_STEPS: usize = 2_000_000;
 
+/// The options every semaphore client of `scenario` shares.
+fn semaphore_options(scenario: &Scenario, limit: u32) -> SemaphoreOptions {
+    SemaphoreOptions::new(&scenario.key, limit).unwrap_or_else(|e| panic!("scenario prefix: {e}"))
+}
+
+/// Client `i`'s machine, with its spec's options.
+fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn HoldMachine> {
+    let spec = &scenario.clients[i];
+    let config = ClientConfig::default();
+    let value = format!("client-{i}").into_bytes();
+    let session = |s: &mut consul_lock_core::machine::SessionOptions| {
+        s.ttl = spec.ttl;
+        s.lock_delay = spec.lock_delay;
+        s.name = format!("client-{i}");
+    };
+    match target {
+        Target::Lock => {
+            let mut options = LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
+            options.seed = seed;
+            options.value = value;
+            options.monitor_retries = spec.monitor_retries;
+            if let Some(wait) = spec.try_once {
+                options.lock_try_once = true;
+                options.lock_wait_time = wait;
+            }
+            if let Some(s) = options.session_options_mut() {
+                session(s);
+            }
+            let machine =
+                LockMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
+            Box::new(machine)
+        }
+        Target::Semaphore { limit } => {
+            let mut options = semaphore_options(scenario, limit);
+            options.seed = seed;
+            options.value = value;
+            options.monitor_retries = spec.monitor_retries;
+            if let Some(wait) = spec.try_once {
+                options.try_once = true;
+                options.wait_time = wait;
+            }
+            if let Some(s) = options.session_options_mut() {
+                session(s);
+            }
+            let machine =
+                SemaphoreMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
+            Box::new(machine)
+        }
+    }
+}
+
 impl<'s> Harness<'s> {
-    fn new(scenario: &'s Scenario) -> Harness<'s> {
+    fn new(scenario: &'s Scenario, target: Target) -> Harness<'s> {
         let base = Instant::now();
-        let config = ClientConfig::default();
         let clients = scenario
             .clients
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let mut options =
-                    LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
-                options.seed = scenario.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                options.value = format!("client-{i}").into_bytes();
-                options.monitor_retries = spec.monitor_retries;
-                if let Some(wait) = spec.try_once {
-                    options.lock_try_once = true;
-                    options.lock_wait_time = wait;
-                }
-                if let Some(s) = options.session_options_mut() {
-                    s.ttl = spec.ttl;
-                    s.lock_delay = spec.lock_delay;
-                    s.name = format!("client-{i}");
-                }
-                let machine = LockMachine::new(config.clone(), options)
-                    .unwrap_or_else(|e| panic!("client {i} options: {e}"));
+                let seed = scenario.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 Client {
                     spec: spec.clone(),
-                    machine,
+                    machine: machine(scenario, target, i, seed),
                     holding: None,
+                    first_cas: None,
                     releasing: false,
                     next_op: Some((base + spec.start, Op::Lock)),
                     outstanding: BTreeMap::new(),
                 }
             })
             .collect();
+        let lock_key = match target {
+            Target::Lock => scenario.key.clone(),
+            Target::Semaphore { limit } => semaphore_options(scenario, limit).lock_key().as_str().to_owned(),
+        };
         Harness {
             scenario,
+            target,
+            lock_key,
             base,
             now: base,
             sim: SimConsul::new(scenario.seed, base),
@@ -202,6 +283,8 @@ impl<'s> Harness<'s> {
             violations: Vec::new(),
             max_operator_overlap: Duration::ZERO,
             operator_actions: Vec::new(),
+            culprits: Vec::new(),
+            exposed: Vec::new(),
             last_token: None,
             stopped: false,
             requests: 0,
@@ -364,7 +447,10 @@ impl<'s> Harness<'s> {
                 if at <= now && !self.stopped {
                     self.clients[i].next_op = None;
                     let result = match op {
-                        Op::Lock => self.clients[i].machine.lock(now),
+                        Op::Lock => {
+                            self.clients[i].first_cas = None;
+                            self.clients[i].machine.lock(now)
+                        }
                         Op::Unlock => self.clients[i].machine.unlock(now),
                     };
                     self.log(format!("client {i} {op:?} -> {result:?}"));
@@ -408,20 +494,38 @@ impl<'s> Harness<'s> {
             if !self.done_faults[i] && t >= fault.from {
                 self.done_faults[i] = true;
                 self.log(format!("fault {:?} for {:?}", fault.kind, fault.lasting));
+                let semaphore = matches!(self.target, Target::Semaphore { .. });
                 match fault.kind {
+                    FaultKind::DestroyHolderSession if semaphore => {
+                        if let Some(session) = self.semaphore_holder() {
+                            self.log(format!("operator destroys session {session}"));
+                            self.sim.destroy_session(now, &session);
+                            self.act(t, Some(session));
+                        }
+                    }
                     FaultKind::DestroyHolderSession => {
                         let holder = self.sim.kv(&self.scenario.key).and_then(|e| e.session.clone());
                         if let Some(session) = holder {
                             self.sim.destroy_session(now, &session);
-                            self.operator_actions.push(t);
+                            self.act(t, None);
+                        }
+                    }
+                    FaultKind::DeleteKey if semaphore => {
+                        if let Some(session) = self.semaphore_holder() {
+                            let key = format!("{}/{session}", self.scenario.key.trim_end_matches('/'));
+                            self.log(format!("operator deletes {key}"));
+                            if self.sim.delete_key(now, &key) {
+                                self.act(t, Some(session));
+                            }
                         }
                     }
                     FaultKind::DeleteKey if self.sim.delete_key(now, &self.scenario.key) => {
-                        self.operator_actions.push(t);
+                        self.act(t, None);
                     }
                     FaultKind::OverwriteKey => {
-                        self.sim.put_key(now, &self.scenario.key, 0, b"operator");
-                        self.operator_actions.push(t);
+                        let key = self.lock_key.clone();
+                        self.sim.put_key(now, &key, 0, b"operator");
+                        self.act(t, None);
                         self.restores.push(fault.from + fault.lasting);
                     }
                     _ => {}
@@ -433,8 +537,9 @@ impl<'s> Harness<'s> {
         self.restores = later;
         for _ in due {
             self.log("operator deletes the overwritten key");
-            self.sim.delete_key(now, &self.scenario.key);
-            self.operator_actions.push(t);
+            let key = self.lock_key.clone();
+            self.sim.delete_key(now, &key);
+            self.act(t, None);
         }
         let electing = self
             .scenario
@@ -446,6 +551,29 @@ impl<'s> Harness<'s> {
             self.log(format!("leader: {}", self.leader));
             self.sim.set_leader(now, self.leader);
         }
+    }
+
+    fn act(&mut self, at: Duration, session: Option<String>) {
+        self.operator_actions.push(OperatorAction { at, session });
+    }
+
+    /// A live session the semaphore's `.lock` lists as a holder, drawn from the seed.
+    fn semaphore_holder(&mut self) -> Option<String> {
+        let Target::Semaphore { limit } = self.target else {
+            return None;
+        };
+        let entry = self.sim.kv(&self.lock_key)?;
+        let state = SemaphoreState::decode(&entry.value, limit).ok()?;
+        let live: Vec<String> = state
+            .holders
+            .into_keys()
+            .filter(|s| self.sim.session(s).is_some())
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let pick = usize::try_from(self.random() % live.len() as u64).unwrap_or(0);
+        live.into_iter().nth(pick)
     }
 
     fn route_woken(&mut self, woken: Vec<(QueryId, http::Response<Vec<u8>>)>) {
@@ -540,6 +668,20 @@ impl<'s> Harness<'s> {
                             transmit.id
                         ));
                     }
+                    let cas = transmit.request.method() == http::Method::PUT
+                        && path == format!("/v1/kv/{}", self.lock_key)
+                        && transmit
+                            .request
+                            .uri()
+                            .query()
+                            .is_some_and(|q| q.split('&').any(|p| p.starts_with("cas=")));
+                    if cas
+                        && matches!(self.target, Target::Semaphore { .. })
+                        && self.clients[i].machine.status() == LockStatus::Acquiring
+                        && self.clients[i].first_cas.is_none()
+                    {
+                        self.clients[i].first_cas = Some(t);
+                    }
                     self.clients[i]
                         .outstanding
                         .insert(transmit.id, (path, transmit.deadline));
@@ -595,27 +737,61 @@ impl<'s> Harness<'s> {
                 if self.clients[i].holding.is_some() {
                     self.violation(format!("client {i}: Acquired while already holding"));
                 }
-                if let Some(last) = &self.last_token {
-                    if token.sequence() <= last.sequence() {
-                        self.violation(format!("fencing: token {token:?} after {last:?}"));
-                    }
-                }
-                self.last_token = Some(token.clone());
-                let unexcused: Vec<usize> = self
+                self.check_fencing(i, &token);
+                // The others' holds, and those of them an operator action excuses: one on the
+                // hold (its key, its session) since it began.
+                let others: Vec<(usize, usize)> = self
                     .clients
                     .iter()
                     .enumerate()
-                    .filter(|(j, other)| *j != i && other.holding.is_some())
-                    .filter(|(_, other)| {
-                        // Allowed only after an operator action during the other's hold.
-                        let other_from = other.holding.map_or(Duration::ZERO, |h| self.holds[h].from);
-                        !self.operator_actions.iter().any(|a| *a >= other_from)
-                    })
-                    .map(|(j, _)| j)
+                    .filter(|(j, _)| *j != i)
+                    .filter_map(|(j, other)| other.holding.map(|h| (j, h)))
                     .collect();
-                for j in unexcused {
-                    self.violation(format!("safety: client {i} acquired while client {j} holds"));
+                // (client, hold) pairs.
+                type Holders = Vec<(usize, usize)>;
+                let (excused, unexcused): (Holders, Holders) = others.iter().partition(|(_, h)| {
+                    let (hold, since) = (&self.holds[*h], self.exposed[*h]);
+                    self.operator_actions
+                        .iter()
+                        .any(|a| a.at >= since && a.touches(hold))
+                });
+                let limit = usize::try_from(self.target.limit()).unwrap_or(usize::MAX);
+                let h = self.holds.len();
+                // Semaphore: an operator action on this slot between the write that granted it
+                // and now (the grant was read before it, and is reported after) excuses it too.
+                let exposed = match self.target {
+                    Target::Lock => t,
+                    Target::Semaphore { .. } => self.clients[i].first_cas.unwrap_or(t),
+                };
+                let itself_excused = matches!(self.target, Target::Semaphore { .. })
+                    && self.operator_actions.iter().any(|a| {
+                        a.at >= exposed && a.session.as_ref().is_none_or(|s| s == token.session.as_str())
+                    });
+                match self.target {
+                    Target::Lock => {
+                        for (j, _) in unexcused {
+                            self.violation(format!("safety: client {i} acquired while client {j} holds"));
+                        }
+                    }
+                    Target::Semaphore { .. } if unexcused.len() + 1 > limit && !itself_excused => {
+                        let holders: Vec<usize> = unexcused.iter().map(|(j, _)| *j).collect();
+                        self.violation(format!(
+                            "safety: client {i} acquired while clients {holders:?} hold (limit {limit})"
+                        ));
+                    }
+                    Target::Semaphore { .. } => {}
                 }
+                // Over the limit: the excused holders (this one included, if excused) are the
+                // culprits, until they hear of it.
+                let culprits = if others.len() + 1 > limit {
+                    let mut culprits: Vec<usize> = excused.iter().map(|(_, h)| *h).collect();
+                    culprits.extend(itself_excused.then_some(h));
+                    culprits
+                } else {
+                    Vec::new()
+                };
+                self.culprits.push(culprits);
+                self.exposed.push(exposed);
                 self.holds.push(Hold {
                     client: i,
                     token,
@@ -659,14 +835,21 @@ impl<'s> Harness<'s> {
         }
         self.holds[h].until = Some(t);
         self.holds[h].lost = lost;
-        // The overlap this holder had with later holders (only possible after an operator
-        // action, which `on_event` checks when the later holder acquires).
+        // The overlap this holder had with later holders that it put over the limit (only
+        // possible after an operator action on it, which `on_event` checks when the later holder
+        // acquires).
         let from = self.holds[h].from;
         let ttl = self.clients[i].spec.ttl;
-        let overlaps: Vec<(usize, Duration)> = self.holds[h + 1..]
+        // A hold that was itself over the limit (an operator acted on it before it was reported)
+        // counts whole.
+        let overlaps: Vec<(usize, Duration)> = self.holds[h..]
             .iter()
-            .filter(|later| later.client != i && later.from < t)
-            .map(|later| (later.client, t - later.from))
+            .zip(&self.culprits[h..])
+            .enumerate()
+            .filter(|(k, (later, culprits))| {
+                culprits.contains(&h) && (*k == 0 || (later.client != i && later.from < t))
+            })
+            .map(|(_, (later, _))| (later.client, t - later.from))
             .collect();
         for (other, overlap) in overlaps {
             self.max_operator_overlap = self.max_operator_overlap.max(overlap);
@@ -674,6 +857,41 @@ impl<'s> Harness<'s> {
                 self.violation(format!(
                     "overlap {overlap:?} of client {i} (held since {from:?}) with client {other} beyond its TTL"
                 ));
+            }
+        }
+    }
+
+    /// Fencing, when client `i` acquires with `token`.
+    fn check_fencing(&mut self, i: usize, token: &FencingToken) {
+        match self.target {
+            Target::Lock => {
+                if let Some(last) = &self.last_token {
+                    if token.sequence() <= last.sequence() {
+                        self.violation(format!("fencing: token {token:?} after {last:?}"));
+                    }
+                }
+                self.last_token = Some(token.clone());
+            }
+            Target::Semaphore { .. } => {
+                // Every slot granted before this attempt's first check-and-set was read (by its
+                // holder's confirming list) before that write: its token is smaller.
+                let Some(cas) = self.clients[i].first_cas else {
+                    return self.violation(format!("client {i}: a slot without a check-and-set"));
+                };
+                let before = self
+                    .holds
+                    .iter()
+                    .filter(|h| h.from < cas)
+                    .max_by_key(|h| h.token.sequence())
+                    .map(|h| h.token.clone());
+                if let Some(before) = before {
+                    if token.sequence() <= before.sequence() {
+                        self.violation(format!(
+                            "fencing: client {i}'s token {token:?} (first check-and-set at {cas:?}) \
+                             after {before:?}"
+                        ));
+                    }
+                }
             }
         }
     }
@@ -713,11 +931,11 @@ impl<'s> Harness<'s> {
         let t = self.t();
         for i in 0..self.clients.len() {
             let c = &self.clients[i];
-            if !c.machine.is_quiescent() || c.machine.in_flight() > 0 {
+            if !c.machine.is_quiescent() {
                 let what = format!(
-                    "cleanup: client {i} not settled ({:?}, {} in flight)",
+                    "cleanup: client {i} not settled ({:?}, {} requests outstanding)",
                     c.machine.status(),
-                    c.machine.in_flight()
+                    c.outstanding.len()
                 );
                 self.violation(what);
             }
@@ -729,6 +947,19 @@ impl<'s> Harness<'s> {
         let left: Vec<String> = self.sim.sessions().map(|s| s.name.clone()).collect();
         if !left.is_empty() {
             self.violation(format!("cleanup: sessions outlive their TTL window: {left:?}"));
+        }
+        if let Target::Semaphore { .. } = self.target {
+            // Contender keys go with their sessions (behavior `delete`); only the `.lock` stays.
+            let children = format!("{}/", self.scenario.key.trim_end_matches('/'));
+            let keys: Vec<String> = self
+                .sim
+                .kv_entries()
+                .filter(|e| e.key.starts_with(&children) && e.key != self.lock_key)
+                .map(|e| e.key.clone())
+                .collect();
+            if !keys.is_empty() {
+                self.violation(format!("cleanup: contender keys left: {keys:?}"));
+            }
         }
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for line in &self.trace {

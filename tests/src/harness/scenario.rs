@@ -70,11 +70,14 @@ pub enum FaultKind {
     },
     /// The servers lose their leader: every request answers 500 "No cluster leader".
     LeaderElection,
-    /// An operator destroys the session of whoever holds the key (at the window's start).
+    /// An operator destroys the session of whoever holds the key (at the window's start). For a
+    /// semaphore: the session of one of the holders the `.lock` lists (drawn from the seed).
     DestroyHolderSession,
-    /// An operator deletes the lock key (at the window's start).
+    /// An operator deletes the lock key (at the window's start). For a semaphore: the contender
+    /// key of one of the holders the `.lock` lists (drawn from the seed).
     DeleteKey,
-    /// An operator overwrites the lock key with a plain value (at the window's start).
+    /// An operator overwrites the lock key with a plain value (at the window's start), and
+    /// deletes it at the window's end. For a semaphore: its `.lock`.
     OverwriteKey,
 }
 
@@ -116,6 +119,32 @@ impl Fault {
     }
 }
 
+/// What the clients of a run contend for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// A lock on [`Scenario::key`] ([`LockMachine`](consul_lock_core::machine::LockMachine)s):
+    /// at most one holder.
+    #[default]
+    Lock,
+    /// A semaphore under the prefix [`Scenario::key`]
+    /// ([`SemaphoreMachine`](consul_lock_core::machine::SemaphoreMachine)s): at most `limit`
+    /// holders.
+    Semaphore {
+        /// The slots; every client uses this limit.
+        limit: u32,
+    },
+}
+
+impl Target {
+    /// How many may hold at once.
+    pub fn limit(self) -> u32 {
+        match self {
+            Target::Lock => 1,
+            Target::Semaphore { limit } => limit,
+        }
+    }
+}
+
 /// A whole run: a seed, the contenders, the faults, and how long to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scenario {
@@ -127,7 +156,7 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     /// How long contenders keep contending; then everyone stops and the run winds down.
     pub duration: Duration,
-    /// The lock key.
+    /// The lock key ([`Target::Lock`]), or the semaphore's prefix ([`Target::Semaphore`]).
     pub key: String,
 }
 

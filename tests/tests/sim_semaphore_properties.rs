@@ -1,0 +1,334 @@
+//! Safety (never more than `limit` holders at any virtual instant, in their own view), fencing,
+//! liveness and cleanup of the semaphore, over generated scenarios of contenders and faults, in
+//! virtual time against the simulated Consul. `PROPTEST_CASES` sets the number of cases (CI: the
+//! default below); `CONSUL_LOCK_SOAK=1` runs a long soak instead.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use consul_lock_core::machine::LossReason;
+use consul_lock_testkit::harness::{
+    ClientSpec, Fault, FaultKind, Hold, Outcome, Scenario, Target, run_target,
+};
+use proptest::prelude::*;
+
+const PREFIX: &str = "service/workers";
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn assert_clean(outcome: &Outcome) {
+    assert!(
+        outcome.violations.is_empty(),
+        "violations: {:#?}\n--- trace tail ---\n{}",
+        outcome.violations,
+        outcome.trace_tail(80)
+    );
+}
+
+/// The most holds under way at once (a hold ending when another begins counts as overlapping;
+/// a hold never ended counts until the end).
+fn most_at_once(holds: &[Hold]) -> usize {
+    let mut edges: Vec<(Duration, i32)> = holds
+        .iter()
+        .flat_map(|h| [(h.from, 1), (h.until.unwrap_or(Duration::MAX), -1)])
+        .collect();
+    edges.sort_by_key(|&(at, delta)| (at, -delta));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, delta) in edges {
+        now += delta;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap()
+}
+
+/// `n` contenders that hold for a while each, with short TTLs.
+fn contenders(seed: u64, n: usize, faults: Vec<Fault>) -> Scenario {
+    let clients = (0..n)
+        .map(|i| {
+            let mut c = ClientSpec::new(secs(4 + 3 * i as u64));
+            c.ttl = secs(10);
+            c.start = Duration::from_millis(100 * i as u64);
+            c
+        })
+        .collect();
+    Scenario {
+        seed,
+        clients,
+        faults,
+        duration: secs(120),
+        key: PREFIX.into(),
+    }
+}
+
+/// When the last fault is over: an overwritten `.lock` stays so until the operator deletes it.
+fn last_heal(scenario: &Scenario) -> Duration {
+    scenario
+        .faults
+        .iter()
+        .map(|f| match f.kind {
+            FaultKind::OverwriteKey => f.from + f.lasting,
+            _ => f.until(),
+        })
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The liveness bound after the last fault heals: two TTLs (the server deletes a lost holder's
+/// contender key, so that it is pruned, within 2×TTL), the retry backoff cap plus a wait, and a
+/// hold and a pause. (A contender key is named by its session, so no lock-delay applies.)
+fn liveness_bound(scenario: &Scenario) -> Duration {
+    let ttl = scenario.clients.iter().map(|c| c.ttl).max().unwrap_or_default();
+    let pause = scenario
+        .clients
+        .iter()
+        .map(|c| c.pause + c.hold)
+        .max()
+        .unwrap_or_default();
+    2 * ttl + secs(20) + pause
+}
+
+fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
+    let healed = last_heal(scenario);
+    let bound = liveness_bound(scenario);
+    if healed + bound <= scenario.duration {
+        let first = outcome.first_acquire_after(healed);
+        assert!(
+            first.is_some_and(|t| t <= healed + bound),
+            "liveness: healed at {healed:?}, first hold after at {first:?}, bound {bound:?}\n{}",
+            outcome.trace_tail(60)
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let faults = vec![Fault {
+        kind: FaultKind::Partition { client: 0 },
+        from: secs(5),
+        lasting: secs(20),
+    }];
+    let scenario = contenders(7, 3, faults);
+    let target = Target::Semaphore { limit: 2 };
+    let first = run_target(&scenario, target);
+    let second = run_target(&scenario, target);
+    assert_clean(&first);
+    assert_eq!(first.trace_hash, second.trace_hash);
+    assert_eq!(first.trace, second.trace);
+    let other = run_target(&Scenario { seed: 8, ..scenario }, target);
+    assert_ne!(first.trace_hash, other.trace_hash);
+}
+
+#[test]
+fn slots_are_shared_up_to_the_limit_and_everyone_gets_one() {
+    for limit in 1..=3 {
+        let scenario = contenders(11, 5, Vec::new());
+        let outcome = run_target(&scenario, Target::Semaphore { limit });
+        assert_clean(&outcome);
+        let most = most_at_once(&outcome.holds);
+        assert_eq!(most, limit as usize, "limit {limit}: {most} at once");
+        for client in 0..5 {
+            assert!(
+                outcome.holds.iter().any(|h| h.client == client),
+                "limit {limit}: client {client} never held\n{}",
+                outcome.trace_tail(40)
+            );
+        }
+        assert!(
+            outcome.holds.iter().all(|h| h.lost.is_none()),
+            "no faults, no losses"
+        );
+        assert!(
+            outcome
+                .holds
+                .iter()
+                .all(|h| h.token.key.as_str() == "service/workers/.lock"),
+            "tokens name the .lock"
+        );
+    }
+}
+
+#[test]
+fn partitioned_holder_loses_before_its_slot_is_reused() {
+    // Client 0 holds for 30 s; the others take turns with the other slot.
+    let mut scenario = contenders(
+        1,
+        3,
+        vec![Fault {
+            kind: FaultKind::Partition { client: 0 },
+            from: secs(5),
+            lasting: secs(40),
+        }],
+    );
+    scenario.clients[0].hold = secs(30);
+    let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
+    assert_clean(&outcome);
+    let lost = outcome
+        .holds
+        .iter()
+        .find(|h| h.client == 0)
+        .expect("client 0 held first");
+    let lost_at = lost.until.expect("client 0's hold ended");
+    assert!(
+        matches!(lost.lost, Some(LossReason::RenewDeadline { .. })),
+        "{lost:?}"
+    );
+    assert!(
+        lost_at <= secs(5) + secs(10),
+        "renew deadline: lost at {lost_at:?}"
+    );
+    assert!(most_at_once(&outcome.holds) <= 2);
+    check_liveness(&scenario, &outcome);
+}
+
+#[test]
+fn operator_delete_of_a_contender_key_overlap_is_measured_and_short() {
+    for seed in 0..8 {
+        let scenario = contenders(
+            seed,
+            3,
+            vec![Fault {
+                kind: FaultKind::DeleteKey,
+                from: secs(10),
+                lasting: Duration::ZERO,
+            }],
+        );
+        let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
+        assert_clean(&outcome);
+        assert!(
+            outcome.max_operator_overlap < Duration::from_millis(50),
+            "{:?}",
+            outcome.max_operator_overlap
+        );
+        assert!(
+            outcome
+                .holds
+                .iter()
+                .any(|h| h.lost == Some(LossReason::KeyDeleted)),
+            "seed {seed}: a holder lost its contender key\n{}",
+            outcome.trace_tail(40)
+        );
+    }
+}
+
+#[test]
+fn leader_election_does_not_lose_a_renewed_slot() {
+    let scenario = contenders(
+        5,
+        2,
+        vec![Fault {
+            kind: FaultKind::LeaderElection,
+            from: secs(2),
+            lasting: secs(3),
+        }],
+    );
+    let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
+    assert_clean(&outcome);
+    let early: Vec<&Hold> = outcome.holds.iter().filter(|h| h.from < secs(2)).collect();
+    assert_eq!(early.len(), 2, "both held before the election");
+    for hold in early {
+        assert_eq!(
+            hold.lost, None,
+            "a 3 s election within the TTL must not lose a slot: {hold:?}"
+        );
+    }
+}
+
+fn client_spec() -> impl Strategy<Value = ClientSpec> {
+    (
+        prop_oneof![Just(10u64), Just(15), Just(20)],
+        prop_oneof![Just(None), Just(Some(0u64)), Just(Some(1_000)), Just(Some(2_000))],
+        prop_oneof![3 => Just(None), 1 => (0u32..3).prop_map(Some)],
+        0u64..5_000,
+        500u64..20_000,
+        100u64..3_000,
+        prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
+    )
+        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
+            ttl: secs(ttl),
+            lock_delay: delay.map(Duration::from_millis),
+            monitor_retries: retries,
+            start: Duration::from_millis(start),
+            hold: Duration::from_millis(hold),
+            pause: Duration::from_millis(pause),
+            try_once: try_once.map(secs),
+        })
+}
+
+fn fault(clients: usize) -> impl Strategy<Value = Fault> {
+    let c = 0..clients;
+    let kind = prop_oneof![
+        (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
+            client,
+            extra: Duration::from_millis(ms)
+        }),
+        c.clone().prop_map(|client| FaultKind::Hang { client }),
+        c.clone().prop_map(|client| FaultKind::Refuse { client }),
+        c.clone().prop_map(|client| FaultKind::Error500 { client }),
+        c.prop_map(|client| FaultKind::Partition { client }),
+        Just(FaultKind::LeaderElection),
+        Just(FaultKind::DestroyHolderSession),
+        Just(FaultKind::DeleteKey),
+        Just(FaultKind::OverwriteKey),
+    ];
+    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
+        kind,
+        from: Duration::from_millis(from),
+        lasting: Duration::from_millis(lasting),
+    })
+}
+
+fn scenario() -> impl Strategy<Value = (Scenario, u32)> {
+    (2usize..=5, 1u32..=3)
+        .prop_flat_map(|(n, limit)| {
+            (
+                any::<u64>(),
+                proptest::collection::vec(client_spec(), n),
+                proptest::collection::vec(fault(n), 0..=3),
+                Just(limit),
+            )
+        })
+        .prop_map(|(seed, clients, faults, limit)| {
+            let scenario = Scenario {
+                seed,
+                clients,
+                faults,
+                duration: secs(150),
+                key: PREFIX.into(),
+            };
+            (scenario, limit)
+        })
+}
+
+fn cases() -> u32 {
+    if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
+        return 20_000;
+    }
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn at_most_limit_holders_fencing_liveness_and_cleanup((scenario, limit) in scenario()) {
+        let outcome = run_target(&scenario, Target::Semaphore { limit });
+        prop_assert!(
+            outcome.violations.is_empty(),
+            "limit {limit}: violations: {:#?}\n--- trace tail ---\n{}",
+            outcome.violations,
+            outcome.trace_tail(80)
+        );
+        // The harness counts holders at each grant (excusing only holders an operator acted on);
+        // the holds say the same where no operator acted.
+        let operator = scenario.faults.iter().any(|f| f.kind.is_operator());
+        if !operator {
+            prop_assert!(most_at_once(&outcome.holds) <= limit as usize);
+        }
+        check_liveness(&scenario, &outcome);
+    }
+}
