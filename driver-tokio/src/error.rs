@@ -47,3 +47,14 @@ pub enum Error {
     #[error("gave up: no lock within the wait time (lock_try_once)")]
     GaveUp,
 }
+
+/// Why a [`Client::call`](crate::Client::call) has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nothing answered: no connection, a timeout, a TLS failure.
+    #[error(transparent)]
+    Transport(consul_lock_core::machine::TransportError),
+    /// Consul answered, but not with the answer asked for (a 403, a 500, a garbled body).
+    #[error(transparent)]
+    Api(consul_lock_core::api::ApiError),
+}

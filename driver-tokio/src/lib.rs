@@ -51,11 +51,13 @@ mod transport;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
+use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
-pub use error::Error;
+pub use error::{CallError, Error};
 use task::{Command, Ended, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -87,6 +89,29 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.config
+    }
+
+    /// Sends one typed Consul request (any of core's [`Endpoint`]s) over this client's
+    /// connection pool and decodes the reply, giving up after `timeout`: for what a lock does not
+    /// do itself, such as showing who holds a key.
+    ///
+    /// ```no_run
+    /// # async fn show() -> Result<(), Box<dyn std::error::Error>> {
+    /// use consul_lock_core::api::{Key, KvGet};
+    /// use std::time::Duration;
+    ///
+    /// let client = consul_lock_tokio::Client::from_env()?;
+    /// let read = client.call(&KvGet::new(Key::new("service/leader/.lock")?), Duration::from_secs(5)).await?;
+    /// println!("held by {:?}", read.value.and_then(|pair| pair.session));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call<E: Endpoint>(&self, endpoint: &E, timeout: Duration) -> Result<E::Output, CallError> {
+        let request = endpoint.encode(&self.config);
+        let deadline = std::time::Instant::now() + timeout;
+        let (reply, _) = transport::exchange(self.http.clone(), &self.config, request, deadline).await;
+        let response = reply.map_err(CallError::Transport)?;
+        E::decode(&response).map_err(CallError::Api)
     }
 
     /// A lock with Go's defaults on `key`.

@@ -1,0 +1,510 @@
+//! `consul-lock run`: Go's `consul lock`, on the tokio driver.
+//!
+//! 1. Check the agent (a read of the lock key: no agent, a wrong address, a denied token are
+//!    reported here, naming where the address and the token came from).
+//! 2. Acquire: a lock on `<prefix>/.lock`, or a slot of a semaphore on `<prefix>` (`-n N`, N > 1),
+//!    with Go's session name, monitor retries and (with `--timeout`) try-once.
+//! 3. Run the child with the fencing token in its environment; pass SIGINT, SIGTERM and SIGHUP
+//!    on; on loss, SIGTERM then (after `--kill-grace`) SIGKILL.
+//! 4. Release, then delete the key if nobody else uses it (Go's cleanup), on every way out.
+
+use std::time::{Duration, Instant};
+
+use consul_lock_core::api::{Key, KvGet, SessionInfo};
+use consul_lock_core::machine::LockOptions;
+use consul_lock_tokio::{Client, Error, Lock, LockError, LockGuard, LossReason, SemaphoreOptions};
+use serde_json::{Value, json};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::Failure;
+use crate::cli::RunArgs;
+use crate::consul::{Api, explain_driver};
+use crate::exec::{self, Exit, Running};
+use crate::flags::{self, Resolved};
+use crate::out;
+
+/// Exit code: the lock was lost while the child ran (Go exits 0 then).
+pub(crate) const EXIT_LOST: u8 = 3;
+/// Exit code: the child failed, with `--child-exit-code`.
+pub(crate) const EXIT_CHILD_FAILED: u8 = 2;
+
+/// Go's `consul lock` retries a failed monitor read after 1 s (its `defaultMonitorRetryTime`).
+const MONITOR_RETRY_TIME: Duration = Duration::from_secs(1);
+/// How long the checks, the release and the cleanup may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Reports what happens: JSON lines on stdout with `--json`, text on stderr with `--verbose`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Events {
+    json: bool,
+    verbose: bool,
+}
+
+impl Events {
+    fn emit(self, event: &str, fields: Value, human: impl FnOnce() -> String) {
+        if self.json {
+            out::event(event, ("unix_ms", out::unix_ms()), &fields);
+        } else if self.verbose {
+            out::info(&human());
+        }
+    }
+
+    /// An error, also as a JSON event (the message itself always goes to stderr).
+    fn error(self, message: &str) {
+        if self.json {
+            self.emit("error", json!({ "message": message }), String::new);
+        }
+    }
+}
+
+/// A machine-readable name and a sentence for why a hold was lost.
+pub(crate) fn describe_loss(reason: &LossReason) -> (&'static str, String) {
+    match reason {
+        LossReason::SessionInvalidated => (
+            "session_invalidated",
+            "the session was invalidated (destroyed, or expired)".to_owned(),
+        ),
+        LossReason::RenewDeadline { since_ack } => (
+            "renew_deadline",
+            format!(
+                "no session renewal was acknowledged for {} (the TTL): the lock may be free for others",
+                out::secs(*since_ack)
+            ),
+        ),
+        LossReason::KeyDeleted => ("key_deleted", "the key was deleted".to_owned()),
+        LossReason::TakenBy(session) => (
+            "taken_by",
+            format!("session {} holds the key now", session.as_str()),
+        ),
+        LossReason::NotHeld => ("not_held", "the key is no longer held by this session".to_owned()),
+        LossReason::Conflict { flags } => ("conflict", format!("the key was overwritten (flags {flags:#x})")),
+        LossReason::MonitorFailed { failures, last } => (
+            "monitor_failed",
+            format!("{failures} reads of the key failed in a row (last: {last})"),
+        ),
+    }
+}
+
+/// The signals consul-lock passes on to the child.
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, Failure> {
+        let make =
+            |kind| signal(kind).map_err(|e| Failure::new(format!("cannot install signal handlers: {e}")));
+        Ok(Signals {
+            int: make(SignalKind::interrupt())?,
+            term: make(SignalKind::terminate())?,
+            hup: make(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal's name (`INT`, `TERM`, `HUP`).
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "INT",
+            _ = self.term.recv() => "TERM",
+            _ = self.hup.recv() => "HUP",
+        }
+    }
+}
+
+/// What is being acquired.
+struct Target {
+    /// The lock key, or the semaphore's `.lock`.
+    key: Key,
+    /// 1 for a lock.
+    limit: u32,
+}
+
+/// Runs `consul-lock run`.
+pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
+    let events = Events {
+        json: args.json,
+        verbose: args.verbose,
+    };
+    let result = run_inner(&args, events).await;
+    if let Err(failure) = &result {
+        events.error(&failure.message);
+    }
+    result
+}
+
+async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
+    let resolved = flags::resolve_from_process(&args.http)?;
+    let prefix = args
+        .prefix
+        .strip_prefix('/')
+        .unwrap_or(&args.prefix)
+        .trim_end_matches('/');
+    let usage =
+        |e: &dyn std::fmt::Display| Failure::new(format!("the prefix {:?} can't be used: {e}", args.prefix));
+    let target = Target {
+        key: Key::new(prefix)
+            .and_then(|k| k.join(".lock"))
+            .map_err(|e| usage(&e))?,
+        limit: args.limit,
+    };
+    let timeout = args.timeout.filter(|t| !t.is_zero());
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("Consul lock for '{}' at '{prefix}'", args.child.join(" ")));
+
+    // The agent must answer, and the token read the key, before we wait on it for ever.
+    let api = Api::new(&resolved)?;
+    let what = format!("reading {}", target.key.as_str());
+    api.call(&KvGet::new(target.key.clone()), REQUEST_TIMEOUT)
+        .await
+        .map_err(|e| api.failure(&what, &e))?;
+
+    let client = Client::new(resolved.config.clone())
+        .map_err(|e| Failure::new(explain_driver(&resolved, "setup", &e)))?;
+    let seed = u64::from(std::process::id()) ^ out::unix_ms();
+    // Try-once waits at most Consul's 10-minute blocking wait; longer timeouts use a timer.
+    let try_once = timeout.filter(|t| *t <= LockOptions::MAX_WAIT);
+    let lock = if target.limit == 1 {
+        let mut options = LockOptions::new(target.key.as_str()).map_err(|e| usage(&e))?;
+        options.monitor_retries = Some(args.monitor_retry);
+        options.monitor_retry_time = MONITOR_RETRY_TIME;
+        options.seed = seed;
+        if let Some(wait) = try_once {
+            options.lock_try_once = true;
+            options.lock_wait_time = wait;
+        }
+        if let Some(session) = options.session_options_mut() {
+            session.name = name.clone();
+        }
+        client.lock(options)
+    } else {
+        let mut options = SemaphoreOptions::new(prefix, target.limit).map_err(|e| usage(&e))?;
+        options.monitor_retries = Some(args.monitor_retry);
+        options.monitor_retry_time = MONITOR_RETRY_TIME;
+        options.seed = seed;
+        if let Some(wait) = try_once {
+            options.try_once = true;
+            options.wait_time = wait;
+        }
+        if let Some(session) = options.session_options_mut() {
+            session.name = name.clone();
+        }
+        client.semaphore(options)
+    }
+    .map_err(|e| Failure::new(explain_driver(&resolved, "setup", &e)))?;
+
+    let mut signals = Signals::install()?;
+    let kind = if target.limit == 1 { "lock" } else { "semaphore" };
+    events.emit(
+        "waiting",
+        json!({ "key": target.key.as_str(), "limit": target.limit, "session_name": name }),
+        || {
+            if target.limit == 1 {
+                format!("waiting for the lock {}", target.key.as_str())
+            } else {
+                format!(
+                    "waiting for a slot of the semaphore {prefix} (limit {})",
+                    target.limit
+                )
+            }
+        },
+    );
+    let started = Instant::now();
+    let outer_timeout = async {
+        match timeout {
+            Some(t) if try_once.is_none() => tokio::time::sleep(t).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let acquired = tokio::select! {
+        result = lock.acquire() => result,
+        () = outer_timeout => Err(Error::GaveUp),
+        name = signals.next() => {
+            // Dropping the acquire future cancelled the attempt; its session goes in the background.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return Err(Failure::new(format!("interrupted by SIG{name} while waiting for the {kind}")));
+        }
+    };
+    let guard = match acquired {
+        Ok(guard) => guard,
+        Err(Error::GaveUp) => {
+            let waited = started.elapsed();
+            let holder = describe_holder(&api, &target).await;
+            events.emit(
+                "gave_up",
+                json!({ "key": target.key.as_str(), "waited_ms": out::millis(waited) }),
+                String::new,
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return Err(Failure::new(format!(
+                "timeout: no {kind} within {} (--timeout){holder}; giving up",
+                out::secs(timeout.unwrap_or(waited)),
+            )));
+        }
+        Err(e) => {
+            return Err(Failure::new(explain_driver(
+                &resolved,
+                &format!("acquiring {}", target.key.as_str()),
+                &e,
+            )));
+        }
+    };
+    let waited = started.elapsed();
+    let token = guard.token().clone();
+    events.emit(
+        "acquired",
+        json!({
+            "key": token.key.as_str(),
+            "session": token.session.as_str(),
+            "lock_index": token.lock_index,
+            "sequence": token.sequence(),
+            "waited_ms": out::millis(waited),
+        }),
+        || {
+            format!(
+                "acquired {} after {} (session {}, LockIndex {}, sequence {})",
+                token.key.as_str(),
+                out::secs(waited),
+                token.session.as_str(),
+                token.lock_index,
+                token.sequence()
+            )
+        },
+    );
+
+    let spec = exec::Spec {
+        argv: &args.child,
+        shell: args.shell,
+        pass_stdin: args.pass_stdin,
+    };
+    let outcome = match exec::spawn(&spec, &token) {
+        Ok(running) => {
+            events.emit("child_started", json!({ "pid": running.child.id() }), || {
+                format!("started the child (pid {})", running.child.id().unwrap_or(0))
+            });
+            supervise(running, guard, &mut signals, args.kill_grace, events).await
+        }
+        Err(e) => Outcome::SpawnFailed(e, guard),
+    };
+
+    let (code, guard, spawn_error) = match outcome {
+        Outcome::Exited(exit, guard) => {
+            let code = if exit.failed() && args.child_exit_code {
+                EXIT_CHILD_FAILED
+            } else {
+                0
+            };
+            (code, Some(guard), None)
+        }
+        Outcome::Lost(guard) => (EXIT_LOST, Some(guard), None),
+        Outcome::SpawnFailed(e, guard) => (
+            1,
+            Some(guard),
+            Some(format!(
+                "could not start the child {:?}: {e}",
+                args.child.join(" ")
+            )),
+        ),
+        Outcome::DriverStopped => (
+            1,
+            None,
+            Some(
+                "the lock's driver task stopped; the session expires by itself within twice its TTL"
+                    .to_owned(),
+            ),
+        ),
+    };
+    if guard.is_some() {
+        finish(&lock, guard, &resolved, &target, events).await?;
+    }
+    match spawn_error {
+        Some(message) => Err(Failure::new(message)),
+        None => Ok(code),
+    }
+}
+
+/// How the child's run ended.
+enum Outcome {
+    /// The child exited by itself (or after a forwarded signal).
+    Exited(Exit, LockGuard),
+    /// The lock was lost; the child was terminated.
+    Lost(LockGuard),
+    /// The child could not be started.
+    SpawnFailed(std::io::Error, LockGuard),
+    /// The driver's task is gone.
+    DriverStopped,
+}
+
+/// Waits for the child, passing signals on; on loss, terminates it.
+async fn supervise(
+    mut running: Running,
+    mut guard: LockGuard,
+    signals: &mut Signals,
+    grace: Duration,
+    events: Events,
+) -> Outcome {
+    loop {
+        tokio::select! {
+            status = running.child.wait() => {
+                let exit = match status {
+                    Ok(status) => Exit::from_status(status),
+                    Err(_) => Exit { code: None, signal: None },
+                };
+                child_exited(events, exit);
+                return Outcome::Exited(exit, guard);
+            }
+            lost = guard.lost() => {
+                let (code, text) = match &lost {
+                    Ok(reason) => describe_loss(reason),
+                    Err(_) => ("driver_stopped", "the lock's driver stopped".to_owned()),
+                };
+                events.emit("lost", json!({ "reason": code, "detail": text }), || {
+                    format!("lock lost: {text}; terminating the child")
+                });
+                if !events.json && !events.verbose {
+                    out::info(&format!("lock lost: {text}; terminating the child"));
+                }
+                let exit = terminate(&mut running, grace, events).await;
+                child_exited(events, exit);
+                return match lost {
+                    Ok(_) => Outcome::Lost(guard),
+                    Err(_) => Outcome::DriverStopped,
+                };
+            }
+            name = signals.next() => {
+                let result = running.signal(name).await;
+                events.emit("signal", json!({ "signal": format!("SIG{name}"), "forwarded": result.is_ok() }), || {
+                    format!("received SIG{name}; passed it on to the child")
+                });
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; waits for the child.
+async fn terminate(running: &mut Running, grace: Duration, events: Events) -> Exit {
+    let _ = running.signal("TERM").await;
+    if let Ok(Ok(status)) = tokio::time::timeout(grace, running.child.wait()).await {
+        return Exit::from_status(status);
+    }
+    events.emit("kill", json!({ "grace_ms": out::millis(grace) }), || {
+        format!(
+            "the child outlived the {} grace period: SIGKILL",
+            out::secs(grace)
+        )
+    });
+    if running.signal("KILL").await.is_err() {
+        let _ = running.child.start_kill();
+    }
+    match running.child.wait().await {
+        Ok(status) => Exit::from_status(status),
+        Err(_) => Exit {
+            code: None,
+            signal: None,
+        },
+    }
+}
+
+fn child_exited(events: Events, exit: Exit) {
+    events.emit(
+        "child_exited",
+        json!({ "code": exit.code, "signal": exit.signal }),
+        || format!("the child ended: {}", exit.describe()),
+    );
+}
+
+/// Releases and cleans up (Go's `Unlock` then `Destroy`, ignoring "in use").
+async fn finish(
+    lock: &Lock,
+    guard: Option<LockGuard>,
+    resolved: &Resolved,
+    target: &Target,
+    events: Events,
+) -> Result<(), Failure> {
+    if let Some(guard) = guard {
+        match tokio::time::timeout(REQUEST_TIMEOUT, guard.release()).await {
+            Ok(Ok(())) => events.emit("released", json!({ "key": target.key.as_str() }), || {
+                format!("released {}", target.key.as_str())
+            }),
+            Ok(Err(e)) => {
+                return Err(Failure::new(format!(
+                    "release failed: {}",
+                    explain_driver(resolved, &format!("releasing {}", target.key.as_str()), &e)
+                )));
+            }
+            Err(_) => {
+                return Err(Failure::new(format!(
+                    "release failed: no answer within {}; the session expires by itself within \
+                     twice its TTL",
+                    out::secs(REQUEST_TIMEOUT)
+                )));
+            }
+        }
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, lock.destroy()).await {
+        Ok(Ok(())) => events.emit("cleaned_up", json!({ "key": target.key.as_str() }), || {
+            format!("deleted {} (nobody else uses it)", target.key.as_str())
+        }),
+        Ok(Err(Error::Lock(LockError::InUse))) => events.emit(
+            "cleanup_skipped",
+            json!({ "key": target.key.as_str(), "reason": "in_use" }),
+            || format!("left {} in place: others use it", target.key.as_str()),
+        ),
+        Ok(Err(e)) => {
+            return Err(Failure::new(format!(
+                "cleanup failed: {}",
+                explain_driver(resolved, &format!("deleting {}", target.key.as_str()), &e)
+            )));
+        }
+        Err(_) => {
+            return Err(Failure::new(format!(
+                "cleanup failed: no answer within {}",
+                out::secs(REQUEST_TIMEOUT)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// ", held by session … (\"name\", node …)" for the timeout message; empty when unknown.
+async fn describe_holder(api: &Api, target: &Target) -> String {
+    if target.limit > 1 {
+        return format!("; all {} slots are held", target.limit);
+    }
+    let Ok(read) = api
+        .call(&KvGet::new(target.key.clone()), Duration::from_secs(3))
+        .await
+    else {
+        return String::new();
+    };
+    let Some(session) = read.value.and_then(|pair| pair.session) else {
+        return String::new();
+    };
+    match api
+        .call(&SessionInfo::new(session.clone()), Duration::from_secs(3))
+        .await
+    {
+        Ok(info) => match info.value {
+            Some(entry) => format!(
+                "; {} is held by session {} ({:?} on node {})",
+                target.key.as_str(),
+                session.as_str(),
+                entry.name,
+                entry.node
+            ),
+            None => format!(
+                "; {} is held by session {}",
+                target.key.as_str(),
+                session.as_str()
+            ),
+        },
+        Err(_) => format!(
+            "; {} is held by session {}",
+            target.key.as_str(),
+            session.as_str()
+        ),
+    }
+}

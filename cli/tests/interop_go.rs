@@ -1,0 +1,133 @@
+//! `consul lock` (Go, the binary the test agent runs) and `consul-lock run` on the same prefix
+//! exclude each other: each waits for the other, or gives up with its timeout. Both use Go's keys
+//! and flags (`<prefix>/.lock`), and each cleans the key up after it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Running, Scratch, consul_lock, nanos, scrub, unique_prefix, wait_for_file};
+use consul_lock_testkit::agent::{ConsulAgent, require_agent};
+
+const EXIT: Duration = Duration::from_secs(30);
+
+/// `consul lock <args>` (Go) aimed at `agent`.
+fn go_lock(agent: &ConsulAgent, args: &[&str]) -> Command {
+    let mut command = Command::new(agent.binary());
+    scrub(&mut command);
+    command
+        .arg("lock")
+        .env("CONSUL_HTTP_ADDR", agent.http_addr())
+        .env("SHELL", "/bin/sh")
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
+/// A child that records its start and end and holds until `release` appears.
+fn holder(scratch: &Scratch, who: &str) -> String {
+    format!(
+        "date +%s%N > '{start}'; {wait}; date +%s%N > '{end}'",
+        start = scratch.path(&format!("{who}_start")).display(),
+        wait = scratch.wait_for(&format!("{who}_release")),
+        end = scratch.path(&format!("{who}_end")).display(),
+    )
+}
+
+#[test]
+fn go_holds_and_rust_waits_or_gives_up() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("go-holds");
+    let scratch = Scratch::new("go-holds");
+    let go = Running::spawn(go_lock(agent, &[&prefix, &holder(&scratch, "go")]));
+    wait_for_file(&scratch.path("go_start"), EXIT);
+
+    let ran = format!("touch '{}'", scratch.path("ran").display());
+    let (status, _, stderr) = Running::spawn(consul_lock(
+        agent,
+        &["run", "--timeout", "1s", &prefix, "--", &ran],
+    ))
+    .finish(EXIT);
+    assert_eq!(status.code(), Some(1), "Go holds the lock: {stderr}");
+    assert!(stderr.contains("timeout"), "{stderr}");
+    assert!(!scratch.exists("ran"));
+
+    let rust = Running::spawn(consul_lock(
+        agent,
+        &["run", &prefix, "--", &holder(&scratch, "rust")],
+    ));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !scratch.exists("rust_start"),
+        "Rust's child started while Go's held the lock"
+    );
+    scratch.touch("go_release");
+    let (status, _, stderr) = go.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    wait_for_file(&scratch.path("rust_start"), EXIT);
+    scratch.touch("rust_release");
+    let (status, _, stderr) = rust.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(nanos(&scratch.read("rust_start")) >= nanos(&scratch.read("go_end")));
+}
+
+#[test]
+fn rust_holds_and_go_waits_or_gives_up() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("rust-holds");
+    let scratch = Scratch::new("rust-holds");
+    let rust = Running::spawn(consul_lock(
+        agent,
+        &["run", &prefix, "--", &holder(&scratch, "rust")],
+    ));
+    wait_for_file(&scratch.path("rust_start"), EXIT);
+
+    let ran = format!("touch '{}'", scratch.path("ran").display());
+    let (status, stdout, stderr) =
+        Running::spawn(go_lock(agent, &["-timeout=1s", &prefix, &ran])).finish(EXIT);
+    assert_eq!(status.code(), Some(1), "Rust holds the lock: {stdout} {stderr}");
+    assert!(!scratch.exists("ran"));
+
+    let go = Running::spawn(go_lock(agent, &[&prefix, &holder(&scratch, "go")]));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !scratch.exists("go_start"),
+        "Go's child started while Rust's held the lock"
+    );
+    scratch.touch("rust_release");
+    let (status, _, stderr) = rust.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    wait_for_file(&scratch.path("go_start"), EXIT);
+    scratch.touch("go_release");
+    let (status, _, stderr) = go.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(nanos(&scratch.read("go_start")) >= nanos(&scratch.read("rust_end")));
+}
+
+#[test]
+fn go_and_rust_share_a_semaphore() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("go-sem");
+    let scratch = Scratch::new("go-sem");
+    let go = Running::spawn(go_lock(agent, &["-n=2", &prefix, &holder(&scratch, "go")]));
+    wait_for_file(&scratch.path("go_start"), EXIT);
+    // One slot left: Rust gets it while Go holds the other.
+    let rust = Running::spawn(consul_lock(
+        agent,
+        &["run", "-n", "2", &prefix, "--", &holder(&scratch, "rust")],
+    ));
+    wait_for_file(&scratch.path("rust_start"), EXIT);
+    // None left: a third (Go) gives up.
+    let ran = format!("touch '{}'", scratch.path("ran").display());
+    let (status, _, _) = Running::spawn(go_lock(agent, &["-n=2", "-timeout=1s", &prefix, &ran])).finish(EXIT);
+    assert_eq!(status.code(), Some(1));
+    assert!(!scratch.exists("ran"));
+    scratch.touch("go_release");
+    scratch.touch("rust_release");
+    for run in [go, rust] {
+        let (status, _, stderr) = run.finish(EXIT);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+    }
+}

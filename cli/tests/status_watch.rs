@@ -1,0 +1,119 @@
+//! `consul-lock status` and `consul-lock watch` against a real Consul agent: status names the
+//! holding session, its name and node, and the key's indexes; watch prints the current state and
+//! then one line per leadership change, live, until SIGINT.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Running, Scratch, consul_lock, events, kv, unique_prefix, wait_for_file};
+use consul_lock_testkit::agent::require_agent;
+
+const EXIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn status_shows_the_holder_and_the_indexes() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("status");
+    let scratch = Scratch::new("status");
+
+    let (status, stdout, _) = Running::spawn(consul_lock(agent, &["status", &prefix])).finish(EXIT);
+    assert_eq!(status.code(), Some(0));
+    assert!(stdout.contains("no lock has been taken there"), "{stdout}");
+
+    let child = format!(
+        "echo $CONSUL_LOCK_SESSION > '{}'; {}",
+        scratch.path("session").display(),
+        scratch.wait_for("release")
+    );
+    let run = Running::spawn(consul_lock(
+        agent,
+        &["run", "--name", "nightly backup", &prefix, "--", &child],
+    ));
+    wait_for_file(&scratch.path("session"), EXIT);
+    std::thread::sleep(Duration::from_millis(100));
+    let session = scratch.read("session").trim().to_owned();
+    let pair = kv(agent, &format!("{prefix}/.lock")).unwrap();
+
+    let (status, stdout, stderr) =
+        Running::spawn(consul_lock(agent, &["status", "--json", &prefix])).finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let state: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(state["kind"], "lock");
+    assert_eq!(state["held"], true);
+    assert_eq!(state["holder"]["session"], session);
+    assert_eq!(state["holder"]["name"], "nightly backup");
+    assert!(state["holder"]["node"].is_string());
+    assert!(state["holder"]["session_create_index"].is_u64());
+    assert_eq!(state["lock_index"], pair.lock_index);
+    assert_eq!(state["modify_index"], pair.modify_index);
+
+    // The lock key itself names the same lock; the text says what "since" can honestly mean.
+    let (_, text, _) =
+        Running::spawn(consul_lock(agent, &["status", &format!("{prefix}/.lock")])).finish(EXIT);
+    assert!(text.contains(&session), "{text}");
+    assert!(text.contains("\"nightly backup\""), "{text}");
+    assert!(
+        text.contains(&format!("Raft index {}", pair.modify_index)),
+        "{text}"
+    );
+    assert!(text.contains("Consul keeps no wall-clock time"), "{text}");
+
+    scratch.touch("release");
+    let (status, _, stderr) = run.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn watch_prints_each_leadership_change_live() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("watch");
+    let scratch = Scratch::new("watch");
+    let out = scratch.path("watch.out");
+    let mut watch = Running::spawn_to_file(consul_lock(agent, &["watch", "--json", &prefix]), &out);
+    // The first line is the state before anything happened.
+    let deadline = Instant::now() + EXIT;
+    while !scratch.read("watch.out").contains('\n') {
+        assert!(Instant::now() < deadline, "watch printed nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut sessions = Vec::new();
+    for round in 0..2 {
+        let name = format!("session{round}");
+        let child = format!(
+            "echo $CONSUL_LOCK_SESSION > '{}'; sleep 0.5",
+            scratch.path(&name).display()
+        );
+        let (status, _, stderr) =
+            Running::spawn(consul_lock(agent, &["run", &prefix, "--", &child])).finish(EXIT);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        sessions.push(scratch.read(&name).trim().to_owned());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    watch.signal("INT");
+    let (status, _, stderr) = watch.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "Ctrl-C ends a watch with 0: {stderr}");
+    let stdout = scratch.read("watch.out");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let changes = events(&stdout);
+    assert_eq!(changes[0]["first"], true, "{stdout}");
+    assert_eq!(changes[0]["kind"], "absent", "{stdout}");
+    let leaders: Vec<&str> = changes
+        .iter()
+        .filter(|c| c["held"] == true)
+        .map(|c| c["holder"]["session"].as_str().unwrap())
+        .collect();
+    assert_eq!(leaders, [sessions[0].as_str(), sessions[1].as_str()], "{stdout}");
+    assert_eq!(
+        changes.last().unwrap()["kind"],
+        "absent",
+        "cleaned up at the end: {stdout}"
+    );
+    for pair in changes.windows(2) {
+        assert_ne!(pair[0], pair[1], "one line per change, no repeats: {stdout}");
+    }
+}
