@@ -29,7 +29,20 @@ section "docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 section "tests"
-cargo test --workspace --locked
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$test_log"
+
+section "fuzz (smoke)"
+# A short run of every cargo-fuzz target (longer runs: bash scripts/fuzz.sh <seconds>).
+# CONSUL_LOCK_FUZZ_SECONDS=0 skips it.
+fuzz_seconds="${CONSUL_LOCK_FUZZ_SECONDS:-15}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+  bash scripts/fuzz.sh "$fuzz_seconds"
+fi
 
 section "done"
 echo "scripts/test.sh passed in $(( $(date +%s) - started ))s"
+# The tally of every `cargo test` result line, as the closing line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$test_log"
