@@ -106,12 +106,11 @@ fn renewed(id: &str, ttl: &str) -> Reply {
     reply(200, &[], &entry)
 }
 
-/// F2 (`lock_machine` target's hostile session-info replies): the waiter takes the last holder's
-/// `LockDelay` from its session info as is, and pauses until `freed_at + LockDelay` before
-/// acquiring again. An info reply with `LockDelay: 18446744073709551615` (u64::MAX ns, 584 years)
-/// makes it wait for centuries on a free key; nothing but a cancel gets it going again. Consul
-/// caps lock-delay at 60 s, so nothing longer can be in force: cap the wait there (then back off
-/// as usual).
+/// F2 (`lock_machine` target's hostile session-info replies; fixed in core): the waiter took the
+/// last holder's `LockDelay` from its session info as is, and paused until `freed_at + LockDelay`
+/// before acquiring again. An info reply with `LockDelay: 18446744073709551615` (u64::MAX ns, 584
+/// years) made it wait for centuries on a free key; nothing but a cancel got it going again.
+/// Consul caps lock-delay at 60 s, so nothing longer can be in force: the wait is capped there.
 #[test]
 fn a_huge_lock_delay_in_the_holders_session_info_does_not_stall_the_waiter() {
     let t0 = Instant::now();
@@ -180,13 +179,12 @@ fn a_huge_lock_delay_in_the_holders_session_info_does_not_stall_the_waiter() {
     );
 }
 
-/// F3 (`lock_machine` target's hostile renew replies): the machine adopts whatever TTL a renew
-/// reply carries, e.g. `2562047h` (292 years): it then renews every 146 years and its renew
-/// deadline, the safety rule that bounds how long a holder can be wrong, is 292 years out. Consul
-/// accepts TTLs of 10 s to 86400 s only, and a server that raises a TTL stays within that; a
-/// larger figure can't be Consul's, and following it switches the deadline off (loss would then
-/// be learnt from the monitor read alone). Cap the renewed TTL at 86400 s (or keep the asked TTL
-/// when the reply's is out of range).
+/// F3 (`lock_machine` target's hostile renew replies; fixed in core): the machine adopted whatever
+/// TTL a renew reply carried, e.g. `2562047h` (292 years): it then renewed every 146 years and its
+/// renew deadline, the safety rule that bounds how long a holder can be wrong, was 292 years out.
+/// Consul accepts TTLs of 10 s to 86400 s only, and a server that raises a TTL stays within that;
+/// a larger figure can't be Consul's, and following it switched the deadline off (loss would then
+/// be learnt from the monitor read alone).
 #[test]
 fn a_renewed_ttl_beyond_consuls_range_does_not_push_the_renew_deadline_out_by_centuries() {
     let t0 = Instant::now();

@@ -1,0 +1,206 @@
+//! What a request the machine sent asks, recognised from its method, path and query (as
+//! core/tests/support does: the fuzz crate can't use the test support module).
+
+use std::time::{Duration, Instant};
+
+use consul_lock_core::machine::{RequestId, Transmit};
+
+/// A request's kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `PUT /v1/session/create`
+    Create,
+    /// `PUT /v1/session/renew/<id>`
+    Renew(String),
+    /// `PUT /v1/session/destroy/<id>`
+    Destroy(String),
+    /// `GET /v1/session/info/<id>`
+    Info(String),
+    /// `GET /v1/kv/<key>`
+    Get {
+        /// The key.
+        key: String,
+        /// The blocking index, if any.
+        index: Option<u64>,
+    },
+    /// `PUT /v1/kv/<key>?acquire=<session>`
+    Acquire {
+        /// The key.
+        key: String,
+        /// The acquiring session.
+        session: String,
+    },
+    /// `PUT /v1/kv/<key>?release=<session>`
+    Release {
+        /// The key.
+        key: String,
+        /// The releasing session.
+        session: String,
+    },
+    /// `DELETE /v1/kv/<key>?cas=<index>`
+    Delete {
+        /// The key.
+        key: String,
+        /// The expected ModifyIndex.
+        cas: u64,
+    },
+    /// Anything else.
+    Other,
+}
+
+/// A request the machine sent.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    /// Its id.
+    pub id: RequestId,
+    /// When it was sent.
+    pub at: Instant,
+    /// Its deadline.
+    pub deadline: Instant,
+    /// The method.
+    pub method: String,
+    /// The path, percent-decoded.
+    pub path: String,
+    /// The query, percent-decoded; `None` for a bare flag.
+    pub query: Vec<(String, Option<String>)>,
+    /// What it asks (worked out once).
+    kind: Kind,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| char::from(*c).to_digit(16));
+        match (b[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Sent {
+    /// Reads a transmit sent at `at`.
+    pub fn new(t: &Transmit, at: Instant) -> Sent {
+        let uri = t.request.uri();
+        let query = uri
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) => (percent_decode(k), Some(percent_decode(v))),
+                        None => (percent_decode(kv), None),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut sent = Sent {
+            id: t.id,
+            at,
+            deadline: t.deadline,
+            method: t.request.method().to_string(),
+            path: percent_decode(uri.path()),
+            query,
+            kind: Kind::Other,
+        };
+        sent.kind = sent.recognise();
+        sent
+    }
+
+    /// A parameter's value (`Some("")` for a bare flag).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_deref().unwrap_or(""))
+    }
+
+    /// The blocking index (`None` if absent; `Some(u64::MAX)`... never: a bad one panics the
+    /// harness, since the machine must send a number).
+    pub fn index(&self) -> Option<u64> {
+        self.param("index").map(|v| match v.parse() {
+            Ok(n) => n,
+            Err(_) => panic!("{}: index {v:?} is not a number", self.describe()),
+        })
+    }
+
+    /// The `wait` of a blocking read.
+    pub fn wait(&self) -> Option<Duration> {
+        let w = self.param("wait")?;
+        Some(match w.strip_suffix("ms").map(str::parse::<u64>) {
+            Some(Ok(n)) => Duration::from_millis(n),
+            _ => match consul_lock_core::duration::parse(w) {
+                Ok(d) => d,
+                Err(e) => panic!("{}: wait {w:?}: {e}", self.describe()),
+            },
+        })
+    }
+
+    /// `METHOD /path?query`.
+    pub fn describe(&self) -> String {
+        let query: Vec<String> = self
+            .query
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            })
+            .collect();
+        let sep = if query.is_empty() { "" } else { "?" };
+        format!("{} {}{}{}", self.method, self.path, sep, query.join("&"))
+    }
+
+    /// What the request asks.
+    pub fn kind(&self) -> Kind {
+        self.kind.clone()
+    }
+
+    /// Whether it is a renew of session `id`.
+    pub fn renews(&self, id: &str) -> bool {
+        matches!(&self.kind, Kind::Renew(s) if s == id)
+    }
+
+    fn recognise(&self) -> Kind {
+        let p = self.path.as_str();
+        let m = self.method.as_str();
+        let param = |name: &str| self.param(name).map(str::to_owned);
+        if let Some(key) = p.strip_prefix("/v1/kv/") {
+            let key = key.to_owned();
+            return match m {
+                "GET" => Kind::Get {
+                    key,
+                    index: self.index(),
+                },
+                "PUT" => match (param("acquire"), param("release")) {
+                    (Some(session), None) => Kind::Acquire { key, session },
+                    (None, Some(session)) => Kind::Release { key, session },
+                    _ => Kind::Other,
+                },
+                "DELETE" => match param("cas").and_then(|c| c.parse().ok()) {
+                    Some(cas) => Kind::Delete { key, cas },
+                    None => Kind::Other,
+                },
+                _ => Kind::Other,
+            };
+        }
+        if (m, p) == ("PUT", "/v1/session/create") {
+            Kind::Create
+        } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
+            Kind::Renew(id.to_owned())
+        } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/destroy/"), m) {
+            Kind::Destroy(id.to_owned())
+        } else if let (Some(id), "GET") = (p.strip_prefix("/v1/session/info/"), m) {
+            Kind::Info(id.to_owned())
+        } else {
+            Kind::Other
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The real Consul replies captured by `capture-seeds.sh` (fuzz/seeds/decode_replies), embedded so
+//! that the lock target can answer with them.
+
+/// Each captured reply: its file name and its bytes, in the seed format ([`crate::http_text`]).
+pub const REAL_REPLIES: [(&str, &[u8]); 25] = [
+    (
+        "kv-acquire-invalid-session-500.http",
+        include_bytes!("../seeds/decode_replies/kv-acquire-invalid-session-500.http"),
+    ),
+    (
+        "kv-acquire-other-false.http",
+        include_bytes!("../seeds/decode_replies/kv-acquire-other-false.http"),
+    ),
+    (
+        "kv-acquire-true.http",
+        include_bytes!("../seeds/decode_replies/kv-acquire-true.http"),
+    ),
+    (
+        "kv-cas-delete-false.http",
+        include_bytes!("../seeds/decode_replies/kv-cas-delete-false.http"),
+    ),
+    (
+        "kv-cas-delete-true.http",
+        include_bytes!("../seeds/decode_replies/kv-cas-delete-true.http"),
+    ),
+    (
+        "kv-cas-put-false.http",
+        include_bytes!("../seeds/decode_replies/kv-cas-put-false.http"),
+    ),
+    (
+        "kv-cas-put-true.http",
+        include_bytes!("../seeds/decode_replies/kv-cas-put-true.http"),
+    ),
+    (
+        "kv-get-blocking-200.http",
+        include_bytes!("../seeds/decode_replies/kv-get-blocking-200.http"),
+    ),
+    (
+        "kv-get-free-200.http",
+        include_bytes!("../seeds/decode_replies/kv-get-free-200.http"),
+    ),
+    (
+        "kv-get-held-200.http",
+        include_bytes!("../seeds/decode_replies/kv-get-held-200.http"),
+    ),
+    (
+        "kv-get-missing-404.http",
+        include_bytes!("../seeds/decode_replies/kv-get-missing-404.http"),
+    ),
+    (
+        "kv-get-ns-400.http",
+        include_bytes!("../seeds/decode_replies/kv-get-ns-400.http"),
+    ),
+    (
+        "kv-list-200.http",
+        include_bytes!("../seeds/decode_replies/kv-list-200.http"),
+    ),
+    (
+        "kv-list-missing-404.http",
+        include_bytes!("../seeds/decode_replies/kv-list-missing-404.http"),
+    ),
+    (
+        "kv-release-true.http",
+        include_bytes!("../seeds/decode_replies/kv-release-true.http"),
+    ),
+    (
+        "session-create-200.http",
+        include_bytes!("../seeds/decode_replies/session-create-200.http"),
+    ),
+    (
+        "session-create-bad-ttl-500.http",
+        include_bytes!("../seeds/decode_replies/session-create-bad-ttl-500.http"),
+    ),
+    (
+        "session-create-lockdelay0-200.http",
+        include_bytes!("../seeds/decode_replies/session-create-lockdelay0-200.http"),
+    ),
+    (
+        "session-destroy-true.http",
+        include_bytes!("../seeds/decode_replies/session-destroy-true.http"),
+    ),
+    (
+        "session-destroy-unknown-true.http",
+        include_bytes!("../seeds/decode_replies/session-destroy-unknown-true.http"),
+    ),
+    (
+        "session-info-200.http",
+        include_bytes!("../seeds/decode_replies/session-info-200.http"),
+    ),
+    (
+        "session-info-unknown-200.http",
+        include_bytes!("../seeds/decode_replies/session-info-unknown-200.http"),
+    ),
+    (
+        "session-renew-200.http",
+        include_bytes!("../seeds/decode_replies/session-renew-200.http"),
+    ),
+    (
+        "session-renew-destroyed-404.http",
+        include_bytes!("../seeds/decode_replies/session-renew-destroyed-404.http"),
+    ),
+    (
+        "session-renew-unknown-404.http",
+        include_bytes!("../seeds/decode_replies/session-renew-unknown-404.http"),
+    ),
+];
+
+/// The captured reply number `i` (modulo their count), parsed.
+pub fn real_reply(i: usize) -> http::Response<Vec<u8>> {
+    crate::http_text::parse(REAL_REPLIES[i % REAL_REPLIES.len()].1)
+}
