@@ -223,8 +223,8 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         result = lock.acquire() => result,
         () = outer_timeout => Err(Error::GaveUp),
         name = signals.next() => {
-            // Dropping the acquire future cancelled the attempt; its session goes in the background.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Dropping the acquire future cancelled the attempt: wait for its session to go.
+            close(lock).await;
             return Err(Failure::new(format!("interrupted by SIG{name} while waiting for the {kind}")));
         }
     };
@@ -238,7 +238,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
                 json!({ "key": target.key.as_str(), "waited_ms": out::millis(waited) }),
                 String::new,
             );
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            close(lock).await;
             return Err(Failure::new(format!(
                 "timeout: no {kind} within {} (--timeout){holder}; giving up",
                 out::secs(timeout.unwrap_or(waited)),
@@ -507,4 +507,11 @@ async fn describe_holder(api: &Api, target: &Target) -> String {
             session.as_str()
         ),
     }
+}
+
+/// Ends `lock` and waits for its cleanup (its session destroyed), so that the process doesn't
+/// exit with a session left for Consul to expire; bounded, since an unreachable agent could make
+/// the destroy retry for up to twice the TTL.
+async fn close(lock: consul_lock_tokio::Lock) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), lock.close()).await;
 }

@@ -214,6 +214,21 @@ impl Lock {
             .map_err(|_| Error::DriverStopped)?;
         answer.await.map_err(|_| Error::DriverStopped)?
     }
+
+    /// Ends the lock and waits for its cleanup: an attempt under way is cancelled, a hold is
+    /// released, and the session the lock made is destroyed before this returns.
+    ///
+    /// Dropping a `Lock` (or cancelling an acquire) does the same in the background; call
+    /// `close` before a process exits, so that the background work is not cut short and no
+    /// session is left for Consul to expire. If the agent can't be reached, the destroy is
+    /// retried until the session must have expired on its own (up to twice its TTL): wrap the
+    /// call in a timeout if the process can't wait that long.
+    pub async fn close(self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Close { reply }).is_ok() {
+            let _ = done.await;
+        }
+    }
 }
 
 /// Sends the cancel when an acquire future is dropped before it finished.

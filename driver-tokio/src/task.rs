@@ -46,6 +46,8 @@ pub(crate) enum Command {
     Destroy {
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// End the lock: cancel or release, finish the cleanup, then answer and stop.
+    Close { reply: oneshot::Sender<()> },
 }
 
 struct Waiters {
@@ -72,6 +74,7 @@ pub(crate) async fn run<M: HoldMachine>(
         destroy: None,
     };
     let mut handles_gone = false;
+    let mut closed: Option<oneshot::Sender<()>> = None;
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
@@ -103,6 +106,10 @@ pub(crate) async fn run<M: HoldMachine>(
         let timer = machine.poll_timeout();
         tokio::select! {
             command = commands.recv(), if !handles_gone => match command {
+                Some(Command::Close { reply }) => {
+                    closed = Some(reply);
+                    handles_gone = true;
+                }
                 Some(command) => on_command(&mut machine, &mut waiters, command),
                 None => handles_gone = true,
             },
@@ -123,6 +130,9 @@ pub(crate) async fn run<M: HoldMachine>(
         }
     }
     tracing::debug!("lock task done");
+    if let Some(reply) = closed {
+        let _ = reply.send(());
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -173,6 +183,10 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
+        }
+        // Handled by the loop, which stops reading commands.
+        Command::Close { reply } => {
+            let _ = reply.send(());
         }
         Command::Destroy { reply } => match machine.destroy(now) {
             Ok(()) => w.destroy = Some(reply),

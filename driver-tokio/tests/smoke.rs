@@ -36,3 +36,53 @@ async fn acquire_release_and_handoff() {
         .unwrap();
     g3.release().await.unwrap();
 }
+
+fn sessions_named(agent: &consul_lock_testkit::ConsulAgent, name: &str) -> usize {
+    let http = consul_lock_testkit::TestTransport::new().unwrap();
+    let request = http::Request::get(format!("{}/v1/session/list", agent.base_url()))
+        .body(Vec::new())
+        .unwrap();
+    let reply = http.exchange(request).unwrap();
+    let sessions: Vec<serde_json::Value> = serde_json::from_slice(reply.body()).unwrap();
+    sessions.iter().filter(|s| s["Name"] == name).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_until_the_cancelled_attempts_session_is_gone() {
+    let Some(agent) = require_agent() else { return };
+    let client = Client::new(agent.config().unwrap()).unwrap();
+    let key = "tokio/smoke/close/.lock";
+    let holder = client.lock_key(key).unwrap();
+    let held = holder.acquire().await.unwrap();
+
+    let mut options = consul_lock_tokio::LockOptions::new(key).unwrap();
+    if let Some(s) = options.session_options_mut() {
+        s.name = "close-test waiter".into();
+    }
+    // Behind a slow link, so that the background destroy is still on its way when we look.
+    let proxy = consul_lock_testkit::proxy::FaultProxy::start(agent.addr()).unwrap();
+    proxy.set_latency(Duration::from_millis(300));
+    let slow = Client::new(proxy.config()).unwrap();
+    let waiter = slow.lock(options).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), waiter.acquire())
+            .await
+            .is_err()
+    );
+    let before = tokio::task::spawn_blocking(move || sessions_named(agent, "close-test waiter"))
+        .await
+        .unwrap();
+    assert_eq!(
+        before, 1,
+        "the cancelled waiter's session is still there, its destroy on the way"
+    );
+    tokio::time::timeout(Duration::from_secs(5), waiter.close())
+        .await
+        .unwrap();
+    let after = tokio::task::spawn_blocking(move || sessions_named(agent, "close-test waiter"))
+        .await
+        .unwrap();
+    assert_eq!(after, 0, "close returned before the session was destroyed");
+    held.release().await.unwrap();
+    holder.close().await;
+}
