@@ -70,19 +70,4 @@ mod tests {
         assert_eq!(next_index(5, 3), (0, false));
         assert_eq!(next_index(0, 0), (0, false));
     }
-
-    #[test]
-    fn time_never_runs_backwards() {
-        let t0 = Instant::now();
-        let mut last = None;
-        assert_eq!(
-            observe(&mut last, t0 + Duration::from_secs(2)),
-            t0 + Duration::from_secs(2)
-        );
-        assert_eq!(observe(&mut last, t0), t0 + Duration::from_secs(2));
-        assert_eq!(
-            observe(&mut last, t0 + Duration::from_secs(3)),
-            t0 + Duration::from_secs(3)
-        );
-    }
 }
