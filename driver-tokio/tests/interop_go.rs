@@ -5,23 +5,17 @@
 //! on the other at once. Handoff times are printed (run with `--nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{ApiError, ClientConfig, Endpoint, Key, KvGet, KvPair};
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::{ConsulAgent, require_agent};
+use consul_lock_testkit::golock::{GoLock, PATIENCE, Scratch, assert_exclusive, at, since, stamp};
 use consul_lock_tokio::{Client, Lock, LockGuard, LockOptions};
 
-/// How long anything in these tests may take before it counts as stuck.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// How long a waiter is watched to show that it keeps waiting.
 const STILL_WAITING: Duration = Duration::from_millis(800);
 /// A handoff slower than this is a failure (it is tens of milliseconds when all is well; the
@@ -53,271 +47,6 @@ impl Wire {
 
     async fn get(&self, key: &str) -> Option<KvPair> {
         self.call(KvGet::new(Key::new(key).unwrap())).await.unwrap().value
-    }
-}
-
-/// A directory of this test's own, removed on drop.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "consul-lock-interop-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch { dir }
-    }
-
-    /// The file both sides append `<who> start|end <unix nanos>` lines to.
-    fn log(&self) -> PathBuf {
-        self.dir.join("holds.log")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
-}
-
-/// Appends `<who> <event> <now>` to the shared log, as the Go side's child does with `date`.
-fn stamp(log: &Path, who: &str, event: &str) -> u128 {
-    let now = unix_nanos();
-    let mut file = OpenOptions::new().create(true).append(true).open(log).unwrap();
-    writeln!(file, "{who} {event} {now}").unwrap();
-    now
-}
-
-/// One line of the shared log.
-#[derive(Clone, Debug)]
-struct Entry {
-    who: String,
-    event: String,
-    at: u128,
-}
-
-fn entries(log: &Path) -> Vec<Entry> {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let mut entries: Vec<Entry> = text
-        .lines()
-        .map(|line| {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(parts.len(), 3, "log line {line:?}");
-            Entry {
-                who: parts[0].to_owned(),
-                event: parts[1].to_owned(),
-                at: parts[2].parse().unwrap(),
-            }
-        })
-        .collect();
-    entries.sort_by_key(|e| e.at);
-    entries
-}
-
-fn at(log: &Path, who: &str, event: &str) -> Option<u128> {
-    entries(log)
-        .iter()
-        .find(|e| e.who == who && e.event == event)
-        .map(|e| e.at)
-}
-
-/// In time order, every `start` is followed by the same holder's `end` before anyone else starts.
-fn assert_exclusive(log: &Path) {
-    let entries = entries(log);
-    let mut holder: Option<&Entry> = None;
-    for entry in &entries {
-        match (entry.event.as_str(), holder) {
-            ("start", None) => holder = Some(entry),
-            ("end", Some(h)) if h.who == entry.who => holder = None,
-            _ => panic!("holds overlap at {entry:?} (holder {holder:?}); whole log: {entries:#?}"),
-        }
-    }
-    assert!(holder.is_none(), "a hold never ended: {entries:#?}");
-}
-
-fn since(nanos: u128) -> Duration {
-    Duration::from_nanos(u64::try_from(nanos).unwrap())
-}
-
-/// A running `consul lock <prefix> <child>`. Dropping it ends the child and the command (marker,
-/// then `SIGTERM`, then `SIGKILL` to its process group), so a failed test leaves nothing running.
-struct GoLock {
-    name: String,
-    child: Child,
-    marker: PathBuf,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl GoLock {
-    /// Starts `consul lock -verbose -name=<name> -http-addr=<agent> <prefix> <script>`. The child
-    /// stamps `<name> start`, then with `hold` waits for [`GoLock::release`] (at most 60 s), and
-    /// stamps `<name> end`.
-    fn spawn(agent: &ConsulAgent, scratch: &Scratch, prefix: &str, name: &str, hold: bool) -> GoLock {
-        let log = scratch.log();
-        let marker = scratch.dir.join(format!("{name}.release"));
-        let wait = if hold {
-            format!(
-                "i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done; ",
-                marker.display()
-            )
-        } else {
-            String::new()
-        };
-        let script = format!(
-            "echo \"{name} start $(date +%s%N)\" >> '{log}'; {wait}echo \"{name} end $(date +%s%N)\" >> '{log}'",
-            log = log.display()
-        );
-        let out = scratch.dir.join(format!("{name}.out"));
-        let err = scratch.dir.join(format!("{name}.err"));
-        let mut command = Command::new(agent.binary());
-        command
-            .arg("lock")
-            .arg("-verbose")
-            .arg(format!("-name={name}"))
-            .arg(format!("-http-addr={}", agent.http_addr()))
-            .arg(prefix)
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out).unwrap())
-            .stderr(fs::File::create(&err).unwrap())
-            .env("SHELL", "/bin/sh")
-            .process_group(0);
-        for (var, _) in std::env::vars().filter(|(var, _)| var.starts_with("CONSUL_")) {
-            command.env_remove(var);
-        }
-        let child = command.spawn().unwrap();
-        GoLock {
-            name: name.to_owned(),
-            child,
-            marker,
-            out,
-            err,
-            status: None,
-        }
-    }
-
-    /// Lets a holding child finish.
-    fn release(&self) {
-        fs::write(&self.marker, b"").unwrap();
-    }
-
-    fn running(&mut self) -> bool {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().unwrap();
-        }
-        self.status.is_none()
-    }
-
-    fn output(&self) -> String {
-        format!(
-            "stdout: {}\nstderr: {}",
-            fs::read_to_string(&self.out).unwrap_or_default().trim(),
-            fs::read_to_string(&self.err).unwrap_or_default().trim()
-        )
-    }
-
-    /// Waits until `consul lock` says it is trying to take the lock (its `-verbose` output).
-    async fn wait_attempting(&mut self) {
-        let deadline = Instant::now() + PATIENCE;
-        while !fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .contains("Attempting lock acquisition")
-        {
-            assert!(
-                self.running(),
-                "{}: consul lock exited early\n{}",
-                self.name,
-                self.output()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{}: no lock attempt\n{}",
-                self.name,
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for `consul lock` to end and checks that it succeeded: no conflict, no failure.
-    async fn finish(&mut self) {
-        let deadline = Instant::now() + PATIENCE;
-        while self.running() {
-            assert!(
-                Instant::now() < deadline,
-                "{}: consul lock did not end\n{}",
-                self.name,
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let status = self.status.unwrap();
-        let output = self.output();
-        assert!(
-            status.success(),
-            "{}: consul lock failed: {status}\n{output}",
-            self.name
-        );
-        assert!(
-            !output.contains("does not match lock use"),
-            "{}: {output}",
-            self.name
-        );
-        assert!(
-            output.contains("Child terminated, releasing lock"),
-            "{}: {output}",
-            self.name
-        );
-    }
-
-    fn exited_within(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        !self.running()
-    }
-
-    fn signal(&self, signal: &str, group: bool) {
-        let target = if group {
-            format!("-{}", self.child.id())
-        } else {
-            self.child.id().to_string()
-        };
-        let _ = Command::new("kill")
-            .args(["-s", signal, "--", &target])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-impl Drop for GoLock {
-    fn drop(&mut self) {
-        // Let a holding child end by itself, then ask `consul lock` to stop (it passes the signal
-        // on and releases, but while it waits for the lock it only notices between two blocking
-        // reads: Go's consul#2992), then kill its process group.
-        let _ = fs::write(&self.marker, b"");
-        if self.exited_within(Duration::from_secs(1)) {
-            return;
-        }
-        self.signal("TERM", false);
-        if self.exited_within(Duration::from_secs(1)) {
-            return;
-        }
-        self.signal("KILL", true);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -401,7 +130,7 @@ async fn go_to_rust(s: &Setup, round: u32) -> (LockGuard, Duration) {
     // `consul lock` deletes the key when it is done, if nobody holds it yet, so LockIndex can
     // restart at 1.)
     assert!(guard.token().sequence() > go_sequence, "fencing order");
-    go.finish().await;
+    tokio::task::block_in_place(|| go.finish());
     let go_end = at(&log, &go_name, "end").expect("the Go child's end");
     assert!(go_end < started, "we held before the Go child ended");
     let handoff = since(started - go_end);
@@ -415,7 +144,7 @@ async fn rust_to_go(s: &Setup, round: u32, guard: LockGuard) -> Duration {
     let log = s.scratch.log();
     let go_name = format!("go-{round}b");
     let mut go = GoLock::spawn(s.agent, &s.scratch, &s.prefix, &go_name, false);
-    go.wait_attempting().await;
+    tokio::task::block_in_place(|| go.wait_attempting());
     tokio::time::sleep(STILL_WAITING).await;
     assert!(
         go.running(),
@@ -434,7 +163,7 @@ async fn rust_to_go(s: &Setup, round: u32, guard: LockGuard) -> Duration {
 
     let ended = stamp(&log, &format!("rust-{round}"), "end");
     guard.release().await.unwrap();
-    go.finish().await;
+    tokio::task::block_in_place(|| go.finish());
     let go_start = at(&log, &go_name, "start").expect("the Go child ran");
     assert!(go_start > ended);
     let handoff = since(go_start - ended);
@@ -526,7 +255,7 @@ async fn no_go_process_left_behind() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (pid, marker) = (go.child.id(), go.marker.display().to_string());
+    let (pid, marker) = (go.pid(), go.marker().display().to_string());
     assert!(process_mentions(&marker), "the Go child is running");
     drop(go);
     assert!(!alive(pid), "consul lock is gone");
@@ -535,8 +264,8 @@ async fn no_go_process_left_behind() {
     // A test that fails while `consul lock` waits for us.
     let guard = s.lock.acquire().await.unwrap();
     let mut go = GoLock::spawn(s.agent, &s.scratch, &s.prefix, "go-waiting", false);
-    go.wait_attempting().await;
-    let pid = go.child.id();
+    tokio::task::block_in_place(|| go.wait_attempting());
+    let pid = go.pid();
     tokio::task::spawn_blocking(move || drop(go)).await.unwrap();
     assert!(!alive(pid), "consul lock is gone");
     assert!(at(&log, "go-waiting", "start").is_none(), "its child never ran");

@@ -7,6 +7,9 @@ pub mod agent;
 #[cfg(unix)]
 pub use agent::{AgentError, ConsulAgent};
 
+#[cfg(unix)]
+pub mod golock;
+
 pub mod transport;
 pub use transport::TestTransport;
 pub mod drive;
