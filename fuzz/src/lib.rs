@@ -3,13 +3,17 @@
 //! - [`arb_reply`]: structure-aware replies (Consul's shapes with hostile values) and what a
 //!   correct decoder makes of them;
 //! - [`oracle`]: the checks `decode_replies` makes of all ten decoders;
-//! - [`request`]: what a request the lock machine sent asks;
-//! - [`lock_driver`]: the lock machine's driver and invariants (`lock_machine`);
+//! - [`request`]: what a request a machine sent asks;
+//! - [`driver`]: the run's grammar, a driver for any holding machine, the shared invariants;
+//! - [`lock_driver`]: the lock machine's agent model and invariants (`lock_machine`);
+//! - [`semaphore_driver`]: the semaphore machine's (`semaphore_machine`);
 //! - [`seeds`]: the captured real replies, embedded.
 
 pub mod arb_reply;
+pub mod driver;
 pub mod http_text;
 pub mod lock_driver;
 pub mod oracle;
 pub mod request;
 pub mod seeds;
+pub mod semaphore_driver;

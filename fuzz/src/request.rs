@@ -16,6 +16,15 @@ pub enum Kind {
     Destroy(String),
     /// `GET /v1/session/info/<id>`
     Info(String),
+    /// `GET /v1/kv/<prefix>?recurse`: a list of a prefix (the semaphore's reads).
+    List {
+        /// The prefix.
+        prefix: String,
+        /// The blocking index, if any.
+        index: Option<u64>,
+        /// Whether `consistent` is set.
+        consistent: bool,
+    },
     /// `GET /v1/kv/<key>`
     Get {
         /// The key.
@@ -37,12 +46,24 @@ pub enum Kind {
         /// The releasing session.
         session: String,
     },
+    /// `PUT /v1/kv/<key>?cas=<index>` (the semaphore's `.lock`).
+    CasPut {
+        /// The key.
+        key: String,
+        /// The expected ModifyIndex.
+        cas: u64,
+    },
     /// `DELETE /v1/kv/<key>?cas=<index>`
     Delete {
         /// The key.
         key: String,
         /// The expected ModifyIndex.
         cas: u64,
+    },
+    /// `DELETE /v1/kv/<key>`, unconditional (the semaphore's contender key).
+    Remove {
+        /// The key.
+        key: String,
     },
     /// Anything else.
     Other,
@@ -63,6 +84,8 @@ pub struct Sent {
     pub path: String,
     /// The query, percent-decoded; `None` for a bare flag.
     pub query: Vec<(String, Option<String>)>,
+    /// The body.
+    pub body: Vec<u8>,
     /// What it asks (worked out once).
     kind: Kind,
 }
@@ -109,6 +132,7 @@ impl Sent {
             method: t.request.method().to_string(),
             path: percent_decode(uri.path()),
             query,
+            body: t.request.body().clone(),
             kind: Kind::Other,
         };
         sent.kind = sent.recognise();
@@ -174,19 +198,27 @@ impl Sent {
         let param = |name: &str| self.param(name).map(str::to_owned);
         if let Some(key) = p.strip_prefix("/v1/kv/") {
             let key = key.to_owned();
+            let cas = param("cas").map(|c| c.parse::<u64>());
             return match m {
+                "GET" if self.param("recurse").is_some() => Kind::List {
+                    prefix: key,
+                    index: self.index(),
+                    consistent: self.param("consistent").is_some(),
+                },
                 "GET" => Kind::Get {
                     key,
                     index: self.index(),
                 },
-                "PUT" => match (param("acquire"), param("release")) {
-                    (Some(session), None) => Kind::Acquire { key, session },
-                    (None, Some(session)) => Kind::Release { key, session },
+                "PUT" => match (param("acquire"), param("release"), cas) {
+                    (Some(session), None, None) => Kind::Acquire { key, session },
+                    (None, Some(session), None) => Kind::Release { key, session },
+                    (None, None, Some(Ok(cas))) => Kind::CasPut { key, cas },
                     _ => Kind::Other,
                 },
-                "DELETE" => match param("cas").and_then(|c| c.parse().ok()) {
-                    Some(cas) => Kind::Delete { key, cas },
-                    None => Kind::Other,
+                "DELETE" => match cas {
+                    Some(Ok(cas)) => Kind::Delete { key, cas },
+                    None => Kind::Remove { key },
+                    Some(Err(_)) => Kind::Other,
                 },
                 _ => Kind::Other,
             };

@@ -1,0 +1,716 @@
+//! Drives a `SemaphoreMachine` with an arbitrary run, as `lock_driver` drives the lock (the same
+//! operations, time steps and reply kinds, the same invariants of [`crate::driver`]), with a
+//! semaphore's agent: plausible replies are listings of the prefix with other holders, our
+//! contender key missing, released or held by another session, a `.lock` that is missing, what
+//! we last wrote, of another limit, garbage, a map of thousands of holders, under foreign flags,
+//! with a ModifyIndex going backwards; check-and-set refusals in storms; 404s and 500s.
+//!
+//! The semaphore's own invariants:
+//! - only the requests a semaphore sends go out: lists of the prefix, reads of the `.lock`, our
+//!   contender key acquired with the semaphore's flags and our value, the `.lock` written by
+//!   check-and-set with the semaphore's flags and a readable value (when it lists us: with our
+//!   limit and at most `limit` holders), our contender key deleted, the `.lock` deleted by
+//!   check-and-set;
+//! - `Acquired` comes only on the reply to the consistent, non-blocking list that follows a grant
+//!   (core's `on_confirm`), which shows the `.lock` with the semaphore's flags and our limit
+//!   listing our session, and our contender key held by our session; the token names the `.lock`
+//!   and carries its ModifyIndex from that list; and in the same attempt, a check-and-set of the
+//!   `.lock` listing our session was answered `true`, or a wait list showed our session a holder
+//!   already (the `.lock` with our limit listing us, our contender key ours: core's `on_read`);
+//!   both counted only for replies to requests still in flight (not late or duplicate ones);
+//! - while held, nothing that gives the slot up goes out: no destroy of the session, no delete
+//!   of our contender key or of the `.lock`, no `.lock` written without us.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use base64::Engine as _;
+use consul_lock_core::api::{ClientConfig, Endpoint, KvGet, KvList, KvPair, SessionId};
+use consul_lock_core::machine::{
+    FencingToken, LOCK_FLAG_VALUE, Reply, SEMAPHORE_FLAG_VALUE, SemaphoreMachine, SemaphoreOptions,
+    SemaphoreState, SessionChoice,
+};
+
+use crate::arb_reply::{self, KNOWN_SESSIONS};
+use crate::driver::{Cause, Model, SessionAgent, acquire_reply, read_headers, response, write_reply};
+pub use crate::driver::{EXISTING, Millis, Op, Plausible, Spec};
+use crate::request::{Kind, Sent};
+
+/// The semaphore's prefix.
+pub const PREFIX: &str = "fuzz/sem";
+/// Its `.lock`.
+pub const LOCK: &str = "fuzz/sem/.lock";
+
+/// The options: the parts a run varies.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// Use the caller's session [`EXISTING`] rather than create one.
+    pub existing: bool,
+    /// Give up after one wait.
+    pub try_once: bool,
+    /// Go's `MonitorRetries` (`None`: bear failures while renewals succeed).
+    pub monitor_retries: Option<u8>,
+    /// The number of slots, 1..=4.
+    pub limit: u8,
+    /// Session TTL, 10..=60 s.
+    pub ttl_secs: u8,
+    /// Wait time, 1..=30 s.
+    pub wait_secs: u8,
+    /// The jitter seed.
+    pub seed: u64,
+    /// The contender key's value.
+    pub value: Vec<u8>,
+}
+
+impl<'a> Arbitrary<'a> for Setup {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Setup> {
+        Ok(Setup {
+            existing: u.arbitrary()?,
+            try_once: u.arbitrary()?,
+            monitor_retries: if u.arbitrary()? {
+                Some(u.int_in_range(0..=4)?)
+            } else {
+                None
+            },
+            limit: u.int_in_range(1..=4)?,
+            ttl_secs: u.int_in_range(10..=60)?,
+            wait_secs: u.int_in_range(1..=30)?,
+            seed: u.arbitrary()?,
+            value: {
+                let len = u.int_in_range(0..=16)?;
+                u.bytes(len)?.to_vec()
+            },
+        })
+    }
+}
+
+impl Setup {
+    /// The semaphore options.
+    pub fn options(&self) -> SemaphoreOptions {
+        let mut o = match SemaphoreOptions::new(PREFIX, u32::from(self.limit)) {
+            Ok(o) => o,
+            Err(e) => panic!("fuzz harness bug: {e}"),
+        };
+        if self.existing {
+            o.session = SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
+        } else if let Some(s) = o.session_options_mut() {
+            s.ttl = Duration::from_secs(u64::from(self.ttl_secs));
+        }
+        o.try_once = self.try_once;
+        o.monitor_retries = self.monitor_retries.map(u32::from);
+        o.wait_time = Duration::from_secs(u64::from(self.wait_secs));
+        o.seed = self.seed;
+        o.value = self.value.clone();
+        o
+    }
+}
+
+/// The `.lock` as a listing showed it.
+#[derive(Clone, Debug)]
+pub struct LockSeen {
+    flags: u64,
+    modify_index: u64,
+    /// Decoded as the machine decodes it, with our limit for an empty value.
+    state: Result<SemaphoreState, String>,
+}
+
+/// What a listing of the prefix showed.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// `consistent` was asked (the confirm after a grant, the monitor).
+    consistent: bool,
+    /// It was a blocking read (`index` set).
+    blocking: bool,
+    lock: Option<LockSeen>,
+    /// Every key of the listing and the session holding it (the first entry of a key).
+    keys: BTreeMap<String, Option<String>>,
+}
+
+impl Listed {
+    /// Whether the `.lock` (with the semaphore's flags and `limit`) lists `session`.
+    fn lists(&self, session: &str, limit: u32) -> bool {
+        self.lock.as_ref().is_some_and(|l| {
+            l.flags == SEMAPHORE_FLAG_VALUE
+                && l.state
+                    .as_ref()
+                    .is_ok_and(|s| s.limit == limit && s.holds(session))
+        })
+    }
+
+    /// Whether `<prefix>/<session>` is held by `session`.
+    fn contends(&self, session: &str) -> bool {
+        self.keys.get(&format!("{PREFIX}/{session}")) == Some(&Some(session.to_owned()))
+    }
+}
+
+/// What a reply says.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    /// A check-and-set of the `.lock` answered `true`: the holders it wrote.
+    cas_granted: Option<BTreeSet<String>>,
+    /// A listing of the prefix.
+    listed: Option<Listed>,
+}
+
+/// The semaphore's agent: plausible replies, and when `Acquired` may come.
+#[derive(Clone, Debug)]
+pub struct SemaphoreModel {
+    sessions: SessionAgent,
+    limit: u32,
+    /// The `.lock`'s value as a coherent agent has it: what the last check-and-set answered `true`
+    /// wrote.
+    stored: Option<Vec<u8>>,
+    /// Its ModifyIndex.
+    modify: u64,
+    /// Since the last `lock()`, from replies to requests still in flight: sessions a granted
+    /// check-and-set listed, and sessions a wait list showed holders.
+    granted: BTreeSet<String>,
+    shown: BTreeSet<String>,
+    /// Every contender key the machine acquired (the only keys it may delete).
+    contended: BTreeSet<String>,
+}
+
+impl SemaphoreModel {
+    /// The model for a semaphore of `limit`.
+    pub fn new(limit: u32) -> SemaphoreModel {
+        SemaphoreModel {
+            sessions: SessionAgent::default(),
+            limit,
+            stored: None,
+            modify: 5,
+            granted: BTreeSet::new(),
+            shown: BTreeSet::new(),
+            contended: BTreeSet::new(),
+        }
+    }
+}
+
+fn ours(m: &SemaphoreMachine) -> String {
+    m.session()
+        .id()
+        .map_or_else(|| EXISTING.to_owned(), |s| s.to_string())
+}
+
+fn holders_of(value: &[u8]) -> Option<BTreeSet<String>> {
+    SemaphoreState::decode(value, 0)
+        .ok()
+        .map(|s| s.holders.into_keys().collect())
+}
+
+/// A KV entry's JSON; `value: None` writes `null`.
+fn entry(key: &str, flags: u64, value: Option<&[u8]>, session: Option<&str>, modify_index: u64) -> String {
+    let value = value.map_or_else(
+        || "null".to_owned(),
+        |v| format!("\"{}\"", base64::engine::general_purpose::STANDARD.encode(v)),
+    );
+    let session = session.map_or(String::new(), |s| {
+        format!(",\"Session\":{}", arb_reply::json_string(s))
+    });
+    format!(
+        "{{\"LockIndex\":1,\"Key\":{},\"Flags\":{flags},\"Value\":{value}{session},\"CreateIndex\":1,\
+         \"ModifyIndex\":{modify_index}}}",
+        arb_reply::json_string(key)
+    )
+}
+
+fn state(limit: u32, holders: impl IntoIterator<Item = String>) -> Vec<u8> {
+    SemaphoreState {
+        limit,
+        holders: holders.into_iter().map(|h| (h, true)).collect(),
+    }
+    .encode()
+}
+
+impl SemaphoreModel {
+    /// The other contenders of a listing: `o-<i>`, live (holding their key) or not, as `n` says.
+    fn others(n: u64) -> Vec<(String, bool)> {
+        let count = (n >> 8) % 4;
+        (0..count)
+            .map(|i| (format!("o-{i}"), (n >> (10 + i)) & 1 == 0))
+            .collect()
+    }
+
+    /// The `.lock` entry, hostile as `c` and `n` choose (`None`: missing).
+    fn lock_entry(&self, ours: &str, c: u8, n: u64) -> Option<String> {
+        let limit = self.limit;
+        let others: Vec<String> = Self::others(n)
+            .into_iter()
+            .filter(|(_, live)| *live)
+            .map(|(s, _)| s)
+            .collect();
+        let mut holders: Vec<String> = others.iter().take(limit as usize).cloned().collect();
+        if (n >> 16) & 1 == 1 {
+            holders.push(ours.to_owned());
+        }
+        if (n >> 17) & 1 == 1 {
+            holders.push("dead-1".to_owned());
+        }
+        let value: Option<Vec<u8>> = match (c / 8) % 8 {
+            0 => return None,
+            1..=3 => Some(self.stored.clone()?),
+            4 => Some(state(limit, holders)),
+            5 => {
+                let wrong = match (n >> 18) % 3 {
+                    0 => 0,
+                    1 => limit + 1,
+                    _ => u32::MAX,
+                };
+                Some(state(wrong, holders))
+            }
+            6 => Some(match (n >> 28) % 13 {
+                0 => b"{".to_vec(),
+                1 => b"[]".to_vec(),
+                2 => b"1".to_vec(),
+                3 => br#"{"Limit":-1}"#.to_vec(),
+                4 => br#"{"Limit":1.5,"Holders":{}}"#.to_vec(),
+                5 => br#"{"Holders":[]}"#.to_vec(),
+                6 => format!(
+                    r#"{{"Limit":{limit},"Holders":{{{}:1}}}}"#,
+                    arb_reply::json_string(ours)
+                )
+                .into_bytes(),
+                7 => b"null".to_vec(),
+                8 => format!(
+                    r#"{{"limit":{limit},"holders":{{{}:true}}}}"#,
+                    arb_reply::json_string(ours)
+                )
+                .into_bytes(),
+                9 => format!(
+                    r#"{{"Limit":{limit},"Holders":{{{}:false}}}}"#,
+                    arb_reply::json_string(ours)
+                )
+                .into_bytes(),
+                10 => format!(
+                    r#"{{"Limit":{limit},"Holders":{{{}:null}}}}"#,
+                    arb_reply::json_string(ours)
+                )
+                .into_bytes(),
+                11 => Vec::new(),
+                _ => vec![0xff, 0xfe, b'{'],
+            }),
+            _ => {
+                // Hundreds (sometimes thousands: they cost time) of holders: dead ones, with or
+                // without us, or every live other.
+                let count = if (n >> 44).is_multiple_of(8) { 2000 } else { 200 };
+                let mut many: Vec<String> = (0..count).map(|i| format!("h-{i}")).collect();
+                match (n >> 20) % 3 {
+                    0 => {}
+                    1 => many.push(ours.to_owned()),
+                    _ => many = others.clone(),
+                }
+                Some(state(limit, many))
+            }
+        };
+        let flags = match (c / 64) % 4 {
+            0..=2 => SEMAPHORE_FLAG_VALUE,
+            _ => [0, LOCK_FLAG_VALUE, n][(n % 3) as usize],
+        };
+        let modify = match (n >> 24) % 4 {
+            0 | 1 => self.modify,
+            2 => self.modify.saturating_sub(1 + n % 3),
+            _ => n % 100,
+        };
+        let value = value.filter(|v| !v.is_empty() || (n >> 30) & 1 == 0);
+        Some(entry(LOCK, flags, value.as_deref(), None, modify))
+    }
+
+    /// A listing of the prefix: our contender key, the others', the `.lock`.
+    fn listing(&self, ours: &str, c: u8, n: u64) -> Vec<String> {
+        let mut entries = Vec::new();
+        let key = format!("{PREFIX}/{ours}");
+        let known = KNOWN_SESSIONS[(n >> 4) as usize % KNOWN_SESSIONS.len()];
+        match c % 8 {
+            0 => {}
+            1 => entries.push(entry(&key, SEMAPHORE_FLAG_VALUE, None, None, 3)),
+            2 => entries.push(entry(&key, SEMAPHORE_FLAG_VALUE, None, Some(known), 3)),
+            _ => {
+                let flags = if (n >> 40).is_multiple_of(8) {
+                    LOCK_FLAG_VALUE
+                } else {
+                    SEMAPHORE_FLAG_VALUE
+                };
+                entries.push(entry(&key, flags, Some(b"v"), Some(ours), 3));
+            }
+        }
+        for (other, live) in Self::others(n) {
+            let session = live.then_some(other.as_str());
+            entries.push(entry(
+                &format!("{PREFIX}/{other}"),
+                SEMAPHORE_FLAG_VALUE,
+                None,
+                session,
+                4,
+            ));
+        }
+        entries.extend(self.lock_entry(ours, c, n));
+        entries
+    }
+}
+
+impl Model for SemaphoreModel {
+    type M = SemaphoreMachine;
+    type Facts = Facts;
+
+    fn check_send(&mut self, m: &SemaphoreMachine, s: &Sent) {
+        let flags = SEMAPHORE_FLAG_VALUE.to_string();
+        let options = m.options();
+        match s.kind() {
+            Kind::Create | Kind::Renew(_) | Kind::Destroy(_) => {}
+            Kind::List { prefix, .. } => assert_eq!(prefix, PREFIX, "{}", s.describe()),
+            Kind::Get { key, index } => {
+                assert_eq!((key.as_str(), index), (LOCK, None), "{}", s.describe());
+            }
+            Kind::Acquire { key, session } => {
+                // (The session may be gone by the end of the step: sent, then given up.)
+                assert_eq!(key, format!("{PREFIX}/{session}"), "{}", s.describe());
+                self.contended.insert(key);
+                assert_eq!(s.param("flags"), Some(flags.as_str()), "{}", s.describe());
+                assert_eq!(s.body, options.value, "{}: not our value", s.describe());
+            }
+            Kind::CasPut { key, .. } => {
+                assert_eq!(key, LOCK, "{}", s.describe());
+                assert_eq!(s.param("flags"), Some(flags.as_str()), "{}", s.describe());
+                let written = match SemaphoreState::decode(&s.body, 0) {
+                    Ok(w) => w,
+                    Err(e) => panic!("{} writes an unreadable .lock: {e}", s.describe()),
+                };
+                if written.holds(&ours(m)) {
+                    assert_eq!(written.limit, options.limit, "a .lock written with another limit");
+                    assert!(
+                        written.holders.len() <= options.limit as usize,
+                        "over the limit: {written:?}"
+                    );
+                }
+            }
+            Kind::Remove { key } => {
+                assert!(
+                    self.contended.contains(&key),
+                    "{} deletes a key it never contended with",
+                    s.describe()
+                );
+            }
+            Kind::Delete { key, .. } => assert_eq!(key, LOCK, "{}", s.describe()),
+            _ => panic!("a semaphore sent {}", s.describe()),
+        }
+    }
+
+    fn plausible(&mut self, m: &SemaphoreMachine, sent: &Sent, p: &Plausible) -> Reply {
+        if let Some(reply) = self.sessions.plausible(sent, p) {
+            return reply;
+        }
+        let ours = ours(m);
+        let (a, b, c, n) = (p.a, p.b, p.c, p.n);
+        match sent.kind() {
+            Kind::Acquire { .. } => acquire_reply(a, &ours),
+            Kind::CasPut { cas, .. } => match a % 8 {
+                0..=2 => response(200, &[], "false"),
+                3 => response(500, &[], "No cluster leader"),
+                4 => response(403, &[], "Permission denied"),
+                _ => {
+                    self.stored = Some(sent.body.clone());
+                    self.modify = self.modify.max(cas).saturating_add(1);
+                    response(200, &[], "true")
+                }
+            },
+            Kind::Remove { .. } | Kind::Delete { .. } => write_reply(a),
+            Kind::Get { .. } => {
+                let headers = read_headers(0, b, n);
+                match self.lock_entry(&ours, c, n) {
+                    Some(lock) if a % 8 != 0 => response(200, &headers, format!("[{lock}]")),
+                    _ => response(404, &headers, ""),
+                }
+            }
+            Kind::List { index, .. } => {
+                let headers = read_headers(index.unwrap_or(0), b, n);
+                let entries = self.listing(&ours, c, n);
+                let body = match a % 16 {
+                    0 => return response(404, &headers, ""),
+                    1 => "[]".to_owned(),
+                    2 => "null".to_owned(),
+                    3 => format!("[{},{}]", entries.join(","), entries.join(",")),
+                    _ if entries.is_empty() => return response(404, &headers, ""),
+                    _ => format!("[{}]", entries.join(",")),
+                };
+                response(200, &headers, body)
+            }
+            _ => response(400, &[], "?"),
+        }
+    }
+
+    fn benign(&mut self, sent: &Sent) -> Reply {
+        if let Some(reply) = self.sessions.benign(sent) {
+            return reply;
+        }
+        match sent.kind() {
+            Kind::CasPut { .. } | Kind::Remove { .. } | Kind::Delete { .. } => response(200, &[], "true"),
+            Kind::Acquire { .. } => response(200, &[], "false"),
+            Kind::Get { .. } => response(404, &[("X-Consul-Index", "1".to_owned())], ""),
+            Kind::List { index, .. } => response(
+                404,
+                &[("X-Consul-Index", index.unwrap_or(0).saturating_add(1).to_string())],
+                "",
+            ),
+            _ => response(400, &[], "?"),
+        }
+    }
+
+    fn facts(&self, _m: &SemaphoreMachine, sent: &Sent, reply: &Reply) -> Facts {
+        let mut facts = Facts::default();
+        let Ok(resp) = reply else { return facts };
+        match sent.kind() {
+            Kind::CasPut { key, .. }
+                if key == LOCK && resp.status().is_success() && resp.body().trim_ascii() == b"true" =>
+            {
+                facts.cas_granted = holders_of(&sent.body);
+            }
+            Kind::List {
+                index, consistent, ..
+            } => {
+                if let Ok(q) = KvList::decode(resp) {
+                    let pairs: &[KvPair] = &q.value;
+                    let lock = pairs.iter().find(|p| p.key == LOCK).map(|p| LockSeen {
+                        flags: p.flags,
+                        modify_index: p.modify_index,
+                        state: SemaphoreState::decode(&p.value, self.limit),
+                    });
+                    let mut keys = BTreeMap::new();
+                    for p in pairs {
+                        keys.entry(p.key.clone())
+                            .or_insert_with(|| p.session.as_ref().map(|s| s.to_string()));
+                    }
+                    facts.listed = Some(Listed {
+                        consistent,
+                        blocking: index.is_some(),
+                        lock,
+                        keys,
+                    });
+                }
+            }
+            Kind::Get { .. } => {
+                // The release's read: nothing the checks need (decoded to exercise the decoder).
+                let _ = KvGet::decode(resp);
+            }
+            _ => {}
+        }
+        facts
+    }
+
+    fn on_lock(&mut self) {
+        self.granted.clear();
+        self.shown.clear();
+    }
+
+    fn witness(&mut self, facts: &Facts, live: bool) {
+        if !live {
+            return;
+        }
+        if let Some(holders) = &facts.cas_granted {
+            self.granted.extend(holders.iter().cloned());
+        }
+        if let Some(l) = facts.listed.as_ref().filter(|l| !l.consistent)
+            && let Some(Ok(state)) = l.lock.as_ref().map(|l| &l.state)
+        {
+            for holder in state.holders.keys() {
+                if l.lists(holder, self.limit) && l.contends(holder) {
+                    self.shown.insert(holder.clone());
+                }
+            }
+        }
+    }
+
+    fn check_acquired(&self, m: &SemaphoreMachine, token: &FencingToken, cause: &Cause<Facts>) {
+        assert_eq!(token.key.as_str(), LOCK, "Acquired names another key");
+        let session = token.session.as_str();
+        assert_eq!(
+            m.session().id(),
+            Some(&token.session),
+            "Acquired on another session"
+        );
+        assert!(
+            self.granted.contains(session) || self.shown.contains(session),
+            "Acquired({token:?}) without a check-and-set listing us answered true, or a wait list \
+             showing us a holder, in this attempt (granted {:?}, shown {:?})",
+            self.granted,
+            self.shown
+        );
+        let Cause::Reply(Some(Facts { listed: Some(l), .. })) = cause else {
+            panic!("Acquired on {cause:?}, not on a listing");
+        };
+        assert!(
+            l.consistent && !l.blocking,
+            "Acquired on a list that is not the consistent confirm: {l:?}"
+        );
+        assert!(
+            l.lists(session, self.limit),
+            "Acquired on a list whose .lock does not list us with our limit: {l:?}"
+        );
+        assert!(
+            l.contends(session),
+            "Acquired on a list where our contender key is not ours: {l:?}"
+        );
+        let index = l.lock.as_ref().map(|l| l.modify_index);
+        assert_eq!(
+            (Some(token.lock_index), Some(token.modify_index)),
+            (index, index),
+            "the token carries the .lock's ModifyIndex"
+        );
+    }
+
+    fn gives_up(&self, token: &FencingToken, s: &Sent) -> bool {
+        let session = token.session.as_str();
+        let contender = format!("{PREFIX}/{session}");
+        match s.kind() {
+            Kind::Destroy(id) => id == session,
+            Kind::Remove { key } => key == contender || key == LOCK,
+            Kind::Delete { .. } | Kind::Release { .. } => true,
+            Kind::CasPut { .. } => !holders_of(&s.body).is_some_and(|h| h.contains(session)),
+            _ => false,
+        }
+    }
+}
+
+/// The semaphore's driver.
+pub type Driver = crate::driver::Driver<SemaphoreModel>;
+
+/// A driver for a machine with `setup`'s options.
+pub fn driver(setup: &Setup) -> Driver {
+    let m = match SemaphoreMachine::new(ClientConfig::default(), setup.options()) {
+        Ok(m) => m,
+        Err(e) => panic!("fuzz harness bug: invalid options: {e}"),
+    };
+    Driver::new(m, SemaphoreModel::new(u32::from(setup.limit)))
+}
+
+/// Runs a whole input: the setup, up to `max_ops` operations, the wind-down.
+pub fn run(data: &[u8], max_ops: usize) {
+    let mut u = Unstructured::new(data);
+    let Ok(setup) = Setup::arbitrary(&mut u) else {
+        return;
+    };
+    let mut driver = driver(&setup);
+    crate::driver::run_ops(&mut driver, &mut u, max_ops);
+}
+
+/// The events of an input's operations (all of them), before the wind-down, which follows.
+#[cfg(test)]
+fn events_of(data: &[u8], max_ops: usize) -> Option<Vec<consul_lock_core::machine::LockEvent>> {
+    let mut u = Unstructured::new(data);
+    let setup = Setup::arbitrary(&mut u).ok()?;
+    let mut d = driver(&setup);
+    for _ in 0..max_ops {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(op) = Op::arbitrary(&mut u) else { break };
+        d.step(&op);
+    }
+    let events = d.events.clone();
+    d.wind_down();
+    Some(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::splitmix_bytes as bytes;
+    use consul_lock_core::machine::LockEvent;
+
+    #[test]
+    fn random_runs_keep_the_invariants() {
+        let seeds = std::env::var("FUZZ_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300u64);
+        for seed in 0..seeds {
+            let data = bytes(seed, 2048);
+            if std::panic::catch_unwind(|| run(&data, 400)).is_err() {
+                panic!("seed {seed} fails");
+            }
+        }
+    }
+
+    /// Writes seeds for the `semaphore_machine` target: the first random inputs (SplitMix64
+    /// bytes, deterministic) whose runs end in each outcome.
+    /// `cargo test --lib -- --ignored write_semaphore_seeds`.
+    #[test]
+    #[ignore = "writes fuzz/seeds/semaphore_machine"]
+    fn write_semaphore_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/semaphore_machine");
+        let missing = crate::driver::write_seeds(&dir, 4096, 20_000, |data| {
+            events_of(data, 512).unwrap_or_default()
+        });
+        assert!(missing.is_empty(), "no input found for {missing:?}");
+    }
+
+    /// Replays one seed of `random_runs_keep_the_invariants`: `FUZZ_SEED=n FUZZ_TRACE=1`.
+    #[test]
+    #[ignore = "replays FUZZ_SEED"]
+    fn replay_semaphore_seed() {
+        let seed = std::env::var("FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        run(&bytes(seed, 2048), 400);
+    }
+
+    /// Replays a file (a crash, a corpus input): `FUZZ_INPUT=path FUZZ_TRACE=1`.
+    #[test]
+    #[ignore = "replays FUZZ_INPUT"]
+    fn replay_semaphore_input() {
+        let path = std::env::var("FUZZ_INPUT").unwrap_or_default();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        run(&data, 512);
+    }
+
+    #[test]
+    fn a_plausible_agent_grants_a_slot() {
+        // Lock, then answer everything plausibly with the "all is well" choices: a fresh session,
+        // our contender key, the `.lock` as we last wrote it, check-and-sets granted.
+        let setup = Setup {
+            existing: false,
+            try_once: false,
+            monitor_retries: None,
+            limit: 2,
+            ttl_secs: 15,
+            wait_secs: 15,
+            seed: 1,
+            value: Vec::new(),
+        };
+        let mut d = driver(&setup);
+        d.step(&Op::Lock);
+        let well = Plausible {
+            a: 7,
+            b: 5,
+            c: 8 + 3,
+            n: 3,
+        };
+        for _ in 0..8 {
+            d.step(&Op::Reply(0, Spec::Plausible(well.clone())));
+        }
+        assert!(
+            d.events.iter().any(|e| matches!(e, LockEvent::Acquired(_))),
+            "{:?}",
+            d.events
+        );
+        d.step(&Op::Advance(Millis(1_000)));
+        d.step(&Op::Unlock);
+        for _ in 0..8 {
+            d.step(&Op::Reply(0, Spec::Plausible(well.clone())));
+        }
+        assert!(d.events.contains(&LockEvent::Released), "{:?}", d.events);
+        d.wind_down();
+    }
+}
+
+/// What the inputs of a corpus reach: `FUZZ_CORPUS=corpus/semaphore_machine cargo test --release
+/// --lib -- --ignored semaphore_corpus_outcomes --nocapture`.
+#[cfg(test)]
+mod corpus {
+    #[test]
+    #[ignore = "reads FUZZ_CORPUS"]
+    fn semaphore_corpus_outcomes() {
+        let dir = std::env::var("FUZZ_CORPUS").unwrap_or_else(|_| "corpus/semaphore_machine".to_owned());
+        crate::driver::corpus_outcomes(&dir, |data| super::events_of(data, 512));
+    }
+}
