@@ -170,13 +170,6 @@ impl ClientConfig {
     /// ```
     pub fn http(authority: &str) -> Result<ClientConfig, crate::api::ConfigError> {
         let authority = crate::api::env::parse_authority("address", authority)?;
-        let authority =
-            authority
-                .parse::<http::uri::Authority>()
-                .map_err(|e| crate::api::ConfigError::Invalid {
-                    name: "address".into(),
-                    problem: e.to_string(),
-                })?;
         Ok(ClientConfig {
             address: Address::Tcp {
                 scheme: Scheme::Http,

@@ -224,7 +224,7 @@ fn default_port(scheme: Scheme) -> u16 {
 /// queries, fragments, white space and control characters are rejected.
 ///
 /// `name` is the option or variable the value came from; errors mention it.
-pub(crate) fn parse_authority(name: &str, value: &str) -> Result<String, ConfigError> {
+pub(crate) fn parse_authority(name: &str, value: &str) -> Result<Authority, ConfigError> {
     let redactor = Redactor::new(&[]);
     check_authority(
         value,
@@ -232,7 +232,6 @@ pub(crate) fn parse_authority(name: &str, value: &str) -> Result<String, ConfigE
         "missing port; write host:port, e.g. 127.0.0.1:8500",
         &redactor,
     )
-    .map(|authority| authority.as_str().to_owned())
     .map_err(|problem| ConfigError::InvalidAddress {
         variable: name.to_owned(),
         value: redactor.clip_address(value),
@@ -1371,10 +1370,10 @@ mod tests {
         }
 
         #[test]
-        fn parse_authority_results_are_authorities(value in address_like()) {
+        fn parse_authority_results_have_a_port_and_round_trip(value in address_like()) {
             if let Ok(authority) = parse_authority("address", &value) {
-                let parsed = authority.parse::<Authority>().unwrap();
-                prop_assert!(parsed.port_u16().is_some());
+                prop_assert!(authority.port_u16().is_some());
+                prop_assert_eq!(authority.as_str().parse::<Authority>().unwrap(), authority);
             }
         }
 
