@@ -4,51 +4,20 @@
 //! cancel, which Go can't do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::Wire;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use consul_lock_core::api::{
-    ApiError, ClientConfig, Endpoint, Key, KvDelete, KvGet, KvList, KvPair, SessionDestroy, SessionId,
-    SessionInfo,
-};
+use consul_lock_core::api::{Key, KvDelete, KvList, KvPair, SessionDestroy, SessionId, SessionInfo};
 use consul_lock_core::machine::{LOCK_FLAG_VALUE, OptionsError, SEMAPHORE_FLAG_VALUE, SemaphoreState};
-use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
 use consul_lock_testkit::proxy::{FaultProxy, Outcome, RequestHead};
 use consul_lock_tokio::{Client, Error, LockError, LockOptions, LossReason, SemaphoreOptions};
 
-/// The agent's HTTP API, called off the runtime (the test transport is blocking).
-#[derive(Clone)]
-struct Wire {
-    config: ClientConfig,
-}
-
-fn transport() -> &'static TestTransport {
-    static HTTP: OnceLock<TestTransport> = OnceLock::new();
-    HTTP.get_or_init(|| TestTransport::new().unwrap())
-}
-
 impl Wire {
-    fn new(config: ClientConfig) -> Wire {
-        Wire { config }
-    }
-
-    async fn call<E>(&self, endpoint: E) -> Result<E::Output, ApiError>
-    where
-        E: Endpoint + Send + 'static,
-        E::Output: Send + 'static,
-    {
-        let config = self.config.clone();
-        tokio::task::spawn_blocking(move || transport().call(&config, &endpoint).expect("the agent answers"))
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, key: &str) -> Option<KvPair> {
-        self.call(KvGet::new(Key::new(key).unwrap())).await.unwrap().value
-    }
-
     /// Every key under `prefix/`.
     async fn list(&self, prefix: &str) -> Vec<KvPair> {
         self.call(KvList::new(Key::new(format!("{prefix}/")).unwrap()))

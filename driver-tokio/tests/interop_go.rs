@@ -5,13 +5,13 @@
 //! on the other at once. Handoff times are printed (run with `--nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
+mod common;
+use common::Wire;
+
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use consul_lock_core::api::{ApiError, ClientConfig, Endpoint, Key, KvGet, KvPair};
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
-use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::{ConsulAgent, require_agent};
 use consul_lock_testkit::golock::{GoLock, PATIENCE, Scratch, assert_exclusive, at, since, stamp};
 use consul_lock_tokio::{Client, Lock, LockGuard, LockOptions};
@@ -21,34 +21,6 @@ const STILL_WAITING: Duration = Duration::from_millis(800);
 /// A handoff slower than this is a failure (it is tens of milliseconds when all is well; the
 /// bound leaves room for a machine busy with other builds).
 const HANDOFF_LIMIT: Duration = Duration::from_secs(5);
-
-/// The agent's HTTP API, called off the runtime (the test transport is blocking).
-#[derive(Clone)]
-struct Wire {
-    config: ClientConfig,
-}
-
-fn transport() -> &'static TestTransport {
-    static HTTP: OnceLock<TestTransport> = OnceLock::new();
-    HTTP.get_or_init(|| TestTransport::new().unwrap())
-}
-
-impl Wire {
-    async fn call<E>(&self, endpoint: E) -> Result<E::Output, ApiError>
-    where
-        E: Endpoint + Send + 'static,
-        E::Output: Send + 'static,
-    {
-        let config = self.config.clone();
-        tokio::task::spawn_blocking(move || transport().call(&config, &endpoint).expect("the agent answers"))
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, key: &str) -> Option<KvPair> {
-        self.call(KvGet::new(Key::new(key).unwrap())).await.unwrap().value
-    }
-}
 
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
@@ -75,9 +47,7 @@ fn setup(agent: &'static ConsulAgent, name: &str) -> Setup {
     let lock = client.lock(options(&key)).unwrap();
     Setup {
         agent,
-        wire: Wire {
-            config: agent.config().unwrap(),
-        },
+        wire: Wire::new(agent.config().unwrap()),
         prefix,
         key,
         lock,

@@ -8,46 +8,25 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::Wire;
+
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use consul_lock_core::api::{ApiError, ClientConfig, Endpoint, Key, KvGet, KvList, KvPair, SessionId};
+use consul_lock_core::api::{Key, KvGet, KvList, KvPair, SessionId};
 use consul_lock_core::machine::{SEMAPHORE_FLAG_VALUE, SemaphoreState};
-use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
 use consul_lock_tokio::{Client, LockGuard, SemaphoreOptions};
 
 const PREFIX: &str = "tokio/interop-go-semaphore/n2";
 const LIMIT: u32 = 2;
 
-/// The agent's HTTP API, called off the runtime (the test transport is blocking).
-#[derive(Clone)]
-struct Wire {
-    config: ClientConfig,
-}
-
-fn transport() -> &'static TestTransport {
-    static HTTP: OnceLock<TestTransport> = OnceLock::new();
-    HTTP.get_or_init(|| TestTransport::new().unwrap())
-}
-
 impl Wire {
-    async fn call<E>(&self, endpoint: E) -> Result<E::Output, ApiError>
-    where
-        E: Endpoint + Send + 'static,
-        E::Output: Send + 'static,
-    {
-        let config = self.config.clone();
-        tokio::task::spawn_blocking(move || transport().call(&config, &endpoint).expect("the agent answers"))
-            .await
-            .unwrap()
-    }
-
     async fn list(&self) -> Vec<KvPair> {
         let prefix = Key::new(format!("{PREFIX}/")).unwrap();
         self.call(KvList::new(prefix)).await.unwrap().value
@@ -263,9 +242,7 @@ async fn release(scratch: &Scratch, who: &str, guard: LockGuard) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_and_rust_share_a_semaphore() {
     let Some(agent) = require_agent() else { return };
-    let wire = Wire {
-        config: agent.config().unwrap(),
-    };
+    let wire = Wire::new(agent.config().unwrap());
     let client = Client::new(agent.config().unwrap()).unwrap();
     let scratch = Scratch::new();
     let a = client.semaphore(options("rust-a")).unwrap();
