@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use consul_lock_testkit::harness::strategies::{cases, client_spec, fault};
 use consul_lock_testkit::harness::{ClientSpec, Fault, FaultKind, Outcome, Scenario, run};
 use proptest::prelude::*;
 
@@ -12,15 +13,6 @@ const KEY: &str = "service/leader/.lock";
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
-}
-
-fn assert_clean(outcome: &Outcome) {
-    assert!(
-        outcome.violations.is_empty(),
-        "violations: {:#?}\n--- trace tail ---\n{}",
-        outcome.violations,
-        outcome.trace_tail(80)
-    );
 }
 
 fn two_contenders(seed: u64, faults: Vec<Fault>) -> Scenario {
@@ -83,7 +75,7 @@ fn same_seed_same_trace() {
     );
     let first = run(&scenario);
     let second = run(&scenario);
-    assert_clean(&first);
+    first.assert_clean();
     assert_eq!(first.trace_hash, second.trace_hash);
     assert_eq!(first.trace, second.trace);
     let other = run(&Scenario { seed: 8, ..scenario });
@@ -101,7 +93,7 @@ fn partitioned_holder_loses_before_anyone_else_acquires() {
         }],
     );
     let outcome = run(&scenario);
-    assert_clean(&outcome);
+    outcome.assert_clean();
     let lost = outcome
         .holds
         .iter()
@@ -136,7 +128,7 @@ fn operator_delete_overlap_is_measured_and_short() {
         }],
     );
     let outcome = run(&scenario);
-    assert_clean(&outcome);
+    outcome.assert_clean();
     assert!(
         outcome.max_operator_overlap < Duration::from_millis(50),
         "{:?}",
@@ -155,57 +147,13 @@ fn leader_election_does_not_lose_a_renewed_lock() {
         }],
     );
     let outcome = run(&scenario);
-    assert_clean(&outcome);
+    outcome.assert_clean();
     let first = &outcome.holds[0];
     assert_eq!(first.client, 0);
     assert_eq!(
         first.lost, None,
         "a 3 s election within the TTL must not lose the lock: {first:?}"
     );
-}
-
-fn client_spec() -> impl Strategy<Value = ClientSpec> {
-    (
-        prop_oneof![Just(10u64), Just(15), Just(20)],
-        prop_oneof![Just(None), Just(Some(0u64)), Just(Some(1_000)), Just(Some(2_000))],
-        prop_oneof![3 => Just(None), 1 => (0u32..3).prop_map(Some)],
-        0u64..5_000,
-        500u64..20_000,
-        100u64..3_000,
-        prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
-    )
-        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
-            ttl: secs(ttl),
-            lock_delay: delay.map(Duration::from_millis),
-            monitor_retries: retries,
-            start: Duration::from_millis(start),
-            hold: Duration::from_millis(hold),
-            pause: Duration::from_millis(pause),
-            try_once: try_once.map(secs),
-        })
-}
-
-fn fault(clients: usize) -> impl Strategy<Value = Fault> {
-    let c = 0..clients;
-    let kind = prop_oneof![
-        (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
-            client,
-            extra: Duration::from_millis(ms)
-        }),
-        c.clone().prop_map(|client| FaultKind::Hang { client }),
-        c.clone().prop_map(|client| FaultKind::Refuse { client }),
-        c.clone().prop_map(|client| FaultKind::Error500 { client }),
-        c.prop_map(|client| FaultKind::Partition { client }),
-        Just(FaultKind::LeaderElection),
-        Just(FaultKind::DestroyHolderSession),
-        Just(FaultKind::DeleteKey),
-        Just(FaultKind::OverwriteKey),
-    ];
-    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
-        kind,
-        from: Duration::from_millis(from),
-        lasting: Duration::from_millis(lasting),
-    })
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -224,16 +172,6 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             duration: secs(150),
             key: KEY.into(),
         })
-}
-
-fn cases() -> u32 {
-    if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
-        return 20_000;
-    }
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
 }
 
 proptest! {

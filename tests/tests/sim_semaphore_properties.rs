@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use consul_lock_core::machine::LossReason;
+use consul_lock_testkit::harness::strategies::{cases, client_spec, fault};
 use consul_lock_testkit::harness::{
     ClientSpec, Fault, FaultKind, Hold, Outcome, Scenario, Target, run_target,
 };
@@ -16,15 +17,6 @@ const PREFIX: &str = "service/workers";
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
-}
-
-fn assert_clean(outcome: &Outcome) {
-    assert!(
-        outcome.violations.is_empty(),
-        "violations: {:#?}\n--- trace tail ---\n{}",
-        outcome.violations,
-        outcome.trace_tail(80)
-    );
 }
 
 /// The most holds under way at once (a hold ending when another begins counts as overlapping;
@@ -113,7 +105,7 @@ fn same_seed_same_trace() {
     let target = Target::Semaphore { limit: 2 };
     let first = run_target(&scenario, target);
     let second = run_target(&scenario, target);
-    assert_clean(&first);
+    first.assert_clean();
     assert_eq!(first.trace_hash, second.trace_hash);
     assert_eq!(first.trace, second.trace);
     let other = run_target(&Scenario { seed: 8, ..scenario }, target);
@@ -125,7 +117,7 @@ fn slots_are_shared_up_to_the_limit_and_everyone_gets_one() {
     for limit in 1..=3 {
         let scenario = contenders(11, 5, Vec::new());
         let outcome = run_target(&scenario, Target::Semaphore { limit });
-        assert_clean(&outcome);
+        outcome.assert_clean();
         let most = most_at_once(&outcome.holds);
         assert_eq!(most, limit as usize, "limit {limit}: {most} at once");
         for client in 0..5 {
@@ -163,7 +155,7 @@ fn partitioned_holder_loses_before_its_slot_is_reused() {
     );
     scenario.clients[0].hold = secs(30);
     let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
-    assert_clean(&outcome);
+    outcome.assert_clean();
     let lost = outcome
         .holds
         .iter()
@@ -195,7 +187,7 @@ fn operator_delete_of_a_contender_key_overlap_is_measured_and_short() {
             }],
         );
         let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
-        assert_clean(&outcome);
+        outcome.assert_clean();
         assert!(
             outcome.max_operator_overlap < Duration::from_millis(50),
             "{:?}",
@@ -224,7 +216,7 @@ fn leader_election_does_not_lose_a_renewed_slot() {
         }],
     );
     let outcome = run_target(&scenario, Target::Semaphore { limit: 2 });
-    assert_clean(&outcome);
+    outcome.assert_clean();
     let early: Vec<&Hold> = outcome.holds.iter().filter(|h| h.from < secs(2)).collect();
     assert_eq!(early.len(), 2, "both held before the election");
     for hold in early {
@@ -233,50 +225,6 @@ fn leader_election_does_not_lose_a_renewed_slot() {
             "a 3 s election within the TTL must not lose a slot: {hold:?}"
         );
     }
-}
-
-fn client_spec() -> impl Strategy<Value = ClientSpec> {
-    (
-        prop_oneof![Just(10u64), Just(15), Just(20)],
-        prop_oneof![Just(None), Just(Some(0u64)), Just(Some(1_000)), Just(Some(2_000))],
-        prop_oneof![3 => Just(None), 1 => (0u32..3).prop_map(Some)],
-        0u64..5_000,
-        500u64..20_000,
-        100u64..3_000,
-        prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
-    )
-        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
-            ttl: secs(ttl),
-            lock_delay: delay.map(Duration::from_millis),
-            monitor_retries: retries,
-            start: Duration::from_millis(start),
-            hold: Duration::from_millis(hold),
-            pause: Duration::from_millis(pause),
-            try_once: try_once.map(secs),
-        })
-}
-
-fn fault(clients: usize) -> impl Strategy<Value = Fault> {
-    let c = 0..clients;
-    let kind = prop_oneof![
-        (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
-            client,
-            extra: Duration::from_millis(ms)
-        }),
-        c.clone().prop_map(|client| FaultKind::Hang { client }),
-        c.clone().prop_map(|client| FaultKind::Refuse { client }),
-        c.clone().prop_map(|client| FaultKind::Error500 { client }),
-        c.prop_map(|client| FaultKind::Partition { client }),
-        Just(FaultKind::LeaderElection),
-        Just(FaultKind::DestroyHolderSession),
-        Just(FaultKind::DeleteKey),
-        Just(FaultKind::OverwriteKey),
-    ];
-    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
-        kind,
-        from: Duration::from_millis(from),
-        lasting: Duration::from_millis(lasting),
-    })
 }
 
 fn scenario() -> impl Strategy<Value = (Scenario, u32)> {
@@ -299,16 +247,6 @@ fn scenario() -> impl Strategy<Value = (Scenario, u32)> {
             };
             (scenario, limit)
         })
-}
-
-fn cases() -> u32 {
-    if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
-        return 20_000;
-    }
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
 }
 
 proptest! {

@@ -24,6 +24,7 @@
 //! Liveness is measured ([`Outcome::first_acquire_after`]) for the caller to bound.
 
 mod scenario;
+pub mod strategies;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -83,6 +84,16 @@ impl Outcome {
                 _ => Some(h.from.max(t)),
             })
             .min()
+    }
+
+    /// Panics, with the violations and the end of the trace, unless every property held.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.violations.is_empty(),
+            "violations: {:#?}\n--- trace tail ---\n{}",
+            self.violations,
+            self.trace_tail(80)
+        );
     }
 
     /// The last `n` trace lines, for a failure message.

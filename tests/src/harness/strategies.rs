@@ -1,0 +1,69 @@
+//! proptest strategies for scenarios: contenders with varied options, and faults of every kind
+//! the harness knows, for property tests of a lock or a semaphore (yours or ours).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::{ClientSpec, Fault, FaultKind};
+
+/// A contender: TTL 10, 15 or 20 s; lock-delay the server's default, 0, 1 or 2 s; sometimes
+/// Go's `MonitorRetries`; a start within 5 s; holds of 0.5 to 20 s; pauses of 0.1 to 3 s between
+/// attempts; sometimes try-once with a wait of 1 to 9 s.
+pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
+    (
+        prop_oneof![Just(10u64), Just(15), Just(20)],
+        prop_oneof![Just(None), Just(Some(0u64)), Just(Some(1_000)), Just(Some(2_000))],
+        prop_oneof![3 => Just(None), 1 => (0u32..3).prop_map(Some)],
+        0u64..5_000,
+        500u64..20_000,
+        100u64..3_000,
+        prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
+    )
+        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
+            ttl: Duration::from_secs(ttl),
+            lock_delay: delay.map(Duration::from_millis),
+            monitor_retries: retries,
+            start: Duration::from_millis(start),
+            hold: Duration::from_millis(hold),
+            pause: Duration::from_millis(pause),
+            try_once: try_once.map(Duration::from_secs),
+        })
+}
+
+/// A fault of any kind against one of `clients` contenders (or all), starting within the first
+/// 60 s and lasting 0.1 to 30 s.
+pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
+    let c = 0..clients;
+    let kind = prop_oneof![
+        (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
+            client,
+            extra: Duration::from_millis(ms)
+        }),
+        c.clone().prop_map(|client| FaultKind::Hang { client }),
+        c.clone().prop_map(|client| FaultKind::Refuse { client }),
+        c.clone().prop_map(|client| FaultKind::Error500 { client }),
+        c.prop_map(|client| FaultKind::Partition { client }),
+        Just(FaultKind::LeaderElection),
+        Just(FaultKind::DestroyHolderSession),
+        Just(FaultKind::DeleteKey),
+        Just(FaultKind::OverwriteKey),
+    ];
+    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
+        kind,
+        from: Duration::from_millis(from),
+        lasting: Duration::from_millis(lasting),
+    })
+}
+
+/// How many cases a property runs: `PROPTEST_CASES` if set, 300 by default (the CI run), and
+/// 20,000 for a soak when `CONSUL_LOCK_SOAK` is set.
+pub fn cases() -> u32 {
+    if std::env::var_os("CONSUL_LOCK_SOAK").is_some() {
+        return 20_000;
+    }
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
