@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use consul_lock_core::machine::LOCK_FLAG_VALUE;
 use consul_lock_testkit::proxy::FaultProxy;
 use consul_lock_testkit::sim::SimServer;
 use consul_lock_tokio::{Client, LockOptions, LossReason};
@@ -55,11 +56,12 @@ async fn injected_500s_while_holding_do_not_lose_the_lock() {
     // Wait until the monitor's blocking read is parked, then fail the next reads.
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.fail_next_gets(5);
-    let session = guard.token().session.to_string();
-    server.with_sim(|sim, now| sim.put_key(now, "sim/served/500s/other", 0, b"poke"));
-    let _ = session;
+    // Rewrite the held key (same flags, session kept): the parked monitor read wakes, and its
+    // next reads meet the injected 500s.
+    server.with_sim(|sim, now| sim.put_key(now, "sim/served/500s/.lock", LOCK_FLAG_VALUE, b"poke"));
     let outcome = tokio::time::timeout(Duration::from_millis(1500), guard.lost()).await;
     assert!(outcome.is_err(), "the lock was lost: {outcome:?}");
+    assert_eq!(proxy.counters().injected, 5, "the monitor met every injected 500");
     assert!(guard.is_held());
     guard.release().await.unwrap();
 }
