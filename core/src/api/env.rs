@@ -123,14 +123,6 @@ pub enum ConfigError {
         /// Why the value can't be a token.
         problem: InvalidToken,
     },
-    /// Any other option that can't be used, e.g. a command-line flag checked by a driver.
-    #[error("{name}: {problem}")]
-    Invalid {
-        /// The option.
-        name: String,
-        /// What is wrong and what to do.
-        problem: String,
-    },
 }
 
 /// Scrubs secrets out of text that goes into an error, and cuts it short.
