@@ -788,6 +788,42 @@ fn retry_when_the_holders_lock_delay_ends() {
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
 }
 
+/// A refused acquire on a key that is free again but has moved since the read (another contender
+/// took it and let go in between: a short hold) is a race lost, not a lock-delay: acquire again
+/// at once. Waiting out the last holder's 15 s lock-delay here stalled every waiter of a busy key
+/// (found by the contention benchmark).
+#[test]
+fn a_race_lost_to_a_short_hold_retries_at_once() {
+    let mut r = Rig::new(options());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer(
+        "GET /v1/kv/k?!index",
+        reply::kv(10, &held_by("holder").modified(10)),
+    );
+    let info = r.expect("GET /v1/session/info/holder");
+    let read = r.expect("GET /v1/kv/k?index=10&wait=15000ms");
+    r.reply(info.id, reply::info("holder", secs(15), 10));
+    r.run(secs(1), renew_ok);
+
+    // Released at 11; another contender takes it (12) before our acquire lands, and lets go (13).
+    r.reply(read.id, reply::kv(11, &entry().free().modified(11)));
+    r.answer(&acquire_pattern("s1"), reply::no());
+    let refused_at = r.now();
+    r.answer("GET /v1/kv/k?!index", reply::kv(13, &entry().free().modified(13)));
+    let retry = r.expect(&acquire_pattern("s1"));
+    assert_eq!(
+        retry.at, refused_at,
+        "acquired again at once, not after the lock-delay"
+    );
+    r.reply(retry.id, yes());
+    r.answer(
+        "GET /v1/kv/k?consistent",
+        reply::kv(14, &held_by("s1").modified(14)),
+    );
+    assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
+}
+
 /// Without the holder's lock-delay, refused acquires on a free key back off: jittered, doubling
 /// from 250 ms, capped at 5 s.
 #[test]

@@ -747,8 +747,17 @@ impl LockMachine {
             };
             return;
         }
-        // Free, yet refused: the last holder's lock-delay is in force. Retry when it ends, if we
-        // know it; otherwise back off.
+        if read.meta.index != a.index {
+            // Free, but the key moved since the read the acquire went on: another contender took
+            // it and let go in between (a short hold), so the refusal was a race lost, not a
+            // lock-delay. Go again at once; waiting out the last holder's lock-delay here stalled
+            // the waiters of a busy key for 15 s (the contention benchmark). The index moved, so
+            // this is progress, not a spin.
+            a.index = read.meta.index;
+            return self.acquire(now);
+        }
+        // Free, unchanged, yet refused: the last holder's lock-delay is in force. Retry when it
+        // ends, if we know it; otherwise back off.
         let until = match a
             .holder
             .as_mut()
