@@ -41,7 +41,7 @@ use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
-pub use consul_lock_tokio::Error;
+pub use consul_lock_tokio::{Error, HoldEnd};
 use tokio::sync::watch;
 
 /// The private runtime: one thread, shut down when the last handle using it is dropped.
@@ -238,14 +238,45 @@ impl Lock {
 pub struct LockGuard {
     token: FencingToken,
     inner: Option<consul_lock_tokio::LockGuard>,
+    watch: consul_lock_tokio::LossWatch,
     lost: mpsc::Receiver<LossReason>,
     runtime: Arc<Runtime>,
+}
+
+/// Watches a hold for its end from any thread ([`LockGuard::watch`]); cheap to clone.
+#[derive(Clone, Debug)]
+pub struct LossWatch {
+    inner: consul_lock_tokio::LossWatch,
+    runtime: Arc<Runtime>,
+}
+
+impl LossWatch {
+    /// Whether the lock is still held, as far as the machine knows right now.
+    pub fn is_held(&self) -> bool {
+        self.inner.is_held()
+    }
+
+    /// Blocks until the hold ends, lost or released (`Some`), or `timeout` passes (`None`;
+    /// `None` as the timeout waits as long as it takes).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<HoldEnd>, Error> {
+        let inner = &mut self.inner;
+        self.runtime.handle()?.block_on(async move {
+            match timeout {
+                Some(t) => match tokio::time::timeout(t, inner.ended()).await {
+                    Ok(ended) => ended.map(Some),
+                    Err(_) => Ok(None),
+                },
+                None => inner.ended().await.map(Some),
+            }
+        })
+    }
 }
 
 impl LockGuard {
     fn new(guard: consul_lock_tokio::LockGuard, runtime: Arc<Runtime>) -> LockGuard {
         let token = guard.token().clone();
         let (tx, lost) = mpsc::channel();
+        let watch = guard.watch();
         let mut watcher = guard.watch();
         if let Ok(handle) = runtime.handle() {
             handle.spawn(async move {
@@ -257,6 +288,7 @@ impl LockGuard {
         LockGuard {
             token,
             inner: Some(guard),
+            watch,
             lost,
             runtime,
         }
@@ -272,6 +304,26 @@ impl LockGuard {
         self.inner
             .as_ref()
             .is_some_and(consul_lock_tokio::LockGuard::is_held)
+    }
+
+    /// A watch on this hold for another thread: it can wait for the hold to end (lost or
+    /// released) while this thread keeps the guard, and is usable after the guard is gone.
+    ///
+    /// ```no_run
+    /// # fn run(guard: consul_lock_blocking::LockGuard) {
+    /// let mut watch = guard.watch();
+    /// std::thread::spawn(move || {
+    ///     if let Ok(Some(consul_lock_blocking::HoldEnd::Lost(reason))) = watch.wait(None) {
+    ///         eprintln!("leadership lost: {reason:?}"); // stop the leader's work here
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn watch(&self) -> LossWatch {
+        LossWatch {
+            inner: self.watch.clone(),
+            runtime: self.runtime.clone(),
+        }
     }
 
     /// The channel that receives the reason when the lock is lost (once).

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use consul_lock_blocking::{Client, Error, LockError, LockOptions, LossReason};
+use consul_lock_blocking::{Client, Error, HoldEnd, LockError, LockOptions, LossReason};
 use consul_lock_core::api::{
     ApiError, ClientConfig, Endpoint, Key, KvCasDelete, KvCasPut, KvGet, KvPair, SessionCreate,
     SessionDestroy,
@@ -96,6 +96,10 @@ fn force_invalidate() {
     opts.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
     let lock = client.lock(opts).unwrap();
     let guard = lock.acquire().unwrap();
+    // A watch on another thread sees the same loss.
+    let mut watch = guard.watch();
+    assert_eq!(watch.wait(Some(Duration::from_millis(50))).unwrap(), None);
+    let watcher = std::thread::spawn(move || watch.wait(None));
 
     let destroyed_at = Instant::now();
     assert!(
@@ -105,6 +109,10 @@ fn force_invalidate() {
         .unwrap()
     );
     let reason = guard.wait_lost(Duration::from_secs(5)).unwrap().expect("lost");
+    assert_eq!(
+        watcher.join().unwrap().unwrap(),
+        Some(HoldEnd::Lost(reason.clone()))
+    );
     let noticed = destroyed_at.elapsed();
     assert!(
         matches!(reason, LossReason::SessionInvalidated | LossReason::NotHeld),

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::{Duration, Instant};
 
-use consul_lock_blocking::{Client, Error, Lock, LockError};
+use consul_lock_blocking::{Client, Error, HoldEnd, Lock, LockError};
 use consul_lock_testkit::agent::require_agent;
 
 #[test]
@@ -14,6 +14,9 @@ fn acquire_handoff_stop_and_release() {
     let guard = a.acquire().unwrap();
     assert!(guard.is_held());
     assert_eq!(guard.wait_lost(Duration::from_millis(100)).unwrap(), None);
+    // A watch outlives its guard, and its wait ends with the hold (here, a release).
+    let mut released_watch = guard.watch();
+    assert!(released_watch.is_held());
 
     // A waiter stopped from another thread returns at once.
     let stop = Lock::stop_handle();
@@ -41,6 +44,11 @@ fn acquire_handoff_stop_and_release() {
     let waiter = std::thread::spawn(move || b.acquire().map(|g| (g, b)));
     std::thread::sleep(Duration::from_millis(200));
     guard.release().unwrap();
+    assert_eq!(
+        released_watch.wait(Some(Duration::from_secs(5))).unwrap(),
+        Some(HoldEnd::Released)
+    );
+    assert!(!released_watch.is_held());
     let (g2, _b) = waiter.join().unwrap().unwrap();
     assert!(g2.token().lock_index > first.lock_index);
     drop(g2);

@@ -58,7 +58,8 @@ use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
 pub use error::{CallError, Error};
-use task::{Command, Ended, Generation};
+pub use task::HoldEnd;
+use task::{Command, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A connection to one Consul agent: one HTTP client (connection pool) shared by every lock and
@@ -274,11 +275,35 @@ impl LossWatch {
             // Cloned out, so that no borrow of the channel is held across an await.
             let state = self.state.borrow_and_update().clone();
             match state {
-                Some(Ended::Lost(reason)) => return Ok(reason),
-                Some(Ended::Released) => std::future::pending::<()>().await,
+                Some(HoldEnd::Lost(reason)) => return Ok(reason),
+                Some(HoldEnd::Released) => std::future::pending::<()>().await,
                 None => self.state.changed().await.map_err(|_| Error::DriverStopped)?,
             }
         }
+    }
+
+    /// Resolves when the hold ends either way: lost (with the reason) or released. Unlike
+    /// [`lost`](Self::lost), it also resolves after a release, so a task waiting on it ends
+    /// with the hold.
+    ///
+    /// ```no_run
+    /// # async fn run(guard: consul_lock_tokio::LockGuard) {
+    /// let mut watch = guard.watch();
+    /// tokio::spawn(async move {
+    ///     if let Ok(consul_lock_tokio::HoldEnd::Lost(reason)) = watch.ended().await {
+    ///         eprintln!("leadership lost: {reason:?}");
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub async fn ended(&mut self) -> Result<HoldEnd, Error> {
+        let state = self
+            .state
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::DriverStopped)?
+            .clone();
+        state.ok_or(Error::DriverStopped)
     }
 }
 

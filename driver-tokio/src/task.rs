@@ -17,12 +17,14 @@ use crate::Error;
 pub(crate) type Generation = u64;
 
 /// What a guard watches: `None` while held, then why it ended.
-pub(crate) type HoldState = Option<Ended>;
+pub(crate) type HoldState = Option<HoldEnd>;
 
-/// How a hold ended.
+/// How a hold (of a lock or a semaphore slot) ended: [`LossWatch::ended`](crate::LossWatch::ended).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Ended {
+pub enum HoldEnd {
+    /// The lock was lost, for this reason.
     Lost(LossReason),
+    /// The guard released it (or was dropped).
     Released,
 }
 
@@ -217,7 +219,7 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
         }
         LockEvent::Lost(reason) => {
             if let Some(hold) = w.hold.take() {
-                let _ = hold.send(Some(Ended::Lost(reason)));
+                let _ = hold.send(Some(HoldEnd::Lost(reason)));
             }
             for reply in w.release.drain(..) {
                 let _ = reply.send(Ok(()));
@@ -225,7 +227,7 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
         }
         LockEvent::Released => {
             if let Some(hold) = w.hold.take() {
-                let _ = hold.send(Some(Ended::Released));
+                let _ = hold.send(Some(HoldEnd::Released));
             }
             for reply in w.release.drain(..) {
                 let _ = reply.send(Ok(()));
