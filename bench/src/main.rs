@@ -1,0 +1,295 @@
+//! `consul-lock-bench`: runs the benchmark suite against a Consul agent it starts, prints a table
+//! and writes the results as JSON. See `bench/README.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use consul_lock_bench::contender;
+use consul_lock_bench::error::BenchError;
+use consul_lock_bench::host::{ClientKind, Launcher};
+use consul_lock_bench::operator::Operator;
+use consul_lock_bench::report::{Machine, Results};
+use consul_lock_bench::scenarios::{self, Ctx, Plan};
+use consul_lock_testkit::agent::ConsulAgent;
+
+const USAGE: &str = "\
+consul-lock-bench: the tokio and blocking drivers side by side with HashiCorp's Go client
+
+usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [--go-bin FILE]
+
+  --smoke         every scenario, small: proves the suite runs (CI); its figures mean little
+  --only LIST     scenarios, comma-separated: handoff,failover,partition,contention,idle,core,scale
+  --clients LIST  clients, comma-separated: tokio,blocking,go (default: all three)
+  --out FILE      where the JSON goes (default: target/consul-lock-bench/<plan>.json)
+  --go-bin FILE   the Go contender (default: $GO_CONTENDER_BIN, else scripts/ensure-go-contender.sh builds it)
+
+The agent: consul from $CONSUL_BIN, else PATH, else scripts/ensure-consul.sh (Consul 1.8.7).
+";
+
+const SCENARIOS: [&str; 7] = [
+    "handoff",
+    "failover",
+    "partition",
+    "contention",
+    "idle",
+    "core",
+    "scale",
+];
+
+/// Counts heap allocations for the core's figures. It is the allocator of the Rust contenders too
+/// (they are this program): a relaxed atomic add per allocation, nanoseconds against the
+/// milliseconds they are measured in.
+#[global_allocator]
+static ALLOC: consul_lock_bench::alloc_count::CountingAlloc = consul_lock_bench::alloc_count::CountingAlloc;
+
+struct Args {
+    plan: Plan,
+    only: Vec<String>,
+    clients: Vec<ClientKind>,
+    out: Option<PathBuf>,
+    go_bin: Option<PathBuf>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args, BenchError> {
+    let mut parsed = Args {
+        plan: Plan::full(),
+        only: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
+        clients: ClientKind::ALL.to_vec(),
+        out: None,
+        go_bin: std::env::var_os("GO_CONTENDER_BIN").map(PathBuf::from),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| BenchError::Usage(format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--smoke" => parsed.plan = Plan::smoke(),
+            "--only" => {
+                let list = value("--only")?;
+                parsed.only = list.split(',').map(str::to_owned).collect();
+                if let Some(bad) = parsed.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+                    return Err(BenchError::Usage(format!(
+                        "no scenario {bad:?}; there are {}",
+                        SCENARIOS.join(", ")
+                    )));
+                }
+            }
+            "--clients" => {
+                let list = value("--clients")?;
+                parsed.clients = list
+                    .split(',')
+                    .map(|name| {
+                        ClientKind::parse(name).ok_or_else(|| {
+                            BenchError::Usage(format!("no client {name:?}; there are tokio, blocking, go"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--out" => parsed.out = Some(PathBuf::from(value("--out")?)),
+            "--go-bin" => parsed.go_bin = Some(PathBuf::from(value("--go-bin")?)),
+            other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
+        }
+    }
+    Ok(parsed)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("contender") => match args.get(1).map(String::as_str) {
+            Some("tokio") => contender::run_tokio().map_err(|e| e.to_string()),
+            Some("blocking") => contender::run_blocking().map_err(|e| e.to_string()),
+            _ => Err("usage: consul-lock-bench contender tokio|blocking".to_owned()),
+        },
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => parse_args(&args).and_then(run).map_err(|e| e.to_string()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("consul-lock-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root (the suite runs from a checkout: it builds the Go contender from it).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(args: Args) -> Result<(), BenchError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| BenchError::Io { what, source }
+    };
+    let mut clients = args.clients.clone();
+    let go = if clients.contains(&ClientKind::Go) {
+        match go_contender(args.go_bin.clone()) {
+            Ok(path) => Some(path),
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("consul-lock-bench: leaving Go out: {e}");
+                clients.retain(|k| *k != ClientKind::Go);
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let launcher = Launcher {
+        own_exe: std::env::current_exe().map_err(io("finding this program"))?,
+        go,
+    };
+    let agent = ConsulAgent::start()?;
+    let operator = Operator::new(agent.config()?)?;
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ctx = Ctx {
+        agent: &agent,
+        launcher: &launcher,
+        plan: &args.plan,
+        operator: &operator,
+        clients: &clients,
+        run_tag: format!("{started_unix_s}-{}", std::process::id()),
+    };
+    let mut results = Results {
+        plan: args.plan.clone(),
+        machine: machine(&agent),
+        started_unix_s,
+        clients: clients.clone(),
+        handoff: None,
+        failover: None,
+        partition: None,
+        contention: None,
+        idle: None,
+        scale: None,
+        core: None,
+    };
+    let wanted = |name: &str| args.only.iter().any(|s| s == name);
+    let step = |name: &str| {
+        eprintln!(
+            "consul-lock-bench: {name} ({} plan, clients {:?})",
+            args.plan.name,
+            clients.iter().map(|c| c.name()).collect::<Vec<_>>()
+        )
+    };
+    if wanted("handoff") {
+        step("handoff");
+        results.handoff = Some(scenarios::handoff::run(&ctx)?);
+    }
+    if wanted("failover") {
+        step("failover");
+        results.failover = Some(scenarios::failover::run(&ctx)?);
+    }
+    if wanted("partition") {
+        step("partition");
+        results.partition = Some(scenarios::partition::run(&ctx)?);
+    }
+    if wanted("contention") {
+        step("contention");
+        results.contention = Some(scenarios::contention::run(&ctx)?);
+    }
+    if wanted("idle") {
+        step("idle");
+        results.idle = Some(scenarios::idle::run(&ctx)?);
+    }
+    if wanted("core") {
+        step("core");
+        let figures = consul_lock_bench::core_cycle::measure(args.plan.core_budget).map_err(|e| {
+            BenchError::Request {
+                what: "the core benchmark",
+                msg: e.to_string(),
+            }
+        })?;
+        results.core = Some(figures);
+    }
+    if wanted("scale") {
+        step("scale");
+        results.scale = Some(scenarios::scale::run(&ctx)?);
+    }
+    let out = args.out.unwrap_or_else(|| {
+        repo_root()
+            .join("target")
+            .join("consul-lock-bench")
+            .join(format!("{}.json", args.plan.name))
+    });
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(io("creating the results directory"))?;
+    }
+    let json = serde_json::to_string_pretty(&results).map_err(|e| BenchError::Io {
+        what: "encoding the results".to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(&out, json).map_err(io("writing the results"))?;
+    print!("{}", results.table());
+    println!("\nresults: {}", out.display());
+    Ok(())
+}
+
+/// The Go contender: the given binary, or the one `scripts/ensure-go-contender.sh` builds.
+fn go_contender(given: Option<PathBuf>) -> Result<PathBuf, BenchError> {
+    if let Some(path) = given {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(BenchError::GoUnavailable(format!(
+                "{} is not a file",
+                path.display()
+            )))
+        };
+    }
+    let script = repo_root().join("scripts").join("ensure-go-contender.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| BenchError::GoUnavailable(format!("running {}: {e}", script.display())))?;
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if output.status.success() && path.is_file() {
+        Ok(path)
+    } else {
+        Err(BenchError::GoUnavailable(format!(
+            "{} failed ({})",
+            script.display(),
+            output.status
+        )))
+    }
+}
+
+fn machine(agent: &ConsulAgent) -> Machine {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|v| v.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let consul = std::process::Command::new(agent.binary())
+        .arg("version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "consul (version unknown)".to_owned());
+    Machine {
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        consul,
+    }
+}

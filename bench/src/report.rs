@@ -1,0 +1,270 @@
+//! The results: one JSON document with every sample, and a table for people.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::core_cycle::CoreFigures;
+use crate::host::ClientKind;
+use crate::scenarios::Plan;
+use crate::scenarios::contention::Contention;
+use crate::scenarios::failover::Failover;
+use crate::scenarios::handoff::Handoff;
+use crate::scenarios::idle::Idle;
+use crate::scenarios::partition::Partition;
+use crate::scenarios::scale::{self, Scale};
+use crate::stats::Summary;
+
+/// The machine the figures were measured on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// The CPU model (`/proc/cpuinfo`).
+    pub cpu: String,
+    /// Logical CPUs available to the suite.
+    pub cpus: usize,
+    /// The kernel release.
+    pub kernel: String,
+    /// `consul version`'s first line.
+    pub consul: String,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    /// The plan (sizes) of the run.
+    pub plan: Plan,
+    /// Where it ran.
+    pub machine: Machine,
+    /// When it started, in seconds since the Unix epoch.
+    pub started_unix_s: u64,
+    /// The clients measured.
+    pub clients: Vec<ClientKind>,
+    /// Handoff latency.
+    pub handoff: Option<Handoff>,
+    /// Failover after invalidation.
+    pub failover: Option<Failover>,
+    /// Loss detection under a partition.
+    pub partition: Option<Partition>,
+    /// Many contenders.
+    pub contention: Option<Contention>,
+    /// One held lock at rest.
+    pub idle: Option<Idle>,
+    /// Many locks in one process.
+    pub scale: Option<Scale>,
+    /// The sans-IO core alone.
+    pub core: Option<CoreFigures>,
+}
+
+/// `value` as a ratio to Go's, e.g. `0.82x Go`.
+fn vs_go(value: Option<f64>, go: Option<f64>) -> String {
+    match (value, go) {
+        (Some(v), Some(g)) if g > 0.0 => format!("{:.2}x Go", v / g),
+        _ => String::new(),
+    }
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn latency(summary: Option<Summary>) -> String {
+    summary.map_or_else(
+        || "-".to_owned(),
+        |s| format!("{:.2} / {:.2}  [{:.2}-{:.2}]", s.p50, s.p90, s.min, s.max),
+    )
+}
+
+impl Results {
+    /// The table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            t,
+            "consul-lock-bench, {} plan: {} ({} CPUs), Linux {}, {}",
+            self.plan.name, m.cpu, m.cpus, m.kernel, m.consul
+        );
+        if let Some(h) = &self.handoff {
+            let go = h
+                .clients
+                .get(&ClientKind::Go)
+                .and_then(|l| l.summary)
+                .map(|s| s.p50);
+            let floor = h.floor.summary.map(|s| s.p50);
+            let _ = writeln!(
+                t,
+                "\n1. Handoff, ms: p50 / p90 [min-max], {} rounds",
+                self.plan.handoff_rounds
+            );
+            let _ = writeln!(t, "   {:<9} {}", "floor", latency(h.floor.summary));
+            for (kind, l) in &h.clients {
+                let p50 = l.summary.map(|s| s.p50);
+                let to_floor = match (p50, floor) {
+                    (Some(v), Some(f)) if f > 0.0 => format!("{:.2}x floor", v / f),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    t,
+                    "   {:<9} {:<34} {:<12} {}",
+                    kind.name(),
+                    latency(l.summary),
+                    vs_go(p50, go),
+                    to_floor
+                );
+            }
+        }
+        if let Some(f) = &self.failover {
+            let go = f
+                .clients
+                .get(&ClientKind::Go)
+                .and_then(|c| c.next_holder)
+                .map(|s| s.p50);
+            let _ = writeln!(
+                t,
+                "\n2. Failover after invalidation, lock-delay {} ms: ms to the next holder p50 [min-max]; to Lost p50",
+                f.lock_delay_ms
+            );
+            for (kind, c) in &f.clients {
+                let next = c.next_holder;
+                let _ = writeln!(
+                    t,
+                    "   {:<9} {:>8} [{}-{}]   lost {:>7}   {}",
+                    kind.name(),
+                    ms(next.map(|s| s.p50)),
+                    ms(next.map(|s| s.min)),
+                    ms(next.map(|s| s.max)),
+                    ms(c.lost.map(|s| s.p50)),
+                    vs_go(next.map(|s| s.p50), go)
+                );
+            }
+        }
+        if let Some(p) = &self.partition {
+            let delay = p
+                .lock_delay_ms
+                .map_or_else(|| "default (15 s)".to_owned(), |d| format!("{d} ms"));
+            let _ = writeln!(
+                t,
+                "\n3. Partition (black hole), TTL {} ms, lock-delay {delay}, watched {} ms: ms after the cut",
+                p.ttl_ms, p.window_ms
+            );
+            for (kind, c) in &p.clients {
+                let lost = c
+                    .lost_ms
+                    .map_or_else(|| format!("none in {} ms", p.window_ms), |v| format!("{v:.0}"));
+                let open = if c.overlap_open {
+                    "+ (still both at the end)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    t,
+                    "   {:<9} Lost {:<16} next holder {:<8} overlap {:.0}{open}",
+                    kind.name(),
+                    lost,
+                    ms(c.next_holder_ms),
+                    c.overlap_ms
+                );
+            }
+        }
+        if let Some(c) = &self.contention {
+            let _ = writeln!(
+                t,
+                "\n4. Contention, each contender takes the lock once: requests per handoff, wall ms, gap p50/max ms, stalls > 1 s"
+            );
+            for (n, clients) in &c.sizes {
+                let go = clients.get(&ClientKind::Go).map(|g| g.requests_per_handoff);
+                for (kind, r) in clients {
+                    let _ = writeln!(
+                        t,
+                        "   {:>3} {:<9} {:>6.1} req/handoff {:<12} wall {:>7.0}   gaps {} / {}   stalls {}",
+                        n,
+                        kind.name(),
+                        r.requests_per_handoff,
+                        vs_go(Some(r.requests_per_handoff), go),
+                        r.wall_ms,
+                        ms(r.gaps.map(|g| g.p50)),
+                        ms(r.gaps.map(|g| g.max)),
+                        r.stalls
+                    );
+                }
+            }
+        }
+        if let Some(i) = &self.idle {
+            let _ = writeln!(
+                t,
+                "\n5. Idle cost of one held lock (TTL {} ms), over {} ms",
+                i.ttl_ms, i.window_ms
+            );
+            for (kind, c) in &i.clients {
+                let _ = writeln!(
+                    t,
+                    "   {:<9} {:>5.1} requests/min   CPU {:.2}%   RSS {} KiB",
+                    kind.name(),
+                    c.requests_per_minute,
+                    c.cpu_percent,
+                    c.rss_kib
+                );
+            }
+        }
+        if let Some(c) = &self.core {
+            let _ = writeln!(
+                t,
+                "\n6. The core alone (one thread, virtual time, {} full cycles of {:.0} events with {} renewals)",
+                c.cycles, c.events_per_cycle, c.renewals_per_cycle
+            );
+            let _ = writeln!(
+                t,
+                "   {:.2} M events/s ({:.0} ns/event)",
+                c.events_per_sec / 1e6,
+                c.ns_per_event
+            );
+            match (
+                c.allocs_per_renew_cycle,
+                c.reallocs_per_renew_cycle,
+                c.bytes_per_renew_cycle,
+            ) {
+                (Some(a), Some(r), Some(b)) => {
+                    let _ = writeln!(
+                        t,
+                        "   per renew cycle: {a:.1} allocations + {r:.1} reallocations, {b:.0} bytes"
+                    );
+                }
+                _ => {
+                    let _ = writeln!(t, "   allocations not counted");
+                }
+            }
+        }
+        if let Some(s) = &self.scale {
+            let _ = writeln!(
+                t,
+                "\n7. Scale, locks held by one process (one shared client), idle window {} ms",
+                s.window_ms
+            );
+            for (kind, runs) in scale::by_client(s) {
+                for r in runs {
+                    let per_lock = r
+                        .kib_per_lock
+                        .map_or_else(|| "-".to_owned(), |k| format!("{k:.1}"));
+                    let _ = writeln!(
+                        t,
+                        "   {:<9} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns  idle CPU {:>5.1}%  lost {} errors {}",
+                        kind.name(),
+                        r.conn_limit,
+                        r.locks,
+                        r.held,
+                        r.seconds_to_hold,
+                        per_lock,
+                        r.connections,
+                        r.idle_cpu_percent,
+                        r.lost,
+                        r.errors
+                    );
+                    for e in &r.error_samples {
+                        let _ = writeln!(t, "             error: {e}");
+                    }
+                }
+            }
+        }
+        t
+    }
+}
