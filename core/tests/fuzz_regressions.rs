@@ -47,13 +47,11 @@ fn held(t0: Instant) -> LockMachine {
     m.handle_response(t0, create.id, reply(200, &[], r#"{"ID":"s1"}"#));
     let read = only(drain(&mut m).0, "/v1/kv/k");
     m.handle_response(t0, read.id, reply(404, &[("X-Consul-Index", "5")], ""));
-    let acquire = only(drain(&mut m).0, "/v1/kv/k");
-    m.handle_response(t0, acquire.id, reply(200, &[], "true"));
-    let confirm = only(drain(&mut m).0, "/v1/kv/k");
-    let pair = format!(
-        r#"[{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":6}}]"#
+    let acquire = only(drain(&mut m).0, "/v1/txn");
+    let locked = format!(
+        r#"{{"Results":[{{"KV":{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":6}}}}],"Errors":null}}"#
     );
-    m.handle_response(t0, confirm.id, reply(200, &[("X-Consul-Index", "6")], &pair));
+    m.handle_response(t0, acquire.id, reply(200, &[], &locked));
     let (_monitor, events) = drain(&mut m);
     assert!(matches!(events[..], [LockEvent::Acquired(_)]), "{events:?}");
     m
@@ -128,31 +126,25 @@ fn a_huge_lock_delay_in_the_holders_session_info_does_not_stall_the_waiter() {
         reply(200, &[("X-Consul-Index", "5")], &held_by_other),
     );
 
-    // The machine asks for the holder's session (for its lock-delay) and blocks on the key.
-    let (sent, _) = drain(&mut m);
-    let info = sent
-        .iter()
-        .find(|t| t.request.uri().path() == "/v1/session/info/other")
-        .unwrap();
-    let wait = sent
-        .iter()
-        .find(|t| t.request.uri().path() == "/v1/kv/k")
-        .unwrap();
+    // The machine blocks on the key, and once the holder has held for a while asks for its
+    // session (for its lock-delay).
+    let wait = only(drain(&mut m).0, "/v1/kv/k");
+    let asked = t0 + Duration::from_millis(100);
+    m.handle_timeout(asked);
+    let info = only(drain(&mut m).0, "/v1/session/info/other");
     let info_entry = r#"[{"ID":"other","Name":"x","Node":"n","LockDelay":18446744073709551615,"Behavior":"release","TTL":"15s","CreateIndex":4,"ModifyIndex":4}]"#;
-    m.handle_response(t0, info.id, reply(200, &[("X-Consul-Index", "5")], info_entry));
+    m.handle_response(asked, info.id, reply(200, &[("X-Consul-Index", "5")], info_entry));
 
-    // One second later the key is free; the acquire is refused (lock-delay), the re-read shows
-    // it still free.
+    // One second later the key is free; the acquire is refused for the lock-delay.
     let freed = t0 + Duration::from_secs(1);
     let free = format!(
         r#"[{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"CreateIndex":5,"ModifyIndex":6}}]"#
     );
     m.handle_response(freed, wait.id, reply(200, &[("X-Consul-Index", "6")], &free));
-    let acquire = only(drain(&mut m).0, "/v1/kv/k");
-    assert!(acquire.request.uri().query().unwrap().contains("acquire=s1"));
-    m.handle_response(freed, acquire.id, reply(200, &[], "false"));
-    let recheck = only(drain(&mut m).0, "/v1/kv/k");
-    m.handle_response(freed, recheck.id, reply(200, &[("X-Consul-Index", "6")], &free));
+    let acquire = only(drain(&mut m).0, "/v1/txn");
+    let lock_delay =
+        r#"{"Results":null,"Errors":[{"OpIndex":0,"What":"failed to lock key \"k\" due to lock delay"}]}"#;
+    m.handle_response(freed, acquire.id, reply(409, &[], lock_delay));
     assert!(drain(&mut m).0.is_empty());
 
     // Serve the machine for 2 minutes (renewing its session): Consul's longest lock-delay is
@@ -167,7 +159,7 @@ fn a_huge_lock_delay_in_the_holders_session_info_does_not_stall_the_waiter() {
             let path = t.request.uri().path().to_owned();
             if path == "/v1/session/renew/s1" {
                 m.handle_response(now, t.id, renewed("s1", "15s"));
-            } else if t.request.uri().query().is_some_and(|q| q.contains("acquire=")) {
+            } else if path == "/v1/txn" {
                 acquired_again = true;
             }
         }

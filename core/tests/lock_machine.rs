@@ -15,8 +15,9 @@ use consul_lock_core::machine::{
 use support::reply::{self, yes};
 use support::{FLAGS, Fake, KEY, Kind, Node, Rig, Sent, entry, existing, ms, options, renew_ok, secs};
 
+/// The lock transaction of `session` (its fields read as parameters: see `Sent::query`).
 fn acquire_pattern(session: &str) -> String {
-    format!("PUT /v1/kv/k?acquire={session}&flags={FLAGS}")
+    format!("PUT /v1/txn?verb=lock&key=k&session={session}&flags={FLAGS}")
 }
 
 fn release_pattern(session: &str) -> String {
@@ -30,9 +31,11 @@ fn finish_acquire(r: &mut Rig, session: &str, lock_index: u64) -> FencingToken {
         r.reply(create.id, reply::created(session));
     }
     r.answer("GET /v1/kv/k?!index", reply::missing(5));
-    r.answer(&acquire_pattern(session), yes());
     let held = entry().held_by(session, lock_index);
-    r.answer("GET /v1/kv/k?consistent&!index", reply::kv(6, &held));
+    r.answer(
+        &acquire_pattern(session),
+        reply::locked(&held.clone().modified(6)),
+    );
     match &r.events()[..] {
         [LockEvent::Acquired(token)] => token.clone(),
         other => panic!("expected Acquired, got {other:?}"),
@@ -73,10 +76,9 @@ fn go_lock_unlock() {
 
     let read = r.answer("GET /v1/kv/k?!index&!wait", reply::missing(5));
     assert!(!read.has("consistent"));
-    let acquire = r.answer(&acquire_pattern("s1"), yes());
-    assert_eq!(acquire.body, b"node-1");
     let held = held_by("s1").value(b"node-1");
-    r.answer("GET /v1/kv/k?consistent&!index", reply::kv(6, &held));
+    let acquire = r.answer(&acquire_pattern("s1"), reply::locked(&held.clone().modified(6)));
+    assert_eq!(acquire.body, b"node-1");
     let token = FencingToken {
         key: Key::new(KEY).unwrap(),
         session: SessionId::new("s1").unwrap(),
@@ -332,8 +334,10 @@ fn go_reclaim_lock() {
     assert_eq!(r.count("PUT /v1/session/create"), 0);
     let already = entry().held_by("mine", 3).modified(9);
     r.answer("GET /v1/kv/k?!index", reply::kv(9, &already));
-    r.answer(&acquire_pattern("mine"), yes());
-    r.answer("GET /v1/kv/k?consistent&!index", reply::kv(9, &already));
+    r.answer(
+        &acquire_pattern("mine"),
+        reply::locked(&already.clone().modified(9)),
+    );
     let events = r.events();
     let [LockEvent::Acquired(token)] = &events[..] else {
         panic!("{events:?}")
@@ -419,7 +423,7 @@ fn go_one_shot() {
     assert_eq!(r.m().token(), None);
     assert!(r.m().is_quiescent(), "the attempt's session is destroyed");
     assert!(fake.sessions.keys().all(|s| s == "other"));
-    assert_eq!(r.count("PUT /v1/kv/k?acquire=*"), 0);
+    assert_eq!(r.count("PUT /v1/txn?verb=lock"), 0);
 
     // The holder lets go (an explicit release: no lock-delay); the next try succeeds.
     let e = fake.kv.get_mut(KEY).unwrap();
@@ -655,7 +659,7 @@ fn cancel_acts_at_once_during_a_blocking_read() {
     let destroy = r.expect("PUT /v1/session/destroy/s1");
     assert_eq!(destroy.at, r.now());
     r.reply(read.id, reply::kv(11, &entry().free().modified(11)));
-    assert_eq!(r.count("PUT /v1/kv/k?acquire=*"), 0);
+    assert_eq!(r.count("PUT /v1/txn?verb=lock"), 0);
     r.reply(destroy.id, yes());
     assert!(r.m().is_quiescent());
     r.cancel();
@@ -731,7 +735,7 @@ fn cancel_with_the_callers_session_releases_a_granted_acquire() {
         !r.m().is_quiescent(),
         "waits to learn whether the acquire was granted"
     );
-    r.reply(acquire.id, yes());
+    r.reply(acquire.id, reply::locked(&held_by("mine")));
     r.expect(&release_pattern("mine"));
     assert!(r.events().is_empty());
 
@@ -741,7 +745,7 @@ fn cancel_with_the_callers_session_releases_a_granted_acquire() {
     r.answer("GET /v1/kv/k?!index", reply::missing(5));
     let acquire = r.expect(&acquire_pattern("mine"));
     r.cancel();
-    r.reply(acquire.id, reply::no());
+    r.reply(acquire.id, reply::lock_held());
     assert!(r.last_sent("PUT /v1/kv/k?release=mine").is_none());
     assert!(r.m().is_quiescent());
 }
@@ -762,6 +766,7 @@ fn retry_when_the_holders_lock_delay_ends() {
         "GET /v1/kv/k?!index",
         reply::kv(10, &held_by("holder").modified(10)),
     );
+    r.advance(ms(100)); // the holder has held for a while: now its lock-delay is asked for
     let info = r.expect("GET /v1/session/info/holder");
     let read = r.expect("GET /v1/kv/k?index=10&wait=15000ms");
     r.reply(info.id, reply::info("holder", secs(2), 10));
@@ -770,21 +775,18 @@ fn retry_when_the_holders_lock_delay_ends() {
     // The holder's session is invalidated: the key is freed, under lock-delay.
     let freed_at = r.now();
     r.reply(read.id, reply::kv(11, &entry().free().modified(11)));
-    r.answer(&acquire_pattern("s1"), reply::no());
-    r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
-    assert_eq!(r.count("PUT /v1/kv/k?acquire=*"), 0);
+    // The lock transaction says it is the lock-delay: no read is needed to tell.
+    r.answer(&acquire_pattern("s1"), reply::lock_delayed());
+    assert_eq!(r.count("GET /v1/kv/k?!index"), 0);
+    assert_eq!(r.count("PUT /v1/txn?verb=lock"), 0);
     let found = r.run_until(secs(10), renew_ok, |n| {
-        n.find("PUT /v1/kv/k?acquire=s1").is_some()
+        n.find("PUT /v1/txn?verb=lock&session=s1").is_some()
     });
     assert!(found);
     let retry = r.expect(&acquire_pattern("s1"));
     let after = retry.at - freed_at;
     assert!(after >= secs(2) && after <= secs(2) + ms(100), "{after:?}");
-    r.reply(retry.id, yes());
-    r.answer(
-        "GET /v1/kv/k?consistent",
-        reply::kv(12, &held_by("s1").modified(12)),
-    );
+    r.reply(retry.id, reply::locked(&held_by("s1").modified(12)));
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
 }
 
@@ -801,6 +803,7 @@ fn a_race_lost_to_a_short_hold_retries_at_once() {
         "GET /v1/kv/k?!index",
         reply::kv(10, &held_by("holder").modified(10)),
     );
+    r.advance(ms(100)); // the holder has held for a while: now its lock-delay is asked for
     let info = r.expect("GET /v1/session/info/holder");
     let read = r.expect("GET /v1/kv/k?index=10&wait=15000ms");
     r.reply(info.id, reply::info("holder", secs(15), 10));
@@ -808,7 +811,7 @@ fn a_race_lost_to_a_short_hold_retries_at_once() {
 
     // Released at 11; another contender takes it (12) before our acquire lands, and lets go (13).
     r.reply(read.id, reply::kv(11, &entry().free().modified(11)));
-    r.answer(&acquire_pattern("s1"), reply::no());
+    r.answer(&acquire_pattern("s1"), reply::lock_held());
     let refused_at = r.now();
     r.answer("GET /v1/kv/k?!index", reply::kv(13, &entry().free().modified(13)));
     let retry = r.expect(&acquire_pattern("s1"));
@@ -816,12 +819,42 @@ fn a_race_lost_to_a_short_hold_retries_at_once() {
         retry.at, refused_at,
         "acquired again at once, not after the lock-delay"
     );
-    r.reply(retry.id, yes());
-    r.answer(
-        "GET /v1/kv/k?consistent",
-        reply::kv(14, &held_by("s1").modified(14)),
-    );
+    r.reply(retry.id, reply::locked(&held_by("s1").modified(14)));
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
+}
+
+/// Holders seen for less than 100 ms cost the waiter no session-info request: under contention,
+/// with holds of milliseconds, asking about every new holder at once was a fifth of all requests.
+#[test]
+fn short_holds_are_not_asked_about() {
+    let mut r = Rig::new(options());
+    let start = r.now();
+    let asked = |r: &Rig| -> Vec<String> {
+        r.sent_since(start)
+            .iter()
+            .filter(|s| s.path.starts_with("/v1/session/info/"))
+            .map(|s| s.path.clone())
+            .collect()
+    };
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer("GET /v1/kv/k?!index", reply::kv(10, &held_by("h1").modified(10)));
+    r.advance(ms(60));
+    // h1 lets go, h2 takes it before our acquire: 60 ms each, never asked about.
+    r.answer(
+        "GET /v1/kv/k?index=10",
+        reply::kv(11, &entry().free().modified(11)),
+    );
+    r.answer(&acquire_pattern("s1"), reply::lock_held());
+    r.answer("GET /v1/kv/k?!index", reply::kv(12, &held_by("h2").modified(12)));
+    r.advance(ms(60));
+    assert!(asked(&r).is_empty(), "{:?}", asked(&r));
+    // h2 holds on: asked about once, 100 ms after it was first seen (at 60 ms).
+    r.advance(ms(40));
+    let info = r.expect("GET /v1/session/info/h2");
+    assert_eq!(info.at, r.clock.at(ms(160)));
+    r.advance(ms(500));
+    assert_eq!(asked(&r), ["/v1/session/info/h2"]);
 }
 
 /// Without the holder's lock-delay, refused acquires on a free key back off: jittered, doubling
@@ -835,18 +868,28 @@ fn retry_with_capped_jittered_backoff_when_the_delay_is_unknown() {
         "GET /v1/kv/k?!index",
         reply::kv(10, &held_by("holder").modified(10)),
     );
+    r.advance(ms(100));
     r.answer("GET /v1/session/info/holder", reply::refused());
     r.answer(
         "GET /v1/kv/k?index=10",
         reply::kv(11, &entry().free().modified(11)),
     );
     let mut pauses = Vec::new();
-    for _ in 0..9 {
-        r.answer(&acquire_pattern("s1"), reply::no());
-        r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
+    for i in 0..9 {
+        // Consul names the lock-delay; or it refuses for a reason the machine doesn't know, and
+        // the key, read again, is free and unchanged: a lock-delay all the same.
+        if i % 2 == 0 {
+            r.answer(&acquire_pattern("s1"), reply::lock_delayed());
+        } else {
+            r.answer(
+                &acquire_pattern("s1"),
+                reply::lock_refused("a reason of a later Consul"),
+            );
+            r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
+        }
         let since = r.now();
         let found = r.run_until(secs(10), renew_ok, |n| {
-            n.find("PUT /v1/kv/k?acquire=s1").is_some()
+            n.find("PUT /v1/txn?verb=lock&session=s1").is_some()
         });
         assert!(found);
         pauses.push(r.now() - since);
@@ -880,7 +923,7 @@ fn try_once_gives_up_with_its_own_outcome() {
     assert_eq!(r.events(), [LockEvent::GaveUp]);
     assert_eq!(r.m().status(), LockStatus::Idle);
     r.reply(read.id, reply::kv(11, &entry().free().modified(11)));
-    assert_eq!(r.count("PUT /v1/kv/k?acquire=*"), 0);
+    assert_eq!(r.count("PUT /v1/txn?verb=lock"), 0);
     r.answer("PUT /v1/session/destroy/s1", yes());
     assert!(r.m().is_quiescent());
     assert!(r.events().is_empty());
@@ -903,11 +946,10 @@ fn try_once_waits_for_an_acquire_in_flight() {
         r.advance(secs(1));
         assert_eq!(r.m().status(), LockStatus::Acquiring);
         if granted {
-            r.reply(acquire.id, yes());
-            r.answer("GET /v1/kv/k?consistent", reply::kv(6, &held_by("s1")));
+            r.reply(acquire.id, reply::locked(&held_by("s1")));
             assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
         } else {
-            r.reply(acquire.id, reply::no());
+            r.reply(acquire.id, reply::lock_held());
             assert_eq!(r.events(), [LockEvent::GaveUp]);
         }
     }
@@ -1033,15 +1075,16 @@ fn authoritative_answers_lose_at_once() {
     );
 }
 
-/// Consul forgot the session between renewals: the acquire's 500 "invalid session" makes a new
-/// one (with the caller's session, there is nothing to do but fail).
+/// Consul forgot the session between renewals: the lock transaction's "invalid session" (or a
+/// plain acquire's 500 of the same words) makes a new one (with the caller's session, there is
+/// nothing to do but fail).
 #[test]
 fn acquire_with_a_forgotten_session() {
     let mut r = Rig::new(options());
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer("GET /v1/kv/k?!index", reply::missing(5));
-    r.answer(&acquire_pattern("s1"), reply::invalid_session("s1"));
+    r.answer(&acquire_pattern("s1"), reply::lock_invalid_session("s1"));
     assert!(r.events().is_empty());
     let token = finish_acquire(&mut r, "s2", 1);
     assert_eq!(token.session.as_str(), "s2");
@@ -1144,10 +1187,10 @@ fn never_block_on_index_zero() {
     // (the support refuses any request with index=0)
     assert!(!r.expect("GET /v1/kv/k").has("index"));
     r.answer("GET /v1/kv/k", reply::missing(5));
-    r.answer(&acquire_pattern("s1"), yes());
-    r.answer("GET /v1/kv/k?consistent", no_index(&held_by("s1")));
+    r.answer(&acquire_pattern("s1"), reply::locked(&held_by("s1")));
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
-    assert!(!monitor(&r).has("index"));
+    // The monitor blocks on the entry the lock transaction wrote.
+    assert_eq!(monitor(&r).index(), Some(6));
 }
 
 /// Every request carries a deadline: blocking reads their wait plus Consul's jitter (wait/16)
@@ -1163,11 +1206,11 @@ fn every_request_has_a_fitting_deadline() {
     let read = r.expect("GET /v1/kv/k?index=10&wait=15000ms");
     let floor = read.at + secs(15) + ms(937) + Duration::from_micros(500);
     assert!(read.deadline > floor && read.deadline <= floor + secs(10));
+    r.advance(ms(100)); // the holder has held for a while: now its lock-delay is asked for
     let info = r.expect("GET /v1/session/info/other");
     assert_eq!(info.deadline, info.at + secs(10));
     r.reply(read.id, reply::missing(11));
-    r.answer(&acquire_pattern("s1"), yes());
-    r.answer("GET /v1/kv/k?consistent", reply::kv(12, &held_by("s1")));
+    r.answer(&acquire_pattern("s1"), reply::locked(&held_by("s1").modified(12)));
     let watch = r.expect("GET /v1/kv/k?consistent&index=12&wait=300000ms");
     let floor = watch.at + secs(300) + ms(18_750);
     assert!(watch.deadline > floor && watch.deadline <= floor + secs(10));
@@ -1205,8 +1248,16 @@ fn pacing_while_waiting() {
             reply::raw(200, None, Some(true), body)
         }),
         ("a free key the acquire can't take", |s| match s.kind() {
-            Kind::Acquire { .. } => reply::no(),
+            Kind::Acquire { .. } => reply::lock_held(),
             Kind::Get { index: None, .. } => reply::kv(10, &held_by("other").modified(10)),
+            _ => reply::kv(10, &entry().free().modified(10)),
+        }),
+        ("a lock-delay that never ends", |s| match s.kind() {
+            Kind::Acquire { .. } => reply::lock_delayed(),
+            _ => reply::kv(10, &entry().free().modified(10)),
+        }),
+        ("refusals of unknown reasons on a free key", |s| match s.kind() {
+            Kind::Acquire { .. } => reply::lock_refused("a reason of a later Consul"),
             _ => reply::kv(10, &entry().free().modified(10)),
         }),
         ("errors", |_| reply::no_leader()),
@@ -1281,12 +1332,11 @@ fn late_duplicate_and_unknown_replies_are_ignored() {
     r.reply(RequestId(999), yes());
     let read = r.answer("GET /v1/kv/k?!index", reply::missing(5));
     r.reply(read.id, reply::kv(6, &held_by("other")));
-    let acquire = r.answer(&acquire_pattern("s1"), yes());
-    r.reply(acquire.id, reply::no());
-    r.answer("GET /v1/kv/k?consistent", reply::kv(6, &held_by("s1")));
+    let acquire = r.answer(&acquire_pattern("s1"), reply::locked(&held_by("s1")));
+    r.reply(acquire.id, reply::lock_held());
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
     assert_eq!(r.m().session().id().map(SessionId::as_str), Some("s1"));
-    r.reply(acquire.id, reply::no());
+    r.reply(acquire.id, reply::lock_held());
     r.reply(read.id, reply::missing(9));
     assert!(r.events().is_empty());
     assert_eq!(r.m().status(), LockStatus::Held);
@@ -1342,10 +1392,9 @@ fn a_stray_grant_does_not_release_a_later_hold() {
     assert_eq!(r.events(), [LockEvent::Cancelled]);
     r.lock().unwrap();
     r.answer("GET /v1/kv/k?!index", reply::missing(5));
-    r.answer(&acquire_pattern("mine"), yes());
-    r.answer("GET /v1/kv/k?consistent", reply::kv(6, &held_by("mine")));
+    r.answer(&acquire_pattern("mine"), reply::locked(&held_by("mine")));
     assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
-    r.reply(stray.id, yes());
+    r.reply(stray.id, reply::locked(&held_by("mine")));
     assert!(
         r.last_sent("PUT /v1/kv/k?release=mine").is_none(),
         "released the key the new attempt holds"
@@ -1360,12 +1409,14 @@ fn a_stray_grant_does_not_release_a_later_hold() {
 fn pacing_against_contradictory_agents() {
     type Agent = fn(&Sent) -> Reply;
     let agents: Vec<(&str, Agent)> = vec![
-        ("grants, but the confirm never shows us", |s| match s.kind() {
-            Kind::Acquire { .. } => yes(),
-            _ => reply::kv(10, &entry().free().modified(10)),
+        ("grants, but answers with someone else's entry", |s| {
+            match s.kind() {
+                Kind::Acquire { .. } => reply::locked(&held_by("other")),
+                _ => reply::kv(10, &entry().free().modified(10)),
+            }
         }),
         ("refuses, while the key shows us", |s| match s.kind() {
-            Kind::Acquire { .. } => reply::no(),
+            Kind::Acquire { .. } => reply::lock_held(),
             Kind::Get { index: None, .. } if !s.has("consistent") => {
                 reply::kv(10, &held_by("s1").modified(10))
             }

@@ -49,14 +49,11 @@ fn held(t0: Instant) -> LockMachine {
     let read = take(&mut sent, "/v1/kv/k");
     m.handle_response(t0, read.id, reply(404, &[("X-Consul-Index", "5")], ""));
     let (mut sent, _) = drain(&mut m);
-    let acquire = take(&mut sent, "/v1/kv/k");
-    m.handle_response(t0, acquire.id, reply(200, &[], "true"));
-    let (mut sent, _) = drain(&mut m);
-    let confirm = take(&mut sent, "/v1/kv/k");
-    let pair = format!(
-        r#"[{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":6}}]"#
+    let acquire = take(&mut sent, "/v1/txn");
+    let locked = format!(
+        r#"{{"Results":[{{"KV":{{"Key":"k","LockIndex":1,"Flags":{LOCK_FLAG_VALUE},"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":6}}}}],"Errors":null}}"#
     );
-    m.handle_response(t0, confirm.id, reply(200, &[("X-Consul-Index", "6")], &pair));
+    m.handle_response(t0, acquire.id, reply(200, &[], &locked));
     let (_, events) = drain(&mut m);
     assert!(matches!(events[..], [LockEvent::Acquired(_)]), "{events:?}");
     m

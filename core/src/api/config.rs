@@ -181,9 +181,21 @@ impl ClientConfig {
 
     /// The scheme and authority every request URI starts with, e.g. `http://127.0.0.1:8500`.
     pub fn base_url(&self) -> String {
+        let mut url = String::new();
+        self.write_base_url(&mut url);
+        url
+    }
+
+    /// Appends [`base_url`](Self::base_url) to `out`, without a string of its own: every request
+    /// starts with it.
+    pub(crate) fn write_base_url(&self, out: &mut String) {
         match &self.address {
-            Address::Tcp { scheme, authority } => format!("{}://{}", scheme.as_str(), authority),
-            Address::Unix { .. } => "http://localhost".to_owned(),
+            Address::Tcp { scheme, authority } => {
+                out.push_str(scheme.as_str());
+                out.push_str("://");
+                out.push_str(authority.as_str());
+            }
+            Address::Unix { .. } => out.push_str("http://localhost"),
         }
     }
 }

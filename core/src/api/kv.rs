@@ -29,7 +29,7 @@ pub struct KvPair {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct WireKvPair {
+pub(crate) struct WireKvPair {
     key: String,
     #[serde(default)]
     create_index: u64,
@@ -46,7 +46,7 @@ struct WireKvPair {
 }
 
 impl WireKvPair {
-    fn into_pair(self, what: &'static str) -> Result<KvPair, ApiError> {
+    pub(crate) fn into_pair(self, what: &'static str) -> Result<KvPair, ApiError> {
         let value = match self.value {
             None => Vec::new(),
             Some(b64) => base64::engine::general_purpose::STANDARD

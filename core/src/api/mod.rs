@@ -10,6 +10,7 @@ pub mod kv;
 pub mod reply;
 pub mod request;
 pub mod session;
+pub mod txn;
 
 pub use config::{Address, ClientConfig, InvalidToken, Scheme, TlsConfig, Token};
 pub use env::ConfigError;
@@ -21,3 +22,4 @@ pub use session::{
     InvalidSessionId, SessionBehavior, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionInfo,
     SessionRenew,
 };
+pub use txn::{KvLockTxn, LockRefusal, LockTxnOutcome};

@@ -196,9 +196,9 @@ pub(crate) fn bool_body(what: &'static str, response: &http::Response<Vec<u8>>) 
 }
 
 /// Decodes a JSON body.
-pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_body<'a, T: serde::Deserialize<'a>>(
     what: &'static str,
-    body: &[u8],
+    body: &'a [u8],
 ) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::Malformed {
         what,

@@ -61,7 +61,11 @@ pub(crate) struct Target {
 impl Target {
     /// `/v1/<prefix>` followed by `rest` percent-encoded (keeping `/`).
     pub(crate) fn new(method: http::Method, prefix: &str, rest: &str) -> Target {
-        let mut path_and_query = format!("/v1/{prefix}");
+        // Room for the parameters most requests add, so that building the path does not keep
+        // reallocating it (percent-encoding pushes a character at a time).
+        let mut path_and_query = String::with_capacity(96 + prefix.len() + 3 * rest.len());
+        path_and_query.push_str("/v1/");
+        path_and_query.push_str(prefix);
         percent_encode(rest, true, &mut path_and_query);
         Target {
             method,
@@ -121,11 +125,10 @@ impl Target {
                 target = target.param(name, value);
             }
         }
-        let mut builder = http::Request::builder().method(target.method).uri(format!(
-            "{}{}",
-            config.base_url(),
-            target.path_and_query
-        ));
+        let mut uri = String::with_capacity(48 + target.path_and_query.len());
+        config.write_base_url(&mut uri);
+        uri.push_str(&target.path_and_query);
+        let mut builder = http::Request::builder().method(target.method).uri(uri);
         if let Some(token) = &config.token {
             builder = builder.header("X-Consul-Token", token.expose().clone());
         }

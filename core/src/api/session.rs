@@ -1,5 +1,6 @@
 //! Session requests: create, renew, destroy, info.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -169,41 +170,44 @@ pub struct SessionEntry {
     pub modify_index: u64,
 }
 
+/// A session entry as the server sends it. The strings borrow from the reply where they can
+/// (they hold no escapes): a renew reply is decoded every few seconds for every lock held, and
+/// the behavior and TTL are only looked at.
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct WireSessionEntry {
-    #[serde(rename = "ID")]
-    id: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    node: String,
+struct WireSessionEntry<'a> {
+    #[serde(rename = "ID", borrow)]
+    id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    node: Cow<'a, str>,
     /// Nanoseconds, as Go encodes a `time.Duration`.
     #[serde(default)]
     lock_delay: u64,
-    #[serde(default)]
-    behavior: String,
-    #[serde(rename = "TTL", default)]
-    ttl: String,
-    #[serde(default)]
-    checks: Option<Vec<String>>,
-    #[serde(default)]
-    node_checks: Option<Vec<String>>,
+    #[serde(default, borrow)]
+    behavior: Cow<'a, str>,
+    #[serde(rename = "TTL", default, borrow)]
+    ttl: Cow<'a, str>,
+    #[serde(default, borrow)]
+    checks: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    node_checks: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     create_index: u64,
     #[serde(default)]
     modify_index: u64,
 }
 
-impl WireSessionEntry {
+impl WireSessionEntry<'_> {
     fn into_entry(self, what: &'static str) -> Result<SessionEntry, ApiError> {
         let malformed = |problem: String| ApiError::Malformed { what, problem };
-        let id = SessionId::new(self.id).map_err(|e| malformed(e.to_string()))?;
-        let ttl = match self.ttl.as_str() {
+        let id = SessionId::new(self.id.into_owned()).map_err(|e| malformed(e.to_string()))?;
+        let ttl = match &*self.ttl {
             "" => None,
             text => Some(crate::duration::parse(text).map_err(|e| malformed(format!("session TTL: {e}")))?),
         };
-        let behavior = match self.behavior.as_str() {
+        let behavior = match &*self.behavior {
             "" | "release" => SessionBehavior::Release,
             "delete" => SessionBehavior::Delete,
             other => {
@@ -213,12 +217,14 @@ impl WireSessionEntry {
                 )));
             }
         };
-        let mut checks = self.checks.unwrap_or_default();
-        checks.extend(self.node_checks.unwrap_or_default());
+        let checks = (self.checks.into_iter().flatten())
+            .chain(self.node_checks.into_iter().flatten())
+            .map(Cow::into_owned)
+            .collect();
         Ok(SessionEntry {
             id,
-            name: self.name,
-            node: self.node,
+            name: self.name.into_owned(),
+            node: self.node.into_owned(),
             lock_delay: Duration::from_nanos(self.lock_delay),
             behavior,
             ttl,
@@ -231,7 +237,7 @@ impl WireSessionEntry {
 
 /// Decodes the `[SessionEntry]` (or `null`) that renew and info answer with.
 fn decode_entry(what: &'static str, body: &[u8]) -> Result<Option<SessionEntry>, ApiError> {
-    let entries: Option<Vec<WireSessionEntry>> = json_body(what, body)?;
+    let entries: Option<Vec<WireSessionEntry<'_>>> = json_body(what, body)?;
     entries
         .unwrap_or_default()
         .into_iter()

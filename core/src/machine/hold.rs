@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::api::{ClientConfig, QueryReply};
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::Failure;
-use crate::machine::outbox::{Outbox, Pending};
+use crate::machine::outbox::{Outbox, Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionMachine};
 use crate::machine::{Action, LockEvent, LossReason, Reply, RequestId, SessionChoice, read};
 
@@ -88,7 +88,7 @@ pub(crate) trait Phases {
     fn base(&self) -> &Base;
     fn base_mut(&mut self) -> &mut Base;
     /// The phase's outstanding requests (not the session's).
-    fn phase_pendings(&self, into: &mut Vec<Pending>);
+    fn phase_pendings(&self, into: &mut Pendings);
     /// The phase's next timer.
     fn phase_timer(&self) -> Option<Instant>;
     /// Fires the phase's due timers.
@@ -100,15 +100,17 @@ pub(crate) trait Phases {
     /// Idle, with no cleanup of the phase's own outstanding.
     fn phase_idle(&self) -> bool;
 
-    fn pendings(&self) -> Vec<Pending> {
-        let mut all: Vec<Pending> = self.base().session.pending().into_iter().collect();
+    fn pendings(&self) -> Pendings {
+        let mut all = Pendings::default();
+        all.extend(self.base().session.pending());
         self.phase_pendings(&mut all);
         all
     }
 
     fn drive_poll_timeout(&self) -> Option<Instant> {
         let timers = [self.base().session.poll_timeout(), self.phase_timer()];
-        let deadlines = self.pendings().into_iter().map(|p| p.deadline);
+        let pendings = self.pendings();
+        let deadlines = pendings.iter().map(|p| p.deadline);
         let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
         Some(match self.base().last_now {
             Some(last) => earliest.max(last),
@@ -118,7 +120,7 @@ pub(crate) trait Phases {
 
     fn drive_timeout(&mut self, now: Instant) {
         let now = self.base_mut().observe(now);
-        for pending in self.pendings() {
+        for pending in self.pendings().iter() {
             if now >= pending.deadline {
                 self.drive_response(now, pending.id, read::deadline_passed());
             }

@@ -7,13 +7,13 @@
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    ApiError, Blocking, Consistency, Key, KvAcquire, KvCasDelete, KvGet, KvPair, KvRelease, QueryReply,
-    SessionId, SessionInfo,
+    ApiError, Blocking, Consistency, Key, KvCasDelete, KvGet, KvLockTxn, KvPair, KvRelease, LockRefusal,
+    LockTxnOutcome, QueryReply, SessionId, SessionInfo,
 };
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
 use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
-use crate::machine::outbox::Pending;
+use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::read;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestId, SessionChoice};
@@ -21,14 +21,21 @@ use crate::machine::{LOCK_FLAG_VALUE, LockOptions, OptionsError, Reply, RequestI
 /// Margin past the holder's lock-delay before acquiring again, for clock granularity.
 const LOCK_DELAY_MARGIN: Duration = Duration::from_millis(15);
 
+/// How long a holder must have been seen holding before the waiter asks for its session's
+/// lock-delay. Every waiter asks about every new holder, so under contention, where holds last
+/// milliseconds, asking at once cost each handoff one request per waiter (a fifth of all the
+/// requests of 50 contenders, in the contention benchmark); a holder whose session is invalidated
+/// sooner than this is waited out by backoff instead.
+const HOLDER_INFO_AFTER: Duration = Duration::from_millis(100);
+
 /// Proof of holding the lock: the key, the session, and where this hold stands in the key's
 /// history.
 ///
 /// Consul's `LockIndex` grows by one each time a new session acquires the key, but starts again
 /// when the key is deleted or overwritten by a plain write, so it can repeat. `modify_index` is
-/// the key's `ModifyIndex` when the hold was confirmed: the Raft index of the write that granted
-/// it (or a later write to the held key), so it strictly increases from one holder to the next
-/// whatever happens to the key. [`sequence`](Self::sequence) gives it: pass it with writes made
+/// the key's `ModifyIndex` as the acquire left it: the Raft index of the write that granted the
+/// hold (the lock transaction answers with the entry it wrote), so it strictly increases from
+/// one holder to the next whatever happens to the key. [`sequence`](Self::sequence) gives it: pass it with writes made
 /// on the lock's behalf, and refuse writes that carry a smaller one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FencingToken {
@@ -38,7 +45,7 @@ pub struct FencingToken {
     pub session: SessionId,
     /// The key's `LockIndex` when acquired (what Go's client and `consul lock` expose).
     pub lock_index: u64,
-    /// The key's `ModifyIndex` when the hold was confirmed.
+    /// The key's `ModifyIndex` as the acquire wrote it.
     pub modify_index: u64,
 }
 
@@ -176,7 +183,6 @@ pub enum LockStatus {
 enum Then {
     Read,
     Acquire,
-    Confirm,
 }
 
 #[derive(Clone, Debug)]
@@ -187,8 +193,6 @@ enum Step {
     Acquire(Pending),
     /// The re-read after a refused acquire: contention, or lock-delay?
     Recheck(Pending),
-    /// The read after a granted acquire, for `LockIndex` (the fencing token).
-    Confirm(Pending),
     Pause {
         until: Instant,
         then: Then,
@@ -200,9 +204,28 @@ enum Step {
 struct Holder {
     session: SessionId,
     lock_delay: Option<Duration>,
+    /// When to ask for the session's info; `None` once asked.
+    info_at: Option<Instant>,
     info: Option<Pending>,
     /// When the key was first seen free after this holder.
     freed_at: Option<Instant>,
+}
+
+impl Acquiring {
+    /// The key shows `session` holding it: a new holder is asked about once it has held for
+    /// [`HOLDER_INFO_AFTER`].
+    fn see_holder(&mut self, session: SessionId, now: Instant) {
+        if self.holder.as_ref().is_some_and(|h| h.session == session) {
+            return;
+        }
+        self.holder = Some(Holder {
+            session,
+            lock_delay: None,
+            info_at: Some(now + HOLDER_INFO_AFTER),
+            info: None,
+            freed_at: None,
+        });
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -432,22 +455,21 @@ impl LockMachine {
     }
 
     fn keep_stray(&mut self, step: Step) {
-        if let (Step::Acquire(p) | Step::Confirm(p), SessionChoice::Existing(_)) =
-            (step, &self.options.session)
-        {
+        if let (Step::Acquire(p), SessionChoice::Existing(_)) = (step, &self.options.session) {
             self.stray = Some(p);
         }
     }
 
     fn on_stray_acquire(&mut self, now: Instant, reply: &Reply) {
-        let granted = match decode::<KvAcquire>(reply) {
-            Ok(granted) => granted,
-            // A confirm read: ours if our session shows on the key.
-            Err(_) => {
-                matches!(decode::<KvGet>(reply), Ok(QueryReply { value: Some(p), .. }) if self.is_ours(&p))
-            }
+        let SessionChoice::Existing(session) = &self.options.session else {
+            return;
         };
-        if let (true, SessionChoice::Existing(session)) = (granted, &self.options.session) {
+        // Strays are kept only with the caller's session, which outlives the attempt.
+        let granted = matches!(
+            decode::<KvLockTxn>(reply),
+            Ok(LockTxnOutcome::Locked(pair)) if pair.session.as_ref() == Some(session)
+        );
+        if granted {
             if matches!(self.phase, Phase::Acquiring(_) | Phase::Held(_)) {
                 // A new attempt on the same session is under way or holds the key: the grant is
                 // its own now (re-acquiring is harmless and keeps LockIndex). Releasing would
@@ -566,7 +588,7 @@ impl LockMachine {
             }
             return;
         };
-        let acquire = KvAcquire {
+        let acquire = KvLockTxn {
             key: self.options.key.clone(),
             session,
             flags: LOCK_FLAG_VALUE,
@@ -575,18 +597,6 @@ impl LockMachine {
         let pending = self.base.send(now, &acquire, None);
         if let Some(a) = self.acquiring() {
             a.step = Step::Acquire(pending);
-        }
-    }
-
-    fn confirm(&mut self, now: Instant) {
-        let get = KvGet {
-            key: self.options.key.clone(),
-            consistency: Consistency::Consistent,
-            blocking: None,
-        };
-        let pending = self.base.send(now, &get, None);
-        if let Some(a) = self.acquiring() {
-            a.step = Step::Confirm(pending);
         }
     }
 
@@ -647,6 +657,8 @@ impl LockMachine {
                 // Free (or already ours: re-acquiring is harmless and does not bump LockIndex).
                 if let Some(h) = &mut a.holder {
                     h.freed_at.get_or_insert(now);
+                    // Its session is released or gone: its info can't tell us anything now.
+                    h.info_at = None;
                 }
                 if blocked && spinning {
                     // A blocking read back at once on an index that showed the key held: don't
@@ -660,19 +672,7 @@ impl LockMachine {
                 self.acquire(now);
             }
             Some(holder) => {
-                let known = a.holder.as_ref().is_some_and(|h| h.session == holder);
-                if !known {
-                    a.holder = Some(Holder {
-                        session: holder.clone(),
-                        lock_delay: None,
-                        info: None,
-                        freed_at: None,
-                    });
-                    let info = self.base.send(now, &SessionInfo::new(holder), None);
-                    if let Some(h) = self.acquiring().and_then(|a| a.holder.as_mut()) {
-                        h.info = Some(info);
-                    }
-                }
+                a.see_holder(holder, now);
                 drop(key_session_info);
                 if spinning {
                     // The agent answered at once without progress: don't let it make us spin.
@@ -692,25 +692,38 @@ impl LockMachine {
     }
 
     fn on_acquire(&mut self, now: Instant, reply: &Reply) {
-        match decode::<KvAcquire>(reply) {
-            Ok(true) => self.confirm(now),
-            Ok(false) => self.recheck(now),
-            Err(Failure::Fatal(e)) if e.is_invalid_session() => {
-                // Consul no longer knows our session (it expired between renewals, or was
-                // destroyed): start a new one.
-                tracing::warn!("acquire: the session is gone; creating a new one");
-                if let Some(a) = self.acquiring() {
-                    a.step = Step::AwaitSession;
-                }
-                let events = self.base.forget_session(now);
-                if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
-                    return self.fail(now, LockError::Refused(e));
-                }
-                self.on_session_events(now, events);
-            }
+        match decode::<KvLockTxn>(reply) {
+            Ok(LockTxnOutcome::Locked(pair)) => self.on_granted(now, pair),
+            // Someone else holds it, or a refusal we don't know: read the key to find out whom to
+            // wait for.
+            Ok(LockTxnOutcome::Refused(LockRefusal::Held | LockRefusal::Other(_))) => self.recheck(now),
+            // Consul says so outright: no read needed to tell it from contention.
+            Ok(LockTxnOutcome::Refused(LockRefusal::LockDelay)) => self.wait_out_lock_delay(now),
+            Ok(LockTxnOutcome::Refused(LockRefusal::InvalidSession)) => self.session_gone(
+                now,
+                ApiError::Status {
+                    status: 409,
+                    body: "invalid session".to_owned(),
+                },
+            ),
+            Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::Refused(e)),
             Err(Failure::Transient(why)) => self.retry(now, Then::Read, &why),
         }
+    }
+
+    /// Consul no longer knows our session (it expired between renewals, or was destroyed): start
+    /// a new one, or fail if the session is the caller's.
+    fn session_gone(&mut self, now: Instant, e: ApiError) {
+        tracing::warn!("acquire: the session is gone; creating a new one");
+        if let Some(a) = self.acquiring() {
+            a.step = Step::AwaitSession;
+        }
+        let events = self.base.forget_session(now);
+        if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
+            return self.fail(now, LockError::Refused(e));
+        }
+        self.on_session_events(now, events);
     }
 
     fn on_recheck(&mut self, now: Instant, reply: &Reply) {
@@ -735,6 +748,9 @@ impl LockMachine {
         };
         if held_by_other {
             // Contention: someone else got it; wait on it.
+            if let Some(holder) = read.value.and_then(|p| p.session) {
+                a.see_holder(holder, now);
+            }
             a.index = read.meta.index;
             return self.read(now);
         }
@@ -756,8 +772,20 @@ impl LockMachine {
             a.index = read.meta.index;
             return self.acquire(now);
         }
-        // Free, unchanged, yet refused: the last holder's lock-delay is in force. Retry when it
-        // ends, if we know it; otherwise back off.
+        // Free, unchanged, yet refused: the last holder's lock-delay is in force.
+        self.wait_out_lock_delay(now);
+    }
+
+    /// The key refuses us for its last holder's lock-delay: retry when it ends, if we know it;
+    /// otherwise back off.
+    fn wait_out_lock_delay(&mut self, now: Instant) {
+        let rng = &mut self.base.rng;
+        let Some(a) = (match &mut self.phase {
+            Phase::Acquiring(a) => Some(a),
+            _ => None,
+        }) else {
+            return;
+        };
         let until = match a
             .holder
             .as_mut()
@@ -780,16 +808,11 @@ impl LockMachine {
         };
     }
 
-    fn on_confirm(&mut self, now: Instant, reply: &Reply) {
-        let read = match decode::<KvGet>(reply) {
-            Ok(read) => read,
-            // We may hold the key: find out before anything else.
-            Err(Failure::Transient(why)) => return self.retry(now, Then::Confirm, &why),
-            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
-        };
-        match read.value {
-            Some(pair) if self.is_ours(&pair) && pair.flags == LOCK_FLAG_VALUE => {
-                let Some(session) = pair.session else { return };
+    /// The lock transaction wrote the key for us and answered with the entry: held, and the
+    /// entry is the fencing token (no read after the acquire, as a plain acquire would need).
+    fn on_granted(&mut self, now: Instant, pair: KvPair) {
+        match pair.session.clone() {
+            Some(session) if self.is_ours(&pair) && pair.flags == LOCK_FLAG_VALUE => {
                 let token = FencingToken {
                     key: self.options.key.clone(),
                     session,
@@ -800,13 +823,18 @@ impl LockMachine {
                 self.base.out.event(LockEvent::Acquired(token.clone()));
                 self.phase = Phase::Held(Held {
                     token,
-                    watch: Watch::new(read.meta.index, now),
+                    // The monitor's first read blocks until the key changes from this write.
+                    watch: Watch::new(pair.modify_index, now),
                 });
                 self.monitor(now);
             }
-            // Lost between the acquire and this read (an operator, an expiry): wait again,
-            // after a pause, so that an agent that grants and then denies can't make us spin.
-            _ => self.retry(now, Then::Read, "the granted key does not show our session"),
+            // An agent that grants and shows someone else's entry: wait again, after a pause, so
+            // that it can't make us spin.
+            _ => self.retry(
+                now,
+                Then::Read,
+                "the lock transaction answered with another entry",
+            ),
         }
     }
 
@@ -935,11 +963,11 @@ impl Phases for LockMachine {
         &mut self.base
     }
 
-    fn phase_pendings(&self, all: &mut Vec<Pending>) {
+    fn phase_pendings(&self, all: &mut Pendings) {
         all.extend(self.stray);
         match &self.phase {
             Phase::Acquiring(a) => {
-                if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) | Step::Confirm(p) = a.step {
+                if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) = a.step {
                     all.push(p);
                 }
                 all.extend(a.holder.as_ref().and_then(|h| h.info));
@@ -958,12 +986,11 @@ impl Phases for LockMachine {
                     Step::Pause { until, .. } => Some(until),
                     _ => None,
                 };
-                // While an acquire or confirm is in flight its reply decides (see
-                // `phase_timeout`): the give-up time is no timer then, or a driver would spin.
-                let give_up = a
-                    .give_up_at
-                    .filter(|_| !matches!(a.step, Step::Acquire(_) | Step::Confirm(_)));
-                [pause, give_up].into_iter().flatten().min()
+                // While an acquire is in flight its reply decides (see `phase_timeout`): the
+                // give-up time is no timer then, or a driver would spin.
+                let give_up = a.give_up_at.filter(|_| !matches!(a.step, Step::Acquire(_)));
+                let info = a.holder.as_ref().and_then(|h| h.info_at);
+                [pause, give_up, info].into_iter().flatten().min()
             }
             Phase::Held(h) => h.watch.timer(),
             _ => None,
@@ -973,20 +1000,30 @@ impl Phases for LockMachine {
     fn phase_timeout(&mut self, now: Instant) {
         match &self.phase {
             Phase::Acquiring(a) => {
-                if a.give_up_at.is_some_and(|at| now >= at)
-                    && !matches!(a.step, Step::Acquire(_) | Step::Confirm(_))
-                {
-                    // An acquire or confirm in flight may yet give us the lock: their replies
-                    // check the deadline instead.
+                if a.give_up_at.is_some_and(|at| now >= at) && !matches!(a.step, Step::Acquire(_)) {
+                    // An acquire in flight may yet give us the lock: its reply checks the
+                    // deadline instead.
                     self.give_up(now);
                     return;
                 }
+                if let Some(session) = a
+                    .holder
+                    .as_ref()
+                    .filter(|h| h.info_at.is_some_and(|at| now >= at))
+                    .map(|h| h.session.clone())
+                {
+                    let info = self.base.send(now, &SessionInfo::new(session), None);
+                    if let Some(h) = self.acquiring().and_then(|a| a.holder.as_mut()) {
+                        h.info_at = None;
+                        h.info = Some(info);
+                    }
+                }
+                let Phase::Acquiring(a) = &self.phase else { return };
                 if let Step::Pause { until, then } = a.step {
                     if now >= until {
                         match then {
                             Then::Read => self.read(now),
                             Then::Acquire => self.acquire(now),
-                            Then::Confirm => self.confirm(now),
                         }
                     }
                 }
@@ -1020,7 +1057,6 @@ impl Phases for LockMachine {
                 Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
                 Step::Acquire(p) if p.is(id) => self.on_acquire(now, &reply),
                 Step::Recheck(p) if p.is(id) => self.on_recheck(now, &reply),
-                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
                 _ => self.ignore(id),
             },
             Phase::Held(h) => match h.watch.step {

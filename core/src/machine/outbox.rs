@@ -138,3 +138,42 @@ impl Pending {
         self.id == id
     }
 }
+
+/// The requests a machine is waiting for, gathered to check their deadlines. They are gathered
+/// on every timeout and every `poll_timeout`, where a `Vec` cost a heap allocation each time (the
+/// core benchmark), and a machine has only a handful outstanding (its session's, its phase's, a
+/// stray reply's), so they are kept inline.
+#[derive(Debug, Default)]
+pub(crate) struct Pendings {
+    inline: [Option<Pending>; Pendings::INLINE],
+    /// More than fit inline, should a machine ever have them: none is ever dropped.
+    spill: Vec<Pending>,
+}
+
+impl Pendings {
+    /// Today's machines have at most four.
+    const INLINE: usize = 6;
+
+    pub(crate) fn push(&mut self, pending: Pending) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(pending),
+            None => self.spill.push(pending),
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Pending> + '_ {
+        self.inline.iter().flatten().chain(&self.spill).copied()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.iter().count()
+    }
+}
+
+impl Extend<Pending> for Pendings {
+    fn extend<I: IntoIterator<Item = Pending>>(&mut self, pendings: I) {
+        for pending in pendings {
+            self.push(pending);
+        }
+    }
+}

@@ -29,7 +29,7 @@ use crate::api::{
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
 use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
-use crate::machine::outbox::Pending;
+use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::read::next_index;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{
@@ -1118,7 +1118,7 @@ impl Phases for SemaphoreMachine {
         &mut self.base
     }
 
-    fn phase_pendings(&self, all: &mut Vec<Pending>) {
+    fn phase_pendings(&self, all: &mut Pendings) {
         all.extend(self.stray);
         all.extend(self.cleanup);
         match &self.phase {

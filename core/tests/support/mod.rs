@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use consul_lock_core::api::{ClientConfig, Endpoint, KvGet, SessionId};
+use consul_lock_core::api::{ClientConfig, Endpoint, KvGet, KvLockTxn, LockTxnOutcome, SessionId};
 use consul_lock_core::machine::{
     Action, FencingToken, LockError, LockEvent, LockMachine, LockOptions, LockStatus, Reply, RequestId,
     SessionChoice, Transmit, TransportError, TransportErrorKind,
@@ -120,9 +120,31 @@ pub(crate) struct Sent {
     pub(crate) method: String,
     /// Percent-decoded.
     pub(crate) path: String,
-    /// Percent-decoded; `None` for a bare flag such as `consistent`.
+    /// Percent-decoded; `None` for a bare flag such as `consistent`. A lock transaction's
+    /// operation is read into it too (`verb`, `key`, `session`, `flags`), so that patterns name
+    /// its fields as they would an acquire's query.
     pub(crate) query: Vec<(String, Option<String>)>,
+    /// The body; for a lock transaction, the value it writes (base64-decoded from its JSON).
     pub(crate) body: Vec<u8>,
+}
+
+/// A lock transaction's one operation, as query-like pairs, and the value it writes.
+fn txn_fields(body: &[u8]) -> (Vec<(String, Option<String>)>, Vec<u8>) {
+    use base64::Engine as _;
+    let ops: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let op = &ops[0]["KV"];
+    let field = |name: &str| match &op[name] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let fields = ["Verb", "Key", "Session", "Flags"]
+        .iter()
+        .map(|name| (name.to_lowercase(), Some(field(name))))
+        .collect();
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(op["Value"].as_str().unwrap_or(""))
+        .unwrap();
+    (fields, value)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -159,14 +181,22 @@ impl Sent {
                     .collect()
             })
             .unwrap_or_default();
+        let path = percent_decode(uri.path());
+        let (query, body) = if path == "/v1/txn" {
+            let (mut fields, value) = txn_fields(t.request.body());
+            fields.extend(query);
+            (fields, value)
+        } else {
+            (query, t.request.body().clone())
+        };
         Sent {
             id: t.id,
             at,
             deadline: t.deadline,
             method: t.request.method().to_string(),
-            path: percent_decode(uri.path()),
+            path,
             query,
-            body: t.request.body().clone(),
+            body,
         }
     }
 
@@ -253,10 +283,9 @@ impl Sent {
                     key,
                     index: self.index(),
                 },
-                "PUT" => match (param("acquire"), param("release")) {
-                    (Some(session), None) => Kind::Acquire { key, session },
-                    (None, Some(session)) => Kind::Release { key, session },
-                    _ => Kind::Other,
+                "PUT" => match param("release") {
+                    Some(session) => Kind::Release { key, session },
+                    None => Kind::Other,
                 },
                 "DELETE" => match param("cas").and_then(|c| c.parse().ok()) {
                     Some(cas) => Kind::Delete { key, cas },
@@ -267,6 +296,10 @@ impl Sent {
         }
         match (m, p) {
             ("PUT", "/v1/session/create") => Kind::Create,
+            ("PUT", "/v1/txn") => match (param("verb").as_deref(), param("key"), param("session")) {
+                (Some("lock"), Some(key), Some(session)) => Kind::Acquire { key, session },
+                _ => Kind::Other,
+            },
             _ => {
                 if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
                     Kind::Renew(id.to_owned())
@@ -457,6 +490,39 @@ pub(crate) mod reply {
         raw(200, None, None, "false")
     }
 
+    /// A lock transaction's success: the entry as written (Consul leaves the value out).
+    pub(crate) fn locked(e: &Kv) -> Reply {
+        let mut entry = e.json();
+        entry["Value"] = serde_json::Value::Null;
+        let body = serde_json::json!({ "Results": [{ "KV": entry }], "Errors": null });
+        raw(200, None, None, body.to_string())
+    }
+
+    /// A lock transaction refused with Consul's words `what`.
+    pub(crate) fn lock_refused(what: &str) -> Reply {
+        txn_refused(what)
+    }
+
+    fn txn_refused(what: &str) -> Reply {
+        let body = serde_json::json!({ "Results": null, "Errors": [{ "OpIndex": 0, "What": what }] });
+        raw(409, None, None, body.to_string())
+    }
+
+    /// A lock transaction refused: another session holds the key.
+    pub(crate) fn lock_held() -> Reply {
+        txn_refused(&format!("failed to lock key \"{KEY}\", lock is already held"))
+    }
+
+    /// A lock transaction refused: the key's lock-delay is in force.
+    pub(crate) fn lock_delayed() -> Reply {
+        txn_refused(&format!("failed to lock key \"{KEY}\" due to lock delay"))
+    }
+
+    /// A lock transaction refused: Consul does not know the session.
+    pub(crate) fn lock_invalid_session(id: &str) -> Reply {
+        txn_refused(&format!("invalid session \"{id}\""))
+    }
+
     /// Consul's answer to an acquire or release with a session it does not know.
     pub(crate) fn invalid_session(id: &str) -> Reply {
         raw(500, None, None, format!("invalid session \"{id}\""))
@@ -533,10 +599,15 @@ fn reply_facts(sent: Option<&Sent>, reply: &Reply) -> Cause {
     let (mut granted, mut pair) = (None, None);
     if let (Some(sent), Ok(resp)) = (sent, reply) {
         match sent.kind() {
-            Kind::Acquire { session, .. }
-                if resp.status().is_success() && resp.body().trim_ascii() == b"true" =>
-            {
-                granted = Some(session);
+            // The lock transaction answers with the entry: a grant and a read in one.
+            Kind::Acquire { session, .. } => {
+                if let Ok(LockTxnOutcome::Locked(p)) = KvLockTxn::decode(resp) {
+                    let holder = p.session.map(|s| s.to_string());
+                    if holder.as_deref() == Some(session.as_str()) {
+                        granted = Some(session);
+                    }
+                    pair = Some((holder, p.lock_index));
+                }
             }
             Kind::Get { .. } => {
                 if let Ok(q) = KvGet::decode(resp) {
@@ -831,9 +902,9 @@ impl Node {
                     Cause::Reply { pair, .. } => assert_eq!(
                         pair,
                         &Some((Some(session), token.lock_index)),
-                        "Acquired must carry the session and LockIndex of the read it follows"
+                        "Acquired must carry the session and LockIndex of the entry it follows"
                     ),
-                    other => panic!("Acquired on {other:?}, not on a read's reply"),
+                    other => panic!("Acquired on {other:?}, not on a reply with the entry"),
                 }
                 Expect::Held(token.clone())
             }
@@ -1050,12 +1121,11 @@ impl Rig {
             self.reply(create.id, reply::created(session));
         }
         self.answer("GET /v1/kv/k?!index", reply::missing(5));
-        self.answer(
-            &format!("PUT /v1/kv/k?acquire={session}&flags={FLAGS}"),
-            reply::yes(),
-        );
         let held = entry().held_by(session, lock_index).modified(6);
-        self.answer("GET /v1/kv/k?consistent&!index", reply::kv(6, &held));
+        self.answer(
+            &format!("PUT /v1/txn?verb=lock&key=k&session={session}&flags={FLAGS}"),
+            reply::locked(&held),
+        );
         match &self.events()[..] {
             [LockEvent::Acquired(token)] => {
                 assert_eq!(token.session.as_str(), session);
@@ -1307,8 +1377,9 @@ impl Fake {
                 }
             }
             Kind::Acquire { key, session } => {
+                // A lock transaction, as Consul 1.8.7 answers it.
                 if !self.sessions.contains_key(&session) {
-                    return Some(reply::invalid_session(&session));
+                    return Some(reply::lock_invalid_session(&session));
                 }
                 let flags = sent.param("flags").map_or(0, |f| f.parse().unwrap());
                 let delayed = self.delay_until.get(&key).is_some_and(|t| now < *t);
@@ -1316,12 +1387,13 @@ impl Fake {
                     Some(e) => (e.session.clone(), e.lock_index),
                     None => (None, 0),
                 };
-                let lock_index = match holder {
-                    Some(h) if h == session => lock_index,
-                    Some(_) => return Some(reply::no()),
-                    None if delayed => return Some(reply::no()),
-                    None => lock_index + 1,
-                };
+                match holder {
+                    // Taking a key it holds writes nothing and answers the entry as it is.
+                    Some(h) if h == session => return self.kv.get(&key).map(reply::locked),
+                    Some(_) => return Some(reply::lock_held()),
+                    None if delayed => return Some(reply::lock_delayed()),
+                    None => {}
+                }
                 let i = self.bump();
                 let e = self.kv.entry(key.clone()).or_insert_with(|| Kv {
                     key,
@@ -1333,11 +1405,11 @@ impl Fake {
                     modify_index: i,
                 });
                 e.session = Some(session);
-                e.lock_index = lock_index;
+                e.lock_index = lock_index + 1;
                 e.flags = flags;
                 e.value = sent.body.clone();
                 e.modify_index = i;
-                reply::yes()
+                reply::locked(e)
             }
             Kind::Release { key, session } => {
                 if self.holder(&key) != Some(session.as_str()) {
