@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{
-    ClientConfig, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvRelease, SessionCreate,
-    SessionDestroy, SessionId, SessionInfo, SessionRenew,
+    ClientConfig, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvLockTxn, KvRelease,
+    LockRefusal, LockTxnOutcome, SessionCreate, SessionDestroy, SessionId, SessionInfo, SessionRenew,
 };
 use consul_lock_core::machine::{
     Action, LOCK_FLAG_VALUE, LockEvent, LockMachine, LockOptions, LossReason, RequestId, TransportError,
@@ -308,6 +308,270 @@ fn acquire_release_and_lock_index() {
     assert!(!is_true(&sim.put(&format!("/v1/kv/u?release={s1}"), b"")));
     assert!(sim.consul.destroy_session(sim.now, &upper));
     assert_eq!(sim.entry("u").unwrap().get("Session"), None);
+}
+
+/// A `PUT /v1/txn` body of one KV operation.
+fn txn_op(verb: &str, key: &str, session: &str, flags: u64, value: &str) -> String {
+    format!(
+        r#"{{"KV":{{"Verb":"{verb}","Key":"{key}","Value":"{value}","Flags":{flags},"Session":"{session}"}}}}"#
+    )
+}
+
+impl Sim {
+    /// `PUT /v1/txn` with these operations: the status and the JSON reply.
+    fn txn(&mut self, ops: &[String]) -> (u16, Value) {
+        let r = self.put("/v1/txn", format!("[{}]", ops.join(",")).as_bytes());
+        (r.status().as_u16(), json_of(&r))
+    }
+
+    /// The `What` of each error of a refused transaction.
+    fn txn_refused(&mut self, ops: &[String]) -> Vec<(u64, String)> {
+        let (status, body) = self.txn(ops);
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["Results"], Value::Null);
+        body["Errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["OpIndex"].as_u64().unwrap(),
+                    e["What"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn txn_lock_is_an_acquire_that_answers_the_entry() {
+    let mut sim = Sim::new(30);
+    let s1 = sim.session(r#"{"LockDelay":"2s"}"#);
+    let s2 = sim.session("{}");
+
+    // A missing key: created, the entry answered with its value blanked; no index header.
+    let r = sim.put(
+        "/v1/txn",
+        format!("[{}]", txn_op("lock", "l", &s1, 7, "aGk=")).as_bytes(),
+    );
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "X-Consul-Index"), None);
+    assert_eq!(header(&r, "Content-Type"), Some("application/json"));
+    let at = sim.consul.index();
+    assert_eq!(
+        json_of(&r),
+        json!({"Results": [{"KV": {"LockIndex": 1, "Key": "l", "Flags": 7, "Value": null,
+            "Session": s1, "CreateIndex": at, "ModifyIndex": at}}], "Errors": null})
+    );
+    let e = sim.entry("l").unwrap();
+    assert_eq!(
+        (e["Value"].as_str(), e["Flags"].as_u64()),
+        (Some("aGk="), Some(7))
+    );
+
+    // Re-lock by the holder, unchanged: a Raft index taken, the entry not re-indexed.
+    let (status, body) = sim.txn(&[txn_op("lock", "l", &s1, 7, "aGk=")]);
+    assert_eq!(
+        (status, &body["Results"][0]["KV"]["ModifyIndex"]),
+        (200, &json!(at))
+    );
+    assert_eq!(sim.consul.index(), at + 1);
+    // With another value and flags: written, LockIndex kept.
+    let (_, body) = sim.txn(&[txn_op("lock", "l", &s1, 8, "Ynll")]);
+    assert_eq!(body["Results"][0]["KV"]["ModifyIndex"], at + 2);
+    assert_eq!(body["Results"][0]["KV"]["LockIndex"], 1);
+    assert_eq!(sim.consul.kv("l").unwrap().value, b"bye");
+
+    // Held by another: refused through Raft (an index taken), nothing written.
+    let before = sim.consul.kv("l").cloned();
+    assert_eq!(
+        sim.txn_refused(&[txn_op("lock", "l", &s2, 0, "")]),
+        [(0, r#"failed to lock key "l", lock is already held"#.to_owned())]
+    );
+    assert_eq!(sim.consul.index(), at + 3);
+    assert_eq!(sim.consul.kv("l").cloned(), before);
+    // Bad sessions, in the KV endpoint's words.
+    for (session, what) in [
+        (
+            "11111111-2222-3333-4444-555555555555",
+            r#"invalid session "11111111-2222-3333-4444-555555555555""#,
+        ),
+        (
+            "garbage",
+            "failed session lookup: index error: UUID must be 36 characters",
+        ),
+        ("", "missing session"),
+    ] {
+        assert_eq!(
+            sim.txn_refused(&[txn_op("lock", "free", session, 0, "")]),
+            [(0, what.to_owned())]
+        );
+    }
+    assert!(sim.consul.kv("free").is_none());
+
+    // Lock-delay after the holder's session is destroyed: checked before Raft and before the
+    // session, so it takes no index.
+    assert!(sim.consul.destroy_session(sim.now, &s1));
+    let index = sim.consul.index();
+    for session in [s2.as_str(), "garbage", ""] {
+        assert_eq!(
+            sim.txn_refused(&[txn_op("lock", "l", session, 0, "")]),
+            [(0, r#"failed to lock key "l" due to lock delay"#.to_owned())]
+        );
+    }
+    assert_eq!(sim.consul.index(), index);
+    sim.sleep(2 * SECOND);
+    let (status, body) = sim.txn(&[txn_op("lock", "l", &s2, 0, "")]);
+    assert_eq!((status, &body["Results"][0]["KV"]["LockIndex"]), (200, &json!(2)));
+
+    // Unlock in a transaction: the KV endpoint's release.
+    assert_eq!(
+        sim.txn_refused(&[txn_op("unlock", "l", &s1, 0, "")]),
+        [(
+            0,
+            r#"failed to unlock key "l", lock isn't held, or is held by another session"#.to_owned()
+        )]
+    );
+    let (status, body) = sim.txn(&[txn_op("unlock", "l", &s2, 3, "eA==")]);
+    assert_eq!(status, 200);
+    assert_eq!(body["Results"][0]["KV"].get("Session"), None);
+    assert_eq!(sim.consul.kv("l").unwrap().value, b"x");
+}
+
+#[test]
+fn txn_is_all_or_nothing_and_wakes_watchers() {
+    let mut sim = Sim::new(31);
+    let s1 = sim.session(r#"{"LockDelay":"0s"}"#);
+    let s2 = sim.session(r#"{"LockDelay":"0s"}"#);
+    assert!(is_true(&sim.put("/v1/kv/gone", b"")));
+    assert!(is_true(&sim.call("DELETE", "/v1/kv/gone", b"")));
+    assert!(is_true(&sim.put(&format!("/v1/kv/held?acquire={s2}"), b"")));
+    let table = index(&sim.get("/v1/kv/missing"));
+
+    // The second operation fails: the first (re-creating a deleted key) is undone, tombstone
+    // and table index included. Every error is reported.
+    let index_before = sim.consul.index();
+    assert_eq!(
+        sim.txn_refused(&[
+            txn_op("lock", "gone", &s1, 0, ""),
+            txn_op("lock", "held", &s1, 0, ""),
+            txn_op("bogus", "x", &s1, 0, ""),
+        ]),
+        [
+            (1, r#"failed to lock key "held", lock is already held"#.to_owned()),
+            (2, r#"unknown KV verb "bogus""#.to_owned()),
+        ]
+    );
+    assert_eq!(sim.consul.index(), index_before + 1);
+    assert!(sim.consul.kv("gone").is_none());
+    assert_eq!(index(&sim.get("/v1/kv/gone")), table);
+    assert_eq!(index(&sim.get("/v1/kv/?recurse")), table);
+
+    // Pre-checks run for every operation, before Raft.
+    assert_eq!(
+        sim.txn_refused(&[txn_op("lock", "", &s1, 0, ""), txn_op("unlock", "", &s1, 0, "")]),
+        [
+            (0, "Must provide key".to_owned()),
+            (1, "Must provide key".to_owned())
+        ]
+    );
+    assert_eq!(sim.consul.index(), index_before + 1);
+
+    // A blocking read on a missing key is woken by a lock creating it, not by a refused one.
+    let q = sim.park(&format!("/v1/kv/new?index={table}&wait=1m"));
+    sim.txn_refused(&[txn_op("lock", "new", "garbage", 0, "")]);
+    assert!(sim.consul.advance(sim.now).is_empty());
+    let (status, body) = sim.txn(&[
+        txn_op("lock", "new", &s1, 0, ""),
+        txn_op("lock", "gone", &s1, 0, ""),
+    ]);
+    assert_eq!(status, 200);
+    assert_eq!(body["Results"].as_array().unwrap().len(), 2);
+    let woken = sim.consul.advance(sim.now);
+    assert_eq!(woken.len(), 1);
+    assert_eq!(woken[0].0, q);
+    assert_eq!(json_of(&woken[0].1)[0]["Session"], s1.as_str());
+}
+
+#[test]
+fn txn_reads_errors_and_faults() {
+    let mut sim = Sim::new(32);
+    // No write: a read, with the read's metadata.
+    for body in ["[]", "null", "[{}]", r#"[{"KV":null}]"#] {
+        let r = sim.put("/v1/txn", body.as_bytes());
+        assert_eq!(r.status(), 200, "{body}");
+        assert_eq!(header(&r, "X-Consul-KnownLeader"), Some("true"));
+        assert_eq!(
+            json_of(&r),
+            json!({"Results": [], "Errors": null, "Index": 0, "LastContact": 0,
+                "KnownLeader": true, "ConsistencyLevel": ""})
+        );
+    }
+    let r = sim.put("/v1/txn", br#"[{"KV":{"Verb":"bogus","Key":"k"}}]"#);
+    assert_eq!(r.status(), 409);
+    assert_eq!(json_of(&r)["Errors"][0]["What"], r#"unknown KV verb "bogus""#);
+
+    let plain = |r: &Response| (r.status().as_u16(), text(r));
+    let s = sim.session("{}");
+    for (body, status, what) in [
+        ("", 400, "Failed to parse body: EOF".to_owned()),
+        ("{}", 400, "Failed to parse body: json: cannot unmarshal object into Go value of type api.TxnOps".to_owned()),
+        (
+            r#"[{"KV":{"Verb":"lock","Key":"k","Value":"aGk=x"}}]"#,
+            400,
+            "Failed to parse body: illegal base64 data at input byte 4".to_owned(),
+        ),
+        (
+            r#"[{"KV":{"Verb":"lock","Key":"k","Flags":-1}}]"#,
+            400,
+            "Failed to parse body: json: cannot unmarshal number -1 into Go struct field KVTxnOp.KV.Flags of type uint64"
+                .to_owned(),
+        ),
+        (
+            &format!("[{}]", vec![txn_op("lock", "k", &s, 0, ""); 65].join(",")),
+            413,
+            "Transaction contains too many operations (65 > 64)".to_owned(),
+        ),
+        (
+            &format!("[{}]", txn_op("set", "k", "", 0, "")),
+            500,
+            r#"SimConsul does not model the KV verb "set" in transactions (only lock and unlock)"#.to_owned(),
+        ),
+        (r#"[{"Node":{}}]"#, 500, "SimConsul does not model Node operations in transactions".to_owned()),
+    ] {
+        assert_eq!(plain(&sim.put("/v1/txn", body.as_bytes())), (status, what), "{body}");
+    }
+    // A null operation: Consul's handler panics and drops the connection.
+    let r = sim.put("/v1/txn", b"[null]");
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "Connection")),
+        (500, Some("close"))
+    );
+    let big = vec![b' '; 512 * 1024 + 1];
+    let r = sim.put("/v1/txn", &big);
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "Connection")),
+        (413, Some("close"))
+    );
+
+    // Without a leader: a write is refused, a stale read is served.
+    sim.consul.set_leader(sim.now, false);
+    sim.sleep(3 * SECOND);
+    let lock = format!("[{}]", txn_op("lock", "k", &s, 0, ""));
+    assert_eq!(
+        plain(&sim.put("/v1/txn?stale", lock.as_bytes())),
+        (500, "No cluster leader".to_owned())
+    );
+    assert_eq!(
+        plain(&sim.put("/v1/txn", b"[]")),
+        (500, "No cluster leader".to_owned())
+    );
+    let r = sim.put("/v1/txn?stale", b"[]");
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "X-Consul-KnownLeader"), Some("false"));
+    assert_eq!(header(&r, "X-Consul-LastContact"), Some("3000"));
+    assert_eq!(json_of(&r)["KnownLeader"], false);
+    assert_eq!(json_of(&r)["LastContact"], 3_000_000_000_u64);
 }
 
 #[test]
@@ -947,6 +1211,33 @@ fn the_cores_requests_work_against_the_simulator() {
         value: b"me".to_vec(),
     };
     assert!(KvAcquire::decode(&call(&mut sim, acquire.encode(&config))).unwrap());
+    let relock = KvLockTxn {
+        key: key.clone(),
+        session: id.clone(),
+        flags: LOCK_FLAG_VALUE,
+        value: b"me".to_vec(),
+    };
+    let LockTxnOutcome::Locked(locked) = KvLockTxn::decode(&call(&mut sim, relock.encode(&config))).unwrap()
+    else {
+        panic!("the holder's lock refused")
+    };
+    assert_eq!(
+        (
+            locked.lock_index,
+            locked.flags,
+            locked.session.as_ref(),
+            locked.value.len()
+        ),
+        (1, LOCK_FLAG_VALUE, Some(&id), 0)
+    );
+    let unknown = KvLockTxn {
+        session: SessionId::new("11111111-2222-3333-4444-555555555555").unwrap(),
+        ..relock
+    };
+    assert_eq!(
+        KvLockTxn::decode(&call(&mut sim, unknown.encode(&config))).unwrap(),
+        LockTxnOutcome::Refused(LockRefusal::InvalidSession)
+    );
     let read = KvGet::decode(&call(&mut sim, KvGet::new(key.clone()).encode(&config))).unwrap();
     let pair = read.value.unwrap();
     assert_eq!(
@@ -1176,6 +1467,7 @@ fn path_strategy() -> impl Strategy<Value = String> {
         Just("destroy".to_owned()),
         Just("info".to_owned()),
         Just("list".to_owned()),
+        Just("txn".to_owned()),
         Just("..".to_owned()),
         Just(".".to_owned()),
         Just(String::new()),
@@ -1256,6 +1548,12 @@ fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
         Just(br#"{"TTL":"10s","LockDelay":"1s","Behavior":"delete"}"#.to_vec()),
         Just(br#"{"LockDelay":1e300,"Checks":[],"NodeChecks":[1],"ServiceChecks":[{"ID":5}]}"#.to_vec()),
         Just(br#"[{"TTL":null}]"#.to_vec()),
+        Just(br#"[{"KV":{"Verb":"lock","Key":"k","Session":"SESSION","Flags":1,"Value":"aGk="}}]"#.to_vec()),
+        Just(
+            br#"[{"KV":{"Verb":"unlock","Key":"k","Session":"SESSION"}},{"KV":{"Verb":"x"}},{},null]"#
+                .to_vec()
+        ),
+        "\\[\\{\"KV\":\\{\"[A-Za-z]{1,8}\":[ -~]{0,12}\\}\\}\\]".prop_map(String::into_bytes),
         "\\{\"[A-Za-z]{1,10}\":[ -~]{0,12}\\}".prop_map(String::into_bytes),
     ]
 }
@@ -1280,6 +1578,10 @@ proptest! {
         for (method, path, query, body, millis) in requests {
             let uri = if query.is_empty() { path } else { format!("{path}?{query}") };
             let uri = uri.replace("SESSION", &s);
+            let body = match String::from_utf8(body) {
+                Ok(text) => text.replace("SESSION", &s).into_bytes(),
+                Err(e) => e.into_bytes(),
+            };
             let Ok(request) = http::Request::builder()
                 .method(method.as_str())
                 .uri(format!("http://127.0.0.1:8500{uri}"))

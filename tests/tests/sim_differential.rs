@@ -15,6 +15,11 @@
 //!   lies between `#n` and the next one, `<#0` below all;
 //! - the detail of a JSON syntax error (Go's and serde's wording differ) becomes `<syntax>`.
 //!
+//! A step may also start a request in the background (a blocking read that a later step's
+//! write is to wake) and collect its reply later; the reply is compared where it is collected,
+//! together with whether it came within [`EARLY`] of its start (wall time for the agent, virtual
+//! time for the simulator): a read woken by a write, rather than one that ran out its wait.
+//!
 //! Scripts run one at a time (the agent is shared; a script's sessions are destroyed when it
 //! ends) under unique key prefixes, so that the agent's tables only move with the script.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -25,17 +30,20 @@ use std::time::{Duration, Instant};
 
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_testkit::sim::{SimConfig, SimConsul, SimReply, TtlExpiry};
+use consul_lock_testkit::sim::{QueryId, SimConfig, SimConsul, SimReply, TtlExpiry};
 use serde_json::Value;
 
 /// Go's `LockFlagValue`.
 const LOCK_FLAGS: &str = "3304740253564472344";
 /// A well-formed session ID nobody has.
 const UNKNOWN: &str = "11111111-2222-3333-4444-555555555555";
+/// A background request answered sooner than this after its start was woken early: scripts
+/// sleep less before waking one, and give the reads they don't wake a longer wait.
+const EARLY: Duration = Duration::from_millis(900);
 
 /// One step of a script. Templates: `{P}` the script's key prefix, `{S0}`… the sessions it
-/// created (`{S0U}` upper-cased), `{MI}` the `ModifyIndex` of the last KV entry read, `{MI-1}`
-/// one less, `{I}` the last `X-Consul-Index`.
+/// created (`{S0U}` upper-cased), `{MI}` the `ModifyIndex` of the last KV entry read or written
+/// by a transaction, `{MI-1}` one less, `{I}` the last `X-Consul-Index`.
 #[derive(Clone, Debug)]
 enum Step {
     Request {
@@ -43,6 +51,13 @@ enum Step {
         path: String,
         body: String,
     },
+    /// Starts a request in the background (one at a time).
+    Start {
+        method: &'static str,
+        path: String,
+    },
+    /// Waits for the background request's reply.
+    Join,
     Sleep(Duration),
 }
 
@@ -74,22 +89,80 @@ fn sleep_ms(ms: u64) -> Step {
     Step::Sleep(Duration::from_millis(ms))
 }
 
+/// Starts a `GET` in the background.
+fn start_get(path: &str) -> Step {
+    Step::Start {
+        method: "GET",
+        path: path.to_owned(),
+    }
+}
+
+/// `PUT /v1/txn`: a body of the given operations.
+fn txn(ops: &[String]) -> Step {
+    put("/v1/txn", &format!("[{}]", ops.join(",")))
+}
+
+/// A KV `lock` operation (`value` base64).
+fn lock_op(key: &str, session: &str, flags: u64, value: &str) -> String {
+    format!(
+        r#"{{"KV":{{"Verb":"lock","Key":"{key}","Value":"{value}","Flags":{flags},"Session":"{session}"}}}}"#
+    )
+}
+
+/// A KV `unlock` operation (`value` base64).
+fn unlock_op(key: &str, session: &str, flags: u64, value: &str) -> String {
+    format!(
+        r#"{{"KV":{{"Verb":"unlock","Key":"{key}","Value":"{value}","Flags":{flags},"Session":"{session}"}}}}"#
+    )
+}
+
+/// `PUT /v1/txn` with one `lock`.
+fn txn_lock(key: &str, session: &str, flags: u64, value: &str) -> Step {
+    txn(&[lock_op(key, session, flags, value)])
+}
+
 type Response = http::Response<Vec<u8>>;
 
 /// Where a script runs.
 trait Side {
     fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response;
+    /// Sends `request` without waiting for the reply.
+    fn start(&mut self, request: http::Request<Vec<u8>>);
+    /// The reply to the request [`Side::start`] sent, and how long after its start it came.
+    fn join(&mut self) -> (Response, Duration);
     fn sleep(&mut self, d: Duration);
 }
 
 struct Real {
     transport: TestTransport,
     base: String,
+    background: Option<std::thread::JoinHandle<(Response, Duration)>>,
 }
 
 impl Side for Real {
     fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response {
         self.transport.exchange(request).expect("the agent answers")
+    }
+
+    fn start(&mut self, request: http::Request<Vec<u8>>) {
+        let transport = TestTransport::new().unwrap();
+        let started = Instant::now();
+        let handle = std::thread::spawn(move || {
+            let response = transport.exchange(request).expect("the agent answers");
+            (response, started.elapsed())
+        });
+        assert!(
+            self.background.replace(handle).is_none(),
+            "one background request at a time"
+        );
+    }
+
+    fn join(&mut self) -> (Response, Duration) {
+        self.background
+            .take()
+            .expect("a background request")
+            .join()
+            .expect("the background request")
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -100,25 +173,54 @@ impl Side for Real {
 struct Simulated {
     consul: SimConsul,
     now: Instant,
+    /// The background request: answered, or parked; and when it started.
+    background: Option<(Result<Response, QueryId>, Instant)>,
+    /// Parked reads answered while waiting for another.
+    answered: BTreeMap<QueryId, Response>,
+}
+
+impl Simulated {
+    /// Moves time on until `query` is answered.
+    fn wait_for(&mut self, query: QueryId) -> Response {
+        loop {
+            for (q, r) in self.consul.advance(self.now) {
+                self.answered.insert(q, r);
+            }
+            if let Some(r) = self.answered.remove(&query) {
+                return r;
+            }
+            let next = self.consul.poll_timeout().expect("a parked read has a deadline");
+            self.now = self.now.max(next);
+        }
+    }
 }
 
 impl Side for Simulated {
     fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response {
         match self.consul.handle(self.now, &request) {
             SimReply::Now(r) => r,
-            SimReply::Parked(query) => loop {
-                let next = self.consul.poll_timeout().expect("a parked read has a deadline");
-                self.now = self.now.max(next);
-                if let Some((_, r)) = self
-                    .consul
-                    .advance(self.now)
-                    .into_iter()
-                    .find(|(q, _)| *q == query)
-                {
-                    return r;
-                }
-            },
+            SimReply::Parked(query) => self.wait_for(query),
         }
+    }
+
+    fn start(&mut self, request: http::Request<Vec<u8>>) {
+        let started = match self.consul.handle(self.now, &request) {
+            SimReply::Now(r) => Ok(r),
+            SimReply::Parked(query) => Err(query),
+        };
+        assert!(
+            self.background.replace((started, self.now)).is_none(),
+            "one background request at a time"
+        );
+    }
+
+    fn join(&mut self) -> (Response, Duration) {
+        let (started, at) = self.background.take().expect("a background request");
+        let response = match started {
+            Ok(r) => r,
+            Err(query) => self.wait_for(query),
+        };
+        (response, self.now - at)
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -135,6 +237,8 @@ struct Raw {
     status: u16,
     headers: BTreeMap<&'static str, String>,
     body: Vec<u8>,
+    /// For a background request: whether it was answered within [`EARLY`].
+    early: Option<bool>,
 }
 
 /// What a run gave: the replies and the sessions created.
@@ -161,21 +265,35 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
     let mut sessions: Vec<String> = Vec::new();
     let (mut mi, mut index) = (0, 0);
     let mut raws = Vec::new();
+    let mut background: Option<(&'static str, &String)> = None;
     for step in steps {
-        let (method, path, body) = match step {
+        let build = |method: &str, path: &str, body: &str| {
+            let uri = expand(path, prefix, &sessions, mi, index);
+            http::Request::builder()
+                .method(method)
+                .uri(format!("{base}{uri}"))
+                .body(expand(body, prefix, &sessions, mi, index).into_bytes())
+                .unwrap_or_else(|e| panic!("{method} {uri}: {e}"))
+        };
+        let (method, path, response, early) = match step {
             Step::Sleep(d) => {
                 side.sleep(*d);
                 continue;
             }
-            Step::Request { method, path, body } => (*method, path, body),
+            Step::Start { method, path } => {
+                side.start(build(method, path, ""));
+                background = Some((*method, path));
+                continue;
+            }
+            Step::Join => {
+                let (method, path) = background.take().expect("a started request");
+                let (response, took) = side.join();
+                (method, path, response, Some(took < EARLY))
+            }
+            Step::Request { method, path, body } => {
+                (*method, path, side.exchange(build(method, path, body)), None)
+            }
         };
-        let uri = expand(path, prefix, &sessions, mi, index);
-        let request = http::Request::builder()
-            .method(method)
-            .uri(format!("{base}{uri}"))
-            .body(expand(body, prefix, &sessions, mi, index).into_bytes())
-            .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
-        let response = side.exchange(request);
         let json: Option<Value> = serde_json::from_slice(response.body()).ok();
         if response.status() == 200 && path.starts_with("/v1/session/create") {
             if let Some(id) = json.as_ref().and_then(|v| v["ID"].as_str()) {
@@ -186,6 +304,9 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
             if first.get("Key").is_some() {
                 mi = first["ModifyIndex"].as_u64().unwrap_or(mi);
             }
+        }
+        if let Some(written) = json.as_ref().and_then(|v| v.get("Results")?.get(0)?.get("KV")) {
+            mi = written["ModifyIndex"].as_u64().unwrap_or(mi);
         }
         let header = |name: &str| {
             response
@@ -214,6 +335,7 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
             status: response.status().as_u16(),
             headers,
             body: response.body().clone(),
+            early,
         });
     }
     // Leave nothing behind that could move the agent's tables during the next script.
@@ -263,9 +385,21 @@ fn placeholder(s: &str, sessions: &[String]) -> Option<String> {
     })
 }
 
+/// `text` with the script's session IDs replaced by their placeholders.
+fn replace_ids(text: &str, sessions: &[String]) -> String {
+    let mut text = text.to_owned();
+    for (i, id) in sessions.iter().enumerate() {
+        text = text.replace(&id.to_uppercase(), &format!("<S{i}U>"));
+        text = text.replace(id, &format!("<S{i}>"));
+    }
+    text
+}
+
 fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) -> Value {
     match v {
-        Value::String(s) => Value::String(placeholder(s, sessions).unwrap_or_else(|| s.clone())),
+        Value::String(s) => {
+            Value::String(placeholder(s, sessions).unwrap_or_else(|| replace_ids(s, sessions)))
+        }
         Value::Array(items) => {
             let mut items: Vec<Value> = items.iter().map(|i| normalize_json(i, sessions, ranks)).collect();
             // Session lists: the script's own sessions only, in placeholder order.
@@ -300,6 +434,7 @@ struct Observed {
     status: u16,
     headers: BTreeMap<&'static str, String>,
     body: String,
+    early: Option<bool>,
 }
 
 fn normalize(run: &Run) -> Vec<Observed> {
@@ -349,14 +484,15 @@ fn normalize(run: &Run) -> Vec<Observed> {
                     }
                 ),
                 Err(_) => {
-                    let mut text = String::from_utf8_lossy(&raw.body).into_owned();
-                    for (i, id) in sessions.iter().enumerate() {
-                        text = text.replace(&id.to_uppercase(), &format!("<S{i}U>"));
-                        text = text.replace(id, &format!("<S{i}>"));
-                    }
-                    if let Some(detail) = text.strip_prefix("Request decode failed: ") {
-                        if !detail.starts_with("json: cannot unmarshal") && !detail.starts_with("time: ") {
-                            text = "Request decode failed: <syntax>".to_owned();
+                    let mut text = replace_ids(&String::from_utf8_lossy(&raw.body), sessions);
+                    for what in ["Request decode failed: ", "Failed to parse body: "] {
+                        if let Some(detail) = text.strip_prefix(what) {
+                            if !detail.starts_with("json: cannot unmarshal")
+                                && !detail.starts_with("time: ")
+                                && !detail.starts_with("illegal base64")
+                            {
+                                text = format!("{what}<syntax>");
+                            }
                         }
                     }
                     text
@@ -366,6 +502,7 @@ fn normalize(run: &Run) -> Vec<Observed> {
                 status: raw.status,
                 headers,
                 body,
+                early: raw.early,
             }
         })
         .collect()
@@ -397,6 +534,7 @@ fn differential(name: &str, steps: Vec<Step>) {
     let mut real = Real {
         transport: TestTransport::new().unwrap(),
         base: agent.base_url(),
+        background: None,
     };
     let base = real.base.clone();
     let real_run = run(&mut real, &base, &prefix, &steps);
@@ -409,6 +547,8 @@ fn differential(name: &str, steps: Vec<Step>) {
     let mut sim = Simulated {
         consul: SimConsul::with_config(0x5eed, Instant::now(), config),
         now: Instant::now(),
+        background: None,
+        answered: BTreeMap::new(),
     };
     let sim_run = run(&mut sim, "http://sim.invalid", &prefix, &steps);
 
@@ -870,6 +1010,298 @@ fn uuid_spellings() {
             put("/v1/session/destroy/{S0U}", ""),
             get("/v1/kv/{P}/k"),
             get("/v1/session/info/{S0}"),
+        ],
+    );
+}
+
+/// `aGk=` ("hi") and `Ynll` ("bye"), as base64.
+const HI: &str = "aGk=";
+const BYE: &str = "Ynll";
+
+#[test]
+fn txn_lock_fresh_key_and_relock() {
+    differential(
+        "txn_relock",
+        vec![
+            create(r#"{"TTL":"15s"}"#),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            get("/v1/kv/{P}/k"),
+            // The holder again, same value and flags: nothing changes, not even the ModifyIndex.
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            get("/v1/kv/{P}/k"),
+            // The holder with another value and flags: written, LockIndex kept.
+            txn_lock("{P}/k", "{S0}", 2, BYE),
+            get("/v1/kv/{P}/k"),
+            txn_lock("{P}/k", "{S0}", 0, ""),
+            get("/v1/kv/{P}/k"),
+            // A key written without a session, then locked: LockIndex from 0 to 1.
+            put("/v1/kv/{P}/plain?flags=7", "plain"),
+            txn_lock("{P}/plain", "{S0}", 7, HI),
+            get("/v1/kv/{P}/plain"),
+            txn_lock("{P}/f", "{S0}", LOCK_FLAGS.parse().unwrap(), BYE),
+            get("/v1/kv/{P}/f"),
+            // The UUID in upper case is the same session but not the same holder.
+            txn_lock("{P}/k", "{S0U}", 0, ""),
+            txn_lock("{P}/u", "{S0U}", 0, ""),
+            get("/v1/kv/{P}/u"),
+            txn_lock("{P}/u", "{S0}", 0, ""),
+        ],
+    );
+}
+
+#[test]
+fn txn_lock_contention_and_kv_release() {
+    differential(
+        "txn_contention",
+        vec![
+            create(r#"{"TTL":"15s"}"#),
+            create(r#"{"TTL":"15s"}"#),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            txn_lock("{P}/k", "{S1}", 1, BYE),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?acquire={S1}", ""),
+            put("/v1/kv/{P}/k?release={S1}", ""),
+            put("/v1/kv/{P}/k?release={S0}&flags=3", "released"),
+            get("/v1/kv/{P}/k"),
+            txn_lock("{P}/k", "{S1}", 4, BYE),
+            get("/v1/kv/{P}/k"),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            put("/v1/kv/{P}/k?acquire={S0}", ""),
+            // An unlock in a transaction, then a lock by the other.
+            txn(&[unlock_op("{P}/k", "{S0}", 0, "")]),
+            txn(&[unlock_op("{P}/k", "{S1}", 5, HI)]),
+            get("/v1/kv/{P}/k"),
+            txn(&[unlock_op("{P}/k", "{S1}", 0, "")]),
+            txn(&[unlock_op("{P}/missing", "{S1}", 0, "")]),
+            txn(&[unlock_op("{P}/k", "", 0, "")]),
+            txn_lock("{P}/k", "{S0}", 6, ""),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn txn_lock_delay_after_destroy() {
+    differential(
+        "txn_lock_delay",
+        vec![
+            create(r#"{"TTL":"60s","LockDelay":"1s"}"#),
+            create(r#"{"TTL":"60s"}"#),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            put("/v1/session/destroy/{S0}", ""),
+            get("/v1/kv/{P}/k"),
+            txn_lock("{P}/k", "{S1}", 1, BYE),
+            // The lock-delay is checked first, whatever the session.
+            txn_lock("{P}/k", UNKNOWN, 1, BYE),
+            txn_lock("{P}/k", "garbage", 1, BYE),
+            txn_lock("{P}/k", "", 1, BYE),
+            // Every operation is pre-checked: all the refusals are reported.
+            txn(&[lock_op("", "{S1}", 0, ""), lock_op("{P}/k", "{S1}", 0, "")]),
+            txn(&[
+                lock_op("{P}/other", "{S1}", 0, ""),
+                lock_op("{P}/k", "{S1}", 0, ""),
+            ]),
+            get("/v1/kv/{P}/other"),
+            // An unlock is not delayed.
+            txn(&[unlock_op("{P}/k", "{S1}", 0, "")]),
+            put("/v1/kv/{P}/k?acquire={S1}", "kv acquire"),
+            sleep_ms(1500),
+            txn_lock("{P}/k", "{S1}", 2, BYE),
+            get("/v1/kv/{P}/k"),
+            put("/v1/kv/{P}/k?release={S1}", ""),
+            create(r#"{"LockDelay":"1s"}"#),
+            txn_lock("{P}/k", "{S2}", 3, HI),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn txn_lock_with_invalid_sessions() {
+    differential(
+        "txn_invalid_session",
+        vec![
+            txn_lock("{P}/k", UNKNOWN, 0, ""),
+            txn_lock("{P}/k", "garbage", 0, ""),
+            txn_lock("{P}/k", "g1111111-2222-3333-4444-555555555555", 0, ""),
+            txn_lock("{P}/k", "", 0, ""),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/k"}}]"#),
+            get("/v1/kv/{P}/k"),
+            create("{}"),
+            put("/v1/session/destroy/{S0}", ""),
+            txn_lock("{P}/k", "{S0}", 0, ""),
+            get("/v1/kv/{P}/k"),
+            create("{}"),
+            txn_lock("{P}/k", "{S1}", 0, HI),
+            txn_lock("{P}/k", UNKNOWN, 0, ""),
+            get("/v1/kv/{P}/k"),
+        ],
+    );
+}
+
+#[test]
+fn txn_several_operations_all_or_nothing() {
+    differential(
+        "txn_several",
+        vec![
+            create(r#"{"LockDelay":"0s"}"#),
+            create(r#"{"LockDelay":"0s"}"#),
+            txn(&[lock_op("{P}/a", "{S0}", 1, HI), lock_op("{P}/b", "{S0}", 2, BYE)]),
+            get("/v1/kv/{P}/?recurse"),
+            // The second fails: the first is undone.
+            txn(&[lock_op("{P}/c", "{S1}", 0, ""), lock_op("{P}/a", "{S1}", 0, "")]),
+            get("/v1/kv/{P}/c"),
+            get("/v1/kv/{P}/?recurse"),
+            // Each operation sees the earlier ones' writes; every error is reported.
+            txn(&[lock_op("{P}/d", "{S0}", 0, ""), lock_op("{P}/d", "{S1}", 0, "")]),
+            txn(&[
+                lock_op("{P}/d", "garbage", 0, ""),
+                lock_op("{P}/d", UNKNOWN, 0, ""),
+            ]),
+            txn(&[
+                lock_op("{P}/e", "{S0}", 4, HI),
+                unlock_op("{P}/e", "{S0}", 6, BYE),
+            ]),
+            get("/v1/kv/{P}/e"),
+            // An unknown verb among writes fails in Raft.
+            txn(&[
+                lock_op("{P}/f", "{S0}", 0, ""),
+                r#"{"KV":{"Verb":"bogus","Key":"{P}/f"}}"#.to_owned(),
+            ]),
+            get("/v1/kv/{P}/f"),
+            // Operations without KV are dropped: OpIndex counts the others.
+            txn(&[
+                "{}".to_owned(),
+                r#"{"KV":null}"#.to_owned(),
+                lock_op("{P}/a", "{S1}", 0, ""),
+            ]),
+        ],
+    );
+}
+
+#[test]
+fn txn_body_and_request_errors() {
+    let too_many: Vec<String> = (0..65)
+        .map(|i| lock_op(&format!("{{P}}/m{i}"), UNKNOWN, 0, ""))
+        .collect();
+    differential(
+        "txn_errors",
+        vec![
+            put("/v1/txn", "[]"),
+            put("/v1/txn", "null"),
+            put("/v1/txn", "[{}]"),
+            put("/v1/txn", ""),
+            put("/v1/txn", "garbage"),
+            put("/v1/txn", "[{"),
+            put("/v1/txn", "{}"),
+            put("/v1/txn", r#"["x"]"#),
+            put("/v1/txn", r#"[{"KV":"x"}]"#),
+            put("/v1/txn", r#"[{"Node":5}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"bogus","Key":"{P}/a"}}]"#),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"bogus","Key":"{P}/a"}},{"KV":{"Verb":"","Key":"{P}/b"}}]"#,
+            ),
+            put("/v1/txn", r#"[{"KV":{"Verb":"bogus"}}]"#),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Value":"!!"}}]"#,
+            ),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Value":"aGk"}}]"#,
+            ),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Value":"aGk=x"}}]"#,
+            ),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Value":"aG="}}]"#,
+            ),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Value":1}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Flags":"1"}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Flags":-1}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Flags":1.5}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":5}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":5}}]"#),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Session":true}}]"#,
+            ),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":"{P}/a","Index":"x"}}]"#),
+            put("/v1/txn", r#"[{"KV":{"Verb":"lock","Key":""}}]"#),
+            txn(&too_many),
+            req("GET", "/v1/txn", ""),
+            req("POST", "/v1/txn", "[]"),
+            req("OPTIONS", "/v1/txn", ""),
+            put("/v1/txn/", "[]"),
+            put("/v1/txn?stale&consistent", "[]"),
+            put("/v1/txn?wait=x", "[]"),
+            put("/v1/txn?index=x", "[]"),
+            put("/v1/txn?stale", "[]"),
+            put("/v1/txn?dc=dc2", "[]"),
+            put("/v1/txn?dc=dc2", "garbage"),
+            put("/v1/txn?ns=x", "[]"),
+            // A write reads only `dc` from the query.
+            put(
+                "/v1/txn?stale&consistent&wait=x",
+                &format!("[{}]", lock_op("{P}/a", UNKNOWN, 0, "")),
+            ),
+            put(
+                "/v1/txn?dc=dc2",
+                &format!("[{}]", lock_op("{P}/a", UNKNOWN, 0, "")),
+            ),
+            // Go's decoder: names in any case, trailing data ignored, null values ignored.
+            create("{}"),
+            put(
+                "/v1/txn",
+                r#"[{"kv":{"verb":"lock","key":"{P}/lc","session":"{S0}","flags":3,"value":"aGk="}}] trailing"#,
+            ),
+            put(
+                "/v1/txn",
+                r#"[{"KV":{"Verb":"lock","Key":"{P}/n","Session":"{S0}","Flags":null,"Value":null}}]"#,
+            ),
+            get("/v1/kv/{P}/?recurse"),
+        ],
+    );
+}
+
+#[test]
+fn txn_lock_wakes_a_blocking_read() {
+    differential(
+        "txn_wakes",
+        vec![
+            create(r#"{"LockDelay":"0s"}"#),
+            put("/v1/kv/{P}/k", "v"),
+            get("/v1/kv/{P}/k"),
+            start_get("/v1/kv/{P}/k?index={I}&wait=10s"),
+            sleep_ms(300),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            Step::Join,
+            // A refused lock does not wake it: it returns at the end of its wait.
+            create(r#"{"LockDelay":"0s"}"#),
+            start_get("/v1/kv/{P}/k?index={I}&wait=1s"),
+            sleep_ms(300),
+            txn_lock("{P}/k", "{S1}", 2, BYE),
+            Step::Join,
+            // A re-lock that changes nothing does not either.
+            start_get("/v1/kv/{P}/k?index={I}&wait=1s"),
+            sleep_ms(300),
+            txn_lock("{P}/k", "{S0}", 1, HI),
+            Step::Join,
+            // A missing key's read, woken when a lock creates it.
+            get("/v1/kv/{P}/new"),
+            start_get("/v1/kv/{P}/?recurse&index={I}&wait=10s"),
+            sleep_ms(300),
+            txn_lock("{P}/new", "{S1}", 0, ""),
+            Step::Join,
+            // An unlock in a transaction wakes the holder's watch too.
+            get("/v1/kv/{P}/k"),
+            start_get("/v1/kv/{P}/k?index={I}&wait=10s"),
+            sleep_ms(300),
+            txn(&[unlock_op("{P}/k", "{S0}", 0, "")]),
+            Step::Join,
         ],
     );
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{
     ApiError, Blocking, ClientConfig, Consistency, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet,
-    KvList, KvRelease, SessionBehavior, SessionCreate, SessionDestroy, SessionId, SessionInfo, SessionRenew,
+    KvList, KvLockTxn, KvPair, KvRelease, LockRefusal, LockTxnOutcome, SessionBehavior, SessionCreate,
+    SessionDestroy, SessionId, SessionInfo, SessionRenew,
 };
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
 use consul_lock_testkit::TestTransport;
@@ -50,8 +51,25 @@ impl Wire {
         .expect("acquire")
     }
 
-    fn get(&self, key: &Key) -> Option<consul_lock_core::api::KvPair> {
+    fn get(&self, key: &Key) -> Option<KvPair> {
         self.call(&KvGet::new(key.clone())).expect("read").value
+    }
+
+    fn lock_txn(&self, key: &Key, session: &SessionId, flags: u64, value: &[u8]) -> LockTxnOutcome {
+        self.call(&KvLockTxn {
+            key: key.clone(),
+            session: session.clone(),
+            flags,
+            value: value.to_vec(),
+        })
+        .expect("lock transaction")
+    }
+
+    fn locked(&self, key: &Key, session: &SessionId, flags: u64, value: &[u8]) -> KvPair {
+        match self.lock_txn(key, session, flags, value) {
+            LockTxnOutcome::Locked(pair) => pair,
+            refused => panic!("lock of {key:?} refused: {refused:?}"),
+        }
     }
 }
 
@@ -482,4 +500,92 @@ fn datacenter_parameter_is_honoured() {
         .unwrap_err();
     assert_eq!(err.status(), Some(500));
     assert!(err.to_string().contains("No path to datacenter"), "{err}");
+}
+
+#[test]
+fn lock_txn_answers_the_entry_it_wrote() {
+    let Some(w) = Wire::new() else { return };
+    let k = key("txn-lock");
+    let (a, b) = (w.session(None), w.session(None));
+    // A missing key is created; the reply is the entry as written, its value left out.
+    let first = w.locked(&k, &a, LOCK_FLAG_VALUE, b"holder-a");
+    assert_eq!(first.key, k.as_str());
+    assert_eq!(
+        (first.lock_index, first.flags, first.session.as_ref()),
+        (1, LOCK_FLAG_VALUE, Some(&a))
+    );
+    assert_eq!(first.value, b"");
+    assert_eq!(first.create_index, first.modify_index);
+    // The stored entry is the same, with the value.
+    let stored = w.get(&k).unwrap();
+    assert_eq!(
+        stored,
+        KvPair {
+            value: b"holder-a".to_vec(),
+            ..first.clone()
+        }
+    );
+
+    // The holder again, the same value and flags: the entry unchanged, not even re-indexed.
+    assert_eq!(w.locked(&k, &a, LOCK_FLAG_VALUE, b"holder-a"), first);
+    assert_eq!(w.get(&k).unwrap().modify_index, first.modify_index);
+    // The holder with another value and flags: written, with a new ModifyIndex, same LockIndex.
+    let rewritten = w.locked(&k, &a, 7, b"again");
+    assert_eq!((rewritten.lock_index, rewritten.flags), (1, 7));
+    assert!(rewritten.modify_index > first.modify_index);
+    assert_eq!(rewritten.create_index, first.create_index);
+    let stored = w.get(&k).unwrap();
+    assert_eq!((stored.value.as_slice(), stored.flags), (&b"again"[..], 7));
+
+    // Another session: refused, nothing written.
+    assert_eq!(
+        w.lock_txn(&k, &b, LOCK_FLAG_VALUE, b"holder-b"),
+        LockTxnOutcome::Refused(LockRefusal::Held)
+    );
+    assert_eq!(w.get(&k).unwrap(), stored);
+
+    // Released through the KV endpoint, then taken by the other: a new LockIndex.
+    let release = KvRelease {
+        key: k.clone(),
+        session: a.clone(),
+        flags: LOCK_FLAG_VALUE,
+        value: vec![],
+    };
+    assert!(w.call(&release).unwrap());
+    let taken = w.locked(&k, &b, LOCK_FLAG_VALUE, b"holder-b");
+    assert_eq!((taken.lock_index, taken.session.as_ref()), (2, Some(&b)));
+    assert!(taken.modify_index > rewritten.modify_index);
+    assert_eq!(w.get(&k).unwrap().value, b"holder-b");
+}
+
+#[test]
+fn lock_txn_refusals_say_why() {
+    let Some(w) = Wire::new() else { return };
+    let k = key("txn-lock-refusals");
+    let bogus = SessionId::new("00000000-0000-0000-0000-000000000000").unwrap();
+    assert_eq!(
+        w.lock_txn(&k, &bogus, LOCK_FLAG_VALUE, b""),
+        LockTxnOutcome::Refused(LockRefusal::InvalidSession)
+    );
+    assert_eq!(w.get(&k), None, "a refused lock writes nothing");
+
+    let a = w.session(Some(Duration::from_secs(2)));
+    w.locked(&k, &a, LOCK_FLAG_VALUE, b"a");
+    let destroyed_at = Instant::now();
+    assert!(w.call(&SessionDestroy { id: a }).unwrap());
+    let b = w.session(None);
+    assert_eq!(
+        w.lock_txn(&k, &b, LOCK_FLAG_VALUE, b"b"),
+        LockTxnOutcome::Refused(LockRefusal::LockDelay)
+    );
+    // The lock-delay is checked before the session.
+    assert_eq!(
+        w.lock_txn(&k, &bogus, LOCK_FLAG_VALUE, b""),
+        LockTxnOutcome::Refused(LockRefusal::LockDelay)
+    );
+    assert_eq!(w.get(&k).unwrap().session, None);
+    let left = Duration::from_millis(2100).saturating_sub(destroyed_at.elapsed());
+    std::thread::sleep(left);
+    let taken = w.locked(&k, &b, LOCK_FLAG_VALUE, b"b");
+    assert_eq!((taken.lock_index, taken.session.as_ref()), (2, Some(&b)));
 }

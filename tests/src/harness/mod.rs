@@ -698,13 +698,8 @@ impl<'s> Harness<'s> {
                     {
                         self.clients[i].first_cas = Some(t);
                     }
-                    let acquire = transmit.request.method() == http::Method::PUT
-                        && path == format!("/v1/kv/{}", self.lock_key)
-                        && transmit
-                            .request
-                            .uri()
-                            .query()
-                            .is_some_and(|q| q.split('&').any(|p| p.starts_with("acquire=")));
+                    // The lock acquires with a one-operation lock transaction (`KvLockTxn`).
+                    let acquire = transmit.request.method() == http::Method::PUT && path == "/v1/txn";
                     if acquire && matches!(self.target, Target::Lock) {
                         self.clients[i].acquire_sent = Some(t);
                     }

@@ -116,6 +116,78 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// The value of a standard base64 character.
+fn base64_value(c: u8) -> Option<u8> {
+    match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    }
+}
+
+/// Go's `base64.StdEncoding.DecodeString`, as `encoding/json` decodes a `[]byte`: padding
+/// required, `\r` and `\n` skipped, not strict about the unused bits. `Err`: the offset Go's
+/// `CorruptInputError` names (`illegal base64 data at input byte N`).
+pub(crate) fn base64_decode(src: &[u8]) -> Result<Vec<u8>, usize> {
+    let is_newline = |c: u8| c == b'\n' || c == b'\r';
+    let mut out = Vec::with_capacity(src.len() / 4 * 3);
+    let mut si = 0;
+    // Go's `decodeQuantum`, one quantum of four characters at a time.
+    while si < src.len() {
+        let mut quantum = [0u8; 4];
+        let mut len = 0;
+        let mut trailing = None;
+        while len < 4 {
+            let Some(&c) = src.get(si) else {
+                return if len == 0 { Ok(out) } else { Err(si - len) };
+            };
+            si += 1;
+            if let Some(v) = base64_value(c) {
+                quantum[len] = v;
+                len += 1;
+                continue;
+            }
+            if is_newline(c) {
+                continue;
+            }
+            if c != b'=' || len < 2 {
+                return Err(si - 1);
+            }
+            if len == 2 {
+                // "==" expected: the first "=" is consumed.
+                while src.get(si).copied().is_some_and(is_newline) {
+                    si += 1;
+                }
+                match src.get(si) {
+                    None => return Err(src.len()),
+                    Some(b'=') => si += 1,
+                    Some(_) => return Err(si - 1),
+                }
+            }
+            while src.get(si).copied().is_some_and(is_newline) {
+                si += 1;
+            }
+            if si < src.len() {
+                trailing = Some(si);
+            }
+            break;
+        }
+        let n = quantum.iter().fold(0u32, |acc, v| (acc << 6) | u32::from(*v));
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..len]);
+        if let Some(at) = trailing {
+            return Err(at);
+        }
+        if len < 4 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +217,21 @@ mod tests {
         assert_eq!(base64(b"hello"), "aGVsbG8=");
         assert_eq!(base64(b"abc"), "YWJj");
         assert_eq!(base64(&[0xff, 0xfe]), "//4=");
+    }
+
+    #[test]
+    fn base64_decodes_like_go() {
+        for bytes in [&b""[..], b"v", b"v1", b"abc", b"hello", &[0xff, 0xfe, 0x00, 0x01]] {
+            assert_eq!(base64_decode(base64(bytes).as_bytes()), Ok(bytes.to_vec()));
+        }
+        assert_eq!(base64_decode(b"aG\nk=\r\n"), Ok(b"hi".to_vec()));
+        // Offsets as Go's `CorruptInputError` gives them (checked against Go 1.14).
+        assert_eq!(base64_decode(b"!!"), Err(0));
+        assert_eq!(base64_decode(b"aGk"), Err(0));
+        assert_eq!(base64_decode(b"aGk=x"), Err(4));
+        assert_eq!(base64_decode(b"aGVsbG8"), Err(4));
+        assert_eq!(base64_decode(b"a==="), Err(1));
+        assert_eq!(base64_decode(b"aG="), Err(3));
+        assert_eq!(base64_decode(b"aG=x"), Err(2));
     }
 }

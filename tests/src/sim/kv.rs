@@ -238,7 +238,9 @@ impl SimConsul {
         applies
     }
 
-    fn kvs_lock(
+    /// Consul's `kvsLockTxn`: `Ok(false)` when another session holds the key; `Err` with
+    /// Consul's words for a missing, malformed or unknown session.
+    pub(super) fn kvs_lock(
         &mut self,
         idx: u64,
         key: &str,
@@ -274,7 +276,9 @@ impl SimConsul {
         Ok(true)
     }
 
-    fn kvs_unlock(
+    /// Consul's `kvsUnlockTxn`: `Ok(false)` when the session does not hold the key; `Err` for a
+    /// missing session.
+    pub(super) fn kvs_unlock(
         &mut self,
         idx: u64,
         key: &str,

@@ -16,6 +16,11 @@
 //!   index from going backwards) and its quirks (a plain or CAS `PUT` resets `LockIndex` to 0 and
 //!   keeps the holder; a write that changes nothing keeps the `ModifyIndex`; a `release` writes
 //!   the value and flags).
+//! - **Transactions**: `PUT /v1/txn` with KV `lock` and `unlock` operations (the same state
+//!   changes as `?acquire` and `?release`), with Consul's pre-checks (lock-delay, missing key)
+//!   before Raft, all-or-nothing application under one index, 409 replies naming each failed
+//!   operation, results with `Value` blanked, and its body decoding errors; other verbs and
+//!   operation types answer a 500 saying they are not modelled (see `txn.rs`).
 //! - **Sessions**: create (Go's JSON decoding of the body, `LockDelay` as a Go duration or a
 //!   number, `Checks`/`NodeChecks` fix-ups, TTL range check), renew, destroy, info, list, with
 //!   UUID IDs drawn from the seed and validated the way Consul's state store does.
@@ -70,6 +75,7 @@ mod kv;
 mod rng;
 mod server;
 mod session;
+mod txn;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -267,6 +273,7 @@ enum Endpoint {
     SessionInfo,
     SessionList,
     StatusLeader,
+    Txn,
 }
 
 impl Endpoint {
@@ -274,7 +281,9 @@ impl Endpoint {
     fn methods(self) -> &'static [&'static str] {
         match self {
             Endpoint::Kv => &["GET", "PUT", "DELETE"],
-            Endpoint::SessionCreate | Endpoint::SessionRenew | Endpoint::SessionDestroy => &["PUT"],
+            Endpoint::SessionCreate | Endpoint::SessionRenew | Endpoint::SessionDestroy | Endpoint::Txn => {
+                &["PUT"]
+            }
             Endpoint::SessionInfo | Endpoint::SessionList | Endpoint::StatusLeader => &["GET"],
         }
     }
@@ -312,6 +321,7 @@ fn route(path: &str) -> Route<'_> {
         "/v1/session/create" => Route::Endpoint(Endpoint::SessionCreate, ""),
         "/v1/session/list" => Route::Endpoint(Endpoint::SessionList, ""),
         "/v1/status/leader" => Route::Endpoint(Endpoint::StatusLeader, ""),
+        "/v1/txn" => Route::Endpoint(Endpoint::Txn, ""),
         "/" => Route::Redirect("/ui/".to_owned()),
         _ => Route::NotFound,
     }
@@ -653,6 +663,7 @@ impl SimConsul {
             Endpoint::SessionDestroy => self.session_destroy(request, rest, &query).map(Outcome::Reply),
             Endpoint::SessionInfo => self.session_info(request, rest, &query),
             Endpoint::SessionList => self.session_list(request, &query),
+            Endpoint::Txn => self.txn_endpoint(request, &query).map(Outcome::Reply),
             Endpoint::StatusLeader => {
                 let leader = if self.leader { "127.0.0.1:8300" } else { "" };
                 Ok(Reply::json(&json::Json::str(leader), self.pretty(&query)).into())
