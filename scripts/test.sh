@@ -19,6 +19,12 @@ CONSUL_BIN="${CONSUL_BIN:-$(bash scripts/ensure-consul.sh)}"
 export CONSUL_BIN
 "$CONSUL_BIN" version | sed -n 1p  # not head: consul would die of SIGPIPE (pipefail)
 
+section "go reference client"
+# The Go lock the benchmark suite's smoke test runs beside ours (bench/go, built from Debian's Go
+# and Consul api packages; see scripts/ensure-go-contender.sh).
+GO_CONTENDER_BIN="${GO_CONTENDER_BIN:-$(bash scripts/ensure-go-contender.sh)}"
+export GO_CONTENDER_BIN
+
 section "fmt"
 cargo fmt --all --check
 
@@ -32,6 +38,10 @@ section "tests"
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$test_log"
+
+section "core benchmark (smoke)"
+# Criterion runs each benchmark once when not given --bench (the figures: cargo bench).
+cargo test -p consul-lock-bench --bench core_machine --locked
 
 section "fuzz (smoke)"
 # A short run of every cargo-fuzz target (longer runs: bash scripts/fuzz.sh <seconds>).

@@ -8,9 +8,9 @@
 //! service locks the same key again and again):
 //!
 //! 1. `lock(now)`; the machine asks for a session: the create is answered;
-//! 2. it reads the key (free: it was released by the last cycle), acquires it (`true`) and reads
-//!    it again for the fencing token: answered, and [`LockEvent::Acquired`] comes out; the
-//!    machine starts its monitor, a blocking read that Consul holds for `monitor_wait` (5 min)
+//! 2. it reads the key (free: it was released by the last cycle) and acquires it with a lock
+//!    transaction, whose answer carries the entry (the fencing token): [`LockEvent::Acquired`]
+//!    comes out; the machine starts its monitor, a blocking read that Consul holds for `monitor_wait` (5 min)
 //!    when nothing changes;
 //! 3. `renewals` times: virtual time jumps to the machine's next timer (`poll_timeout()`, the
 //!    renew, every TTL/2 = 7.5 s), `handle_timeout(now)` sends the renew, and its reply is handed
@@ -26,7 +26,7 @@
 //! `handle_response` and `handle_timeout`, each counted once per call. What only reads or drains
 //! the machine (`poll_action`, `poll_timeout`, `status`, `is_quiescent`) is not an event, though
 //! its cost is in the time measured (a driver calls them after every input). With the default
-//! [`DEFAULT_RENEWALS`] = 8, a cycle is 24 events: `lock`, 4 replies to acquire, 8 × (a timeout
+//! [`DEFAULT_RENEWALS`] = 8, a cycle is 23 events: `lock`, 3 replies to acquire, 8 × (a timeout
 //! and a renew reply), `unlock`, 2 replies to release.
 //!
 //! # The replies
@@ -94,10 +94,8 @@ pub enum RequestKind {
     Create,
     /// `GET /v1/kv/<key>`, neither blocking nor consistent: the acquisition's first read.
     Read,
-    /// `PUT /v1/kv/<key>?acquire=<session>`.
+    /// `PUT /v1/txn` with one KV `lock` operation: the acquire.
     Acquire,
-    /// `GET /v1/kv/<key>?consistent`, not blocking: the read for the fencing token.
-    Confirm,
     /// `GET /v1/kv/<key>?consistent&index=..&wait=..`: the monitor's blocking read.
     Watch,
     /// `PUT /v1/session/renew/<id>`.
@@ -114,7 +112,6 @@ impl RequestKind {
         RequestKind::Create,
         RequestKind::Read,
         RequestKind::Acquire,
-        RequestKind::Confirm,
         RequestKind::Watch,
         RequestKind::Renew,
         RequestKind::Release,
@@ -156,15 +153,14 @@ impl RequestKind {
             "PUT" if path == "/v1/session/create" => Some(RequestKind::Create),
             "PUT" if path.starts_with("/v1/session/renew/") => Some(RequestKind::Renew),
             "PUT" if path.starts_with("/v1/session/destroy/") => Some(RequestKind::Destroy),
-            "PUT" if path == key_path && has("acquire") => Some(RequestKind::Acquire),
+            "PUT" if path == "/v1/txn" => Some(RequestKind::Acquire),
             "PUT" if path == key_path && has("release") => Some(RequestKind::Release),
             "GET" if path == key_path => match (has("consistent"), has("index")) {
                 (false, false) => Some(RequestKind::Read),
-                (true, false) => Some(RequestKind::Confirm),
                 (true, true) => Some(RequestKind::Watch),
-                // A blocking read while acquiring: the key is held by someone else, which
-                // never happens here.
-                (false, true) => None,
+                // A blocking read while acquiring (the key is held by someone else), or a
+                // consistent read that isn't the monitor's: neither happens here.
+                _ => None,
             },
             _ => None,
         }
@@ -172,7 +168,7 @@ impl RequestKind {
 }
 
 /// The number of [`RequestKind`]s.
-const KINDS: usize = 8;
+const KINDS: usize = 7;
 
 /// Why the rig could not run the machine the way a cycle goes. Never expected: each one means
 /// the machine (or the simulated Consul) behaves differently from what the benchmark assumes,
@@ -704,16 +700,7 @@ fn record(start: Instant, options: &LockOptions, key_path: &str) -> Result<[Repl
         }
     }
     match recorder.templates {
-        [
-            Some(a),
-            Some(b),
-            Some(c),
-            Some(d),
-            Some(e),
-            Some(f),
-            Some(g),
-            Some(h),
-        ] => Ok([a, b, c, d, e, f, g, h]),
+        [Some(a), Some(b), Some(c), Some(d), Some(e), Some(f), Some(g)] => Ok([a, b, c, d, e, f, g]),
         _ => Err(CycleError::Recording(format!(
             "no reply recorded for {missing:?}"
         ))),
@@ -908,14 +895,15 @@ mod tests {
     }
 
     #[test]
-    fn a_cycle_is_lock_four_replies_two_events_per_renewal_unlock_two_replies() {
+    fn a_cycle_is_lock_three_replies_two_events_per_renewal_unlock_two_replies() {
         let mut rig = rig(DEFAULT_RENEWALS);
         for _ in 0..3 {
             let stats = rig.run_cycle().expect("a full cycle");
             assert_eq!(
                 stats,
                 CycleStats {
-                    events: 8 + 2 * u64::from(DEFAULT_RENEWALS),
+                    // lock + (create, read, lock transaction) + unlock + (release, destroy).
+                    events: 7 + 2 * u64::from(DEFAULT_RENEWALS),
                     renewals: u64::from(DEFAULT_RENEWALS),
                 }
             );
@@ -937,7 +925,7 @@ mod tests {
         let mut rig = rig(45);
         let stats = rig.run_cycle().expect("a full cycle");
         assert_eq!(stats.renewals, 45);
-        assert_eq!(stats.events, 8 + 2 * 45 + 1);
+        assert_eq!(stats.events, 7 + 2 * 45 + 1);
         let again = rig.run_cycle().expect("another");
         assert_eq!(again, stats);
     }
@@ -974,16 +962,14 @@ mod tests {
             Some(RequestKind::Destroy)
         );
         assert_eq!(kind("GET", key, None), Some(RequestKind::Read));
-        assert_eq!(kind("GET", key, Some("consistent")), Some(RequestKind::Confirm));
+        assert_eq!(kind("GET", key, Some("consistent")), None);
         assert_eq!(
             kind("GET", key, Some("consistent&index=12&wait=300000ms")),
             Some(RequestKind::Watch)
         );
         assert_eq!(kind("GET", key, Some("index=12&wait=15000ms")), None);
-        assert_eq!(
-            kind("PUT", key, Some("acquire=s&flags=1")),
-            Some(RequestKind::Acquire)
-        );
+        assert_eq!(kind("PUT", "/v1/txn", None), Some(RequestKind::Acquire));
+        assert_eq!(kind("PUT", key, Some("acquire=s&flags=1")), None);
         assert_eq!(
             kind("PUT", key, Some("flags=1&release=s")),
             Some(RequestKind::Release)
@@ -999,7 +985,7 @@ mod tests {
         let figures = measure(Duration::from_millis(1)).expect("figures");
         assert!(figures.events_per_sec > 0.0);
         assert!(figures.cycles >= BATCH);
-        assert_eq!(figures.events_per_cycle, 24.0);
+        assert_eq!(figures.events_per_cycle, 23.0);
         assert_eq!(figures.allocs_per_renew_cycle, None);
         assert_eq!(figures.bytes_per_renew_cycle, None);
     }

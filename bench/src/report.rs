@@ -186,6 +186,12 @@ impl Results {
                         ms(r.gaps.map(|g| g.max)),
                         r.stalls
                     );
+                    let kinds: Vec<String> = r
+                        .by_kind
+                        .iter()
+                        .map(|(kind, count)| format!("{kind} {:.1}", *count as f64 / *n as f64))
+                        .collect();
+                    let _ = writeln!(t, "             per handoff: {}", kinds.join(", "));
                 }
             }
         }

@@ -34,6 +34,31 @@ pub struct ClientContention {
     pub gaps: Option<Summary>,
     /// Gaps longer than a second.
     pub stalls: usize,
+    /// The requests by kind (`kind` of [`request_kind`]).
+    pub by_kind: BTreeMap<&'static str, u64>,
+}
+
+/// What a request to the agent was for, from its method, path and query.
+pub fn request_kind(method: &str, target: &str) -> &'static str {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let has = |name: &str| {
+        query
+            .split('&')
+            .any(|p| p == name || p.starts_with(&format!("{name}=")))
+    };
+    match (method, path) {
+        ("PUT", "/v1/session/create") => "session create",
+        ("PUT", p) if p.starts_with("/v1/session/renew/") => "session renew",
+        ("PUT", p) if p.starts_with("/v1/session/destroy/") => "session destroy",
+        ("GET", p) if p.starts_with("/v1/session/info/") => "session info",
+        ("PUT", "/v1/txn") => "lock transaction",
+        ("PUT", p) if p.starts_with("/v1/kv/") && has("acquire") => "kv acquire",
+        ("PUT", p) if p.starts_with("/v1/kv/") && has("release") => "kv release",
+        ("GET", p) if p.starts_with("/v1/kv/") && has("index") => "kv blocking read",
+        ("GET", p) if p.starts_with("/v1/kv/") => "kv read",
+        ("DELETE", p) if p.starts_with("/v1/kv/") => "kv delete",
+        _ => "other",
+    }
 }
 
 /// The contention figures: contender count, then client.
@@ -66,7 +91,7 @@ fn client(ctx: &Ctx<'_>, kind: ClientKind, n: usize) -> Result<ClientContention,
         proxy.addr().to_string(),
         format!("{}-{n}", ctx.key("contention", kind)),
     );
-    let before = proxy.counters().requests;
+    let before = proxy.requests().len();
     let started = crate::protocol::now_ns();
     for id in 1..=n as u64 {
         p.send(&lock(id, &addr, &key, DEFAULT_TTL, None))?;
@@ -106,7 +131,14 @@ fn client(ctx: &Ctx<'_>, kind: ClientKind, n: usize) -> Result<ClientContention,
         }
     }
     std::thread::sleep(SETTLE);
-    let requests = proxy.counters().requests - before;
+    let seen = proxy.requests();
+    let mut by_kind = BTreeMap::new();
+    for request in &seen[before.min(seen.len())..] {
+        *by_kind
+            .entry(request_kind(&request.head.method, &request.head.target))
+            .or_insert(0) += 1;
+    }
+    let requests = by_kind.values().sum::<u64>();
     p.quit(Duration::from_secs(30));
     holds.sort_unstable();
     unlocks.sort_unstable();
@@ -122,5 +154,6 @@ fn client(ctx: &Ctx<'_>, kind: ClientKind, n: usize) -> Result<ClientContention,
         wall_ms: ms_between(started, last),
         stalls: gaps.iter().filter(|&&g| g > STALL.as_secs_f64() * 1e3).count(),
         gaps: Summary::of(&gaps),
+        by_kind,
     })
 }
