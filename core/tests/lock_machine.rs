@@ -1403,6 +1403,22 @@ fn a_stray_grant_does_not_release_a_later_hold() {
     assert_eq!(r.m().in_flight(), 1, "only the monitor is out");
 }
 
+/// A lock transaction answered with our session on another key's entry is no hold of this lock
+/// (found by the lock_machine fuzz target: the token took that entry's indices).
+#[test]
+fn a_grant_showing_another_key_is_not_a_hold() {
+    let mut r = Rig::new(options());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer("GET /v1/kv/k?!index", reply::missing(5));
+    let mut elsewhere = held_by("s1").modified(40);
+    elsewhere.key = "elsewhere".to_owned();
+    r.answer(&acquire_pattern("s1"), reply::locked(&elsewhere));
+    assert!(r.events().is_empty());
+    assert_eq!(r.m().status(), LockStatus::Acquiring);
+    assert_eq!(r.m().token(), None);
+}
+
 /// Agents that contradict themselves without any blocking read (a caching proxy in front of
 /// Consul, say) can't make the waiter spin either.
 #[test]

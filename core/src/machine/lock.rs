@@ -812,7 +812,11 @@ impl LockMachine {
     /// entry is the fencing token (no read after the acquire, as a plain acquire would need).
     fn on_granted(&mut self, now: Instant, pair: KvPair) {
         match pair.session.clone() {
-            Some(session) if self.is_ours(&pair) && pair.flags == LOCK_FLAG_VALUE => {
+            Some(session)
+                if self.is_ours(&pair)
+                    && pair.flags == LOCK_FLAG_VALUE
+                    && pair.key == self.options.key.as_str() =>
+            {
                 let token = FencingToken {
                     key: self.options.key.clone(),
                     session,
