@@ -79,3 +79,23 @@ cap kv-cas-put-false -X PUT "$b/kv/fuzz/sem/.lock?cas=0&flags=162103134210973567
 cap session-destroy-true -X PUT "$b/session/destroy/$s2"
 cap session-destroy-unknown-true -X PUT "$b/session/destroy/$none"
 cap session-renew-destroyed-404 -X PUT "$b/session/renew/$s2"
+
+# The lock transaction (`PUT /v1/txn`, one KV `lock` operation) the lock acquires with: granted
+# (200, the entry with its indices), taken again by its holder, refused (409) because another
+# session holds the key, because the session is unknown, and for the lock-delay a destroyed
+# holder leaves (Consul's default 15 s).
+txn() { # key, value, session
+  printf '[{"KV":{"Verb":"lock","Key":"%s","Value":"%s","Flags":%s,"Session":"%s"}}]' \
+    "$1" "$(printf '%s' "$2" | base64)" "$flag" "$3"
+}
+cap session-create-txn-200 -X PUT "$b/session/create" -d '{"Name":"Consul API Lock","TTL":"15s"}'
+s3=$(id_of session-create-txn-200)
+cap session-create-txn-other-200 -X PUT "$b/session/create" -d '{"Name":"other","TTL":"15s"}'
+s4=$(id_of session-create-txn-other-200)
+rm -f "$out/session-create-txn-200.http" "$out/session-create-txn-other-200.http"
+cap txn-lock-200 -X PUT "$b/txn" --data-binary "$(txn fuzz/lock node-3 "$s3")"
+cap txn-lock-again-200 -X PUT "$b/txn" --data-binary "$(txn fuzz/lock node-3 "$s3")"
+cap txn-lock-held-409 -X PUT "$b/txn" --data-binary "$(txn fuzz/lock node-4 "$s4")"
+cap txn-lock-invalid-session-409 -X PUT "$b/txn" --data-binary "$(txn fuzz/lock node-0 "$none")"
+curl -sf -X PUT "$b/session/destroy/$s3" >/dev/null
+cap txn-lock-delay-409 -X PUT "$b/txn" --data-binary "$(txn fuzz/lock node-4 "$s4")"

@@ -50,7 +50,9 @@ for target in $targets; do
   corpus="fuzz/corpus/$target"
   mkdir -p "$corpus" "fuzz/artifacts/$target"
   if [ -d "fuzz/seeds/$target" ]; then
-    cp -n "fuzz/seeds/$target"/* "$corpus"/ 2>/dev/null || true
+    # Overwrite: a seed regenerated under the same name (the machine's protocol changed) must
+    # replace the stale copy a working corpus kept from an earlier run.
+    cp "fuzz/seeds/$target"/* "$corpus"/ 2>/dev/null || true
   fi
   log=$(mktemp)
   echo "fuzz: $target for ${seconds}s ($(ls "$corpus" | wc -l) inputs in $corpus)"

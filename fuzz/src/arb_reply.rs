@@ -1,5 +1,5 @@
 //! Structure-aware replies: Consul's shapes (KV arrays, session entries, `{"ID": ...}`,
-//! `true`/`false`, the metadata headers) built from arbitrary fields, so that the decoders' deep
+//! `true`/`false`, a lock transaction's `{"Results": ..., "Errors": ...}`, the metadata headers) built from arbitrary fields, so that the decoders' deep
 //! paths are reached, with hostile values in the fields. Each built reply comes with what a
 //! correct decoder must make of it whenever every part is valid ([`Expect`]); parts whose
 //! outcome this module does not predict make the expectation unknown, never wrong.
@@ -544,12 +544,155 @@ pub enum Shape {
     Sessions(Vec<Elem<Session>>),
     /// A session create's `{"ID": ...}`.
     Created(Id, Option<Extra>),
+    /// A lock transaction's `{"Results": ..., "Errors": ...}`.
+    Txn(Txn),
     /// `null`.
     Null,
     /// Nothing.
     Empty,
     /// A scalar.
     Scalar(Num),
+}
+
+/// A JSON array field of a transaction reply (`Results`, `Errors`).
+#[derive(Arbitrary, Clone, Debug)]
+pub enum List<T> {
+    /// Left out (the decoder defaults it to none).
+    Absent,
+    /// `null`, as Consul sends the one that does not apply.
+    Null,
+    /// An array.
+    Items(Vec<Elem<T>>),
+    /// A scalar instead.
+    NotList(Num),
+}
+
+impl<T> List<T> {
+    fn json(&self, pretty: bool, item: impl Fn(&T, bool) -> String) -> Option<String> {
+        match self {
+            List::Absent => None,
+            List::Null => Some("null".to_owned()),
+            List::Items(elems) => Some(array(elems, pretty, item)),
+            List::NotList(n) => n.json().or_else(|| Some("0".to_owned())),
+        }
+    }
+
+    /// The items, when the field is sure to decode (each item by `valid`): `Some(vec![])` when
+    /// left out or `null`, `None` when not predicted (a scalar, a non-object item, an invalid one).
+    fn expected<U>(&self, valid: impl Fn(&T) -> Option<U>) -> Option<Vec<U>> {
+        match self {
+            List::Absent | List::Null => Some(Vec::new()),
+            List::Items(elems) => all(elems, valid),
+            List::NotList(_) => None,
+        }
+    }
+}
+
+/// One of a transaction's `Results`.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum TxnResult {
+    /// `{"KV": entry}`.
+    Kv(Kv),
+    /// `{"KV": null}`.
+    KvNull,
+    /// `{}`: a result of another kind of operation.
+    Empty,
+}
+
+/// The `What` of a transaction error.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum What {
+    /// Consul's `failed to lock key "<key>", lock is already held`.
+    Held(String),
+    /// Consul's `failed to lock key "<key>" due to lock delay`.
+    Delay(String),
+    /// Consul's `invalid session "<id>"`.
+    InvalidSession(Id),
+    /// Anything (or no string).
+    Text(Text),
+}
+
+impl What {
+    fn text(&self) -> Text {
+        // Go's %q, as Consul words them, is close enough to a JSON string for these.
+        match self {
+            What::Held(key) => Text::Plain(format!(
+                "failed to lock key {}, lock is already held",
+                json_string(key)
+            )),
+            What::Delay(key) => Text::Plain(format!(
+                "failed to lock key {} due to lock delay",
+                json_string(key)
+            )),
+            What::InvalidSession(id) => match id.text() {
+                Text::Plain(s) => Text::Plain(format!("invalid session {}", json_string(&s))),
+                other => other,
+            },
+            What::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// One of a transaction's `Errors`.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct TxnError {
+    /// `OpIndex` (the decoder ignores it, whatever its type).
+    pub op_index: Num,
+    /// `What`.
+    pub what: What,
+}
+
+/// A lock transaction's reply, `{"Results": [{"KV": entry}], "Errors": [{"OpIndex": 0, "What":
+/// "..."}]}`, with arbitrary parts (Consul sends one of the two, the other `null`).
+#[derive(Arbitrary, Clone, Debug)]
+pub struct Txn {
+    /// `Results`.
+    pub results: List<TxnResult>,
+    /// `Errors`.
+    pub errors: List<TxnError>,
+    /// An unknown field.
+    pub extra: Option<Extra>,
+}
+
+impl Txn {
+    /// The JSON object.
+    pub fn json(&self, pretty: bool) -> String {
+        let result = |r: &TxnResult, pretty: bool| match r {
+            TxnResult::Kv(kv) => format!("{{\"KV\": {}}}", kv.json(pretty)),
+            TxnResult::KvNull => "{\"KV\": null}".to_owned(),
+            TxnResult::Empty => "{}".to_owned(),
+        };
+        let error = |e: &TxnError, pretty: bool| {
+            object(
+                &[("OpIndex", e.op_index.json()), ("What", e.what.text().json())],
+                None,
+                pretty,
+            )
+        };
+        object(
+            &[
+                ("Results", self.results.json(pretty, result)),
+                ("Errors", self.errors.json(pretty, error)),
+            ],
+            self.extra.as_ref(),
+            pretty,
+        )
+    }
+
+    /// What a correct decoder makes of it when every part is sure to decode. Every result must
+    /// be valid, not only the first that is used: the decoder reads the whole array.
+    pub fn expected(&self) -> Option<BodyExpect> {
+        let results = self.results.expected(|r| match r {
+            TxnResult::Kv(kv) => kv.expected().map(Some),
+            TxnResult::KvNull | TxnResult::Empty => Some(None),
+        })?;
+        // `What` is a defaulted string: absent is "", `null` or a number fails.
+        let errors = self.errors.expected(|e| e.what.text().defaulted())?;
+        Some(BodyExpect::Txn {
+            locked: results.into_iter().next().flatten(),
+            refused: errors.into_iter().next(),
+        })
+    }
 }
 
 /// A `true`/`false` body, or a near miss.
@@ -623,6 +766,15 @@ pub enum BodyExpect {
     Created(SessionId),
     /// A valid `true`/`false` (after trimming white space).
     Bool(bool),
+    /// A lock transaction's reply whose parts are all valid: what a 200 holds (its first
+    /// result's entry; `None`: no entry, so malformed), and what a 409 holds (its first error's
+    /// `What`, to be classified; `None`: no error, so malformed).
+    Txn {
+        /// The entry a 200 answers with.
+        locked: Option<KvPair>,
+        /// The reason a 409 gives.
+        refused: Option<String>,
+    },
 }
 
 fn all<T, U>(elems: &[Elem<T>], f: impl Fn(&T) -> Option<U>) -> Option<Vec<U>> {
@@ -679,6 +831,10 @@ impl Body {
             Shape::Created(id, extra) => (
                 object(&[("ID", id.json())], extra.as_ref(), self.pretty).into_bytes(),
                 id.required().map_or(BodyExpect::Unknown, BodyExpect::Created),
+            ),
+            Shape::Txn(txn) => (
+                txn.json(self.pretty).into_bytes(),
+                txn.expected().unwrap_or(BodyExpect::Unknown),
             ),
             Shape::Null => (b"null".to_vec(), BodyExpect::Unknown),
             Shape::Empty => (Vec::new(), BodyExpect::Unknown),

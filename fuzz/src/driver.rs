@@ -349,7 +349,8 @@ pub fn read_headers(sent_index: u64, b: u8, n: u64) -> Vec<(&'static str, String
     headers
 }
 
-/// The plausible acquire replies: refused, `invalid session` (for `ours`), no leader, denied,
+/// The plausible replies to a plain KV acquire (`?acquire=`, the semaphore's contender key; the
+/// lock acquires by transaction): refused, `invalid session` (for `ours`), no leader, denied,
 /// granted.
 pub fn acquire_reply(a: u8, ours: &str) -> Reply {
     match a % 8 {

@@ -2,7 +2,7 @@
 //! - [`http_text`]: the seed format of `decode_replies` (a response as `curl -si` prints it);
 //! - [`arb_reply`]: structure-aware replies (Consul's shapes with hostile values) and what a
 //!   correct decoder makes of them;
-//! - [`oracle`]: the checks `decode_replies` makes of all ten decoders;
+//! - [`oracle`]: the checks `decode_replies` makes of all eleven decoders;
 //! - [`request`]: what a request a machine sent asks;
 //! - [`driver`]: the run's grammar, a driver for any holding machine, the shared invariants;
 //! - [`lock_driver`]: the lock machine's agent model and invariants (`lock_machine`);

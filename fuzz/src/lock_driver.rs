@@ -1,21 +1,24 @@
 //! Drives a `LockMachine` with an arbitrary run: options, then operations, replies (plausible
 //! and hostile, real captured ones, arbitrary bytes), transport errors, timeouts and time jumps.
 //! After every step the invariants of [`crate::driver`] are checked, and the lock's own:
-//! - only the requests a lock sends go out;
-//! - `Acquired` (with the key, a session and the `LockIndex` of the read it follows) only after
-//!   an acquire for that session was answered `true`;
+//! - only the requests a lock sends go out, its acquire being one lock transaction (`PUT /v1/txn`)
+//!   on the key with the lock's flags and value;
+//! - `Acquired` only on a live reply to a lock transaction that granted the key to the session it
+//!   was sent with, the token carrying that entry's `LockIndex` and `ModifyIndex` (the entry is the
+//!   grant and the read in one: there is no confirming read any more), and only under the lock's
+//!   flags;
 //! - while held, no release or destroy of the session goes out.
 
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use consul_lock_core::api::{ClientConfig, Endpoint, KvGet, SessionId};
+use consul_lock_core::api::{ClientConfig, Endpoint, KvLockTxn, LockTxnOutcome, SessionId};
 use consul_lock_core::machine::{
     FencingToken, LOCK_FLAG_VALUE, LockMachine, LockOptions, Reply, SEMAPHORE_FLAG_VALUE, SessionChoice,
 };
 
 use crate::arb_reply::{self, KNOWN_SESSIONS};
-use crate::driver::{Cause, Model, SessionAgent, acquire_reply, read_headers, response, write_reply};
+use crate::driver::{Cause, Model, SessionAgent, read_headers, response, write_reply};
 pub use crate::driver::{EXISTING, Millis, Op, Plausible, Spec};
 use crate::request::{Kind, Sent};
 
@@ -91,21 +94,38 @@ impl Setup {
     }
 }
 
-/// What a reply says: the session an acquire was granted to, and what a KV read showed.
+/// What a reply says: the session a lock transaction was granted to (its entry shows the session
+/// it was sent with), and the entry it answered with, whoever's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Facts {
     granted: Option<String>,
-    pair: Option<(Option<String>, u64)>,
+    entry: Option<Entry>,
+}
+
+/// What the checks need of the entry a lock transaction answered with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    session: Option<String>,
+    lock_index: u64,
+    modify_index: u64,
+    flags: u64,
 }
 
 /// The lock's agent: plausible replies, and when `Acquired` may come.
 #[derive(Clone, Debug, Default)]
 pub struct LockModel {
     sessions: SessionAgent,
-    /// Sessions an acquire was granted to, since the last `lock`.
+    /// Sessions a lock transaction was granted to, since the last `lock`.
     granted: Vec<String>,
-    /// The last `LockIndex` a plausible read showed (to make it go down).
+    /// Whether the reply being handled answers a request of the current attempt still in flight.
+    live: bool,
+    /// The last `LockIndex` a plausible read or grant showed (to make it go up, or down).
     last_lock_index: u64,
+    /// The Raft index of the agent's last plausible grant: realistic grants move it forward.
+    raft_index: u64,
+    /// The session and entry (`LockIndex`, `ModifyIndex`) of the last realistic grant: Consul
+    /// answers a holder taking its key again with the entry unchanged.
+    holder: Option<(String, u64, u64)>,
 }
 
 fn ours(m: &LockMachine) -> String {
@@ -115,20 +135,160 @@ fn ours(m: &LockMachine) -> String {
 }
 
 fn kv_json(session: Option<&str>, flags: u64, lock_index: u64, modify_index: u64) -> String {
+    entry_json(KEY, session, flags, lock_index, modify_index)
+}
+
+fn entry_json(key: &str, session: Option<&str>, flags: u64, lock_index: u64, modify_index: u64) -> String {
     let session = session.map_or(String::new(), |s| {
         format!(",\"Session\":{}", arb_reply::json_string(s))
     });
     format!(
-        "{{\"LockIndex\":{lock_index},\"Key\":\"{KEY}\",\"Flags\":{flags},\"Value\":null{session},\
-         \"CreateIndex\":1,\"ModifyIndex\":{modify_index}}}"
+        "{{\"LockIndex\":{lock_index},\"Key\":{},\"Flags\":{flags},\"Value\":null{session},\
+         \"CreateIndex\":1,\"ModifyIndex\":{modify_index}}}",
+        arb_reply::json_string(key)
     )
+}
+
+/// A lock transaction's 200: `{"Results":[{"KV":<entry>}],"Errors":null}`.
+fn locked(entry: &str) -> Reply {
+    response(
+        200,
+        &[],
+        format!("{{\"Results\":[{{\"KV\":{entry}}}],\"Errors\":null}}"),
+    )
+}
+
+/// A lock transaction's 409 with Consul's words `what`.
+fn refused(what: &str) -> Reply {
+    response(
+        409,
+        &[],
+        format!(
+            "{{\"Results\":null,\"Errors\":[{{\"OpIndex\":0,\"What\":{}}}]}}",
+            arb_reply::json_string(what)
+        ),
+    )
+}
+
+/// Consul's 409 when another session holds the key.
+fn lock_held() -> Reply {
+    refused(&format!("failed to lock key \"{KEY}\", lock is already held"))
+}
+
+impl LockModel {
+    /// A plausible reply to a lock transaction sent with `session`: granted with realistic or
+    /// arbitrary indices, granted to another session or with a mangled entry, each of Consul's
+    /// refusals (409) and unknown ones, other statuses, malformed bodies.
+    fn lock_txn(&mut self, session: &str, p: &Plausible) -> Reply {
+        let (b, c, n) = (p.b, usize::from(p.c), p.n);
+        let known = KNOWN_SESSIONS[n as usize % KNOWN_SESSIONS.len()];
+        match p.a % 16 {
+            0 | 1 => lock_held(),
+            2 => refused(&format!("failed to lock key \"{KEY}\" due to lock delay")),
+            3 => refused(&format!("invalid session \"{session}\"")),
+            // Refusals core doesn't know: passed on as `Other`, to be re-read.
+            4 => match c % 4 {
+                0 => refused("rpc error making call: Permission denied"),
+                1 => refused(""),
+                2 => refused(&"x".repeat(300)),
+                _ => response(409, &[], "{\"Results\":null,\"Errors\":[{\"OpIndex\":0}]}"),
+            },
+            5 => match c % 7 {
+                0 => response(500, &[], "No cluster leader"),
+                1 => response(403, &[], "Permission denied"),
+                // The plain acquire's wording, in a status error.
+                2 => response(500, &[], format!("invalid session \"{session}\"")),
+                3 => response(400, &[], "Failed to parse body: unexpected EOF"),
+                4 => response(413, &[], "Transaction contains too many operations"),
+                5 => response(429, &[], "rate limit exceeded"),
+                _ => response(503, &[], ""),
+            },
+            6 => match c % 10 {
+                0 => response(200, &[], "{}"),
+                1 => response(200, &[], "{\"Results\":null,\"Errors\":null}"),
+                2 => response(200, &[], "{\"Results\":[{\"KV\":null}],\"Errors\":null}"),
+                3 => response(200, &[], "{\"Results\":[],\"Errors\":null}"),
+                4 => response(409, &[], "{\"Results\":null,\"Errors\":[]}"),
+                5 => response(409, &[], "{\"Results\":null,\"Errors\":null}"),
+                6 => response(200, &[], "true"),
+                // A grant cut short, and a grant's body under a 409.
+                7 => response(200, &[], "{\"Results\":[{\"KV\":{\"LockIndex\":1,\"Key\""),
+                8 => response(
+                    409,
+                    &[],
+                    format!(
+                        "{{\"Results\":[{{\"KV\":{}}}],\"Errors\":null}}",
+                        kv_json(Some(session), LOCK_FLAG_VALUE, 1, 2)
+                    ),
+                ),
+                _ => response(
+                    200,
+                    &[],
+                    "{\"Results\":[{\"KV\":{\"Key\":\"fuzz/lock\",\"Value\":\"%%%\"}}]}",
+                ),
+            },
+            // Granted, but the entry is someone else's or no one's: a contradicting agent.
+            7 => {
+                let holder = match c % 4 {
+                    0 => Some("other"),
+                    1 => Some(known),
+                    2 => Some(""),
+                    _ => None,
+                };
+                locked(&kv_json(holder, LOCK_FLAG_VALUE, n % 8, n % 1000))
+            }
+            // Granted to us with a mangled entry: foreign flags, another key, indices at the
+            // limits, a second result, errors alongside.
+            8 => match c % 7 {
+                0 => locked(&kv_json(Some(session), SEMAPHORE_FLAG_VALUE, 1, n)),
+                1 => locked(&kv_json(Some(session), n, 1, n)),
+                2 => locked(&entry_json("fuzz/other", Some(session), LOCK_FLAG_VALUE, 1, n)),
+                3 => locked(&kv_json(Some(session), LOCK_FLAG_VALUE, 0, 0)),
+                4 => locked(&kv_json(Some(session), LOCK_FLAG_VALUE, u64::MAX, u64::MAX)),
+                5 => {
+                    let ours = kv_json(Some(session), LOCK_FLAG_VALUE, 1, n);
+                    let theirs = kv_json(Some("other"), LOCK_FLAG_VALUE, 2, n);
+                    response(
+                        200,
+                        &[],
+                        format!("{{\"Results\":[{{\"KV\":{ours}}},{{\"KV\":{theirs}}}],\"Errors\":null}}"),
+                    )
+                }
+                _ => response(
+                    200,
+                    &[],
+                    format!(
+                        "{{\"Results\":[{{\"KV\":{}}}],\"Errors\":[{{\"OpIndex\":0,\"What\":\"lock is already held\"}}]}}",
+                        kv_json(Some(session), LOCK_FLAG_VALUE, 1, n)
+                    ),
+                ),
+            },
+            // Granted to us, as Consul would: a new holder gets the next LockIndex at a new Raft
+            // index; the holder taking its key again gets the entry unchanged. Sometimes any
+            // indices (`b`), or the Raft index going back.
+            _ => {
+                let (lock_index, modify_index) = match (b % 8, &self.holder) {
+                    (0, _) => (n, n.rotate_left(17)),
+                    (1, _) => (self.last_lock_index, self.raft_index / 2),
+                    (2..=4, Some((h, li, mi))) if h == session => (*li, *mi),
+                    _ => {
+                        self.raft_index = self.raft_index.saturating_add(1 + n % 16);
+                        (self.last_lock_index.saturating_add(1), self.raft_index)
+                    }
+                };
+                self.last_lock_index = lock_index;
+                self.holder = Some((session.to_owned(), lock_index, modify_index));
+                locked(&kv_json(Some(session), LOCK_FLAG_VALUE, lock_index, modify_index))
+            }
+        }
+    }
 }
 
 impl Model for LockModel {
     type M = LockMachine;
     type Facts = Facts;
 
-    fn check_send(&mut self, _m: &LockMachine, s: &Sent) {
+    fn check_send(&mut self, m: &LockMachine, s: &Sent) {
         let lock = matches!(
             s.kind(),
             Kind::Create
@@ -136,11 +296,29 @@ impl Model for LockModel {
                 | Kind::Destroy(_)
                 | Kind::Info(_)
                 | Kind::Get { .. }
-                | Kind::Acquire { .. }
+                | Kind::LockTxn { .. }
                 | Kind::Release { .. }
                 | Kind::Delete { .. }
         );
+        // (A plain `?acquire=` is no longer one: the lock acquires by transaction only.)
         assert!(lock, "a lock sent {}", s.describe());
+        if let Kind::LockTxn {
+            key,
+            session,
+            flags,
+            value,
+        } = s.kind()
+        {
+            let what = || format!("{} {}", s.describe(), String::from_utf8_lossy(&s.body));
+            assert_eq!(key, KEY, "{}", what());
+            assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
+            assert_eq!(value, m.options().value, "{}: not our value", what());
+            // (The session may be gone by the end of the step: sent, then given up.)
+            assert!(!session.is_empty(), "{}: no session", what());
+            if let SessionChoice::Existing(id) = &m.options().session {
+                assert_eq!(session, id.as_str(), "{}: not the caller's session", what());
+            }
+        }
     }
 
     fn plausible(&mut self, m: &LockMachine, sent: &Sent, p: &Plausible) -> Reply {
@@ -151,7 +329,7 @@ impl Model for LockModel {
         let known = KNOWN_SESSIONS[n as usize % KNOWN_SESSIONS.len()];
         match sent.kind() {
             Kind::Release { .. } | Kind::Delete { .. } => write_reply(p.a),
-            Kind::Acquire { .. } => acquire_reply(p.a, &ours(m)),
+            Kind::LockTxn { session, .. } => self.lock_txn(&session, p),
             Kind::Get { index, .. } => {
                 let headers = read_headers(index.unwrap_or(0), b, n);
                 if a % 10 == 0 {
@@ -197,7 +375,8 @@ impl Model for LockModel {
         }
         match sent.kind() {
             Kind::Release { .. } | Kind::Delete { .. } => response(200, &[], "true"),
-            Kind::Acquire { .. } => response(200, &[], "false"),
+            // Held by someone else: an idle agent grants nothing the wind-down must give back.
+            Kind::LockTxn { .. } => lock_held(),
             Kind::Get { index, .. } => response(
                 404,
                 &[("X-Consul-Index", index.unwrap_or(0).saturating_add(1).to_string())],
@@ -208,31 +387,32 @@ impl Model for LockModel {
     }
 
     fn facts(&self, _m: &LockMachine, sent: &Sent, reply: &Reply) -> Facts {
-        let (mut granted, mut pair) = (None, None);
-        if let Ok(resp) = reply {
-            match sent.kind() {
-                Kind::Acquire { session, .. }
-                    if resp.status().is_success()
-                        && std::str::from_utf8(resp.body()).map(str::trim) == Ok("true") =>
-                {
+        let (mut granted, mut entry) = (None, None);
+        if let (Ok(resp), Kind::LockTxn { session, .. }) = (reply, sent.kind()) {
+            // Read with core's decoder, as core/tests/support does: its own expectations are
+            // the decode_replies target's.
+            if let Ok(LockTxnOutcome::Locked(pair)) = KvLockTxn::decode(resp) {
+                let holder = pair.session.map(|s| s.to_string());
+                if holder.as_deref() == Some(session.as_str()) {
                     granted = Some(session);
                 }
-                Kind::Get { .. } => {
-                    if let Ok(q) = KvGet::decode(resp) {
-                        pair = q.value.map(|p| (p.session.map(|s| s.to_string()), p.lock_index));
-                    }
-                }
-                _ => {}
+                entry = Some(Entry {
+                    session: holder,
+                    lock_index: pair.lock_index,
+                    modify_index: pair.modify_index,
+                    flags: pair.flags,
+                });
             }
         }
-        Facts { granted, pair }
+        Facts { granted, entry }
     }
 
     fn on_lock(&mut self) {
         self.granted.clear();
     }
 
-    fn witness(&mut self, facts: &Facts, _live: bool) {
+    fn witness(&mut self, facts: &Facts, live: bool) {
+        self.live = live;
         if let Some(s) = &facts.granted
             && !self.granted.contains(s)
         {
@@ -245,16 +425,31 @@ impl Model for LockModel {
         let session = token.session.to_string();
         assert!(
             self.granted.contains(&session),
-            "Acquired({token:?}) but no acquire for that session was answered true (granted: {:?})",
+            "Acquired({token:?}) but no lock transaction for that session was granted (granted: {:?})",
             self.granted
         );
+        // The grant is the entry: Acquired comes on the lock transaction's own reply, granted to
+        // the session it was sent with, and the token is that entry's.
         match cause {
-            Cause::Reply(Some(Facts { pair, .. })) => assert_eq!(
-                pair,
-                &Some((Some(session), token.lock_index)),
-                "Acquired must carry the session and LockIndex of the read it follows"
-            ),
-            other => panic!("Acquired on {other:?}, not on a read's reply"),
+            Cause::Reply(Some(Facts {
+                granted: Some(g),
+                entry: Some(e),
+            })) => {
+                assert_eq!(g, &session, "Acquired({token:?}) on a grant to {g}");
+                assert_eq!(
+                    (&e.session, e.lock_index, e.modify_index),
+                    (&Some(session), token.lock_index, token.modify_index),
+                    "Acquired must carry the session, LockIndex and ModifyIndex of the entry it follows"
+                );
+                assert_eq!(
+                    e.flags, LOCK_FLAG_VALUE,
+                    "Acquired on an entry with foreign flags {}",
+                    e.flags
+                );
+                // A late or duplicate grant (an abandoned attempt's) is not this attempt's.
+                assert!(self.live, "Acquired({token:?}) on a late or duplicate reply");
+            }
+            other => panic!("Acquired on {other:?}, not on a lock transaction's grant"),
         }
     }
 
@@ -356,8 +551,10 @@ mod tests {
         };
         let mut d = driver(&setup);
         d.step(&Op::Lock);
+        // `a` = 29 picks the healthy answer of every kind: a session (29 % 8), a renew with
+        // 15 s (29 % 10), a grant with realistic indices (29 % 16), writes `true` (29 % 6).
         let well = Plausible {
-            a: 7,
+            a: 29,
             b: 5,
             c: 8 * 3 + 64 * 3 + 1,
             n: 3,

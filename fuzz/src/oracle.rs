@@ -1,4 +1,4 @@
-//! What every decoder must make of a reply, checked for all ten endpoints at once:
+//! What every decoder must make of a reply, checked for all eleven endpoints at once:
 //! - never a panic (the fuzzer's part);
 //! - an error status gives `ApiError::Status` with the status and the trimmed body cut to 512
 //!   characters (except where 404 means something: KV reads, renew);
@@ -6,14 +6,17 @@
 //! - the metadata headers decode exactly, and a garbled one is an error;
 //! - the decoders agree with each other (`KvGet` is `KvList` limited to one entry, `SessionRenew`
 //!   and `SessionInfo` read the same entry);
+//! - the lock transaction (`KvLockTxn`) decodes a 200 to the entry and a 409 to the refusal its
+//!   first error's `What` words (or `Malformed`), and any other status to that status's error;
 //! - whatever decodes holds only valid session IDs;
 //! - a structured reply whose every part is valid decodes to exactly what it was built from.
 
 use std::time::Duration;
 
 use consul_lock_core::api::{
-    ApiError, Endpoint, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvPair, KvRelease, MAX_REPLY_BYTES,
-    QueryMeta, QueryReply, SessionCreate, SessionDestroy, SessionEntry, SessionInfo, SessionRenew,
+    ApiError, Endpoint, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvLockTxn, KvPair, KvRelease,
+    LockRefusal, LockTxnOutcome, MAX_REPLY_BYTES, QueryMeta, QueryReply, SessionCreate, SessionDestroy,
+    SessionEntry, SessionInfo, SessionRenew,
 };
 
 use crate::arb_reply::{BodyExpect, Expect, valid_session_text};
@@ -100,6 +103,52 @@ pub fn meta(response: &http::Response<Vec<u8>>) -> Option<QueryMeta> {
     })
 }
 
+/// The refusal a 409's `What` means, by Consul's wording (`state/txn.go`, the same from 0.7 to
+/// 1.x): held, lock-delay, invalid session, tested in that order on the whole text; anything else
+/// passed on, cut to 200 characters with `…`.
+pub fn refusal(what: &str) -> LockRefusal {
+    if what.contains("lock is already held") {
+        LockRefusal::Held
+    } else if what.contains("lock delay") {
+        LockRefusal::LockDelay
+    } else if what.contains("invalid session") {
+        LockRefusal::InvalidSession
+    } else if what.chars().count() > 200 {
+        let mut cut: String = what.chars().take(200).collect();
+        cut.push('…');
+        LockRefusal::Other(cut)
+    } else {
+        LockRefusal::Other(what.to_owned())
+    }
+}
+
+/// The lock transaction's checks that hold for any reply: a 200 is the entry (with a valid
+/// session) or `Malformed`, a 409 a refusal or `Malformed`, never a status error; any other status,
+/// 2xx included, is exactly that status's error; a refusal passed on as `Other` is none of the
+/// known ones (they are looked for in the whole text, so no cut of it can hold them).
+fn check_txn(response: &http::Response<Vec<u8>>, txn: &Result<LockTxnOutcome, ApiError>) {
+    match (response.status().as_u16(), txn) {
+        (200, Ok(LockTxnOutcome::Locked(pair))) => check_pair("KvLockTxn", pair),
+        (409, Ok(LockTxnOutcome::Refused(LockRefusal::Other(what)))) => {
+            assert!(
+                what.chars().count() <= 201,
+                "KvLockTxn: a refusal passed on uncut: {} characters",
+                what.chars().count()
+            );
+            for known in ["lock is already held", "lock delay", "invalid session"] {
+                assert!(
+                    !what.contains(known),
+                    "KvLockTxn: {what:?} passed on as Other, yet it says {known:?}"
+                );
+            }
+        }
+        (409, Ok(LockTxnOutcome::Refused(_))) => {}
+        (200 | 409, Err(ApiError::Malformed { .. })) => {}
+        (200 | 409, other) => panic!("KvLockTxn: decoded a {} reply to {other:?}", response.status()),
+        (_, got) => check_err("KvLockTxn", got, &Want::Exact(status_error(response))),
+    }
+}
+
 fn check_pair(what: &str, pair: &KvPair) {
     if let Some(s) = &pair.session {
         assert!(
@@ -138,6 +187,7 @@ pub fn check_reply(response: &http::Response<Vec<u8>>, expect: Option<&Expect>) 
     let create = SessionCreate::decode(response);
     let renew = SessionRenew::decode(response);
     let info = SessionInfo::decode(response);
+    let txn = KvLockTxn::decode(response);
 
     if response.body().len() > MAX_REPLY_BYTES {
         return;
@@ -175,6 +225,27 @@ pub fn check_reply(response: &http::Response<Vec<u8>>, expect: Option<&Expect>) 
     ] {
         if let Some(m) = q {
             assert_eq!(Some(m), meta, "{what}: metadata differs from the headers");
+        }
+    }
+
+    // The lock transaction takes its own statuses (200 and 409), and ignores the metadata.
+    check_txn(response, &txn);
+    if status == 200 || status == 409 {
+        // Its body is a JSON object (or sequence): never the KV writes' bare `true`/`false`.
+        if let Ok("true" | "false") = std::str::from_utf8(response.body()).map(str::trim) {
+            check_err("KvLockTxn (true/false)", &txn, &Want::Malformed);
+        }
+        if let Some(Expect {
+            body: BodyExpect::Txn { locked, refused },
+            ..
+        }) = expect
+        {
+            let want = match (status, locked, refused) {
+                (200, Some(pair), _) => Ok(LockTxnOutcome::Locked(pair.clone())),
+                (409, _, Some(what)) => Ok(LockTxnOutcome::Refused(refusal(what))),
+                _ => Err(Want::Malformed),
+            };
+            check("KvLockTxn", &txn, &want);
         }
     }
 
@@ -291,6 +362,8 @@ pub fn check_reply(response: &http::Response<Vec<u8>>, expect: Option<&Expect>) 
             check("SessionInfo", &info, &Ok(QueryReply { value: first, meta }));
         }
         BodyExpect::Created(id) => check("SessionCreate", &create, &Ok(id.clone())),
+        // Checked above, whatever the headers: the transaction reads none.
+        BodyExpect::Txn { .. } => {}
     }
 }
 
@@ -311,9 +384,136 @@ mod tests {
                 ["session", "renew"] => SessionRenew::decode(&r).is_ok(),
                 ["session", "info"] => SessionInfo::decode(&r).is_ok(),
                 ["session", "destroy"] => SessionDestroy::decode(&r).is_ok(),
+                ["txn", "lock"] => KvLockTxn::decode(&r).is_ok(),
                 _ => false,
             };
             assert!(ok, "{name} does not decode: {r:?}");
+        }
+    }
+
+    #[test]
+    fn real_lock_transactions_decode_as_consul_means_them() {
+        let outcome = |name: &str| {
+            let i = REAL_REPLIES
+                .iter()
+                .position(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("no seed {name}"));
+            KvLockTxn::decode(&real_reply(i)).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        for name in ["txn-lock-200.http", "txn-lock-again-200.http"] {
+            let LockTxnOutcome::Locked(pair) = outcome(name) else {
+                panic!("{name} is not a grant")
+            };
+            // The holder taking its key again gets the entry unchanged (Consul 1.8.7).
+            assert_eq!((pair.key.as_str(), pair.lock_index), ("fuzz/lock", 1), "{name}");
+            assert!(
+                pair.session.is_some() && pair.modify_index > 0,
+                "{name}: {pair:?}"
+            );
+        }
+        for (name, why) in [
+            ("txn-lock-held-409.http", LockRefusal::Held),
+            ("txn-lock-delay-409.http", LockRefusal::LockDelay),
+            ("txn-lock-invalid-session-409.http", LockRefusal::InvalidSession),
+        ] {
+            assert_eq!(outcome(name), LockTxnOutcome::Refused(why), "{name}");
+        }
+    }
+
+    /// The structured lock transaction replies predict exact outcomes, and the predictions hold.
+    #[test]
+    fn structured_lock_transactions_are_predicted() {
+        use crate::arb_reply::{
+            Body, Elem, Id, LeaderHeader, List, Meta, Num, NumHeader, Reply, Shape, Status, Text, Txn,
+            TxnError, TxnResult, Value, What,
+        };
+        let kv = crate::arb_reply::Kv {
+            key: Text::Plain("fuzz/lock".to_owned()),
+            create_index: Num::Small(5),
+            modify_index: Num::U64(9),
+            lock_index: Num::Small(2),
+            flags: Num::Max,
+            value: Value::Null,
+            session: Id::Known(0),
+            extra: None,
+        };
+        let error = |what| TxnError {
+            op_index: Num::Small(0),
+            what,
+        };
+        let reply = |status, txn| Reply {
+            status,
+            meta: Meta {
+                index: NumHeader::Absent,
+                leader: LeaderHeader::Absent,
+                contact: NumHeader::Absent,
+                extra: Vec::new(),
+            },
+            body: Body {
+                shape: Shape::Txn(txn),
+                pretty: true,
+                pad: (0, 2),
+                cut: None,
+            },
+        };
+        let cases = [
+            (
+                Status::Ok,
+                Txn {
+                    results: List::Items(vec![Elem::Entry(TxnResult::Kv(kv.clone()))]),
+                    errors: List::Null,
+                    extra: None,
+                },
+                Ok(LockTxnOutcome::Locked(kv.expected().expect("valid"))),
+            ),
+            (
+                Status::Common(0),
+                Txn {
+                    results: List::Null,
+                    errors: List::Items(vec![Elem::Entry(error(What::Held("fuzz/lock".to_owned())))]),
+                    extra: None,
+                },
+                Err(()),
+            ),
+            (
+                Status::Any(409),
+                Txn {
+                    results: List::Null,
+                    errors: List::Items(vec![
+                        Elem::Entry(error(What::Delay("k".to_owned()))),
+                        Elem::Entry(error(What::Held("k".to_owned()))),
+                    ]),
+                    extra: None,
+                },
+                Ok(LockTxnOutcome::Refused(LockRefusal::LockDelay)),
+            ),
+            (
+                Status::Any(409),
+                Txn {
+                    results: List::Absent,
+                    errors: List::Items(vec![Elem::Entry(error(What::Text(Text::Absent)))]),
+                    extra: None,
+                },
+                Ok(LockTxnOutcome::Refused(LockRefusal::Other(String::new()))),
+            ),
+            (
+                Status::Ok,
+                Txn {
+                    results: List::Items(vec![Elem::Entry(TxnResult::KvNull)]),
+                    errors: List::Absent,
+                    extra: None,
+                },
+                Err(()),
+            ),
+        ];
+        for (status, txn, want) in cases {
+            let (response, expect) = reply(status, txn).build();
+            check_reply(&response, Some(&expect));
+            let got = KvLockTxn::decode(&response);
+            match want {
+                Ok(w) => assert_eq!(got.as_ref().ok(), Some(&w), "{response:?}"),
+                Err(()) => assert!(got.is_err(), "{response:?}: {got:?}"),
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
-//! What a request the machine sent asks, recognised from its method, path and query (as
-//! core/tests/support does: the fuzz crate can't use the test support module).
+//! What a request the machine sent asks, recognised from its method, path and query, and for the
+//! lock transaction from its JSON body (as core/tests/support does: the fuzz crate can't use the
+//! test support module).
 
 use std::time::{Duration, Instant};
 
@@ -32,12 +33,24 @@ pub enum Kind {
         /// The blocking index, if any.
         index: Option<u64>,
     },
-    /// `PUT /v1/kv/<key>?acquire=<session>`
+    /// `PUT /v1/kv/<key>?acquire=<session>` (the semaphore's contender key; the lock acquires
+    /// with [`Kind::LockTxn`]).
     Acquire {
         /// The key.
         key: String,
         /// The acquiring session.
         session: String,
+    },
+    /// `PUT /v1/txn` with one KV `lock` operation: the lock's acquire (core's `KvLockTxn`).
+    LockTxn {
+        /// The key.
+        key: String,
+        /// The acquiring session.
+        session: String,
+        /// The flags it writes.
+        flags: u64,
+        /// The value it writes (base64-decoded).
+        value: Vec<u8>,
     },
     /// `PUT /v1/kv/<key>?release=<session>`
     Release {
@@ -225,6 +238,8 @@ impl Sent {
         }
         if (m, p) == ("PUT", "/v1/session/create") {
             Kind::Create
+        } else if (m, p) == ("PUT", "/v1/txn") {
+            lock_txn(&self.body).unwrap_or(Kind::Other)
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
             Kind::Renew(id.to_owned())
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/destroy/"), m) {
@@ -235,4 +250,30 @@ impl Sent {
             Kind::Other
         }
     }
+}
+
+/// A transaction body holding exactly one KV `lock` operation with every field the lock writes,
+/// as its [`Kind::LockTxn`]; `None` for anything else (another verb, several operations, a field
+/// missing or of the wrong type, a value that is not base64), which the checks then refuse as an
+/// unrecognised request: the machine must send exactly what Consul's `lock` verb takes.
+fn lock_txn(body: &[u8]) -> Option<Kind> {
+    use base64::Engine as _;
+    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let [op] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    let kv = op.as_object().filter(|o| o.len() == 1)?.get("KV")?.as_object()?;
+    let text = |name: &str| kv.get(name)?.as_str().map(str::to_owned);
+    if text("Verb")? != "lock" {
+        return None;
+    }
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(text("Value")?)
+        .ok()?;
+    Some(Kind::LockTxn {
+        key: text("Key")?,
+        session: text("Session")?,
+        flags: kv.get("Flags")?.as_u64()?,
+        value,
+    })
 }

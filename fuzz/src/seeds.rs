@@ -2,7 +2,7 @@
 //! that the lock target can answer with them.
 
 /// Each captured reply: its file name and its bytes, in the seed format ([`crate::http_text`]).
-pub const REAL_REPLIES: [(&str, &[u8]); 25] = [
+pub const REAL_REPLIES: [(&str, &[u8]); 30] = [
     (
         "kv-acquire-invalid-session-500.http",
         include_bytes!("../seeds/decode_replies/kv-acquire-invalid-session-500.http"),
@@ -102,6 +102,26 @@ pub const REAL_REPLIES: [(&str, &[u8]); 25] = [
     (
         "session-renew-unknown-404.http",
         include_bytes!("../seeds/decode_replies/session-renew-unknown-404.http"),
+    ),
+    (
+        "txn-lock-200.http",
+        include_bytes!("../seeds/decode_replies/txn-lock-200.http"),
+    ),
+    (
+        "txn-lock-again-200.http",
+        include_bytes!("../seeds/decode_replies/txn-lock-again-200.http"),
+    ),
+    (
+        "txn-lock-delay-409.http",
+        include_bytes!("../seeds/decode_replies/txn-lock-delay-409.http"),
+    ),
+    (
+        "txn-lock-held-409.http",
+        include_bytes!("../seeds/decode_replies/txn-lock-held-409.http"),
+    ),
+    (
+        "txn-lock-invalid-session-409.http",
+        include_bytes!("../seeds/decode_replies/txn-lock-invalid-session-409.http"),
     ),
 ];
 
