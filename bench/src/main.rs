@@ -230,6 +230,11 @@ fn run(args: Args) -> Result<(), BenchError> {
         source: std::io::Error::other(e),
     })?;
     std::fs::write(&out, json).map_err(io("writing the results"))?;
+    if let Some(handoff) = &results.handoff {
+        let chart = out.with_extension("handoff.svg");
+        std::fs::write(&chart, consul_lock_bench::report::handoff_svg(handoff))
+            .map_err(io("writing the handoff chart"))?;
+    }
     print!("{}", results.table());
     println!("\nresults: {}", out.display());
     Ok(())

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use consul_lock_core::api::{
-    Blocking, ClientConfig, Endpoint, Key, KvAcquire, KvGet, KvRelease, SessionCreate, SessionDestroy,
-    SessionId,
+    Blocking, ClientConfig, Endpoint, Key, KvAcquire, KvGet, KvLockTxn, KvRelease, LockTxnOutcome,
+    SessionCreate, SessionDestroy, SessionId,
 };
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
 use consul_lock_tokio::Client;
@@ -13,6 +13,16 @@ use tokio::runtime::Runtime;
 
 use crate::error::BenchError;
 use crate::protocol::now_ns;
+
+/// How the floor's waiter takes the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FloorAcquire {
+    /// `PUT /v1/kv/<key>?acquire=`, as Go's lock does.
+    Kv,
+    /// `PUT /v1/txn` with one KV `lock` operation, as ours does.
+    Txn,
+}
 
 /// The deadline of the suite's non-blocking requests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,16 +71,14 @@ impl Operator {
             .map(|_| ())
     }
 
-    /// The protocol floor of a handoff, `rounds` times: two sessions pass `key` back and forth
-    /// with the fewest requests the protocol allows: the waiter parks in a blocking read of the
-    /// key, the holder releases, the read returns, the waiter acquires. Each sample is the time
-    /// from just before the release is sent to the acquire's answer, in milliseconds.
-    pub fn handoff_floor(&self, key: &str, rounds: usize, park: Duration) -> Result<Vec<f64>, BenchError> {
+    /// The protocol floor of a handoff: two sessions pass `key` back and forth with the fewest
+    /// requests the protocol allows, through `via`. See [`Floor::round`].
+    pub fn floor(&self, key: &str, via: FloorAcquire) -> Result<Floor<'_>, BenchError> {
         let key = Key::new(key).map_err(|e| BenchError::Request {
             what: "the floor's key",
             msg: e.to_string(),
         })?;
-        let session = |_| {
+        let session = || {
             let create = SessionCreate {
                 ttl: Some(Duration::from_secs(60)),
                 lock_delay: Some(Duration::ZERO),
@@ -78,34 +86,63 @@ impl Operator {
             };
             self.call("creating a floor session", &create)
         };
-        let mut holder = session(0)?;
-        let mut waiter = session(1)?;
+        let (holder, waiter) = (session()?, session()?);
         if !self.call("the floor's first acquire", &acquire(&key, &holder))? {
             return Err(BenchError::Request {
                 what: "the floor's first acquire",
                 msg: "refused".to_owned(),
             });
         }
-        let mut samples = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let parked = self
-                .runtime
-                .spawn(take_when_free(self.client.clone(), key.clone(), waiter.clone()));
-            std::thread::sleep(park);
-            let sent = now_ns();
-            self.call("the floor's release", &release(&key, &holder))?;
-            let taken = self.runtime.block_on(parked).map_err(|e| BenchError::Request {
-                what: "the floor's waiter",
-                msg: e.to_string(),
-            })??;
-            samples.push(crate::stats::ms_between(sent, taken));
-            std::mem::swap(&mut holder, &mut waiter);
+        Ok(Floor {
+            operator: self,
+            key,
+            holder,
+            waiter,
+            via,
+        })
+    }
+}
+
+/// Two sessions passing a key back and forth by hand ([`Operator::floor`]).
+pub struct Floor<'a> {
+    operator: &'a Operator,
+    key: Key,
+    holder: SessionId,
+    waiter: SessionId,
+    via: FloorAcquire,
+}
+
+impl Floor<'_> {
+    /// One handoff: the waiter parks in a blocking read of the key, `park` later the holder
+    /// releases, the read returns, the waiter acquires; then they swap. The time from just before
+    /// the release is sent to the acquire's answer, in milliseconds.
+    pub fn round(&mut self, park: Duration) -> Result<f64, BenchError> {
+        let op = self.operator;
+        let parked = op.runtime.spawn(take_when_free(
+            op.client.clone(),
+            self.key.clone(),
+            self.waiter.clone(),
+            self.via,
+        ));
+        std::thread::sleep(park);
+        let sent = now_ns();
+        op.call("the floor's release", &release(&self.key, &self.holder))?;
+        let taken = op.runtime.block_on(parked).map_err(|e| BenchError::Request {
+            what: "the floor's waiter",
+            msg: e.to_string(),
+        })??;
+        std::mem::swap(&mut self.holder, &mut self.waiter);
+        Ok(crate::stats::ms_between(sent, taken))
+    }
+
+    /// Releases the key and destroys both sessions.
+    pub fn finish(self) -> Result<(), BenchError> {
+        let op = self.operator;
+        op.call("the floor's last release", &release(&self.key, &self.holder))?;
+        for id in [self.holder, self.waiter] {
+            op.call("destroying a floor session", &SessionDestroy { id })?;
         }
-        self.call("the floor's last release", &release(&key, &holder))?;
-        for s in [holder, waiter] {
-            self.call("destroying a floor session", &SessionDestroy { id: s })?;
-        }
-        Ok(samples)
+        Ok(())
     }
 }
 
@@ -129,7 +166,12 @@ fn release(key: &Key, session: &SessionId) -> KvRelease {
 
 /// The waiter's side of the floor: block on the key until it is free, then take it. Returns
 /// when the acquire was answered.
-async fn take_when_free(client: Client, key: Key, session: SessionId) -> Result<u64, BenchError> {
+async fn take_when_free(
+    client: Client,
+    key: Key,
+    session: SessionId,
+    via: FloorAcquire,
+) -> Result<u64, BenchError> {
     let failed = |what, msg: String| BenchError::Request { what, msg };
     let mut read = KvGet::new(key.clone());
     loop {
@@ -145,10 +187,20 @@ async fn take_when_free(client: Client, key: Key, session: SessionId) -> Result<
             wait: Duration::from_secs(60),
         });
     }
-    let taken = client
-        .call(&acquire(&key, &session), REQUEST_TIMEOUT)
-        .await
-        .map_err(|e| failed("the floor's acquire", e.to_string()))?;
+    let taken = match via {
+        FloorAcquire::Kv => client.call(&acquire(&key, &session), REQUEST_TIMEOUT).await,
+        FloorAcquire::Txn => {
+            let lock = KvLockTxn {
+                key: key.clone(),
+                session: session.clone(),
+                flags: LOCK_FLAG_VALUE,
+                value: Vec::new(),
+            };
+            let outcome = client.call(&lock, REQUEST_TIMEOUT).await;
+            outcome.map(|o| matches!(o, LockTxnOutcome::Locked(_)))
+        }
+    }
+    .map_err(|e| failed("the floor's acquire", e.to_string()))?;
     let at = now_ns();
     if taken {
         Ok(at)

@@ -90,17 +90,28 @@ impl Results {
                 .get(&ClientKind::Go)
                 .and_then(|l| l.summary)
                 .map(|s| s.p50);
-            let floor = h.floor.summary.map(|s| s.p50);
+            let floor = h.floor_txn.summary.map(|s| s.p50);
             let _ = writeln!(
                 t,
                 "\n1. Handoff, ms: p50 / p90 [min-max], {} rounds",
                 self.plan.handoff_rounds
             );
-            let _ = writeln!(t, "   {:<9} {}", "floor", latency(h.floor.summary));
+            let _ = writeln!(
+                t,
+                "   {:<9} {}   (release; read returns; KV acquire: Go's exchange)",
+                "floor kv",
+                latency(h.floor.summary)
+            );
+            let _ = writeln!(
+                t,
+                "   {:<9} {}   (release; read returns; lock transaction: ours)",
+                "floor txn",
+                latency(h.floor_txn.summary)
+            );
             for (kind, l) in &h.clients {
                 let p50 = l.summary.map(|s| s.p50);
                 let to_floor = match (p50, floor) {
-                    (Some(v), Some(f)) if f > 0.0 => format!("{:.2}x floor", v / f),
+                    (Some(v), Some(f)) if f > 0.0 => format!("{:.2}x floor txn", v / f),
                     _ => String::new(),
                 };
                 let _ = writeln!(
@@ -273,4 +284,95 @@ impl Results {
         }
         t
     }
+}
+
+/// The handoff latencies as an SVG chart: for each client and both floors, the share of handoffs
+/// (y) done within x milliseconds (an empirical CDF: a curve further left is faster, a steeper
+/// one steadier).
+pub fn handoff_svg(h: &Handoff) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 400.0;
+    const LEFT: f64 = 56.0;
+    const RIGHT: f64 = 150.0;
+    const TOP: f64 = 20.0;
+    const BOTTOM: f64 = 44.0;
+    const COLOURS: [&str; 5] = ["#999999", "#555555", "#d62728", "#1f77b4", "#2ca02c"];
+    let mut series: Vec<(String, &[f64])> = vec![
+        ("floor (kv)".to_owned(), &h.floor.samples_ms),
+        ("floor (txn)".to_owned(), &h.floor_txn.samples_ms),
+    ];
+    for (kind, l) in &h.clients {
+        series.push((kind.name().to_owned(), &l.samples_ms));
+    }
+    // The x axis ends past the slowest series' 90th percentile, so that one outlier does not
+    // squash the curves.
+    let x_max = series
+        .iter()
+        .filter_map(|(_, s)| Summary::of(s).map(|s| s.p90))
+        .fold(0.0_f64, f64::max)
+        * 1.5;
+    let x_max = if x_max > 0.0 { x_max } else { 1.0 };
+    let x = |ms: f64| LEFT + (ms.min(x_max) / x_max) * (W - LEFT - RIGHT);
+    let y = |share: f64| TOP + (1.0 - share) * (H - TOP - BOTTOM);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    // Axes, with a tick per fifth of the range.
+    let (x0, x1, y0, y1) = (x(0.0), x(x_max), y(0.0), y(1.0));
+    let _ = writeln!(
+        svg,
+        r#"<path d="M{x0},{y1} V{y0} H{x1}" stroke="black" fill="none"/>"#
+    );
+    for i in 0..=5 {
+        let ms = x_max * f64::from(i) / 5.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{ms:.1}</text>"#,
+            x(ms),
+            y0 + 16.0
+        );
+    }
+    for share in [0.0, 0.5, 0.9, 1.0] {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{share}</text><path d="M{x0},{:.1} H{x1}" stroke="#eeeeee"/>"##,
+            x0 - 6.0,
+            y(share) + 4.0,
+            y(share)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">handoff latency, ms (share of handoffs done within)</text>"#,
+        (x0 + x1) / 2.0,
+        H - 8.0
+    );
+    for (i, (name, samples)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len().max(1) as f64;
+        let mut path = format!("M{:.1},{:.1}", x(0.0), y(0.0));
+        for (k, ms) in sorted.iter().enumerate() {
+            // A step: up at each sample.
+            let _ = write!(path, " H{:.1} V{:.1}", x(*ms), y((k + 1) as f64 / n));
+        }
+        let _ = writeln!(
+            svg,
+            r#"<path d="{path} H{x1:.1}" stroke="{colour}" stroke-width="2" fill="none"/>"#
+        );
+        let ly = TOP + 18.0 * i as f64 + 10.0;
+        let _ = writeln!(
+            svg,
+            r#"<path d="M{:.1},{ly:.1} h20" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{name}</text>"#,
+            W - RIGHT + 16.0,
+            W - RIGHT + 42.0,
+            ly + 4.0
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
 }

@@ -1,7 +1,8 @@
 //! Handoff: the holder unlocks while a waiter is parked in its blocking read; how long until the
 //! waiter holds. Measured from just before the holder's unlock call to the waiter's acquire
 //! returning, both stamped inside the client's process. The protocol floor is the same exchange
-//! made by hand (release, the blocking read returns, acquire).
+//! made by hand (release, the blocking read returns, acquire), once with a KV acquire (the
+//! exchange of Go's lock) and once with a lock transaction (ours).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use super::{Ctx, DEFAULT_TTL, PARK, lock};
 use crate::error::BenchError;
 use crate::host::{ClientKind, Contenders};
+use crate::operator::FloorAcquire;
 use crate::protocol::Event;
 use crate::stats::{Summary, ms_between};
 
@@ -38,60 +40,117 @@ impl Latencies {
 /// The handoff figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct Handoff {
-    /// The protocol floor.
+    /// The protocol floor with a KV acquire (Go's lock's exchange).
     pub floor: Latencies,
+    /// The protocol floor with a lock transaction (ours).
+    pub floor_txn: Latencies,
     /// Each client's.
     pub clients: BTreeMap<ClientKind, Latencies>,
 }
 
-/// Measures the floor, then each client.
+/// Measures the floors and every client round by round, interleaved (the order rotating each
+/// round), so that a noisy moment of this shared machine falls on every series alike rather than
+/// on whichever ran then.
 pub fn run(ctx: &Ctx<'_>) -> Result<Handoff, BenchError> {
     let rounds = ctx.plan.handoff_rounds;
-    let floor = ctx
-        .operator
-        .handoff_floor(&format!("bench/{}/handoff/floor", ctx.run_tag), rounds, PARK)?;
+    let key = format!("bench/{}/handoff/floor", ctx.run_tag);
+    let mut floors = [
+        ctx.operator.floor(&key, FloorAcquire::Kv)?,
+        ctx.operator.floor(&format!("{key}-txn"), FloorAcquire::Txn)?,
+    ];
+    let mut pairs = ctx
+        .clients
+        .iter()
+        .map(|&kind| Pair::start(ctx, kind))
+        .collect::<Result<Vec<_>, _>>()?;
+    let series = floors.len() + pairs.len();
+    let mut samples = vec![Vec::with_capacity(rounds); series];
+    for round in 0..rounds {
+        for turn in 0..series {
+            let i = (round + turn) % series;
+            samples[i].push(match i.checked_sub(floors.len()) {
+                None => floors[i].round(PARK)?,
+                Some(c) => pairs[c].round()?,
+            });
+        }
+    }
+    for floor in floors {
+        floor.finish()?;
+    }
+    let mut samples = samples.into_iter();
+    let mut next = || Latencies::new(samples.next().unwrap_or_default());
+    let (floor, floor_txn) = (next(), next());
     let mut clients = BTreeMap::new();
-    for &kind in ctx.clients {
-        clients.insert(kind, Latencies::new(client(ctx, kind, rounds)?));
+    for pair in pairs {
+        clients.insert(pair.p.kind(), next());
+        pair.finish()?;
     }
     Ok(Handoff {
-        floor: Latencies::new(floor),
+        floor,
+        floor_txn,
         clients,
     })
 }
 
-/// Two contenders of one process pass the lock back and forth `rounds` times.
-fn client(ctx: &Ctx<'_>, kind: ClientKind, rounds: usize) -> Result<Vec<f64>, BenchError> {
-    let mut p = Contenders::spawn(kind, ctx.launcher)?;
-    let (addr, key) = (ctx.addr(), ctx.key("handoff", kind));
-    let (mut holder, mut waiter) = (1, 2);
-    p.send(&lock(holder, &addr, &key, DEFAULT_TTL, None))?;
-    p.wait_for(
-        "the first hold",
-        STEP_TIMEOUT,
-        |e| matches!(e, Event::Held { id, .. } if *id == holder),
-    )?;
-    let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        p.send(&lock(waiter, &addr, &key, DEFAULT_TTL, None))?;
+/// Two contenders of one client's process passing the lock back and forth.
+struct Pair {
+    p: Contenders,
+    addr: String,
+    key: String,
+    holder: u64,
+    waiter: u64,
+}
+
+impl Pair {
+    fn start(ctx: &Ctx<'_>, kind: ClientKind) -> Result<Pair, BenchError> {
+        let mut pair = Pair {
+            p: Contenders::spawn(kind, ctx.launcher)?,
+            addr: ctx.addr(),
+            key: ctx.key("handoff", kind),
+            holder: 1,
+            waiter: 2,
+        };
+        pair.p
+            .send(&lock(pair.holder, &pair.addr, &pair.key, DEFAULT_TTL, None))?;
+        let holder = pair.holder;
+        pair.p.wait_for(
+            "the first hold",
+            STEP_TIMEOUT,
+            |e| matches!(e, Event::Held { id, .. } if *id == holder),
+        )?;
+        Ok(pair)
+    }
+
+    /// One handoff: the waiter asks, parks, the holder unlocks; the time from just before the
+    /// unlock call to the waiter's acquire returning, in milliseconds.
+    fn round(&mut self) -> Result<f64, BenchError> {
+        let (holder, waiter) = (self.holder, self.waiter);
+        self.p
+            .send(&lock(waiter, &self.addr, &self.key, DEFAULT_TTL, None))?;
         std::thread::sleep(PARK);
-        p.unlock(holder)?;
-        let from = stamp(&mut p, "unlocking", holder, |e| {
+        self.p.unlock(holder)?;
+        let from = stamp(&mut self.p, "unlocking", holder, |e| {
             matches!(e, Event::Unlocking { .. })
         })?;
-        let to = stamp(&mut p, "the handoff", waiter, |e| matches!(e, Event::Held { .. }))?;
-        stamp(&mut p, "unlocked", holder, |e| {
+        let to = stamp(&mut self.p, "the handoff", waiter, |e| {
+            matches!(e, Event::Held { .. })
+        })?;
+        stamp(&mut self.p, "unlocked", holder, |e| {
             matches!(e, Event::Unlocked { .. })
         })?;
-        samples.push(ms_between(from, to));
-        std::mem::swap(&mut holder, &mut waiter);
+        std::mem::swap(&mut self.holder, &mut self.waiter);
+        Ok(ms_between(from, to))
     }
-    p.unlock(holder)?;
-    stamp(&mut p, "the last unlock", holder, |e| {
-        matches!(e, Event::Unlocked { .. })
-    })?;
-    p.quit(STEP_TIMEOUT);
-    Ok(samples)
+
+    fn finish(mut self) -> Result<(), BenchError> {
+        let holder = self.holder;
+        self.p.unlock(holder)?;
+        stamp(&mut self.p, "the last unlock", holder, |e| {
+            matches!(e, Event::Unlocked { .. })
+        })?;
+        self.p.quit(STEP_TIMEOUT);
+        Ok(())
+    }
 }
 
 /// Waits for contender `id`'s event of the kind `is` accepts and returns its time.

@@ -51,7 +51,7 @@ impl Plan {
     pub fn full() -> Plan {
         Plan {
             name: "full",
-            handoff_rounds: 50,
+            handoff_rounds: 100,
             failover_rounds: 5,
             failover_lock_delay: Duration::from_secs(2),
             partition_window: Duration::from_secs(45),
@@ -111,8 +111,10 @@ impl Ctx<'_> {
 }
 
 /// How long a waiter is given to reach its blocking read before the holder lets go: a session
-/// create, a read and the start of a blocking read take a few milliseconds on loopback.
-pub const PARK: Duration = Duration::from_millis(300);
+/// create, a read and the start of a blocking read take a few milliseconds on loopback. (More
+/// than the 100 ms after which our waiter asks for the holder's lock-delay, which the failover
+/// scenario needs it to know.)
+pub const PARK: Duration = Duration::from_millis(200);
 
 /// A `lock` command with the given session TTL and lock-delay.
 pub fn lock(id: u64, addr: &str, key: &str, ttl: Duration, lock_delay: Option<Duration>) -> Command {
