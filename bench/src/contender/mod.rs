@@ -5,6 +5,7 @@
 mod blocking;
 mod tokio;
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,6 +99,24 @@ impl LockRequest {
             options,
             shared_client,
         })
+    }
+
+    /// The client this contender uses: its own, or the one shared by every contender of the
+    /// process that asked to share, per address (made by `new` the first time).
+    fn client<C: Clone, E>(
+        &self,
+        shared: &mut HashMap<String, C>,
+        new: impl FnOnce(ClientConfig) -> Result<C, E>,
+    ) -> Result<C, E> {
+        if !self.shared_client {
+            return new(self.config.clone());
+        }
+        if let Some(client) = shared.get(&self.addr) {
+            return Ok(client.clone());
+        }
+        let client = new(self.config.clone())?;
+        shared.insert(self.addr.clone(), client.clone());
+        Ok(client)
     }
 
     fn from_command(command: Command) -> Option<Result<LockRequest, (u64, String)>> {

@@ -45,16 +45,7 @@ async fn serve() -> Result<(), ContenderError> {
             },
             lock => match LockRequest::from_command(lock) {
                 Some(Ok(request)) => {
-                    let client = if request.shared_client {
-                        match shared.get(&request.addr) {
-                            Some(client) => Ok(client.clone()),
-                            None => Client::new(request.config.clone()).inspect(|client| {
-                                shared.insert(request.addr.clone(), client.clone());
-                            }),
-                        }
-                    } else {
-                        Client::new(request.config.clone())
-                    };
+                    let client = request.client(&mut shared, Client::new);
                     match client.and_then(|client| client.lock(request.options)) {
                         Ok(lock) => {
                             let (tx, rx) = oneshot::channel();
