@@ -80,6 +80,12 @@ struct WireKvOp<'a> {
     value: String,
     flags: u64,
     session: &'a str,
+    /// Enterprise: a transaction's operations name their namespace and partition themselves
+    /// (the `ns` and `partition` parameters, which every other request carries, are sent too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +122,8 @@ impl Endpoint for KvLockTxn {
                 value: base64::engine::general_purpose::STANDARD.encode(&self.value),
                 flags: self.flags,
                 session: self.session.as_str(),
+                namespace: config.namespace.as_deref(),
+                partition: config.partition.as_deref(),
             },
         }];
         // Serializing strings and integers cannot fail.
@@ -194,6 +202,32 @@ mod tests {
             body,
             serde_json::json!([{"KV": {"Verb": "lock", "Key": "a b/.lock", "Value": "aGk=", "Flags": 7, "Session": "s1"}}])
         );
+    }
+
+    #[test]
+    fn the_operation_names_the_namespace_and_partition_of_the_config() {
+        let lock = KvLockTxn {
+            key: Key::new("k").expect("key"),
+            session: SessionId::new("s1").expect("session"),
+            flags: 0,
+            value: Vec::new(),
+        };
+        let mut config = ClientConfig::http("127.0.0.1:8500").expect("config");
+        config.namespace = Some("team-a".to_owned());
+        config.partition = Some("part-1".to_owned());
+        let request = lock.encode(&config);
+        let body: serde_json::Value = serde_json::from_slice(request.body()).expect("JSON");
+        assert_eq!(body[0]["KV"]["Namespace"], "team-a");
+        assert_eq!(body[0]["KV"]["Partition"], "part-1");
+        let query = request.uri().query().expect("query");
+        assert!(
+            query.contains("ns=team-a") && query.contains("partition=part-1"),
+            "{query}"
+        );
+        // Without them, the fields are left out (open-source Consul).
+        let plain = lock.encode(&ClientConfig::http("127.0.0.1:8500").expect("config"));
+        let body: serde_json::Value = serde_json::from_slice(plain.body()).expect("JSON");
+        assert!(body[0]["KV"].get("Namespace").is_none() && body[0]["KV"].get("Partition").is_none());
     }
 
     #[test]
