@@ -10,7 +10,7 @@ use crate::api::{
     ApiError, Blocking, Consistency, Key, KvCasDelete, KvGet, KvLockTxn, KvPair, KvRelease, LockRefusal,
     LockTxnOutcome, QueryReply, SessionId, SessionInfo,
 };
-use crate::machine::backoff::Backoff;
+use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::{Failure, decode};
 use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
 use crate::machine::outbox::{Pending, Pendings};
@@ -439,6 +439,14 @@ impl LockMachine {
         }
     }
 
+    /// The acquisition and the machine's rng at once, for the steps that draw a backoff.
+    fn acquiring_with_rng(&mut self) -> Option<(&mut Acquiring, &mut Rng)> {
+        match &mut self.phase {
+            Phase::Acquiring(a) => Some((a, &mut self.base.rng)),
+            _ => None,
+        }
+    }
+
     fn held(&mut self) -> Option<&mut Held> {
         match &mut self.phase {
             Phase::Held(h) => Some(h),
@@ -609,11 +617,7 @@ impl LockMachine {
 
     /// Pauses with backoff after a transient failure, then does `then`.
     fn retry(&mut self, now: Instant, then: Then, why: &str) {
-        let rng = &mut self.base.rng;
-        let Some(a) = (match &mut self.phase {
-            Phase::Acquiring(a) => Some(a),
-            _ => None,
-        }) else {
+        let Some((a, rng)) = self.acquiring_with_rng() else {
             return;
         };
         let pause = a.backoff.next(rng);
@@ -739,11 +743,7 @@ impl LockMachine {
         }
         let ours = read.value.as_ref().is_some_and(|p| self.is_ours(p));
         let held_by_other = read.value.as_ref().is_some_and(|p| p.session.is_some()) && !ours;
-        let rng = &mut self.base.rng;
-        let Some(a) = (match &mut self.phase {
-            Phase::Acquiring(a) => Some(a),
-            _ => None,
-        }) else {
+        let Some((a, rng)) = self.acquiring_with_rng() else {
             return;
         };
         if held_by_other {
@@ -779,11 +779,7 @@ impl LockMachine {
     /// The key refuses us for its last holder's lock-delay: retry when it ends, if we know it;
     /// otherwise back off.
     fn wait_out_lock_delay(&mut self, now: Instant) {
-        let rng = &mut self.base.rng;
-        let Some(a) = (match &mut self.phase {
-            Phase::Acquiring(a) => Some(a),
-            _ => None,
-        }) else {
+        let Some((a, rng)) = self.acquiring_with_rng() else {
             return;
         };
         let until = match a
