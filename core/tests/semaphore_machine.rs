@@ -602,6 +602,7 @@ impl SNode {
                 }
                 Expect::Held(token.clone())
             }
+            (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
             (LockEvent::GaveUp, Expect::Acquiring) => {
                 assert!(self.m.options().try_once, "GaveUp without try-once");
                 Expect::Idle
@@ -612,7 +613,7 @@ impl SNode {
             }
             (LockEvent::Failed(_), Expect::Acquiring | Expect::Destroying)
             | (LockEvent::Lost(_), Expect::Held(_))
-            | (LockEvent::Released, Expect::Releasing)
+            | (LockEvent::Released | LockEvent::ReleaseFailed(_), Expect::Releasing)
             | (LockEvent::Destroyed, Expect::Destroying) => Expect::Idle,
             (e, state) => panic!("event {e:?} while {state:?}"),
         };
@@ -1642,7 +1643,7 @@ fn lock_again_after_a_loss_a_release_and_a_failure() {
     r.answer(&contend_pattern("s4"), reply::status(403, "Permission denied"));
     assert!(matches!(
         r.events()[..],
-        [LockEvent::Failed(LockError::Refused(_))]
+        [LockEvent::Failed(LockError::PermissionDenied(_))]
     ));
     r.lock().unwrap();
     r.answer("PUT /v1/session/destroy/s4", yes());
@@ -1980,7 +1981,13 @@ fn transient_errors_while_acquiring_are_retried() {
     r.answer(CONSISTENT, reply::status(503, ""));
     assert!(r.run_until(secs(3), renew_ok, |n| n.find(CONSISTENT).is_some()));
     r.answer(CONSISTENT, listing(7, &applied));
-    assert!(matches!(r.events()[..], [LockEvent::Acquired(_)]));
+    let events = r.events();
+    let retries = events
+        .iter()
+        .filter(|e| matches!(e, LockEvent::Retrying(_)))
+        .count();
+    assert_eq!(retries, 4, "each failure reported: {events:?}");
+    assert!(matches!(events.last(), Some(LockEvent::Acquired(_))));
 }
 
 // ================================================================================================
@@ -2099,7 +2106,10 @@ fn a_grant_that_does_not_show_is_not_acquired() {
     r.answer(LIST, listing(6, &[contender("s1", 6)]));
     r.answer(&cas_pattern(0), yes());
     r.answer(CONSISTENT, listing(7, &[contender("s1", 6), lock_kv(2, &[], 7)]));
-    assert!(r.events().is_empty());
+    assert!(
+        matches!(&r.events()[..], [LockEvent::Retrying(_)]),
+        "reported as a retry, not acquired"
+    );
     assert_eq!(r.m().status(), LockStatus::Acquiring);
     assert!(r.find("GET /v1/kv/p").is_none(), "paced");
 }

@@ -232,6 +232,16 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
                 let _ = reply.send(Ok(()));
             }
         }
+        LockEvent::ReleaseFailed(e) => {
+            if let Some(hold) = w.hold.take() {
+                let _ = hold.send(Some(HoldEnd::Released));
+            }
+            for reply in w.release.drain(..) {
+                let _ = reply.send(Err(Error::Lock(e.clone())));
+            }
+        }
+        // Logged by the machine; the handle's retry watch is the caller's view of them.
+        LockEvent::Retrying(_) => {}
         LockEvent::GaveUp => answer(&mut w.acquire, Err(Error::GaveUp)),
         LockEvent::Cancelled => {
             answer(

@@ -800,6 +800,7 @@ impl<T: Model> Driver<T> {
                 self.model.check_acquired(&self.m, token, cause);
                 Expect::Held(token.clone())
             }
+            (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
             (LockEvent::GaveUp, Expect::Acquiring) => {
                 assert!(self.m.try_once(), "GaveUp without try-once");
                 Expect::Idle
@@ -810,7 +811,7 @@ impl<T: Model> Driver<T> {
             }
             (LockEvent::Failed(_), Expect::Acquiring | Expect::Destroying)
             | (LockEvent::Lost(_), Expect::Held(_))
-            | (LockEvent::Released, Expect::Releasing)
+            | (LockEvent::Released | LockEvent::ReleaseFailed(_), Expect::Releasing)
             | (LockEvent::Destroyed, Expect::Destroying) => Expect::Idle,
             (e, state) => panic!("event {e:?} while {state:?}"),
         };

@@ -186,7 +186,8 @@ impl LockModel {
             0 | 1 => lock_held(),
             2 => refused(&format!("failed to lock key \"{KEY}\" due to lock delay")),
             3 => refused(&format!("invalid session \"{session}\"")),
-            // Refusals core doesn't know: passed on as `Other`, to be re-read.
+            // A permission refusal (fatal, typed), and refusals core doesn't know: passed on as
+            // `Other`, which ends the attempt rather than loop unseen.
             4 => match c % 4 {
                 0 => refused("rpc error making call: Permission denied"),
                 1 => refused(""),

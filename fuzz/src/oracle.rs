@@ -104,7 +104,7 @@ pub fn meta(response: &http::Response<Vec<u8>>) -> Option<QueryMeta> {
 }
 
 /// The refusal a 409's `What` means, by Consul's wording (`state/txn.go`, the same from 0.7 to
-/// 1.x): held, lock-delay, invalid session, tested in that order on the whole text; anything else
+/// 1.x): held, lock-delay, invalid session, permission denied, tested in that order on the whole text; anything else
 /// passed on, cut to 200 characters with `…`.
 pub fn refusal(what: &str) -> LockRefusal {
     if what.contains("lock is already held") {
@@ -113,6 +113,8 @@ pub fn refusal(what: &str) -> LockRefusal {
         LockRefusal::LockDelay
     } else if what.contains("invalid session") {
         LockRefusal::InvalidSession
+    } else if what.contains("Permission denied") {
+        LockRefusal::PermissionDenied
     } else if what.chars().count() > 200 {
         let mut cut: String = what.chars().take(200).collect();
         cut.push('…');
@@ -135,7 +137,7 @@ fn check_txn(response: &http::Response<Vec<u8>>, txn: &Result<LockTxnOutcome, Ap
                 "KvLockTxn: a refusal passed on uncut: {} characters",
                 what.chars().count()
             );
-            for known in ["lock is already held", "lock delay", "invalid session"] {
+            for known in ["lock is already held", "lock delay", "invalid session", "Permission denied"] {
                 assert!(
                     !what.contains(known),
                     "KvLockTxn: {what:?} passed on as Other, yet it says {known:?}"

@@ -75,6 +75,13 @@ impl ApiError {
         matches!(self, ApiError::Status { status: 500, body } if body.contains("invalid session"))
     }
 
+    /// Consul's refusal for want of an ACL permission (403, or a 500 naming it), or for a token
+    /// it does not know (`ACL not found`): retrying with the same token can't succeed.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, ApiError::Status { status: 403 | 500, body }
+            if body.contains("Permission denied") || body.contains("ACL not found"))
+    }
+
     /// Consul's 500 while its servers have no leader (an election is under way).
     pub fn is_no_leader(&self) -> bool {
         matches!(self, ApiError::Status { status: 500, body } if body.contains("No cluster leader"))

@@ -62,6 +62,9 @@ pub enum LockRefusal {
     LockDelay,
     /// The session is unknown (expired or destroyed).
     InvalidSession,
+    /// The token may not write the key (ACLs): Consul answers the transaction `409` with
+    /// `What: "Permission denied"` where a plain acquire would answer `403`.
+    PermissionDenied,
     /// Another reason, as Consul worded it.
     Other(String),
 }
@@ -163,7 +166,7 @@ impl Endpoint for KvLockTxn {
 
 /// Consul's wording (`state/txn.go` and `txn_endpoint.go`, the same from 0.7 to 1.x): "failed to
 /// lock key \"k\", lock is already held", "failed to lock key \"k\" due to lock delay",
-/// "invalid session \"id\"". Anything else is passed on as it came.
+/// "invalid session \"id\"", "Permission denied" (ACLs). Anything else is passed on as it came.
 fn refusal(what: &str) -> LockRefusal {
     if what.contains("lock is already held") {
         LockRefusal::Held
@@ -171,6 +174,8 @@ fn refusal(what: &str) -> LockRefusal {
         LockRefusal::LockDelay
     } else if what.contains("invalid session") {
         LockRefusal::InvalidSession
+    } else if what.contains("Permission denied") {
+        LockRefusal::PermissionDenied
     } else {
         LockRefusal::Other(truncate(what, 200))
     }
@@ -260,6 +265,10 @@ mod tests {
         assert_eq!(
             refused(r#"invalid session "ea8eb461-adaf-a5b3-a1f4-b25c6f8e43e2""#),
             LockTxnOutcome::Refused(LockRefusal::InvalidSession)
+        );
+        assert_eq!(
+            refused("Permission denied"),
+            LockTxnOutcome::Refused(LockRefusal::PermissionDenied)
         );
         assert_eq!(
             refused("something new"),

@@ -58,11 +58,6 @@ impl Backoff {
         rng.jitter(self.base.saturating_mul(factor).min(self.cap))
     }
 
-    /// How many pauses were taken since the last reset.
-    pub(crate) fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -93,7 +88,7 @@ mod tests {
         assert!(pauses[0] <= Duration::from_millis(100));
         assert!(pauses[3] >= Duration::from_millis(400));
         assert!(pauses.iter().all(|p| *p <= Duration::from_secs(1)));
-        assert_eq!(b.attempts(), 8);
+        assert_eq!(b.attempt, 8);
         b.reset();
         assert!(b.next(&mut rng) <= Duration::from_millis(100));
     }

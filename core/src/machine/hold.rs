@@ -10,7 +10,9 @@ use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::Failure;
 use crate::machine::outbox::{Outbox, Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionMachine};
-use crate::machine::{Action, LockEvent, LossReason, Reply, RequestId, SessionChoice, read};
+use crate::machine::{
+    Action, LockError, LockEvent, LossReason, Reply, RequestId, Retry, SessionChoice, read,
+};
 
 /// The half of a holding machine that is not about its phases.
 #[derive(Debug)]
@@ -164,6 +166,52 @@ pub(crate) trait Phases {
 
     fn drive_poll_action(&mut self) -> Option<Action<LockEvent>> {
         self.base_mut().out.pop()
+    }
+}
+
+/// An acquisition's failures in a row. Each is reported ([`LockEvent::Retrying`]), so that an
+/// agent that is down, hangs or answers errors is never a silent wait; once they have gone on
+/// for the error budget, the attempt ends ([`LockError::AgentUnavailable`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Failures {
+    since: Option<Instant>,
+    attempts: u32,
+}
+
+impl Failures {
+    /// A usable answer came: the run of failures is over.
+    pub(crate) fn progressed(&mut self) {
+        *self = Failures::default();
+    }
+
+    /// Records a failure whose next try is at `next_try`: reported, or the error that ends the
+    /// attempt when the failures have lasted `budget`.
+    pub(crate) fn failed(
+        &mut self,
+        now: Instant,
+        cause: &str,
+        next_try: Instant,
+        budget: Option<Duration>,
+        out: &mut Outbox<LockEvent>,
+    ) -> Result<(), LockError> {
+        let since = *self.since.get_or_insert(now);
+        self.attempts = self.attempts.saturating_add(1);
+        let failing_for = now.saturating_duration_since(since);
+        if budget.is_some_and(|budget| failing_for >= budget) {
+            return Err(LockError::AgentUnavailable {
+                attempts: self.attempts,
+                failing_for,
+                last: cause.to_owned(),
+            });
+        }
+        tracing::warn!(%cause, attempt = self.attempts, next_try = ?next_try.saturating_duration_since(now), "acquire: retrying");
+        out.event(LockEvent::Retrying(Retry {
+            cause: cause.to_owned(),
+            attempt: self.attempts,
+            failing_since: since,
+            next_try,
+        }));
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use crate::api::{
 };
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::{Failure, decode};
-use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
+use crate::machine::hold::{Base, Failures, Phases, Watch, WatchStep, holding_surface};
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::read;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
@@ -124,9 +124,40 @@ pub enum LockError {
     /// The session could not be created.
     #[error("could not create the lock's session: {0}")]
     Session(ApiError),
-    /// Consul refused a request in a way retrying won't fix (permission denied, a bad request).
+    /// Consul refused a request in a way retrying won't fix (a bad request, a refusal the
+    /// machine does not know).
     #[error("Consul refused the request: {0}")]
     Refused(ApiError),
+    /// The token may not do what the lock needs (ACLs): reading the key, writing it
+    /// (`key_prefix "…" { policy = "write" }`), or creating a session (`session_prefix`).
+    #[error("permission denied by Consul's ACLs (check the token's key and session rules): {0}")]
+    PermissionDenied(ApiError),
+    /// Every try to reach a usable answer failed for longer than the acquisition's error budget
+    /// (`acquire_error_budget`): the agent is down, hangs, or answers errors.
+    #[error(
+        "the Consul agent gave no usable answer for {failing_for:?} ({attempts} tries in a row); \
+         giving up (acquire_error_budget). The last failure: {last}"
+    )]
+    AgentUnavailable {
+        /// Failed tries in a row.
+        attempts: u32,
+        /// How long they went on.
+        failing_for: Duration,
+        /// The last failure.
+        last: String,
+    },
+    /// The release of a held lock was never confirmed by Consul. The session was destroyed
+    /// after it (if the machine made it), which frees the key after the session's lock-delay;
+    /// a caller's session keeps the key until it ends.
+    #[error(
+        "the release was not confirmed after {attempts} tries ({last}); the key is freed when its session ends"
+    )]
+    ReleaseUnconfirmed {
+        /// Release tries made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
     /// `destroy` could not reach a verdict.
     #[error("could not destroy the lock: {0}")]
     Unavailable(String),
@@ -144,6 +175,40 @@ pub enum LockError {
     BadSemaphore(String),
 }
 
+impl LockError {
+    /// The error for a refusal Consul gave: a permission refusal, or another.
+    pub(crate) fn refused(e: ApiError) -> LockError {
+        if e.is_permission_denied() {
+            LockError::PermissionDenied(e)
+        } else {
+            LockError::Refused(e)
+        }
+    }
+
+    /// The error for a session Consul would not create: a permission refusal, or another.
+    pub(crate) fn session(e: ApiError) -> LockError {
+        if e.is_permission_denied() {
+            LockError::PermissionDenied(e)
+        } else {
+            LockError::Session(e)
+        }
+    }
+}
+
+/// A failed try while acquiring, with the next one scheduled: reported for every failure, so
+/// that an agent that is down or answers errors is never a silent wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retry {
+    /// What failed.
+    pub cause: String,
+    /// Failed tries in a row, this one included.
+    pub attempt: u32,
+    /// Since when every try has failed (the error budget counts from here).
+    pub failing_since: Instant,
+    /// When the next try goes out.
+    pub next_try: Instant,
+}
+
 /// What the lock reports to its user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LockEvent {
@@ -153,6 +218,12 @@ pub enum LockEvent {
     Lost(LossReason),
     /// `unlock` finished: the key is released and an owned session destroyed.
     Released,
+    /// `unlock` finished without Consul confirming the release
+    /// ([`LockError::ReleaseUnconfirmed`], [`LockError::PermissionDenied`]): the machine is idle,
+    /// and an owned session was destroyed after the last try.
+    ReleaseFailed(LockError),
+    /// A try failed while acquiring; the next is scheduled. The acquisition goes on.
+    Retrying(Retry),
     /// Try-once: the wait ended without the lock. Not a success, and not an error.
     GaveUp,
     /// `cancel` took effect during acquisition.
@@ -235,6 +306,7 @@ struct Acquiring {
     give_up_at: Option<Instant>,
     backoff: Backoff,
     holder: Option<Holder>,
+    failures: Failures,
 }
 
 #[derive(Clone, Debug)]
@@ -245,8 +317,47 @@ struct Held {
 
 #[derive(Clone, Debug)]
 enum Releasing {
+    Release(Release),
+    /// The session is being stopped; then `Released`, or `ReleaseFailed` with this error.
+    Session(Option<LockError>),
+}
+
+/// The KV release of a held key, tried again after failures that may pass: a release nobody
+/// answered leaves the key held until the session ends, and a destroy then imposes the
+/// lock-delay on everyone else.
+#[derive(Clone, Debug)]
+struct Release {
+    session: SessionId,
+    step: ReleaseStep,
+    attempts: u32,
+    /// No try starts after this: the session is stopped and the release reported unconfirmed.
+    give_up_at: Instant,
+    backoff: Backoff,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ReleaseStep {
+    Sent(Pending),
+    Pause(Instant),
+}
+
+/// An acquire abandoned in flight by a cancel or a give-up. It may have been granted, so the key
+/// is released before the session is let go: destroying a session that holds the key would make
+/// every other contender wait out its lock-delay.
+#[derive(Clone, Debug)]
+enum Stray {
+    /// Waiting for the abandoned acquire's answer.
+    Acquire { pending: Pending, session: SessionId },
+    /// Releasing what it may have been granted.
     Release(Pending),
-    Session,
+}
+
+impl Stray {
+    fn pending(&self) -> Pending {
+        match self {
+            Stray::Acquire { pending, .. } | Stray::Release(pending) => *pending,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -288,9 +399,8 @@ pub struct LockMachine {
     options: LockOptions,
     base: Base,
     phase: Phase,
-    /// An acquire abandoned by a cancel or give-up on the caller's session: if it was granted,
-    /// the key must be released, since no session destroy will do it.
-    stray: Option<Pending>,
+    /// An acquire abandoned by a cancel or a give-up, settled before the session is let go.
+    stray: Option<Stray>,
 }
 
 impl LockMachine {
@@ -364,6 +474,7 @@ impl LockMachine {
             give_up_at,
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
             holder: None,
+            failures: Failures::default(),
         });
         let events = self.base.start_session(now);
         self.on_session_events(now, events);
@@ -377,14 +488,17 @@ impl LockMachine {
         let Phase::Held(held) = &self.phase else {
             return Err(LockError::NotHeld);
         };
-        let release = KvRelease {
-            key: self.options.key.clone(),
-            session: held.token.session.clone(),
-            flags: LOCK_FLAG_VALUE,
-            value: self.options.value.clone(),
-        };
-        let pending = self.base.send(now, &release, None);
-        self.phase = Phase::Releasing(Releasing::Release(pending));
+        let session = held.token.session.clone();
+        let pending = self.send_release(now, session.clone());
+        // Tried for as long as the session lives on its own, at least a request's time.
+        let life = self.base.session.ttl().unwrap_or_default();
+        self.phase = Phase::Releasing(Releasing::Release(Release {
+            session,
+            step: ReleaseStep::Sent(pending),
+            attempts: 1,
+            give_up_at: now + life.max(self.options.request_timeout),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        }));
         Ok(())
     }
 
@@ -454,46 +568,72 @@ impl LockMachine {
         }
     }
 
-    /// Ends an acquisition or a hold: report `event`, go idle, and stop the session.
+    /// Ends an acquisition or a hold: report `event`, go idle, and stop the session (once an
+    /// abandoned acquire is settled, if one is out: see [`Stray`]).
     fn finish(&mut self, now: Instant, event: LockEvent) {
         self.phase = Phase::Idle;
         self.base.out.event(event);
+        if self.stray.is_some() {
+            return;
+        }
         let events = self.base.stop_session(now);
         self.on_session_events(now, events);
     }
 
+    /// Sends the KV release of the lock key for `session`, writing the lock's value.
+    fn send_release(&mut self, now: Instant, session: SessionId) -> Pending {
+        let release = KvRelease {
+            key: self.options.key.clone(),
+            session,
+            flags: LOCK_FLAG_VALUE,
+            value: self.options.value.clone(),
+        };
+        self.base.send(now, &release, None)
+    }
+
+    /// An attempt ends with its acquire in flight: keep track of it (see [`Stray`]).
     fn keep_stray(&mut self, step: Step) {
-        if let (Step::Acquire(p), SessionChoice::Existing(_)) = (step, &self.options.session) {
-            self.stray = Some(p);
+        if let (Step::Acquire(pending), Some(session)) = (step, self.base.session.id()) {
+            self.stray = Some(Stray::Acquire {
+                pending,
+                session: session.clone(),
+            });
         }
     }
 
-    fn on_stray_acquire(&mut self, now: Instant, reply: &Reply) {
-        let SessionChoice::Existing(session) = &self.options.session else {
-            return;
-        };
-        // Strays are kept only with the caller's session, which outlives the attempt.
-        let granted = matches!(
-            decode::<KvLockTxn>(reply),
-            Ok(LockTxnOutcome::Locked(pair)) if pair.session.as_ref() == Some(session)
-        );
-        if granted {
-            if matches!(self.phase, Phase::Acquiring(_) | Phase::Held(_)) {
-                // A new attempt on the same session is under way or holds the key: the grant is
-                // its own now (re-acquiring is harmless and keeps LockIndex). Releasing would
-                // pull the key from under it while it believes it holds it.
-                tracing::debug!("a key granted to an abandoned acquire is kept by the new attempt");
-                return;
+    fn on_stray(&mut self, now: Instant, stray: Stray, reply: &Reply) {
+        match stray {
+            Stray::Acquire { session, .. } => {
+                // Refused, the key is not ours; granted or unanswered, it may be.
+                let refused = matches!(
+                    decode::<KvLockTxn>(reply),
+                    Ok(LockTxnOutcome::Refused(_)) | Err(Failure::Fatal(_))
+                );
+                if !refused {
+                    if matches!(self.phase, Phase::Acquiring(_) | Phase::Held(_)) {
+                        // A new attempt on the same session is under way or holds the key: the
+                        // grant is its own now (re-acquiring is harmless and keeps LockIndex).
+                        // Releasing would pull the key from under it while it believes it holds it.
+                        tracing::debug!("a key granted to an abandoned acquire is kept by the new attempt");
+                        return;
+                    }
+                    tracing::debug!("releasing the key an abandoned acquire may have been granted");
+                    let pending = self.send_release(now, session);
+                    self.stray = Some(Stray::Release(pending));
+                    return;
+                }
             }
-            let release = KvRelease {
-                key: self.options.key.clone(),
-                session: session.clone(),
-                flags: LOCK_FLAG_VALUE,
-                value: self.options.value.clone(),
-            };
-            tracing::debug!("releasing a key granted to an abandoned acquire");
-            // Fire and forget: nobody waits for this one.
-            let _ = self.base.send(now, &release, None);
+            Stray::Release(_) => {
+                if let Err(why) = decode::<KvRelease>(reply) {
+                    // The session's destroy (or its expiry) frees the key anyway.
+                    tracing::warn!(?why, "could not release the key of an abandoned acquire");
+                }
+            }
+        }
+        if matches!(self.phase, Phase::Idle) {
+            // The ending that kept the session for this is now complete.
+            let events = self.base.stop_session(now);
+            self.on_session_events(now, events);
         }
     }
 
@@ -532,10 +672,14 @@ impl LockMachine {
                     // rather than block on an index the last attempt saw.
                     if let Some(a) = self.acquiring() {
                         a.index = 0;
+                        a.failures.progressed();
                     }
                     self.read(now);
                 }
-                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::Session(e)),
+                (SessionEvent::CreateRetry { cause, next_try }, Phase::Acquiring(_)) => {
+                    self.record_failure(now, &cause, next_try);
+                }
+                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::session(e)),
                 (SessionEvent::Lost(loss), Phase::Held(_)) => {
                     let reason = match loss {
                         SessionLoss::Invalidated => LossReason::SessionInvalidated,
@@ -551,9 +695,13 @@ impl LockMachine {
                     let events = self.base.start_session(now);
                     self.on_session_events(now, events);
                 }
-                (SessionEvent::Stopped, Phase::Releasing(Releasing::Session)) => {
+                (SessionEvent::Stopped, Phase::Releasing(Releasing::Session(failed))) => {
+                    let event = match failed {
+                        None => LockEvent::Released,
+                        Some(e) => LockEvent::ReleaseFailed(e.clone()),
+                    };
                     self.phase = Phase::Idle;
-                    self.base.out.event(LockEvent::Released);
+                    self.base.out.event(event);
                 }
                 _ => {}
             }
@@ -615,27 +763,36 @@ impl LockMachine {
         }
     }
 
-    /// Pauses with backoff after a transient failure, then does `then`.
+    /// Pauses with backoff after a transient failure, then does `then`; reported, or the end
+    /// of the attempt once failures have lasted the error budget.
     fn retry(&mut self, now: Instant, then: Then, why: &str) {
         let Some((a, rng)) = self.acquiring_with_rng() else {
             return;
         };
-        let pause = a.backoff.next(rng);
-        tracing::warn!(%why, ?pause, attempt = a.backoff.attempts(), "retrying");
+        let until = now + a.backoff.next(rng);
         if then == Then::Read {
             a.index = 0;
         }
-        a.step = Step::Pause {
-            until: now + pause,
-            then,
+        a.step = Step::Pause { until, then };
+        self.record_failure(now, why, until);
+    }
+
+    /// Records a failed try whose next is at `next_try` (see [`Failures`]).
+    fn record_failure(&mut self, now: Instant, why: &str, next_try: Instant) {
+        let budget = self.options.acquire_error_budget;
+        let Phase::Acquiring(a) = &mut self.phase else {
+            return;
         };
+        if let Err(e) = a.failures.failed(now, why, next_try, budget, &mut self.base.out) {
+            self.fail(now, e);
+        }
     }
 
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
         let read = match decode::<KvGet>(reply) {
             Ok(read) => read,
             Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
-            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let pair = read.value;
         if let Some(pair) = &pair {
@@ -656,6 +813,9 @@ impl LockMachine {
         // No progress, at once: index 0 included (a reply without X-Consul-Index).
         let spinning = !moved && quick;
         a.index = index;
+        if !spinning {
+            a.failures.progressed();
+        }
         match other {
             None => {
                 // Free (or already ours: re-acquiring is harmless and does not bump LockIndex).
@@ -696,11 +856,30 @@ impl LockMachine {
     }
 
     fn on_acquire(&mut self, now: Instant, reply: &Reply) {
-        match decode::<KvLockTxn>(reply) {
+        let outcome = decode::<KvLockTxn>(reply);
+        if let (Ok(_), Some(a)) = (&outcome, self.acquiring()) {
+            a.failures.progressed();
+        }
+        match outcome {
             Ok(LockTxnOutcome::Locked(pair)) => self.on_granted(now, pair),
-            // Someone else holds it, or a refusal we don't know: read the key to find out whom to
-            // wait for.
-            Ok(LockTxnOutcome::Refused(LockRefusal::Held | LockRefusal::Other(_))) => self.recheck(now),
+            // Someone else holds it: read the key to find out whom to wait for.
+            Ok(LockTxnOutcome::Refused(LockRefusal::Held)) => self.recheck(now),
+            Ok(LockTxnOutcome::Refused(LockRefusal::PermissionDenied)) => self.fail(
+                now,
+                LockError::PermissionDenied(ApiError::Status {
+                    status: 409,
+                    body: "Permission denied (the lock transaction needs key write)".to_owned(),
+                }),
+            ),
+            // A refusal this machine does not know can't be waited out knowingly: retrying it
+            // would be a loop the caller never sees, so it ends the attempt, in Consul's words.
+            Ok(LockTxnOutcome::Refused(LockRefusal::Other(what))) => self.fail(
+                now,
+                LockError::Refused(ApiError::Status {
+                    status: 409,
+                    body: what,
+                }),
+            ),
             // Consul says so outright: no read needed to tell it from contention.
             Ok(LockTxnOutcome::Refused(LockRefusal::LockDelay)) => self.wait_out_lock_delay(now),
             Ok(LockTxnOutcome::Refused(LockRefusal::InvalidSession)) => self.session_gone(
@@ -711,7 +890,7 @@ impl LockMachine {
                 },
             ),
             Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
-            Err(Failure::Fatal(e)) => self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
             Err(Failure::Transient(why)) => self.retry(now, Then::Read, &why),
         }
     }
@@ -734,7 +913,7 @@ impl LockMachine {
         let read = match decode::<KvGet>(reply) {
             Ok(read) => read,
             Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
-            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         if let Some(pair) = &read.value {
             if pair.flags != LOCK_FLAG_VALUE {
@@ -754,14 +933,20 @@ impl LockMachine {
             a.index = read.meta.index;
             return self.read(now);
         }
+        a.failures.progressed();
         if ours {
             // Refused, yet ours: the agent contradicts itself. Try again, but not at once.
             let until = now + a.backoff.next(rng);
+            let until = a.give_up_at.map_or(until, |at| until.min(at));
             a.step = Step::Pause {
-                until: a.give_up_at.map_or(until, |at| until.min(at)),
+                until,
                 then: Then::Acquire,
             };
-            return;
+            return self.record_failure(
+                now,
+                "the agent refused the lock yet shows our session holding it",
+                until,
+            );
         }
         if read.meta.index != a.index {
             // Free, but the key moved since the read the acquire went on: another contender took
@@ -896,15 +1081,49 @@ impl LockMachine {
     // ----- releasing and destroying --------------------------------------------------------
 
     fn on_release(&mut self, now: Instant, reply: &Reply) {
-        if let Err(why) = decode::<KvRelease>(reply) {
-            // An owned session's destroy releases the key anyway.
-            tracing::warn!(?why, "release failed");
+        let why = match decode::<KvRelease>(reply) {
+            // `false`: the session no longer held the key (lost meanwhile): nothing to release.
+            Ok(_) => return self.released(now, None),
+            Err(Failure::Fatal(e)) => return self.released(now, Some(LockError::refused(e))),
+            Err(Failure::Transient(why)) => why,
+        };
+        let Phase::Releasing(Releasing::Release(r)) = &mut self.phase else {
+            return;
+        };
+        if now >= r.give_up_at {
+            let e = LockError::ReleaseUnconfirmed {
+                attempts: r.attempts,
+                last: why,
+            };
+            return self.released(now, Some(e));
         }
-        self.phase = Phase::Releasing(Releasing::Session);
+        let pause = r.backoff.next(&mut self.base.rng);
+        tracing::warn!(%why, ?pause, attempt = r.attempts, "release failed; retrying");
+        r.step = ReleaseStep::Pause((now + pause).min(r.give_up_at));
+    }
+
+    /// The release is over (confirmed, or `failed`): stop the session, then report.
+    fn released(&mut self, now: Instant, failed: Option<LockError>) {
+        if let Some(e) = &failed {
+            tracing::warn!(error = %e, "the release was not confirmed; stopping the session");
+        }
+        self.phase = Phase::Releasing(Releasing::Session(failed));
         // If the session ended while the release was out (invalidated), `stop` reports it
         // stopped at once.
         let events = self.base.stop_session(now);
         self.on_session_events(now, events);
+    }
+
+    fn retry_release(&mut self, now: Instant) {
+        let Phase::Releasing(Releasing::Release(r)) = &self.phase else {
+            return;
+        };
+        let session = r.session.clone();
+        let pending = self.send_release(now, session);
+        if let Phase::Releasing(Releasing::Release(r)) = &mut self.phase {
+            r.attempts = r.attempts.saturating_add(1);
+            r.step = ReleaseStep::Sent(pending);
+        }
     }
 
     fn on_destroy_read(&mut self, now: Instant, reply: &Reply) {
@@ -964,7 +1183,7 @@ impl Phases for LockMachine {
     }
 
     fn phase_pendings(&self, all: &mut Pendings) {
-        all.extend(self.stray);
+        all.extend(self.stray.as_ref().map(Stray::pending));
         match &self.phase {
             Phase::Acquiring(a) => {
                 if let Step::Read(p) | Step::Acquire(p) | Step::Recheck(p) = a.step {
@@ -973,7 +1192,10 @@ impl Phases for LockMachine {
                 all.extend(a.holder.as_ref().and_then(|h| h.info));
             }
             Phase::Held(h) => all.extend(h.watch.pending()),
-            Phase::Releasing(Releasing::Release(p))
+            Phase::Releasing(Releasing::Release(Release {
+                step: ReleaseStep::Sent(p),
+                ..
+            }))
             | Phase::Destroying(Destroying::Read(p) | Destroying::Delete(p)) => all.push(*p),
             _ => {}
         }
@@ -993,6 +1215,10 @@ impl Phases for LockMachine {
                 [pause, give_up, info].into_iter().flatten().min()
             }
             Phase::Held(h) => h.watch.timer(),
+            Phase::Releasing(Releasing::Release(Release {
+                step: ReleaseStep::Pause(until),
+                ..
+            })) => Some(*until),
             _ => None,
         }
     }
@@ -1029,14 +1255,17 @@ impl Phases for LockMachine {
                 }
             }
             Phase::Held(h) if h.watch.due(now) => self.monitor(now),
+            Phase::Releasing(Releasing::Release(Release {
+                step: ReleaseStep::Pause(until),
+                ..
+            })) if now >= *until => self.retry_release(now),
             _ => {}
         }
     }
 
     fn phase_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        if self.stray.is_some_and(|p| p.is(id)) {
-            self.stray = None;
-            self.on_stray_acquire(now, &reply);
+        if let Some(stray) = self.stray.take_if(|s| s.pending().is(id)) {
+            self.on_stray(now, stray, &reply);
             return;
         }
         if let Phase::Acquiring(a) = &mut self.phase {
@@ -1063,7 +1292,10 @@ impl Phases for LockMachine {
                 WatchStep::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
                 WatchStep::Read(_) | WatchStep::Pause(_) => self.ignore(id),
             },
-            Phase::Releasing(Releasing::Release(p)) if p.is(id) => self.on_release(now, &reply),
+            Phase::Releasing(Releasing::Release(Release {
+                step: ReleaseStep::Sent(p),
+                ..
+            })) if p.is(id) => self.on_release(now, &reply),
             Phase::Destroying(Destroying::Read(p)) if p.is(id) => self.on_destroy_read(now, &reply),
             Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(now, &reply),
             _ => self.ignore(id),

@@ -17,7 +17,7 @@ mod read;
 mod semaphore;
 mod session;
 
-pub use lock::{FencingToken, LockError, LockEvent, LockMachine, LockStatus, LossReason};
+pub use lock::{FencingToken, LockError, LockEvent, LockMachine, LockStatus, LossReason, Retry};
 pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use semaphore::{SemaphoreMachine, SemaphoreState};

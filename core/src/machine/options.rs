@@ -123,6 +123,13 @@ pub struct LockOptions {
     pub request_timeout: Duration,
     /// The Consul namespace (Enterprise), overriding the client config's.
     pub namespace: Option<String>,
+    /// How long failed tries may go on in a row while acquiring before the attempt ends with
+    /// [`LockError::AgentUnavailable`](crate::machine::LockError::AgentUnavailable) (default
+    /// 60 s; `None`: retry for ever). Every failed try is reported as it happens
+    /// ([`LockEvent::Retrying`](crate::machine::LockEvent::Retrying)); any usable answer starts
+    /// the count again. The budget is checked when a try fails, so the attempt ends at the first
+    /// failure past it.
+    pub acquire_error_budget: Option<Duration>,
     /// Seeds the jitter of retries, so that a run can be replayed.
     pub seed: u64,
 }
@@ -140,6 +147,8 @@ impl LockOptions {
     pub const DEFAULT_MONITOR_WAIT: Duration = Duration::from_secs(300);
     /// The default deadline of requests that do not block.
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The default error budget of an acquisition: a minute of failures in a row.
+    pub const DEFAULT_ACQUIRE_ERROR_BUDGET: Duration = Duration::from_secs(60);
     /// Consul caps a blocking read's wait at 10 minutes.
     pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
@@ -156,6 +165,7 @@ impl LockOptions {
             monitor_wait: Self::DEFAULT_MONITOR_WAIT,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             namespace: None,
+            acquire_error_budget: Some(LockOptions::DEFAULT_ACQUIRE_ERROR_BUDGET),
             seed: 0,
         })
     }
@@ -320,6 +330,13 @@ pub struct SemaphoreOptions {
     pub request_timeout: Duration,
     /// The Consul namespace (Enterprise), overriding the client config's.
     pub namespace: Option<String>,
+    /// How long failed tries may go on in a row while acquiring before the attempt ends with
+    /// [`LockError::AgentUnavailable`](crate::machine::LockError::AgentUnavailable) (default
+    /// 60 s; `None`: retry for ever). Every failed try is reported as it happens
+    /// ([`LockEvent::Retrying`](crate::machine::LockEvent::Retrying)); any usable answer starts
+    /// the count again. The budget is checked when a try fails, so the attempt ends at the first
+    /// failure past it.
+    pub acquire_error_budget: Option<Duration>,
     /// Seeds the jitter of retries, so that a run can be replayed.
     pub seed: u64,
 }
@@ -349,6 +366,7 @@ impl SemaphoreOptions {
             monitor_wait: LockOptions::DEFAULT_MONITOR_WAIT,
             request_timeout: LockOptions::DEFAULT_REQUEST_TIMEOUT,
             namespace: None,
+            acquire_error_budget: Some(LockOptions::DEFAULT_ACQUIRE_ERROR_BUDGET),
             seed: 0,
         })
     }

@@ -28,7 +28,7 @@ use crate::api::{
 };
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
-use crate::machine::hold::{Base, Phases, Watch, WatchStep, holding_surface};
+use crate::machine::hold::{Base, Failures, Phases, Watch, WatchStep, holding_surface};
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::read::next_index;
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
@@ -236,6 +236,7 @@ struct Acquiring {
     conflicts: u32,
     /// Whether this attempt sent a contender acquire (so the key may exist).
     contended: bool,
+    failures: Failures,
 }
 
 #[derive(Clone, Debug)]
@@ -392,6 +393,7 @@ impl SemaphoreMachine {
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
             conflicts: 0,
             contended: false,
+            failures: Failures::default(),
         });
         let events = self.base.start_session(now);
         self.on_session_events(now, events);
@@ -554,24 +556,38 @@ impl SemaphoreMachine {
         self.finish(now, LockEvent::Lost(reason));
     }
 
-    /// Pauses with backoff after a transient failure, then does `then`.
+    /// Pauses with backoff after a transient failure, then does `then`; reported, or the end of
+    /// the attempt once failures have lasted the error budget.
     fn retry(&mut self, now: Instant, then: Then, why: &str) {
+        if let Some(until) = self.pause(now, then) {
+            self.record_failure(now, why, until);
+        }
+    }
+
+    /// Pauses with backoff, then does `then`: the pause's end, if acquiring.
+    fn pause(&mut self, now: Instant, then: Then) -> Option<Instant> {
         let rng = &mut self.base.rng;
-        let Some(a) = (match &mut self.phase {
+        let a = match &mut self.phase {
             Phase::Acquiring(a) => Some(a),
             _ => None,
-        }) else {
-            return;
-        };
-        let pause = a.backoff.next(rng);
-        tracing::warn!(%why, ?pause, attempt = a.backoff.attempts(), "retrying");
+        }?;
+        let until = now + a.backoff.next(rng);
         if then == Then::Read {
             a.index = 0;
         }
-        a.step = Step::Pause {
-            until: now + pause,
-            then,
+        a.step = Step::Pause { until, then };
+        Some(until)
+    }
+
+    /// Records a failed try whose next is at `next_try` (see [`Failures`]).
+    fn record_failure(&mut self, now: Instant, why: &str, next_try: Instant) {
+        let budget = self.options.acquire_error_budget;
+        let Phase::Acquiring(a) = &mut self.phase else {
+            return;
         };
+        if let Err(e) = a.failures.failed(now, why, next_try, budget, &mut self.base.out) {
+            self.fail(now, e);
+        }
     }
 
     // ----- session -------------------------------------------------------------------------
@@ -583,10 +599,14 @@ impl SemaphoreMachine {
                     if let Some(a) = self.acquiring() {
                         a.index = 0;
                         a.step = Step::AwaitCleanup;
+                        a.failures.progressed();
                     }
                     self.resume_after_cleanup(now);
                 }
-                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::Session(e)),
+                (SessionEvent::CreateRetry { cause, next_try }, Phase::Acquiring(_)) => {
+                    self.record_failure(now, &cause, next_try);
+                }
+                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::session(e)),
                 (SessionEvent::Lost(loss), Phase::Held(_)) => {
                     let reason = match loss {
                         SessionLoss::Invalidated => LossReason::SessionInvalidated,
@@ -655,6 +675,7 @@ impl SemaphoreMachine {
             Ok(true) => {
                 if let Some(a) = self.acquiring() {
                     a.index = 0;
+                    a.failures.progressed();
                 }
                 self.read(now);
             }
@@ -667,11 +688,11 @@ impl SemaphoreMachine {
                 }
                 let events = self.base.forget_session(now);
                 if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
-                    return self.fail(now, LockError::Refused(e));
+                    return self.fail(now, LockError::refused(e));
                 }
                 self.on_session_events(now, events);
             }
-            Err(Failure::Fatal(e)) => self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
             Err(Failure::Transient(why)) => self.retry(now, Then::Contend, &why),
         }
     }
@@ -725,7 +746,7 @@ impl SemaphoreMachine {
         let list = match decode::<KvList>(reply) {
             Ok(list) => list,
             Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
-            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
             return self.retry(now, Then::Contend, "no session to contend with");
@@ -754,6 +775,9 @@ impl SemaphoreMachine {
         // No progress, at once: index 0 included (a reply without X-Consul-Index).
         let spinning = !moved && quick;
         a.index = index;
+        if !spinning {
+            a.failures.progressed();
+        }
         if view.contender != Contender::Ours {
             // Our contender key went (an operator): without it the others would prune us at
             // once. Make it again, paced.
@@ -806,6 +830,7 @@ impl SemaphoreMachine {
             Ok(true) => {
                 if let Some(a) = self.acquiring() {
                     a.conflicts = 0;
+                    a.failures.progressed();
                 }
                 self.confirm(now);
             }
@@ -817,12 +842,14 @@ impl SemaphoreMachine {
                     a.index = 0;
                     self.read(now);
                 } else {
-                    self.retry(now, Then::Read, "check-and-set refused again");
+                    // Contention, not a failure of the agent's: paced, not reported.
+                    tracing::debug!("check-and-set refused again; pausing");
+                    self.pause(now, Then::Read);
                 }
             }
             // It may have been applied: the next list tells (we would be a holder).
             Err(Failure::Transient(why)) => self.retry(now, Then::Read, &why),
-            Err(Failure::Fatal(e)) => self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
         }
     }
 
@@ -843,7 +870,7 @@ impl SemaphoreMachine {
             Ok(list) => list,
             // We may hold a slot: find out before anything else.
             Err(Failure::Transient(why)) => return self.retry(now, Then::Confirm, &why),
-            Err(Failure::Fatal(e)) => return self.fail(now, LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
             return self.retry(now, Then::Contend, "no session to contend with");
@@ -1061,7 +1088,7 @@ impl SemaphoreMachine {
             Err(Failure::Transient(why)) => {
                 return self.end_destroy(LockEvent::Failed(LockError::Unavailable(why)));
             }
-            Err(Failure::Fatal(e)) => return self.end_destroy(LockEvent::Failed(LockError::Refused(e))),
+            Err(Failure::Fatal(e)) => return self.end_destroy(LockEvent::Failed(LockError::refused(e))),
         };
         let Some(lock) = find(&pairs, &self.lock_key) else {
             return self.end_destroy(LockEvent::Destroyed);
@@ -1096,7 +1123,7 @@ impl SemaphoreMachine {
             Ok(true) => LockEvent::Destroyed,
             Ok(false) => LockEvent::Failed(LockError::InUse),
             Err(Failure::Transient(why)) => LockEvent::Failed(LockError::Unavailable(why)),
-            Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::Refused(e)),
+            Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::refused(e)),
         };
         self.end_destroy(event);
     }

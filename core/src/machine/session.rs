@@ -27,6 +27,13 @@ pub enum SessionEvent {
     Lost(SessionLoss),
     /// The session could not be created, for a reason that retrying won't fix.
     CreateFailed(ApiError),
+    /// A create failed for a reason that may pass; it is tried again at `next_try`.
+    CreateRetry {
+        /// What failed.
+        cause: String,
+        /// When the next create goes out.
+        next_try: Instant,
+    },
     /// The session was destroyed (or was the caller's, and was let go).
     Stopped,
 }
@@ -474,9 +481,12 @@ impl SessionMachine {
                     }
                     Err(Failure::Transient(why)) => {
                         let pause = self.backoff.next(rng);
-                        tracing::warn!(%why, ?pause, "session create failed; retrying");
+                        tracing::debug!(%why, ?pause, "session create failed; retrying");
                         self.state = State::CreatePause { until: now + pause };
-                        Vec::new()
+                        vec![SessionEvent::CreateRetry {
+                            cause: format!("session create: {why}"),
+                            next_try: now + pause,
+                        }]
                     }
                     Err(Failure::Fatal(e)) => {
                         tracing::warn!(error = %e, "session create refused");

@@ -908,6 +908,7 @@ impl Node {
                 }
                 Expect::Held(token.clone())
             }
+            (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
             (LockEvent::GaveUp, Expect::Acquiring) => {
                 assert!(self.m.options().lock_try_once, "GaveUp without try-once");
                 Expect::Idle
@@ -918,7 +919,7 @@ impl Node {
             }
             (LockEvent::Failed(_), Expect::Acquiring | Expect::Destroying)
             | (LockEvent::Lost(_), Expect::Held(_))
-            | (LockEvent::Released, Expect::Releasing)
+            | (LockEvent::Released | LockEvent::ReleaseFailed(_), Expect::Releasing)
             | (LockEvent::Destroyed, Expect::Destroying) => Expect::Idle,
             (e, state) => panic!("event {e:?} while {state:?}"),
         };
@@ -1062,6 +1063,13 @@ impl Rig {
 
     pub(crate) fn events(&mut self) -> Vec<LockEvent> {
         self.node.take_events()
+    }
+
+    /// The events since the last call, without the reports of retries ([`LockEvent::Retrying`]).
+    pub(crate) fn outcomes(&mut self) -> Vec<LockEvent> {
+        let mut events = self.events();
+        events.retain(|e| !matches!(e, LockEvent::Retrying(_)));
+        events
     }
 
     /// The requests sent at or after `t`.

@@ -751,10 +751,21 @@ impl<'s> Harness<'s> {
     fn on_event(&mut self, i: usize, event: LockEvent) {
         let now = self.now;
         let t = self.t();
-        self.log(format!("client {i} EVENT {event:?}"));
+        match &event {
+            // Its instants are the machine's, which a trace must not show: runs of one seed
+            // start at different real instants.
+            LockEvent::Retrying(retry) => self.log(format!(
+                "client {i} EVENT Retrying({:?}, attempt {}, next in {:?})",
+                retry.cause,
+                retry.attempt,
+                retry.next_try.saturating_duration_since(now)
+            )),
+            event => self.log(format!("client {i} EVENT {event:?}")),
+        }
         let pause = self.clients[i].spec.pause;
-        match event {
+        match &event {
             LockEvent::Acquired(token) => {
+                let token = token.clone();
                 if self.clients[i].holding.is_some() {
                     self.violation(format!("client {i}: Acquired while already holding"));
                 }
@@ -831,12 +842,12 @@ impl<'s> Harness<'s> {
                 if self.clients[i].holding.is_none() {
                     return self.violation(format!("client {i}: Lost without a hold"));
                 }
-                self.end_hold(i, Some(reason));
+                self.end_hold(i, Some(reason.clone()));
                 self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
             }
-            LockEvent::Released => {
+            LockEvent::Released | LockEvent::ReleaseFailed(_) => {
                 if !self.clients[i].releasing {
-                    return self.violation(format!("client {i}: Released without an unlock"));
+                    return self.violation(format!("client {i}: {event:?} without an unlock"));
                 }
                 self.clients[i].releasing = false;
                 self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
@@ -844,7 +855,7 @@ impl<'s> Harness<'s> {
             LockEvent::GaveUp | LockEvent::Failed(_) | LockEvent::Cancelled => {
                 self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
             }
-            LockEvent::Destroyed => {}
+            LockEvent::Destroyed | LockEvent::Retrying(_) => {}
         }
     }
 
