@@ -58,3 +58,18 @@ pub enum CallError {
     #[error(transparent)]
     Api(consul_lock_core::api::ApiError),
 }
+
+/// Why [`Client::shutdown`](crate::Client::shutdown) did not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShutdownError {
+    /// The timeout passed before these locks and semaphores finished their cleanup (releasing,
+    /// destroying their session): each is named by its key (a semaphore by its prefix). They go
+    /// on in the background for as long as the runtime runs; what is cut short is left for
+    /// Consul to expire with the session's TTL.
+    #[error("{} lock(s) did not finish their cleanup in time: {}", unfinished.len(), unfinished.join(", "))]
+    Unfinished {
+        /// The keys (semaphore prefixes) still cleaning up.
+        unfinished: Vec<String>,
+    },
+}
