@@ -12,6 +12,8 @@
 //!     while guard.wait_lost(Duration::from_secs(1))?.is_none() {
 //!         // one unit of leader work per second, while still leading
 //!     }
+//!     // Before main returns: end every lock of the client, and wait for their cleanup.
+//!     client.shutdown(Duration::from_secs(5))?;
 //!     Ok(())
 //! }
 //! ```
@@ -31,12 +33,22 @@
 //! # }
 //! ```
 //!
+//! Before the program ends, call [`Client::shutdown`]: it ends every lock and semaphore of the
+//! client (cancels, releases, destroys the sessions) and blocks, within a timeout, until that
+//! reached Consul. (Dropping the client's last handle waits too, but for 2 s at most.)
+//!
 //! Under the hood the lock runs on a private single-threaded tokio runtime owned by the
 //! [`Client`] (as `reqwest::blocking` does), driving the same task as `consul-lock-tokio`: a
 //! blocking read of the key never holds up a session renewal, because the two are separate
 //! requests in flight at once, and no thread of yours is used for either.
 
 use std::sync::{Arc, mpsc};
+
+/// The workspace README's code (the tokio and the threads snippets, the machine in an event
+/// loop), compiled by `cargo test --doc` so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;

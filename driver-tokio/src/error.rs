@@ -46,6 +46,10 @@ pub enum Error {
     /// Try-once: the wait ended without the lock. Not a success: there is no guard.
     #[error("gave up: no lock within the wait time (lock_try_once)")]
     GaveUp,
+    /// [`Client::shutdown`](crate::Client::shutdown) did not finish every cleanup in time (here
+    /// so that `?` works on it in a function returning this error).
+    #[error(transparent)]
+    Shutdown(#[from] ShutdownError),
 }
 
 /// Why a [`Client::call`](crate::Client::call) has no answer.

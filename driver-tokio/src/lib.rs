@@ -3,6 +3,7 @@
 //!
 //! ```no_run
 //! use consul_lock_tokio::{Client, Error};
+//! use std::time::Duration;
 //!
 //! # async fn work() {}
 //! #[tokio::main]
@@ -15,6 +16,8 @@
 //!         () = work() => guard.release().await?,
 //!         lost = guard.lost() => println!("lost leadership: {lost:?}"),
 //!     }
+//!     // Before main returns: end every lock of the client, and wait for their cleanup.
+//!     client.shutdown(Duration::from_secs(5)).await?;
 //!     Ok(())
 //! }
 //! ```
@@ -43,6 +46,10 @@
 //! - Dropping a [`LockGuard`] releases the lock (or the slot) in the background (no IO happens in
 //!   `Drop`, and no runtime is needed there).
 //! - A lock or a semaphore is usable again after it was lost or released.
+//! - Before the program ends, call [`Client::shutdown`] (or [`Lock::close`] on each lock): it
+//!   ends every lock and semaphore of the client (cancels, releases, destroys the sessions) and
+//!   waits, within a timeout, for that to reach Consul. Background work still under way when the
+//!   runtime stops is cut short, and Consul then keeps the key until the session's TTL runs out.
 
 mod error;
 mod task;
@@ -309,8 +316,8 @@ impl Lock {
     /// released, and the session the lock made is destroyed before this returns.
     ///
     /// Dropping a `Lock` (or cancelling an acquire) does the same in the background; call
-    /// `close` before a process exits, so that the background work is not cut short and no
-    /// session is left for Consul to expire. If the agent can't be reached, the destroy is
+    /// `close` (or [`Client::shutdown`], for every lock of the client) before a process exits,
+    /// so that the background work is not cut short and no session is left for Consul to expire. If the agent can't be reached, the destroy is
     /// retried until the session must have expired on its own (up to twice its TTL): wrap the
     /// call in a timeout if the process can't wait that long.
     pub async fn close(self) {
