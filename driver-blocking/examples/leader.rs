@@ -1,6 +1,7 @@
 //! Leader election with the blocking driver: take the lock, work only while leading, step down at
 //! once when leadership is lost and try again. Ends, releasing the lock, after `UNITS` units of
-//! work or when standard input closes (Ctrl-D).
+//! work or when standard input closes (Ctrl-D), after `Client::shutdown` has waited for the
+//! cleanup to reach Consul.
 //!
 //! ```text
 //! CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo run -p consul-lock-blocking --example leader_blocking -- service/leader [UNITS]
@@ -19,7 +20,15 @@ fn main() -> Result<(), Error> {
     let key = args.next().unwrap_or_else(|| "service/leader".to_owned());
     let units: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
     let client = Client::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...
-    let lock = client.lock_key(&key)?;
+    lead(&client, &key, units)?;
+    // Ends whatever is still under way (a stopped attempt's session) and waits for it.
+    client.shutdown(Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Leads whenever it can, until `units` units of work are done or standard input closes.
+fn lead(client: &Client, key: &str, units: u64) -> Result<(), Error> {
+    let lock = client.lock_key(key)?;
 
     // Standard input closing asks us to stop; it also stops an `acquire` that is waiting.
     let stop = Lock::stop_handle();

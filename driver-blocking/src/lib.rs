@@ -12,6 +12,8 @@
 //!     while guard.wait_lost(Duration::from_secs(1))?.is_none() {
 //!         // one unit of leader work per second, while still leading
 //!     }
+//!     // Before main returns: end every lock of the client, and wait for their cleanup.
+//!     client.shutdown(Duration::from_secs(5))?;
 //!     Ok(())
 //! }
 //! ```
@@ -31,26 +33,41 @@
 //! # }
 //! ```
 //!
+//! Before the program ends, call [`Client::shutdown`]: it ends every lock and semaphore of the
+//! client (cancels, releases, destroys the sessions) and blocks, within a timeout, until that
+//! reached Consul. (Dropping the client's last handle waits too, but for 2 s at most.)
+//!
 //! Under the hood the lock runs on a private single-threaded tokio runtime owned by the
 //! [`Client`] (as `reqwest::blocking` does), driving the same task as `consul-lock-tokio`: a
 //! blocking read of the key never holds up a session renewal, because the two are separate
 //! requests in flight at once, and no thread of yours is used for either.
 
 use std::sync::{Arc, mpsc};
+
+/// The workspace README's code (the tokio and the threads snippets, the machine in an event
+/// loop), compiled by `cargo test --doc` so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
-pub use consul_lock_tokio::{Error, HoldEnd};
+pub use consul_lock_tokio::{Error, HoldEnd, ShutdownError};
 use tokio::sync::watch;
 
 /// The private runtime: one thread, shut down when the last handle using it is dropped.
 #[derive(Debug)]
 struct Runtime {
     runtime: Option<tokio::runtime::Runtime>,
+    /// The client whose locks run here, for the cleanup when the runtime goes.
+    client: Option<consul_lock_tokio::Client>,
 }
 
 impl Runtime {
+    /// How long the last handle's drop waits for the cleanup of locks that were not shut down.
+    const DROP_GRACE: Duration = Duration::from_secs(2);
+
     fn handle(&self) -> Result<&tokio::runtime::Runtime, Error> {
         self.runtime.as_ref().ok_or(Error::DriverStopped)
     }
@@ -58,11 +75,22 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            // Give releases handed over by dropped guards a moment to go out, without blocking
-            // the dropping thread for long.
-            runtime.shutdown_timeout(Duration::from_secs(2));
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        // Every handle is gone, so every lock task is finishing its cleanup (a release handed
+        // over by a dropped guard, a session destroy): give them a moment to finish, without
+        // blocking the dropping thread for long. Shutting the runtime down alone would not:
+        // it drops its tasks at their next pause, cutting the release short.
+        // (Not from inside an async runtime, where blocking is not allowed.)
+        if let Some(client) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                if let Err(e) = runtime.block_on(client.shutdown(Self::DROP_GRACE)) {
+                    tracing::warn!("consul-lock client dropped: {e}; left for Consul to expire");
+                }
+            }
         }
+        runtime.shutdown_timeout(Self::DROP_GRACE);
     }
 }
 
@@ -99,6 +127,7 @@ impl Client {
         Ok(Client {
             runtime: Arc::new(Runtime {
                 runtime: Some(runtime),
+                client: Some(inner.clone()),
             }),
             inner,
         })
@@ -107,6 +136,38 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         self.inner.config()
+    }
+
+    /// Ends every lock and semaphore this client (or a clone of it) made that is still at work,
+    /// and blocks until their cleanup is done, for at most `timeout`: call it before the program
+    /// ends. See [`consul_lock_tokio::Client::shutdown`].
+    ///
+    /// An attempt under way is cancelled, a hold is released, and each session the locks made is
+    /// destroyed; guards still alive lose their hold, and dropping them afterwards is harmless.
+    /// [`ShutdownError::Unfinished`] names the locks whose cleanup did not end in time (an
+    /// unreachable agent); Consul expires what they leave with the session's TTL.
+    ///
+    /// Dropping the last handle of a client (client, locks, guards, watches) also waits for the
+    /// cleanup, but for 2 s at most, and not when dropped inside an async runtime.
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    ///
+    /// let client = consul_lock_blocking::Client::from_env()?;
+    /// let lock = client.lock_key("service/leader")?;
+    /// let _guard = lock.acquire()?;
+    /// // ... lead ...
+    /// client.shutdown(Duration::from_secs(5))?; // the key is free, the session gone
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownError> {
+        match self.runtime.handle() {
+            Ok(runtime) => runtime.block_on(self.inner.shutdown(timeout)),
+            // The runtime is gone, and its tasks with it: nothing is left to end.
+            Err(_) => Ok(()),
+        }
     }
 
     /// A lock with Go's defaults on `key`.

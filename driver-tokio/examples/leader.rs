@@ -1,5 +1,6 @@
 //! Leader election with the tokio driver: take the lock, work only while leading, step down at
-//! once when leadership is lost and try again; Ctrl-C releases the lock and exits.
+//! once when leadership is lost and try again; Ctrl-C releases the lock and exits, after
+//! `Client::shutdown` has waited for the release and the session's destroy to reach Consul.
 //!
 //! ```text
 //! CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo run -p consul-lock-tokio --example leader -- service/leader
@@ -26,7 +27,15 @@ async fn main() -> Result<(), Error> {
         .nth(1)
         .unwrap_or_else(|| "service/leader".to_owned());
     let client = Client::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...
-    let lock = client.lock_key(&key)?;
+    lead(&client, &key).await?;
+    // Ends whatever is still under way (a cancelled attempt's session) and waits for it.
+    client.shutdown(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// Leads whenever it can, until Ctrl-C.
+async fn lead(client: &Client, key: &str) -> Result<(), Error> {
+    let lock = client.lock_key(key)?;
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     let mut unit = 0;
     loop {

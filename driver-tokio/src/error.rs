@@ -46,6 +46,10 @@ pub enum Error {
     /// Try-once: the wait ended without the lock. Not a success: there is no guard.
     #[error("gave up: no lock within the wait time (lock_try_once)")]
     GaveUp,
+    /// [`Client::shutdown`](crate::Client::shutdown) did not finish every cleanup in time (here
+    /// so that `?` works on it in a function returning this error).
+    #[error(transparent)]
+    Shutdown(#[from] ShutdownError),
 }
 
 /// Why a [`Client::call`](crate::Client::call) has no answer.
@@ -57,4 +61,19 @@ pub enum CallError {
     /// Consul answered, but not with the answer asked for (a 403, a 500, a garbled body).
     #[error(transparent)]
     Api(consul_lock_core::api::ApiError),
+}
+
+/// Why [`Client::shutdown`](crate::Client::shutdown) did not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShutdownError {
+    /// The timeout passed before these locks and semaphores finished their cleanup (releasing,
+    /// destroying their session): each is named by its key (a semaphore by its prefix). They go
+    /// on in the background for as long as the runtime runs; what is cut short is left for
+    /// Consul to expire with the session's TTL.
+    #[error("{} lock(s) did not finish their cleanup in time: {}", unfinished.len(), unfinished.join(", "))]
+    Unfinished {
+        /// The keys (semaphore prefixes) still cleaning up.
+        unfinished: Vec<String>,
+    },
 }

@@ -3,6 +3,7 @@
 //!
 //! ```no_run
 //! use consul_lock_tokio::{Client, Error};
+//! use std::time::Duration;
 //!
 //! # async fn work() {}
 //! #[tokio::main]
@@ -15,6 +16,8 @@
 //!         () = work() => guard.release().await?,
 //!         lost = guard.lost() => println!("lost leadership: {lost:?}"),
 //!     }
+//!     // Before main returns: end every lock of the client, and wait for their cleanup.
+//!     client.shutdown(Duration::from_secs(5)).await?;
 //!     Ok(())
 //! }
 //! ```
@@ -43,31 +46,49 @@
 //! - Dropping a [`LockGuard`] releases the lock (or the slot) in the background (no IO happens in
 //!   `Drop`, and no runtime is needed there).
 //! - A lock or a semaphore is usable again after it was lost or released.
+//! - Before the program ends, call [`Client::shutdown`] (or [`Lock::close`] on each lock): it
+//!   ends every lock and semaphore of the client (cancels, releases, destroys the sessions) and
+//!   waits, within a timeout, for that to reach Consul. Background work still under way when the
+//!   runtime stops is cut short, and Consul then keeps the key until the session's TTL runs out.
 
 mod error;
 mod task;
 mod transport;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
-pub use error::{CallError, Error};
+pub use error::{CallError, Error, ShutdownError};
 pub use task::HoldEnd;
 use task::{Command, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A connection to one Consul agent: one HTTP client (connection pool) shared by every lock and
 /// semaphore.
+///
+/// Clones share the connection pool and the set of locks that [`shutdown`](Client::shutdown)
+/// ends.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
     config: Arc<ClientConfig>,
+    tasks: Arc<Mutex<Vec<Registered>>>,
+}
+
+/// A lock or semaphore task this client started, as [`Client::shutdown`] finds it: a weak
+/// sender, so that the registry does not keep the task's channel open (dropping the `Lock` must
+/// still end its task).
+#[derive(Debug)]
+struct Registered {
+    name: String,
+    commands: mpsc::WeakUnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -84,6 +105,7 @@ impl Client {
         Ok(Client {
             http: transport::build_client(&config)?,
             config: Arc::new(config),
+            tasks: Arc::default(),
         })
     }
 
@@ -123,8 +145,9 @@ impl Client {
     /// A lock with `options`. Must be called inside a tokio runtime: the lock's task starts here.
     pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let name = options.key.as_str().to_owned();
         let machine = LockMachine::new((*self.config).clone(), options)?;
-        Ok(self.spawn(&runtime, machine))
+        Ok(self.spawn(&runtime, machine, name))
     }
 
     /// A semaphore of `limit` slots under `prefix`, with Go's defaults (Go's `SemaphorePrefix`).
@@ -140,14 +163,87 @@ impl Client {
     /// semaphore, provided they agree on the limit.
     pub fn semaphore(&self, options: SemaphoreOptions) -> Result<Semaphore, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let name = options.prefix.as_str().to_owned();
         let machine = SemaphoreMachine::new((*self.config).clone(), options)?;
-        Ok(self.spawn(&runtime, machine))
+        Ok(self.spawn(&runtime, machine, name))
     }
 
-    /// Starts the task that owns `machine`, and hands out its handle.
-    fn spawn<M: HoldMachine>(&self, runtime: &tokio::runtime::Handle, machine: M) -> Lock {
+    /// Ends every lock and semaphore this client (or a clone of it) made that is still at work,
+    /// and waits for their cleanup, for at most `timeout`: call it before the program ends.
+    ///
+    /// Each one is ended as [`Lock::close`] ends it: an attempt under way is cancelled, a hold is
+    /// released, and the session the lock made is destroyed; locks whose handles were dropped
+    /// already (whose cleanup goes on in the background) are waited for too. Guards still alive
+    /// lose their hold ([`LossWatch::ended`] answers [`HoldEnd::Released`]); dropping them
+    /// afterwards is harmless, and [`LockGuard::release`] then answers
+    /// [`Error::DriverStopped`], as does any use of the handles.
+    ///
+    /// Without it, a guard dropped just before `main` returns, or a runtime shut down with locks
+    /// alive, leaves the key held and the session alive until Consul expires it (the session's
+    /// TTL, 15 s by default): the background release never goes out.
+    ///
+    /// [`ShutdownError::Unfinished`] names the locks whose cleanup did not end within `timeout`
+    /// (an unreachable agent: the release is retried until the session must have expired); they
+    /// go on in the background, and a later `shutdown` waits for them again. Locks made after
+    /// this call are not affected.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    ///
+    /// let client = consul_lock_tokio::Client::from_env()?;
+    /// let lock = client.lock_key("service/leader")?;
+    /// let _guard = lock.acquire().await?;
+    /// // ... lead ...
+    /// client.shutdown(Duration::from_secs(5)).await?; // the key is free, the session gone
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        for registered in &tasks {
+            // A task whose handles are all gone ends by itself; it is only waited for.
+            if let Some(commands) = registered.commands.upgrade() {
+                let (reply, _) = oneshot::channel();
+                let _ = commands.send(Command::Close { reply });
+            }
+        }
+        let mut unfinished = Vec::new();
+        for mut registered in tasks {
+            // A task that panicked or was aborted is over too: only a timeout leaves one behind.
+            if tokio::time::timeout_at(deadline, &mut registered.task)
+                .await
+                .is_err()
+            {
+                unfinished.push(registered);
+            }
+        }
+        if unfinished.is_empty() {
+            return Ok(());
+        }
+        let names = unfinished.iter().map(|r| r.name.clone()).collect();
+        tracing::warn!(unfinished = ?names, "shutdown: cleanup not finished in time");
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(unfinished);
+        Err(ShutdownError::Unfinished { unfinished: names })
+    }
+
+    /// Starts the task that owns `machine`, registers it for [`shutdown`](Self::shutdown), and
+    /// hands out its handle.
+    fn spawn<M: HoldMachine>(&self, runtime: &tokio::runtime::Handle, machine: M, name: String) -> Lock {
         let (commands, rx) = mpsc::unbounded_channel();
-        runtime.spawn(task::run(machine, self.http.clone(), (*self.config).clone(), rx));
+        let task = runtime.spawn(task::run(machine, self.http.clone(), (*self.config).clone(), rx));
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.retain(|registered| !registered.task.is_finished());
+        tasks.push(Registered {
+            name,
+            commands: commands.downgrade(),
+            task,
+        });
+        drop(tasks);
         Lock {
             commands,
             generation: Arc::new(AtomicU64::new(0)),
@@ -220,8 +316,8 @@ impl Lock {
     /// released, and the session the lock made is destroyed before this returns.
     ///
     /// Dropping a `Lock` (or cancelling an acquire) does the same in the background; call
-    /// `close` before a process exits, so that the background work is not cut short and no
-    /// session is left for Consul to expire. If the agent can't be reached, the destroy is
+    /// `close` (or [`Client::shutdown`], for every lock of the client) before a process exits,
+    /// so that the background work is not cut short and no session is left for Consul to expire. If the agent can't be reached, the destroy is
     /// retried until the session must have expired on its own (up to twice its TTL): wrap the
     /// call in a timeout if the process can't wait that long.
     pub async fn close(self) {

@@ -158,8 +158,12 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
             w.acquire = None;
             match machine.status() {
                 LockStatus::Acquiring => machine.cancel(now),
-                // Acquired, but the future was dropped before it could hand out a guard.
-                LockStatus::Held if w.hold.is_none() => {
+                // Acquired, but the future was dropped before it took the grant out of its
+                // channel (`w.hold` is set as soon as the grant is sent, so it can't tell): the
+                // future disarms its cancel in the very poll that takes the answer, so a cancel
+                // of the generation held means no guard was ever made. Nobody else will release
+                // this hold.
+                LockStatus::Held => {
                     let _ = machine.unlock(now);
                 }
                 _ => {}
