@@ -219,8 +219,36 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
             _ => std::future::pending().await,
         }
     };
+    let mut retries = lock.retries();
+    let report_retries = async {
+        while let Ok(retry) = retries.next().await {
+            let next_in = retry
+                .next_try
+                .saturating_duration_since(std::time::Instant::now());
+            let text = || {
+                format!(
+                    "try {} failed: {}; trying again in {} (giving up after a minute of failures)",
+                    retry.attempt,
+                    retry.cause,
+                    out::secs(next_in)
+                )
+            };
+            if events.json {
+                events.emit(
+                    "retrying",
+                    json!({ "attempt": retry.attempt, "cause": retry.cause, "next_try_ms": out::millis(next_in) }),
+                    String::new,
+                );
+            } else if events.verbose || retry.attempt == 1 {
+                // The first failure of a run always shows: a wait on a dead agent is never silent.
+                out::info(&text());
+            }
+        }
+        std::future::pending::<()>().await;
+    };
     let acquired = tokio::select! {
         result = lock.acquire() => result,
+        () = report_retries => Err(Error::DriverStopped),
         () = outer_timeout => Err(Error::GaveUp),
         name = signals.next() => {
             // Dropping the acquire future cancelled the attempt: wait for its session to go.

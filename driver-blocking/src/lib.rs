@@ -52,7 +52,9 @@ pub struct ReadmeDoctests;
 use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
-pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
+pub use consul_lock_core::machine::{
+    FencingToken, LockError, LockOptions, LossReason, Retry, SemaphoreOptions,
+};
 pub use consul_lock_tokio::{Error, HoldEnd, ShutdownError};
 use tokio::sync::watch;
 
@@ -283,6 +285,15 @@ impl Lock {
         Ok(LockGuard::new(guard, self.runtime.clone()))
     }
 
+    /// A watch of this lock's failed tries while acquiring, to follow from any thread (see
+    /// [`RetryWatch`]).
+    pub fn retries(&self) -> RetryWatch {
+        RetryWatch {
+            inner: self.inner.retries(),
+            runtime: self.runtime.clone(),
+        }
+    }
+
     /// Deletes the lock key if nobody holds it (Go's `Destroy`); for a semaphore, its `.lock` if
     /// no live contender remains.
     pub fn destroy(&self) -> Result<(), Error> {
@@ -302,6 +313,48 @@ pub struct LockGuard {
     watch: consul_lock_tokio::LossWatch,
     lost: mpsc::Receiver<LossReason>,
     runtime: Arc<Runtime>,
+}
+
+/// Follows a lock's failed tries while acquiring, from any thread ([`Lock::retries`]): every
+/// failed try, with its cause, its count in a row and when the next goes out. Past the options'
+/// `acquire_error_budget` the acquisition fails with [`LockError::AgentUnavailable`].
+///
+/// ```no_run
+/// # fn run(lock: &consul_lock_blocking::Lock) {
+/// let mut retries = lock.retries();
+/// std::thread::spawn(move || {
+///     while let Ok(Some(retry)) = retries.wait_next(None) {
+///         eprintln!("lock: try {} failed ({}); trying again", retry.attempt, retry.cause);
+///     }
+/// });
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RetryWatch {
+    inner: consul_lock_tokio::RetryWatch,
+    runtime: Arc<Runtime>,
+}
+
+impl RetryWatch {
+    /// The acquisition's latest failed try, while its last try failed.
+    pub fn latest(&self) -> Option<Retry> {
+        self.inner.latest()
+    }
+
+    /// Blocks until the next failed try (`Some`), or `timeout` passes (`None`; `None` as the
+    /// timeout waits as long as it takes). [`Error::DriverStopped`] once the lock has ended.
+    pub fn wait_next(&mut self, timeout: Option<Duration>) -> Result<Option<Retry>, Error> {
+        let inner = &mut self.inner;
+        self.runtime.handle()?.block_on(async move {
+            match timeout {
+                Some(t) => match tokio::time::timeout(t, inner.next()).await {
+                    Ok(next) => next.map(Some),
+                    Err(_) => Ok(None),
+                },
+                None => inner.next().await.map(Some),
+            }
+        })
+    }
 }
 
 /// Watches a hold for its end from any thread ([`LockGuard::watch`]); cheap to clone.

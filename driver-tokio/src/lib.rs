@@ -62,7 +62,9 @@ use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
-pub use consul_lock_core::machine::{FencingToken, LockError, LockOptions, LossReason, SemaphoreOptions};
+pub use consul_lock_core::machine::{
+    FencingToken, LockError, LockOptions, LossReason, Retry, SemaphoreOptions,
+};
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
 pub use error::{CallError, Error, ShutdownError};
 pub use task::HoldEnd;
@@ -235,7 +237,14 @@ impl Client {
     /// hands out its handle.
     fn spawn<M: HoldMachine>(&self, runtime: &tokio::runtime::Handle, machine: M, name: String) -> Lock {
         let (commands, rx) = mpsc::unbounded_channel();
-        let task = runtime.spawn(task::run(machine, self.http.clone(), (*self.config).clone(), rx));
+        let (retries, retry_watch) = watch::channel(None);
+        let task = runtime.spawn(task::run(
+            machine,
+            self.http.clone(),
+            (*self.config).clone(),
+            rx,
+            retries,
+        ));
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         tasks.retain(|registered| !registered.task.is_finished());
         tasks.push(Registered {
@@ -247,6 +256,7 @@ impl Client {
         Lock {
             commands,
             generation: Arc::new(AtomicU64::new(0)),
+            retries: RetryWatch { state: retry_watch },
         }
     }
 }
@@ -258,6 +268,46 @@ impl Client {
 pub struct Lock {
     commands: mpsc::UnboundedSender<Command>,
     generation: Arc<AtomicU64>,
+    retries: RetryWatch,
+}
+
+/// Follows the failed tries of a lock's acquisitions ([`Lock::retries`]): an agent that is down,
+/// hangs or answers errors is retried with backoff, and every failed try shows here, with its
+/// cause, its count in a row and when the next goes out. Past the options'
+/// `acquire_error_budget` the acquisition fails with [`LockError::AgentUnavailable`].
+///
+/// ```no_run
+/// # async fn run(lock: &consul_lock_tokio::Lock) {
+/// let mut retries = lock.retries();
+/// tokio::spawn(async move {
+///     while let Ok(retry) = retries.next().await {
+///         eprintln!("lock: try {} failed ({}); trying again", retry.attempt, retry.cause);
+///     }
+/// });
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RetryWatch {
+    state: watch::Receiver<Option<Retry>>,
+}
+
+impl RetryWatch {
+    /// The acquisition's latest failed try, while its last try failed (cleared when the lock is
+    /// acquired).
+    pub fn latest(&self) -> Option<Retry> {
+        self.state.borrow().clone()
+    }
+
+    /// Waits for the next failed try. [`Error::DriverStopped`] once the lock's task has ended
+    /// (the lock was dropped or closed, or its runtime shut down).
+    pub async fn next(&mut self) -> Result<Retry, Error> {
+        loop {
+            self.state.changed().await.map_err(|_| Error::DriverStopped)?;
+            if let Some(retry) = self.state.borrow_and_update().clone() {
+                return Ok(retry);
+            }
+        }
+    }
 }
 
 /// A semaphore: the same handle as a [`Lock`] (made by [`Client::semaphore`]), whose
@@ -270,6 +320,14 @@ pub struct Lock {
 pub type Semaphore = Lock;
 
 impl Lock {
+    /// A watch of this lock's failed tries while acquiring (see [`RetryWatch`]).
+    pub fn retries(&self) -> RetryWatch {
+        let mut watch = self.retries.clone();
+        // Only tries that fail from now on are "next".
+        watch.state.mark_unchanged();
+        watch
+    }
+
     /// Waits for the lock (for a semaphore: for a slot). Cancel by dropping the future: the
     /// attempt stops at once.
     ///

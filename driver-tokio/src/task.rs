@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::{Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason};
+use consul_lock_core::machine::{
+    Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, Retry,
+};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -52,6 +54,8 @@ pub(crate) enum Command {
 
 struct Waiters {
     generation: Generation,
+    /// The acquisition's latest failed try, for the handle's [`RetryWatch`](crate::RetryWatch).
+    retries: watch::Sender<Option<Retry>>,
     acquire: Option<oneshot::Sender<Result<Granted, Error>>>,
     hold: Option<watch::Sender<HoldState>>,
     release: Vec<oneshot::Sender<Result<(), Error>>>,
@@ -63,6 +67,7 @@ pub(crate) async fn run<M: HoldMachine>(
     http: reqwest::Client,
     config: ClientConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    retries: watch::Sender<Option<Retry>>,
 ) {
     let config = std::sync::Arc::new(config);
     // The requests in flight are polled by this task itself rather than spawned: a reply then
@@ -71,6 +76,7 @@ pub(crate) async fn run<M: HoldMachine>(
     let mut inflight = FuturesUnordered::new();
     let mut waiters = Waiters {
         generation: 0,
+        retries,
         acquire: None,
         hold: None,
         release: Vec::new(),
@@ -206,6 +212,7 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
     let now = Instant::now();
     match event {
         LockEvent::Acquired(token) => {
+            w.retries.send_replace(None);
             let (hold, state) = watch::channel(None);
             match w.acquire.take() {
                 Some(reply) => match reply.send(Ok(Granted { token, state })) {
@@ -244,8 +251,9 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
                 let _ = reply.send(Err(Error::Lock(e.clone())));
             }
         }
-        // Logged by the machine; the handle's retry watch is the caller's view of them.
-        LockEvent::Retrying(_) => {}
+        LockEvent::Retrying(retry) => {
+            w.retries.send_replace(Some(retry));
+        }
         LockEvent::GaveUp => answer(&mut w.acquire, Err(Error::GaveUp)),
         LockEvent::Cancelled => {
             answer(
