@@ -23,7 +23,10 @@ fn stderr_of_status(verify: Option<&str>) -> String {
 #[test]
 fn turning_certificate_checks_off_is_warned_about() {
     let stderr = stderr_of_status(Some("false"));
-    assert!(stderr.contains("warning: CONSUL_HTTP_SSL_VERIFY=false"), "{stderr}");
+    assert!(
+        stderr.contains("warning: CONSUL_HTTP_SSL_VERIFY=false"),
+        "{stderr}"
+    );
     assert!(stderr.contains("not checked"), "{stderr}");
     for verify in [None, Some("true")] {
         let stderr = stderr_of_status(verify);

@@ -331,8 +331,10 @@ mod tests {
 
     #[test]
     fn over_long_config_names_and_session_ids_are_refused() {
-        let mut config = ClientConfig::default();
-        config.partition = Some("p".repeat(ClientConfig::MAX_NAME_LEN + 1));
+        let config = ClientConfig {
+            partition: Some("p".repeat(ClientConfig::MAX_NAME_LEN + 1)),
+            ..ClientConfig::default()
+        };
         assert!(matches!(
             config.check(),
             Err(crate::api::ConfigError::TooLong { ref field, .. }) if field == "partition"
