@@ -96,10 +96,11 @@ pub(crate) struct HttpFlags {
                   under <PREFIX>), then runs the child while holding it, and releases it when the \
                   child exits. The keys and the protocol are Go's, so `consul lock` and \
                   `consul-lock run` on the same prefix exclude each other.\n\n\
-                  The child's environment gets CONSUL_LOCK_HELD=true and the fencing token: \
-                  CONSUL_LOCK_KEY, CONSUL_LOCK_SESSION, CONSUL_LOCK_INDEX (the key's LockIndex) and \
-                  CONSUL_LOCK_SEQUENCE (the ModifyIndex of the hold: it only grows from one holder \
-                  to the next). SIGINT, SIGTERM and SIGHUP sent to consul-lock are passed on to the \
+                  The child's environment gets CONSUL_LOCK_HELD=true, CONSUL_LOCK_KEY, \
+                  CONSUL_LOCK_SESSION, the fencing token CONSUL_LOCK_SEQUENCE (the ModifyIndex of \
+                  the hold: it only grows from one holder to the next; pass it with writes and \
+                  refuse smaller ones) and CONSUL_LOCK_INDEX (the key's LockIndex, what Go exposes; \
+                  not a fencing token, as it restarts when the key is deleted). SIGINT, SIGTERM and SIGHUP sent to consul-lock are passed on to the \
                   child. If the lock is lost (session invalidated, key taken or deleted, or no \
                   renewal acknowledged within the session TTL), the child gets SIGTERM, then SIGKILL \
                   after --kill-grace; the lock is released and the key cleaned up on every way out.",

@@ -121,7 +121,20 @@ where
 
 /// [`resolve`] on the process's environment and filesystem.
 pub(crate) fn resolve_from_process(flags: &HttpFlags) -> Result<Resolved, Failure> {
-    resolve(flags, consul_env(), |p: &Path| std::fs::read_to_string(p))
+    let resolved = resolve(flags, consul_env(), |p: &Path| std::fs::read_to_string(p))?;
+    if let Some(warning) = verify_warning(&resolved.config) {
+        crate::out::info(warning);
+    }
+    Ok(resolved)
+}
+
+/// The warning to print when the agent's certificate is not checked (`CONSUL_HTTP_SSL_VERIFY`
+/// false): anyone on the path can then read the token and forge the lock's answers.
+fn verify_warning(config: &ClientConfig) -> Option<&'static str> {
+    (!config.tls.verify).then_some(
+        "warning: CONSUL_HTTP_SSL_VERIFY=false: the agent's TLS certificate is not checked, so \
+         anyone on the network path can read the ACL token and forge Consul's answers",
+    )
 }
 
 #[cfg(test)]

@@ -45,6 +45,15 @@ impl Failure {
     }
 }
 
+/// `arg` quoted for a message, cut to its first 80 characters when longer (a key can be 32 KiB),
+/// with its length in bytes then.
+pub(crate) fn quoted(arg: &str) -> String {
+    match arg.char_indices().nth(80) {
+        Some((at, _)) => format!("{:?}… ({} bytes)", arg.get(..at).unwrap_or_default(), arg.len()),
+        None => format!("{arg:?}"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,

@@ -141,8 +141,12 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         .strip_prefix('/')
         .unwrap_or(&args.prefix)
         .trim_end_matches('/');
-    let usage =
-        |e: &dyn std::fmt::Display| Failure::new(format!("the prefix {:?} can't be used: {e}", args.prefix));
+    let usage = |e: &dyn std::fmt::Display| {
+        Failure::new(format!(
+            "the prefix {} can't be used: {e}",
+            crate::quoted(&args.prefix)
+        ))
+    };
     let target = Target {
         key: Key::new(prefix)
             .and_then(|k| k.join(".lock"))
@@ -164,14 +168,12 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
 
     let client = Client::new(resolved.config.clone())
         .map_err(|e| Failure::new(explain_driver(&resolved, "setup", &e)))?;
-    let seed = u64::from(std::process::id()) ^ out::unix_ms();
     // Try-once waits at most Consul's 10-minute blocking wait; longer timeouts use a timer.
     let try_once = timeout.filter(|t| *t <= LockOptions::MAX_WAIT);
     let lock = if target.limit == 1 {
         let mut options = LockOptions::new(target.key.as_str()).map_err(|e| usage(&e))?;
         options.monitor_retries = Some(args.monitor_retry);
         options.monitor_retry_time = MONITOR_RETRY_TIME;
-        options.seed = seed;
         if let Some(wait) = try_once {
             options.lock_try_once = true;
             options.lock_wait_time = wait;
@@ -184,7 +186,6 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         let mut options = SemaphoreOptions::new(prefix, target.limit).map_err(|e| usage(&e))?;
         options.monitor_retries = Some(args.monitor_retry);
         options.monitor_retry_time = MONITOR_RETRY_TIME;
-        options.seed = seed;
         if let Some(wait) = try_once {
             options.try_once = true;
             options.wait_time = wait;

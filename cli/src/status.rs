@@ -79,7 +79,7 @@ impl Semaphore {
 pub(crate) fn base_of(arg: &str) -> Result<Key, Failure> {
     let trimmed = arg.strip_prefix('/').unwrap_or(arg).trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/.lock").unwrap_or(trimmed);
-    Key::new(trimmed).map_err(|e| Failure::new(format!("{arg:?} is not a usable key: {e}")))
+    Key::new(trimmed).map_err(|e| Failure::new(format!("{} is not a usable key: {e}", crate::quoted(arg))))
 }
 
 /// Reads the keys under `base` into a [`View`].
@@ -256,8 +256,9 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
                 }
             };
             lines.push(format!(
-                "  LockIndex {} (holders so far; the fencing token)   ModifyIndex {}",
-                pair.lock_index, pair.modify_index
+                "  fencing token {} (the sequence: the key's ModifyIndex)   LockIndex {} \
+                 (holders so far, what Go exposes)",
+                pair.modify_index, pair.lock_index
             ));
             (
                 json!({

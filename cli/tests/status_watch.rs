@@ -59,6 +59,24 @@ fn status_shows_the_holder_and_the_indexes() {
         "{text}"
     );
     assert!(text.contains("Consul keeps no wall-clock time"), "{text}");
+    // The fencing token is the sequence (the ModifyIndex of the hold); LockIndex is labelled
+    // as Go's, never as the token.
+    assert!(
+        text.contains(&format!(
+            "fencing token {} (the sequence: the key's ModifyIndex)",
+            pair.modify_index
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "LockIndex {} (holders so far, what Go exposes)",
+            pair.lock_index
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("; the fencing token)"), "{text}");
+    assert_eq!(state["sequence"], pair.modify_index);
 
     scratch.touch("release");
     let (status, _, stderr) = run.finish(EXIT);

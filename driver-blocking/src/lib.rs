@@ -8,7 +8,7 @@
 //!     let client = Client::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ...
 //!     let lock = client.lock_key("service/leader")?;
 //!     let guard = lock.acquire()?;
-//!     println!("leading with fencing token {}", guard.token().lock_index);
+//!     println!("leading with fencing token {}", guard.token().sequence());
 //!     while guard.wait_lost(Duration::from_secs(1))?.is_none() {
 //!         // one unit of leader work per second, while still leading
 //!     }
@@ -408,7 +408,10 @@ impl LockGuard {
         }
     }
 
-    /// The fencing token: key, session and `LockIndex`.
+    /// The fencing token: key, session, and [`FencingToken::sequence`] (the key's
+    /// `ModifyIndex` as the granting lock transaction wrote it), which strictly increases from
+    /// one holder to the next; pass `sequence()` with writes. `lock_index` is Go's `LockIndex`,
+    /// for display only.
     pub fn token(&self) -> &FencingToken {
         &self.token
     }

@@ -11,7 +11,7 @@
 //!     let client = Client::from_env()?; // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ...
 //!     let lock = client.lock_key("service/leader")?;
 //!     let mut guard = lock.acquire().await?;
-//!     println!("leading with fencing token {}", guard.token().lock_index);
+//!     println!("leading with fencing token {}", guard.token().sequence());
 //!     tokio::select! {
 //!         () = work() => guard.release().await?,
 //!         lost = guard.lost() => println!("lost leadership: {lost:?}"),
@@ -52,6 +52,7 @@
 //!   runtime stops is cut short, and Consul then keeps the key until the session's TTL runs out.
 
 mod error;
+mod seed;
 mod task;
 mod transport;
 
@@ -104,6 +105,7 @@ impl Client {
 
     /// A client for `config`.
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        config.check()?;
         Ok(Client {
             http: transport::build_client(&config)?,
             config: Arc::new(config),
@@ -145,11 +147,21 @@ impl Client {
     }
 
     /// A lock with `options`. Must be called inside a tokio runtime: the lock's task starts here.
+    ///
+    /// `options.seed` is replaced by a seed drawn from entropy, different for every lock: a
+    /// driver's timing is real and can't be replayed anyway, and processes sharing a seed would
+    /// retry in lockstep after a shared failure.
     pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let name = options.key.as_str().to_owned();
-        let machine = LockMachine::new((*self.config).clone(), options)?;
+        let machine = self.lock_machine(options)?;
         Ok(self.spawn(&runtime, machine, name))
+    }
+
+    /// The machine for a lock with `options`, its jitter seeded from entropy (see [`seed`]).
+    pub(crate) fn lock_machine(&self, mut options: LockOptions) -> Result<LockMachine, Error> {
+        options.seed = seed::fresh();
+        Ok(LockMachine::new((*self.config).clone(), options)?)
     }
 
     /// A semaphore of `limit` slots under `prefix`, with Go's defaults (Go's `SemaphorePrefix`).
@@ -158,7 +170,8 @@ impl Client {
     }
 
     /// A semaphore with `options`: each [`acquire`](Lock::acquire) takes one of its slots. Must
-    /// be called inside a tokio runtime: the semaphore's task starts here.
+    /// be called inside a tokio runtime: the semaphore's task starts here. As with
+    /// [`lock`](Client::lock), `options.seed` is replaced by a fresh seed from entropy.
     ///
     /// The keys and the algorithm are Go's `api.Semaphore`'s (`<prefix>/<session>` and
     /// `<prefix>/.lock`), so Rust and Go contenders (`consul lock -n N <prefix>`) share one
@@ -166,8 +179,14 @@ impl Client {
     pub fn semaphore(&self, options: SemaphoreOptions) -> Result<Semaphore, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let name = options.prefix.as_str().to_owned();
-        let machine = SemaphoreMachine::new((*self.config).clone(), options)?;
+        let machine = self.semaphore_machine(options)?;
         Ok(self.spawn(&runtime, machine, name))
+    }
+
+    /// The machine for a semaphore with `options`, its jitter seeded from entropy (see [`seed`]).
+    pub(crate) fn semaphore_machine(&self, mut options: SemaphoreOptions) -> Result<SemaphoreMachine, Error> {
+        options.seed = seed::fresh();
+        Ok(SemaphoreMachine::new((*self.config).clone(), options)?)
     }
 
     /// Ends every lock and semaphore this client (or a clone of it) made that is still at work,
@@ -473,9 +492,12 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    /// The fencing token: key, session and `LockIndex`, which grows with each new holder. Pass
-    /// it along with writes made on the lock's behalf so stale holders can be refused. (For a
-    /// semaphore slot, see [`Semaphore`].)
+    /// The fencing token: key, session, and [`FencingToken::sequence`] (the key's
+    /// `ModifyIndex` as the granting lock transaction wrote it), which strictly increases from
+    /// one holder to the next. Pass `sequence()` along with writes made on the lock's behalf so
+    /// stale holders can be refused. `lock_index` is Go's `LockIndex`, kept for display; it
+    /// restarts when the key is deleted, so it is not the token. (For a semaphore slot, see
+    /// [`Semaphore`].)
     pub fn token(&self) -> &FencingToken {
         &self.token
     }

@@ -13,7 +13,13 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
     // reqwest is built without a default crypto provider (to keep aws-lc's C build out of the
     // tree); ring is installed once per process unless the application installed one already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder().no_proxy().pool_idle_timeout(None);
+    // Consul's API never redirects; following one would send `X-Consul-Token` to wherever it
+    // points (even from https to http). A 3xx comes back as it is, and the core makes it a
+    // fatal `ApiError::Redirect`.
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .pool_idle_timeout(None)
+        .redirect(reqwest::redirect::Policy::none());
     if let Address::Unix { path } = &config.address {
         builder = builder.unix_socket(path.as_path());
     }
@@ -28,13 +34,20 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
     let mut roots = Vec::new();
     if let Some(ca) = &tls.ca_file {
         let pem = read("CA file (CONSUL_CACERT)", ca)?;
-        roots.extend(
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+        let found = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+            what: "CA file (CONSUL_CACERT)",
+            path: ca.clone(),
+            problem: e.to_string(),
+        })?;
+        // An empty bundle would silently leave the system roots in charge.
+        if found.is_empty() {
+            return Err(Error::Tls {
                 what: "CA file (CONSUL_CACERT)",
                 path: ca.clone(),
-                problem: e.to_string(),
-            })?,
-        );
+                problem: "holds no PEM certificate; give a file with the CA's certificate".to_owned(),
+            });
+        }
+        roots.extend(found);
     }
     if let Some(dir) = &tls.ca_path {
         let entries = std::fs::read_dir(dir).map_err(|e| Error::Tls {
@@ -42,6 +55,7 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
             path: dir.clone(),
             problem: e.to_string(),
         })?;
+        let before = roots.len();
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_file() {
@@ -49,6 +63,14 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
                 // Files that are not certificates (a README, a key) are skipped, as Go does.
                 roots.extend(reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default());
             }
+        }
+        // A directory without any certificate would silently leave the system roots in charge.
+        if roots.len() == before {
+            return Err(Error::Tls {
+                what: "CA directory (CONSUL_CAPATH)",
+                path: dir.clone(),
+                problem: "holds no file with a PEM certificate; put the CA's certificate in it".to_owned(),
+            });
         }
     }
     if !roots.is_empty() {

@@ -44,10 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     match event {
         Some(LockEvent::Acquired(token)) => println!(
-            "acquired {:?} in {:.1?}: session {}, LockIndex {} (the fencing token)",
+            "acquired {:?} in {:.1?}: session {}, fencing token {} (sequence), LockIndex {} (Go's)",
             token.key.as_str(),
             started.elapsed(),
             token.session,
+            token.sequence(),
             token.lock_index
         ),
         other => return Err(format!("no lock: {other:?}").into()),

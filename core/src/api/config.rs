@@ -161,6 +161,54 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// The most bytes a `datacenter`, `namespace` or `partition` may take (Consul's own names
+    /// are far shorter: namespaces and partitions at most 64 characters). Each travels
+    /// percent-encoded in every request's query, whose length is bounded.
+    pub const MAX_NAME_LEN: usize = 256;
+
+    /// The most bytes the address's `host:port` may take (a DNS name is at most 253).
+    pub const MAX_AUTHORITY_LEN: usize = 1024;
+
+    /// Checks that every request this config makes can be encoded: the datacenter, namespace,
+    /// partition and address are within [`MAX_NAME_LEN`](Self::MAX_NAME_LEN) and
+    /// [`MAX_AUTHORITY_LEN`](Self::MAX_AUTHORITY_LEN), and a namespace or partition that is set
+    /// is not empty. [`ClientConfig::from_env`] and the machines' constructors call it.
+    ///
+    /// ```
+    /// # use consul_lock_core::api::ClientConfig;
+    /// let mut config = ClientConfig::default();
+    /// assert!(config.check().is_ok());
+    /// config.datacenter = Some("d".repeat(300));
+    /// assert!(config.check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), crate::api::ConfigError> {
+        for (field, value) in [
+            ("datacenter", &self.datacenter),
+            ("namespace", &self.namespace),
+            ("partition", &self.partition),
+        ] {
+            if let Some(value) = value {
+                if value.len() > Self::MAX_NAME_LEN {
+                    return Err(crate::api::ConfigError::TooLong {
+                        field: field.to_owned(),
+                        len: value.len(),
+                        limit: Self::MAX_NAME_LEN,
+                    });
+                }
+            }
+        }
+        if let Address::Tcp { authority, .. } = &self.address {
+            if authority.as_str().len() > Self::MAX_AUTHORITY_LEN {
+                return Err(crate::api::ConfigError::TooLong {
+                    field: "address".to_owned(),
+                    len: authority.as_str().len(),
+                    limit: Self::MAX_AUTHORITY_LEN,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A config for `http://<authority>` with every other setting at its default.
     ///
     /// ```

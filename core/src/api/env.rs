@@ -123,6 +123,21 @@ pub enum ConfigError {
         /// Why the value can't be a token.
         problem: InvalidToken,
     },
+    /// A setting too long for every request to fit the `http` crate's URI limit (see
+    /// [`ClientConfig::check`]).
+    #[error(
+        "the {field} is {len} bytes long; at most {limit} bytes are accepted, so that every \
+         request URI stays within its limit"
+    )]
+    TooLong {
+        /// The setting: `datacenter`, `namespace`, `partition` or `address` (`CONSUL_HTTP_ADDR`,
+        /// `CONSUL_NAMESPACE`, `CONSUL_PARTITION` or the matching flag).
+        field: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The most allowed.
+        limit: usize,
+    },
 }
 
 /// Scrubs secrets out of text that goes into an error, and cuts it short.
@@ -599,7 +614,7 @@ impl ClientConfig {
             }
         };
 
-        Ok(ClientConfig {
+        let config = ClientConfig {
             address,
             token,
             namespace: get(NAMESPACE).map(str::to_owned),
@@ -613,7 +628,9 @@ impl ClientConfig {
                 server_name: get(TLS_SERVER_NAME).map(str::to_owned),
             },
             ..ClientConfig::default()
-        })
+        };
+        config.check()?;
+        Ok(config)
     }
 
     /// [`ClientConfig::from_env`] for any sequence of `(name, value)` pairs, such as the pairs of

@@ -10,6 +10,15 @@
 //!   that was asked for.
 //! - Anything else, spaces, `?`, `#`, `%`, control characters and non-ASCII included, is allowed
 //!   and percent-encoded on the wire, and round-trips.
+//! - The key, once percent-encoded, may take at most [`Key::MAX_ENCODED_LEN`] bytes (32 KiB). A
+//!   request URI can take at most 65,534 bytes (the `http` crate's limit), and non-ASCII text
+//!   grows up to three times under percent-encoding (a CJK character is 3 UTF-8 bytes, 9 encoded
+//!   characters). The rest of the URI budget is left for what a request adds to the key: the base
+//!   URL, a semaphore's `/<session>` or `/.lock` child key, and the query (session, flags, index,
+//!   wait, and the bounded `dc`, `ns` and `partition`; see [`ClientConfig::check`]). Consul itself
+//!   sets no limit of its own on key length below this.
+//!
+//! [`ClientConfig::check`]: crate::api::ClientConfig::check
 
 use std::fmt;
 
@@ -41,17 +50,48 @@ pub enum KeyError {
         /// The offending segment.
         segment: String,
     },
+    /// The key is longer than [`Key::MAX_ENCODED_LEN`] once percent-encoded.
+    #[error(
+        "the key is too long once encoded for a URI: {encoded_len} bytes percent-encoded, the \
+         limit is {limit} (non-ASCII characters take 2-4 bytes each, 3 encoded characters per \
+         byte); use a shorter key"
+    )]
+    TooLong {
+        /// The key's length once percent-encoded.
+        encoded_len: usize,
+        /// The most allowed.
+        limit: usize,
+    },
 }
 
 impl Key {
+    /// The most bytes a key may take once percent-encoded (32 KiB): half of the `http` crate's
+    /// URI limit, leaving the other half for the rest of any request (see the
+    /// [module docs](self)).
+    pub const MAX_ENCODED_LEN: usize = 32 * 1024;
+
+    /// What a machine's derived key (`<prefix>/<session>` or `<prefix>/.lock`) may add to a
+    /// valid key: `/` and a session ID of at most [`SessionId::MAX_LEN`] bytes, encoded.
+    ///
+    /// [`SessionId::MAX_LEN`]: crate::api::SessionId::MAX_LEN
+    pub(crate) const CHILD_ROOM: usize = 1 + 3 * crate::api::SessionId::MAX_LEN;
+
     /// Validates `key`, dropping one leading `/`.
     pub fn new(key: impl Into<String>) -> Result<Key, KeyError> {
-        let mut key = key.into();
+        Key::with_limit(key.into(), Key::MAX_ENCODED_LEN)
+    }
+
+    /// [`Key::new`], allowing `limit` encoded bytes.
+    fn with_limit(mut key: String, limit: usize) -> Result<Key, KeyError> {
         if key.starts_with('/') {
             key.remove(0);
         }
         if key.is_empty() {
             return Err(KeyError::Empty);
+        }
+        let encoded_len = encoded_len(&key, true);
+        if encoded_len > limit {
+            return Err(KeyError::TooLong { encoded_len, limit });
         }
         let segments: Vec<&str> = key.split('/').collect();
         let last = segments.len() - 1;
@@ -80,6 +120,22 @@ impl Key {
         Key::new(format!("{base}/{}", child.trim_start_matches('/')))
     }
 
+    /// [`join`](Self::join) for a machine's own child keys: the result may exceed
+    /// [`Key::MAX_ENCODED_LEN`] by [`Key::CHILD_ROOM`], which the URI budget provides for, so
+    /// that any valid prefix has room for `/.lock` and `/<session>`.
+    pub(crate) fn child(&self, child: &str) -> Result<Key, KeyError> {
+        let base = self.0.trim_end_matches('/');
+        Key::with_limit(
+            format!("{base}/{}", child.trim_start_matches('/')),
+            Key::MAX_ENCODED_LEN + Key::CHILD_ROOM,
+        )
+    }
+
+    /// The key's length once percent-encoded, as it travels in a URI path.
+    pub fn encoded_len(&self) -> usize {
+        encoded_len(&self.0, true)
+    }
+
     /// The key as Consul stores it.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -105,15 +161,28 @@ impl std::str::FromStr for Key {
     }
 }
 
+/// The length of `s` once [`percent_encode`]d.
+pub(crate) fn encoded_len(s: &str, keep_slash: bool) -> usize {
+    s.bytes()
+        .map(|b| if is_kept(b, keep_slash) { 1 } else { 3 })
+        .sum()
+}
+
+/// Whether [`percent_encode`] writes `b` as itself.
+fn is_kept(b: u8, keep_slash: bool) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || (keep_slash && b == b'/')
+}
+
 /// Appends `s` percent-encoded: every byte but the unreserved ones (RFC 3986) and, when
 /// `keep_slash`, `/`. The output is always valid in a URI path or query.
 pub(crate) fn percent_encode(s: &str, keep_slash: bool, out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || (keep_slash && b == b'/') {
+        if is_kept(b, keep_slash) {
             out.push(char::from(b));
         } else {
             out.push('%');
+            // `b >> 4` and `b & 0xf` are below 16: the indexing can't go out of bounds.
             out.push(char::from(HEX[usize::from(b >> 4)]));
             out.push(char::from(HEX[usize::from(b & 0xf)]));
         }

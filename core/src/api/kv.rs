@@ -17,7 +17,9 @@ pub struct KvPair {
     pub create_index: u64,
     /// The index of the key's last change.
     pub modify_index: u64,
-    /// How many times a new session acquired the key: with the key, a fencing token.
+    /// How many times a new session acquired the key (what Go exposes). Not a fencing token on
+    /// its own: it restarts when the key is deleted; see
+    /// [`FencingToken::sequence`](crate::machine::FencingToken::sequence).
     pub lock_index: u64,
     /// Opaque flags; locks and semaphores write their own marker here.
     pub flags: u64,

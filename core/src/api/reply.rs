@@ -41,6 +41,20 @@ pub enum ApiError {
         /// The body, as text, truncated to [`MAX_ERROR_BODY_CHARS`].
         body: String,
     },
+    /// A redirect (3xx). Consul's HTTP API never redirects, so the reply came from something
+    /// else (a proxy, a misconfigured address); it is not followed, so that the ACL token is
+    /// never sent to where it points.
+    #[error(
+        "the agent answered HTTP {status} redirecting to {location:?}; Consul's HTTP API does not \
+         redirect, so the redirect was not followed: check the address (CONSUL_HTTP_ADDR) and any \
+         proxy in front of the agent"
+    )]
+    Redirect {
+        /// The HTTP status code (300-399).
+        status: u16,
+        /// The `Location` header as sent (truncated), or `<none>`.
+        location: String,
+    },
     /// The body exceeds [`MAX_REPLY_BYTES`].
     #[error("Consul's reply to {what} is {len} bytes, over the {limit}-byte cap")]
     TooLarge {
@@ -65,7 +79,7 @@ impl ApiError {
     /// The HTTP status, when Consul answered with one.
     pub fn status(&self) -> Option<u16> {
         match self {
-            ApiError::Status { status, .. } => Some(*status),
+            ApiError::Status { status, .. } | ApiError::Redirect { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -92,6 +106,8 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
+            // Asking the same address again gets the same redirect.
+            ApiError::Redirect { .. } => false,
             ApiError::TooLarge { .. } | ApiError::Malformed { .. } => true,
         }
     }
@@ -125,6 +141,16 @@ pub(crate) fn check_len(what: &'static str, response: &http::Response<Vec<u8>>) 
 
 /// The error for a non-success reply.
 pub(crate) fn status_error(response: &http::Response<Vec<u8>>) -> ApiError {
+    if response.status().is_redirection() {
+        let location = response.headers().get(http::header::LOCATION).map_or_else(
+            || "<none>".to_owned(),
+            |l| String::from_utf8_lossy(l.as_bytes()).into_owned(),
+        );
+        return ApiError::Redirect {
+            status: response.status().as_u16(),
+            location: truncate(&location, 200),
+        };
+    }
     let text = String::from_utf8_lossy(response.body());
     ApiError::Status {
         status: response.status().as_u16(),

@@ -51,6 +51,32 @@ pub struct Blocking {
     pub wait: Duration,
 }
 
+/// The longest URI the `http` crate accepts (`u16::MAX - 1`; longer is `InvalidUri(TooLong)`).
+pub(crate) const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// The longest URI any request can have, with every bounded input at its bound: the base URL
+/// (`https://` and the authority), the longest path (`/v1/session/renew/` or `/v1/kv/` and a
+/// machine's child key), and every parameter any request adds, with the session ID and the
+/// datacenter, namespace and partition fully percent-encoded.
+pub(crate) const WORST_CASE_URI_LEN: usize = {
+    let base = "https://".len() + ClientConfig::MAX_AUTHORITY_LEN;
+    let path = "/v1/kv/".len() + crate::api::Key::MAX_ENCODED_LEN + crate::api::Key::CHILD_ROOM;
+    let session = 3 * crate::api::SessionId::MAX_LEN;
+    let number = 20; // u64::MAX has 20 digits
+    let params = "?acquire=".len() + session // or release=
+        + "&flags=".len() + number
+        + "&cas=".len() + number
+        + "&recurse".len() + "&consistent".len()
+        + "&index=".len() + number
+        + "&wait=".len() + 32 // a duration in milliseconds
+        + "&dc=&ns=&partition=".len() + 3 * 3 * ClientConfig::MAX_NAME_LEN;
+    base + path + params
+};
+
+// Every request a valid key, session ID and checked config produce fits the `http` crate's URI
+// limit, which is what makes `Target::build`'s failure unreachable.
+const _: () = assert!(WORST_CASE_URI_LEN <= MAX_URI_LEN);
+
 /// The URI path and query of a request under construction.
 pub(crate) struct Target {
     method: http::Method,
@@ -133,11 +159,198 @@ impl Target {
             builder = builder.header("X-Consul-Token", token.expose().clone());
         }
         // The base URL comes from a validated authority and everything after it is
-        // percent-encoded ASCII, and a token is checked for header-safe characters when it is
-        // made, so the builder cannot fail; a failure is a bug in this module.
+        // percent-encoded ASCII, a token is checked for header-safe characters when it is made,
+        // and the URI's length is bounded by `WORST_CASE_URI_LEN` (checked against the `http`
+        // crate's limit at compile time) for a valid key and session ID and a config that passed
+        // `ClientConfig::check` (which the machines' constructors and the drivers call), so the
+        // builder cannot fail; a failure is a bug in this module.
         match builder.body(body) {
             Ok(request) => request,
             Err(e) => unreachable!("consul-lock bug: request encoding produced an invalid request: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        Key, KeyError, KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvGet, KvList, KvLockTxn, KvRelease,
+        SessionDestroy, SessionId, SessionInfo, SessionRenew,
+    };
+    use crate::machine::{LockOptions, OptionsError, SemaphoreOptions};
+    use std::time::Duration;
+
+    /// A key of exactly `encoded` bytes once percent-encoded: `cjk` makes it of `中` (3 UTF-8
+    /// bytes, 9 encoded), padded with ASCII.
+    fn key_of(encoded: usize, cjk: bool) -> String {
+        let wide = if cjk { encoded / 9 } else { 0 };
+        format!("{}{}", "中".repeat(wide), "k".repeat(encoded - 9 * wide))
+    }
+
+    /// A config with every bounded setting at its bound, non-ASCII where it can be.
+    fn longest_config() -> ClientConfig {
+        let name = "é".repeat(ClientConfig::MAX_NAME_LEN / 2);
+        let host = "h".repeat(ClientConfig::MAX_AUTHORITY_LEN - ":8501".len());
+        // Longer than `from_env` allows (a 253-byte host), as a program may set it.
+        let authority = http::uri::Authority::try_from(format!("{host}:8501")).expect("authority");
+        let mut config = ClientConfig {
+            address: crate::api::Address::Tcp {
+                scheme: crate::api::Scheme::Https,
+                authority,
+            },
+            ..ClientConfig::default()
+        };
+        config.datacenter = Some(name.clone());
+        config.namespace = Some(name.clone());
+        config.partition = Some(name);
+        config.token = Some(crate::api::Token::new("t").expect("token"));
+        assert_eq!(config.check(), Ok(()));
+        config
+    }
+
+    /// Encodes every request `key` and the longest session ID can make.
+    fn encode_everything(key: &Key, config: &ClientConfig) -> Vec<usize> {
+        let session = SessionId::new("ü".repeat(SessionId::MAX_LEN / 2)).expect("session");
+        let mut options = SemaphoreOptions::new(key.as_str(), 3).expect("semaphore options");
+        options.session = crate::machine::SessionChoice::Existing(session.clone());
+        assert_eq!(options.validate(), Ok(()));
+        let contender = options.contender_key(&session).expect("contender key");
+        let blocking = Some(Blocking {
+            index: u64::MAX,
+            wait: Duration::from_secs(600),
+        });
+        let mut uris = Vec::new();
+        for key in [key.clone(), options.lock_key(), contender] {
+            let get = KvGet {
+                key: key.clone(),
+                consistency: Consistency::Consistent,
+                blocking,
+            };
+            let list = KvList {
+                prefix: key.clone(),
+                consistency: Consistency::Consistent,
+                blocking,
+            };
+            let requests = [
+                get.encode(config),
+                list.encode(config),
+                KvAcquire {
+                    key: key.clone(),
+                    session: session.clone(),
+                    flags: u64::MAX,
+                    value: vec![],
+                }
+                .encode(config),
+                KvRelease {
+                    key: key.clone(),
+                    session: session.clone(),
+                    flags: u64::MAX,
+                    value: vec![],
+                }
+                .encode(config),
+                KvCasPut {
+                    key: key.clone(),
+                    cas: u64::MAX,
+                    flags: u64::MAX,
+                    value: vec![],
+                }
+                .encode(config),
+                KvCasDelete {
+                    key: key.clone(),
+                    cas: u64::MAX,
+                }
+                .encode(config),
+                KvDelete { key: key.clone() }.encode(config),
+                KvLockTxn {
+                    key: key.clone(),
+                    session: session.clone(),
+                    flags: u64::MAX,
+                    value: vec![],
+                }
+                .encode(config),
+                SessionRenew { id: session.clone() }.encode(config),
+                SessionDestroy { id: session.clone() }.encode(config),
+                SessionInfo {
+                    id: session.clone(),
+                    consistency: Consistency::Consistent,
+                    blocking,
+                }
+                .encode(config),
+            ];
+            uris.extend(requests.iter().map(|r| r.uri().to_string().len()));
+        }
+        uris
+    }
+
+    #[test]
+    fn a_key_at_the_limit_encodes_every_request() {
+        let config = longest_config();
+        for cjk in [false, true] {
+            let raw = key_of(Key::MAX_ENCODED_LEN, cjk);
+            let key = Key::new(raw.clone()).expect("a key at the limit is valid");
+            assert_eq!(key.encoded_len(), Key::MAX_ENCODED_LEN);
+            assert!(LockOptions::new(&raw).is_ok());
+            assert!(SemaphoreOptions::new(&raw, 2).is_ok());
+            let longest = encode_everything(&key, &config).into_iter().max().unwrap_or(0);
+            assert!(longest > Key::MAX_ENCODED_LEN && longest <= WORST_CASE_URI_LEN);
+        }
+    }
+
+    #[test]
+    fn a_key_over_the_limit_is_refused_with_its_encoded_length() {
+        for cjk in [false, true] {
+            let raw = key_of(Key::MAX_ENCODED_LEN + 1, cjk);
+            let expected = KeyError::TooLong {
+                encoded_len: Key::MAX_ENCODED_LEN + 1,
+                limit: Key::MAX_ENCODED_LEN,
+            };
+            assert_eq!(Key::new(raw.clone()), Err(expected.clone()));
+            assert_eq!(
+                LockOptions::new(&raw).err(),
+                Some(OptionsError::Key(expected.clone()))
+            );
+            assert_eq!(
+                SemaphoreOptions::new(&raw, 2).err(),
+                Some(OptionsError::Key(expected.clone()))
+            );
+            let message = expected.to_string();
+            assert!(message.contains("too long once encoded"), "{message}");
+            assert!(
+                message.contains(&(Key::MAX_ENCODED_LEN + 1).to_string()),
+                "{message}"
+            );
+            assert!(message.contains(&Key::MAX_ENCODED_LEN.to_string()), "{message}");
+        }
+        // Far over: what used to reach `unreachable!` in `Target::build`.
+        assert!(matches!(
+            Key::new("中".repeat(30_000)),
+            Err(KeyError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn over_long_config_names_and_session_ids_are_refused() {
+        let config = ClientConfig {
+            partition: Some("p".repeat(ClientConfig::MAX_NAME_LEN + 1)),
+            ..ClientConfig::default()
+        };
+        assert!(matches!(
+            config.check(),
+            Err(crate::api::ConfigError::TooLong { ref field, .. }) if field == "partition"
+        ));
+        let options = LockOptions::new("a").expect("options");
+        assert!(matches!(
+            crate::machine::LockMachine::new(config, options.clone()),
+            Err(OptionsError::Config(_))
+        ));
+        let mut long_ns = options;
+        long_ns.namespace = Some("n".repeat(ClientConfig::MAX_NAME_LEN + 1));
+        assert!(matches!(
+            long_ns.validate(),
+            Err(OptionsError::NamespaceTooLong { .. })
+        ));
+        assert!(SessionId::new("s".repeat(SessionId::MAX_LEN + 1)).is_err());
+        assert!(SessionId::new("s".repeat(SessionId::MAX_LEN)).is_ok());
     }
 }

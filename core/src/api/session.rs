@@ -24,15 +24,37 @@ pub enum InvalidSessionId {
     /// The ID holds white space or control characters, which Consul never issues.
     #[error("the session ID {0:?} holds white space or control characters; Consul's IDs are UUIDs")]
     BadCharacters(String),
+    /// The ID is longer than [`SessionId::MAX_LEN`], which no Consul ID is.
+    #[error(
+        "the session ID is {len} bytes long; Consul's IDs are 36-byte UUIDs and at most {limit} \
+         bytes are accepted"
+    )]
+    TooLong {
+        /// The ID's length in bytes.
+        len: usize,
+        /// The most allowed.
+        limit: usize,
+    },
 }
 
 impl SessionId {
-    /// Wraps an ID. Consul issues UUIDs; any non-empty string without white space or control
-    /// characters is accepted, since the ID travels percent-encoded anyway.
+    /// The longest ID accepted, in bytes (Consul's are 36-byte UUIDs): the ID travels in URIs
+    /// (`acquire=`, a semaphore's `<prefix>/<session>` key), whose length is bounded.
+    pub const MAX_LEN: usize = 128;
+
+    /// Wraps an ID. Consul issues UUIDs; any non-empty string of at most [`SessionId::MAX_LEN`]
+    /// bytes without white space or control characters is accepted, since the ID travels
+    /// percent-encoded anyway.
     pub fn new(id: impl Into<String>) -> Result<SessionId, InvalidSessionId> {
         let id = id.into();
         if id.is_empty() {
             return Err(InvalidSessionId::Empty);
+        }
+        if id.len() > SessionId::MAX_LEN {
+            return Err(InvalidSessionId::TooLong {
+                len: id.len(),
+                limit: SessionId::MAX_LEN,
+            });
         }
         if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(InvalidSessionId::BadCharacters(truncate(&id, 64)));

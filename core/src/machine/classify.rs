@@ -93,4 +93,20 @@ mod tests {
         ));
         assert!(matches!(Failure::from_api(status(400, "bad")), Failure::Fatal(_)));
     }
+
+    #[test]
+    fn a_redirect_is_fatal_and_names_where_it_pointed() {
+        let reply = http::Response::builder()
+            .status(307)
+            .header("Location", "http://elsewhere:8500/v1/kv/a")
+            .body(Vec::new())
+            .unwrap_or_default();
+        let failure = decode::<crate::api::KvGet>(&Ok(reply));
+        let Err(Failure::Fatal(e)) = failure else {
+            panic!("a redirect must be fatal, got {failure:?}")
+        };
+        let text = e.to_string();
+        assert!(text.contains("does not redirect"), "{text}");
+        assert!(text.contains("http://elsewhere:8500/v1/kv/a"), "{text}");
+    }
 }

@@ -408,6 +408,7 @@ impl LockMachine {
     /// are validated here.
     pub fn new(config: crate::api::ClientConfig, options: LockOptions) -> Result<LockMachine, OptionsError> {
         options.validate()?;
+        config.check()?;
         let base = Base::new(
             config,
             options.namespace.as_ref(),

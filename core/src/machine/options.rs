@@ -130,7 +130,12 @@ pub struct LockOptions {
     /// the count again. The budget is checked when a try fails, so the attempt ends at the first
     /// failure past it.
     pub acquire_error_budget: Option<Duration>,
-    /// Seeds the jitter of retries, so that a run can be replayed.
+    /// Seeds the jitter of retries, so that a run can be replayed (default 0).
+    ///
+    /// An embedder driving the machine itself must vary the seed per process and per machine
+    /// (from entropy): machines sharing a seed retry on the same jitter sequence, so processes
+    /// that fail together (an agent restart, a leader election) would retry in lockstep. The
+    /// crate's drivers do this themselves and override this option.
     pub seed: u64,
 }
 
@@ -224,6 +229,16 @@ fn validate_common(o: Common<'_>) -> Result<(), OptionsError> {
     if o.namespace.is_some_and(str::is_empty) {
         return Err(OptionsError::EmptyNamespace);
     }
+    if let Some(len) = o
+        .namespace
+        .map(str::len)
+        .filter(|&len| len > crate::api::ClientConfig::MAX_NAME_LEN)
+    {
+        return Err(OptionsError::NamespaceTooLong {
+            len,
+            limit: crate::api::ClientConfig::MAX_NAME_LEN,
+        });
+    }
     Ok(())
 }
 
@@ -270,6 +285,18 @@ pub enum OptionsError {
     /// An empty namespace would be sent as `ns=`.
     #[error("the namespace is empty: leave it unset for the default namespace")]
     EmptyNamespace,
+    /// A namespace too long to travel in every request's URI.
+    #[error("the namespace is {len} bytes long; at most {limit} bytes are accepted")]
+    NamespaceTooLong {
+        /// The namespace's length in bytes.
+        len: usize,
+        /// The most allowed.
+        limit: usize,
+    },
+    /// The client config can't be used (see
+    /// [`ClientConfig::check`](crate::api::ClientConfig::check)).
+    #[error("invalid client config: {0}")]
+    Config(#[from] crate::api::ConfigError),
     /// A semaphore needs at least one slot.
     #[error("the semaphore limit is 0: a semaphore needs at least one slot")]
     Limit,
@@ -337,7 +364,12 @@ pub struct SemaphoreOptions {
     /// the count again. The budget is checked when a try fails, so the attempt ends at the first
     /// failure past it.
     pub acquire_error_budget: Option<Duration>,
-    /// Seeds the jitter of retries, so that a run can be replayed.
+    /// Seeds the jitter of retries, so that a run can be replayed (default 0).
+    ///
+    /// An embedder driving the machine itself must vary the seed per process and per machine
+    /// (from entropy): machines sharing a seed retry on the same jitter sequence, so processes
+    /// that fail together (an agent restart, a leader election) would retry in lockstep. The
+    /// crate's drivers do this themselves and override this option.
     pub seed: u64,
 }
 
@@ -381,16 +413,18 @@ impl SemaphoreOptions {
 
     /// `<prefix>/.lock`, the key that lists the holders.
     pub fn lock_key(&self) -> Key {
-        match self.prefix.join(Self::LOCK_KEY) {
+        match self.prefix.child(Self::LOCK_KEY) {
             Ok(key) => key,
-            // A valid prefix joined with `.lock` is a valid key (no empty or dot segment).
+            // A valid prefix joined with `.lock` is a valid key: `.lock` is no empty or dot
+            // segment, and its 6 bytes fit in the room `Key::child` allows beyond any valid key.
             Err(e) => unreachable!("consul-lock bug: {e}"),
         }
     }
 
-    /// `<prefix>/<session>`, the key a contender holds.
+    /// `<prefix>/<session>`, the key a contender holds. It may exceed
+    /// [`Key::MAX_ENCODED_LEN`] by the encoded `/<session>`, for which requests leave room.
     pub fn contender_key(&self, session: &SessionId) -> Result<Key, KeyError> {
-        self.prefix.join(session.as_str())
+        self.prefix.child(session.as_str())
     }
 
     /// Checks every option against what Consul accepts and what the machine needs.

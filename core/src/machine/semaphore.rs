@@ -327,6 +327,7 @@ impl SemaphoreMachine {
         options: SemaphoreOptions,
     ) -> Result<SemaphoreMachine, OptionsError> {
         options.validate()?;
+        config.check()?;
         let base = Base::new(
             config,
             options.namespace.as_ref(),
