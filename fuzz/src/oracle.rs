@@ -52,6 +52,25 @@ fn check<T: std::fmt::Debug + PartialEq>(what: &str, got: &Result<T, ApiError>, 
 /// The error for a non-2xx reply: the status, and the body as text, trimmed, cut to 512
 /// characters with `…`.
 fn status_error(response: &http::Response<Vec<u8>>) -> ApiError {
+    // Consul's API never redirects, so a 3xx is never followed: it names where it pointed, with
+    // the `Location` header cut to 200 characters.
+    if response.status().is_redirection() {
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .map_or_else(|| "<none>".to_owned(), |l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        let location = if location.chars().count() > 200 {
+            let mut cut: String = location.chars().take(200).collect();
+            cut.push('…');
+            cut
+        } else {
+            location
+        };
+        return ApiError::Redirect {
+            status: response.status().as_u16(),
+            location,
+        };
+    }
     let text = String::from_utf8_lossy(response.body());
     let text = text.trim();
     let body = if text.chars().count() > 512 {
