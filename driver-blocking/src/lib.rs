@@ -73,6 +73,24 @@ impl Runtime {
     fn handle(&self) -> Result<&tokio::runtime::Runtime, Error> {
         self.runtime.as_ref().ok_or(Error::DriverStopped)
     }
+
+    /// Blocks on `wait` for at most `timeout` (`None`: as long as it takes); `Ok(None)` when
+    /// the time ran out first.
+    fn block_on_within<T>(
+        &self,
+        timeout: Option<Duration>,
+        wait: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<Option<T>, Error> {
+        self.handle()?.block_on(async move {
+            match timeout {
+                Some(t) => match tokio::time::timeout(t, wait).await {
+                    Ok(done) => done.map(Some),
+                    Err(_) => Ok(None),
+                },
+                None => wait.await.map(Some),
+            }
+        })
+    }
 }
 
 impl Drop for Runtime {
@@ -344,16 +362,7 @@ impl RetryWatch {
     /// Blocks until the next failed try (`Some`), or `timeout` passes (`None`; `None` as the
     /// timeout waits as long as it takes). [`Error::DriverStopped`] once the lock has ended.
     pub fn wait_next(&mut self, timeout: Option<Duration>) -> Result<Option<Retry>, Error> {
-        let inner = &mut self.inner;
-        self.runtime.handle()?.block_on(async move {
-            match timeout {
-                Some(t) => match tokio::time::timeout(t, inner.next()).await {
-                    Ok(next) => next.map(Some),
-                    Err(_) => Ok(None),
-                },
-                None => inner.next().await.map(Some),
-            }
-        })
+        self.runtime.block_on_within(timeout, self.inner.next())
     }
 }
 
@@ -373,16 +382,7 @@ impl LossWatch {
     /// Blocks until the hold ends, lost or released (`Some`), or `timeout` passes (`None`;
     /// `None` as the timeout waits as long as it takes).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<HoldEnd>, Error> {
-        let inner = &mut self.inner;
-        self.runtime.handle()?.block_on(async move {
-            match timeout {
-                Some(t) => match tokio::time::timeout(t, inner.ended()).await {
-                    Ok(ended) => ended.map(Some),
-                    Err(_) => Ok(None),
-                },
-                None => inner.ended().await.map(Some),
-            }
-        })
+        self.runtime.block_on_within(timeout, self.inner.ended())
     }
 }
 
