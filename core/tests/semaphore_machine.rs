@@ -2161,6 +2161,43 @@ fn release_edge_cases() {
     assert!(r.now() - start <= secs(11), "{:?}", r.now() - start);
 }
 
+/// A release that neither took us out of the `.lock` nor deleted our contender key is reported
+/// unconfirmed (the slot stays counted until the session's destroy lands or it expires); one
+/// that did either is `Released` even if the other failed.
+#[test]
+fn a_release_that_freed_nothing_is_reported_unconfirmed() {
+    let mut r = Rig::new(options(2));
+    r.acquire("s1", 2);
+    r.unlock().unwrap();
+    r.run_until(
+        secs(60),
+        |s, _| match kind(s) {
+            SKind::Get { .. } | SKind::Delete { .. } => Some(reply::no_leader()),
+            SKind::Destroy(_) => Some(yes()),
+            SKind::Renew(id) => Some(reply::renewed(&id)),
+            _ => None,
+        },
+        |n| n.m.is_quiescent(),
+    );
+    match &r.events()[..] {
+        [LockEvent::ReleaseFailed(LockError::ReleaseUnconfirmed { attempts, last })] => {
+            assert!(*attempts >= 2, "{attempts}");
+            assert!(last.contains("contender key"), "{last}");
+        }
+        other => panic!("expected ReleaseFailed, got {other:?}"),
+    }
+
+    // Out of the holders, but the contender key's delete failed: the slot is free all the same.
+    let mut r = Rig::new(options(2));
+    r.acquire("s1", 2);
+    r.unlock().unwrap();
+    r.answer("GET /v1/kv/p/.lock", reply::kv(8, &lock_kv(2, &["s1"], 8)));
+    r.answer(&cas_pattern(8), yes());
+    r.answer("DELETE /v1/kv/p/s1", reply::no_leader());
+    r.answer("PUT /v1/session/destroy/s1", yes());
+    assert_eq!(r.events(), [LockEvent::Released]);
+}
+
 /// The session is invalidated while the release is under way: the release still ends.
 #[test]
 fn release_while_the_session_is_invalidated() {

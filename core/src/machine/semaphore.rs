@@ -268,6 +268,14 @@ struct Releasing {
     /// After this, stop trying to take us out of the `.lock`.
     give_up_at: Instant,
     backoff: Backoff,
+    /// Our slot is no longer counted: we are out of the `.lock`'s holders (or never were in
+    /// it). Else only the contender key's delete frees it, since the others prune a holder
+    /// whose contender key is gone.
+    left: bool,
+    /// The last failure of a step that would have freed the slot.
+    last_failure: Option<String>,
+    /// What the release ended with, reported once the session is stopped.
+    failed: Option<LockError>,
 }
 
 #[derive(Clone, Debug)]
@@ -415,6 +423,9 @@ impl SemaphoreMachine {
             attempts: 0,
             give_up_at: now + self.options.request_timeout,
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+            left: false,
+            last_failure: None,
+            failed: None,
         });
         self.release_read(now);
         Ok(())
@@ -627,11 +638,16 @@ impl SemaphoreMachine {
                     SessionEvent::Stopped,
                     Phase::Releasing(Releasing {
                         step: ReleaseStep::Session,
+                        failed,
                         ..
                     }),
                 ) => {
+                    let event = match failed {
+                        None => LockEvent::Released,
+                        Some(e) => LockEvent::ReleaseFailed(e.clone()),
+                    };
                     self.phase = Phase::Idle;
-                    self.base.out.event(LockEvent::Released);
+                    self.base.out.event(event);
                 }
                 _ => {}
             }
@@ -1005,9 +1021,11 @@ impl SemaphoreMachine {
             .and_then(|p| Some((SemaphoreState::decode(&p.value, limit).ok()?, p)))
             .map(|(state, p)| (p, state))
         else {
+            r.left = true;
             return self.release_delete(now);
         };
         if state.holders.remove(&session).is_none() {
+            r.left = true;
             return self.release_delete(now);
         }
         let put = KvCasPut {
@@ -1024,7 +1042,12 @@ impl SemaphoreMachine {
 
     fn on_release_cas(&mut self, now: Instant, reply: &Reply) {
         match decode::<KvCasPut>(reply) {
-            Ok(true) => self.release_delete(now),
+            Ok(true) => {
+                if let Some(r) = self.releasing() {
+                    r.left = true;
+                }
+                self.release_delete(now);
+            }
             Ok(false) => self.release_retry(now, true, "the .lock changed under us"),
             Err(Failure::Transient(why)) => self.release_retry(now, false, &why),
             Err(Failure::Fatal(e)) => {
@@ -1045,6 +1068,7 @@ impl SemaphoreMachine {
             return;
         };
         r.attempts = r.attempts.saturating_add(1);
+        r.last_failure = Some(why.to_owned());
         if r.attempts >= RELEASE_ATTEMPTS || now >= r.give_up_at {
             tracing::warn!(%why, "could not take our session out of the .lock; deleting our contender key");
             return self.release_delete(now);
@@ -1069,12 +1093,29 @@ impl SemaphoreMachine {
     }
 
     fn on_release_delete(&mut self, now: Instant, reply: &Reply) {
-        if let Err(why) = decode::<KvDelete>(reply) {
+        let deleted = decode::<KvDelete>(reply);
+        if let Err(why) = &deleted {
             // An owned session's destroy deletes it anyway (behavior `delete`).
             tracing::warn!(?why, "could not delete our contender key");
         }
         if let Some(r) = self.releasing() {
             r.step = ReleaseStep::Session;
+            if let (Err(why), false) = (deleted, r.left) {
+                // Neither out of the holders nor rid of the contender key: the slot stays
+                // counted until the session's destroy lands or it expires.
+                let why = match why {
+                    Failure::Transient(why) => why,
+                    Failure::Fatal(e) => e.to_string(),
+                };
+                let last = match r.last_failure.take() {
+                    Some(earlier) => format!("{earlier}; then the contender key's delete: {why}"),
+                    None => why,
+                };
+                r.failed = Some(LockError::ReleaseUnconfirmed {
+                    attempts: r.attempts.saturating_add(1),
+                    last,
+                });
+            }
         }
         // If the session ended meanwhile (invalidated), `stop` reports it stopped at once.
         let events = self.base.stop_session(now);
