@@ -454,8 +454,12 @@ impl LockGuard {
         match self.lost.recv_timeout(timeout) {
             Ok(reason) => Ok(Some(reason)),
             Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            // The watcher ended without a loss: the runtime is going away.
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::DriverStopped),
+            // The watcher ended without a loss: the lock's task failed, or the runtime is going
+            // away.
+            Err(mpsc::RecvTimeoutError::Disconnected) => match self.watch.end() {
+                Some(HoldEnd::DriverFailed(why)) => Err(Error::DriverPanicked(why)),
+                _ => Err(Error::DriverStopped),
+            },
         }
     }
 

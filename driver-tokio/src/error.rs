@@ -37,6 +37,11 @@ pub enum Error {
     /// No tokio runtime is running here.
     #[error("no tokio runtime: create locks from inside a tokio runtime (e.g. under #[tokio::main])")]
     NoRuntime,
+    /// The lock's task failed: its machine panicked (a bug in consul-lock; please report it),
+    /// with this message. The lock's session was destroyed, best effort, and the handle answers
+    /// this error from then on.
+    #[error("the lock's driver failed (a consul-lock bug; please report it): {0}")]
+    DriverPanicked(String),
     /// The lock's task is gone (its runtime shut down).
     #[error("the lock's driver task has stopped (its tokio runtime shut down)")]
     DriverStopped,

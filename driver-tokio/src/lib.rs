@@ -51,6 +51,7 @@
 //!   waits, within a timeout, for that to reach Consul. Background work still under way when the
 //!   runtime stops is cut short, and Consul then keeps the key until the session's TTL runs out.
 
+mod caught;
 mod error;
 mod seed;
 mod task;
@@ -440,15 +441,22 @@ impl LossWatch {
         self.state.borrow().is_none()
     }
 
+    /// How the hold ended, if it has (without waiting).
+    pub fn end(&self) -> Option<HoldEnd> {
+        self.state.borrow().clone()
+    }
+
     /// Resolves when the lock is lost, with the reason. Resolves with
-    /// [`Error::DriverStopped`] if the runtime shut the lock's task down, and never resolves
-    /// after a release (there is nothing to lose).
+    /// [`Error::DriverStopped`] if the runtime shut the lock's task down,
+    /// [`Error::DriverPanicked`] if the task failed, and never resolves after a release (there
+    /// is nothing to lose).
     pub async fn lost(&mut self) -> Result<LossReason, Error> {
         loop {
             // Cloned out, so that no borrow of the channel is held across an await.
             let state = self.state.borrow_and_update().clone();
             match state {
                 Some(HoldEnd::Lost(reason)) => return Ok(reason),
+                Some(HoldEnd::DriverFailed(why)) => return Err(Error::DriverPanicked(why)),
                 Some(HoldEnd::Released) => std::future::pending::<()>().await,
                 None => self.state.changed().await.map_err(|_| Error::DriverStopped)?,
             }

@@ -11,6 +11,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
+use crate::caught::Caught;
 
 /// Each acquisition gets a generation, so that a guard or a cancel from an earlier one can't act
 /// on a later one.
@@ -26,6 +27,9 @@ pub enum HoldEnd {
     Lost(LossReason),
     /// The guard released it (or was dropped).
     Released,
+    /// The lock's task failed (a bug in this crate: its machine panicked, with this message).
+    /// The hold may or may not have ended on the agent; its session was destroyed, best effort.
+    DriverFailed(String),
 }
 
 pub(crate) struct Granted {
@@ -63,13 +67,14 @@ struct Waiters {
 }
 
 pub(crate) async fn run<M: HoldMachine>(
-    mut machine: M,
+    machine: M,
     http: reqwest::Client,
     config: ClientConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
     retries: watch::Sender<Option<Retry>>,
 ) {
     let config = std::sync::Arc::new(config);
+    let mut machine = Caught::new(machine);
     // The requests in flight are polled by this task itself rather than spawned: a reply then
     // reaches the machine without a hop between tasks (the handoff benchmark's path crosses
     // four such replies), and dropping the task drops, so cancels, them all.
@@ -85,6 +90,11 @@ pub(crate) async fn run<M: HoldMachine>(
     let mut handles_gone = false;
     let mut closed: Option<oneshot::Sender<()>> = None;
     loop {
+        if let Some(why) = machine.panicked().map(str::to_owned) {
+            drop(inflight);
+            let session = machine.orphaned_session();
+            return end_after_panic(&why, session, waiters, commands, closed, &http, &config).await;
+        }
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::Send(t) => {
@@ -139,6 +149,68 @@ pub(crate) async fn run<M: HoldMachine>(
     tracing::debug!("lock task done");
     if let Some(reply) = closed {
         let _ = reply.send(());
+    }
+}
+
+/// The machine panicked (a bug): every waiter is told why, the session it had is destroyed (so
+/// that no key stays held and no session lives on until its TTL), and every later command is
+/// answered with the same error until the handles are gone.
+async fn end_after_panic(
+    why: &str,
+    session: Option<consul_lock_core::api::SessionId>,
+    mut waiters: Waiters,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    closed: Option<oneshot::Sender<()>>,
+    http: &reqwest::Client,
+    config: &ClientConfig,
+) {
+    let error = || Error::DriverPanicked(why.to_owned());
+    answer(&mut waiters.acquire, Err(error()));
+    if let Some(hold) = waiters.hold.take() {
+        let _ = hold.send(Some(HoldEnd::DriverFailed(why.to_owned())));
+    }
+    for reply in waiters.release.drain(..) {
+        let _ = reply.send(Err(error()));
+    }
+    if let Some(reply) = waiters.destroy.take() {
+        let _ = reply.send(Err(error()));
+    }
+    if let Some(id) = session {
+        use consul_lock_core::api::{Endpoint as _, SessionDestroy};
+        let request = SessionDestroy { id: id.clone() }.encode(config);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let (reply, _) = crate::transport::exchange(http.clone(), config, request, deadline).await;
+        match reply {
+            Ok(r) if r.status().is_success() => {
+                tracing::warn!(session = %id, "destroyed the session of a panicked lock")
+            }
+            other => {
+                tracing::warn!(session = %id, ?other, "could not destroy the session of a panicked lock; it expires after its TTL")
+            }
+        }
+    }
+    if let Some(reply) = closed {
+        let _ = reply.send(());
+    }
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Acquire { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Release { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error()));
+                }
+            }
+            Command::Destroy { reply } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Close { reply } => {
+                let _ = reply.send(());
+                return;
+            }
+            Command::CancelAcquire { .. } => {}
+        }
     }
 }
 
@@ -282,5 +354,95 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
 fn answer(slot: &mut Option<oneshot::Sender<Result<Granted, Error>>>, result: Result<Granted, Error>) {
     if let Some(reply) = slot.take() {
         let _ = reply.send(result);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use consul_lock_core::api::SessionId;
+    use consul_lock_core::machine::{LockError, Reply, RequestId};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A machine with a bug planted: it panics on its first timer, once it has a session.
+    struct Planted {
+        locked: bool,
+        session: SessionId,
+    }
+
+    impl HoldMachine for Planted {
+        fn lock(&mut self, _: Instant) -> Result<(), LockError> {
+            self.locked = true;
+            Ok(())
+        }
+        fn unlock(&mut self, _: Instant) -> Result<(), LockError> {
+            Err(LockError::NotHeld)
+        }
+        fn cancel(&mut self, _: Instant) {}
+        fn destroy(&mut self, _: Instant) -> Result<(), LockError> {
+            Err(LockError::Busy)
+        }
+        fn status(&self) -> LockStatus {
+            if self.locked {
+                LockStatus::Acquiring
+            } else {
+                LockStatus::Idle
+            }
+        }
+        fn handle_response(&mut self, _: Instant, _: RequestId, _: Reply) {}
+        fn handle_timeout(&mut self, _: Instant) {
+            std::panic::panic_any("planted bug");
+        }
+        fn poll_action(&mut self) -> Option<Action<LockEvent>> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            self.locked.then(Instant::now)
+        }
+        fn is_quiescent(&self) -> bool {
+            !self.locked
+        }
+        fn session_id(&self) -> Option<&SessionId> {
+            self.locked.then_some(&self.session)
+        }
+    }
+
+    /// A machine that panics ends its lock in order: the waiting acquire gets the panic's
+    /// message (not "runtime shut down"), the session it had is destroyed, and later calls get
+    /// the same error.
+    #[tokio::test]
+    async fn a_panicking_machine_ends_the_lock_with_its_message_and_destroys_its_session() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ClientConfig::http(&listener.local_addr().unwrap().to_string()).unwrap();
+        let http = crate::transport::build_client(&config).unwrap();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (retries, _) = watch::channel(None);
+        let machine = Planted {
+            locked: false,
+            session: SessionId::new("s-planted").unwrap(),
+        };
+        let task = tokio::spawn(run(machine, http, config, rx, retries));
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Acquire { generation: 1, reply }).unwrap();
+        match answer.await.unwrap() {
+            Err(Error::DriverPanicked(why)) => assert_eq!(why, "planted bug"),
+            Err(other) => panic!("expected DriverPanicked, got {other:?}"),
+            Ok(_) => panic!("granted by a machine that panicked"),
+        }
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = vec![0; 2048];
+        let n = conn.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(head.starts_with("PUT /v1/session/destroy/s-planted "), "{head}");
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ntrue")
+            .await
+            .unwrap();
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Acquire { generation: 2, reply }).unwrap();
+        assert!(matches!(answer.await.unwrap(), Err(Error::DriverPanicked(_))));
+        drop(commands);
+        task.await.unwrap();
     }
 }

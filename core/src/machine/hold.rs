@@ -412,6 +412,9 @@ macro_rules! holding_surface {
             fn is_quiescent(&self) -> bool {
                 $machine::is_quiescent(self)
             }
+            fn session_id(&self) -> Option<&$crate::api::SessionId> {
+                $machine::session(self).id()
+            }
         }
     };
 }

@@ -55,4 +55,7 @@ pub trait HoldMachine: Send + 'static {
     fn poll_timeout(&self) -> Option<std::time::Instant>;
     /// Whether the machine has nothing left to do.
     fn is_quiescent(&self) -> bool;
+    /// The session in use, if any: what a driver must destroy if it can no longer drive the
+    /// machine.
+    fn session_id(&self) -> Option<&crate::api::SessionId>;
 }
