@@ -7,7 +7,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use consul_lock_core::api::SessionId;
-use consul_lock_core::machine::{Action, HoldMachine, LockError, LockEvent, LockStatus, Reply, RequestId};
+use consul_lock_core::machine::{
+    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, Reply, RequestId,
+};
 
 /// `M`, inert after its first panic.
 pub(crate) struct Caught<M> {
@@ -106,5 +108,14 @@ impl<M: HoldMachine> HoldMachine for Caught<M> {
     }
     fn session_id(&self) -> Option<&SessionId> {
         self.session.as_ref()
+    }
+    fn token(&self) -> Option<&FencingToken> {
+        if self.panicked.is_some() {
+            return None;
+        }
+        catch_unwind(AssertUnwindSafe(|| self.machine.token())).unwrap_or(None)
+    }
+    fn in_flight(&self) -> usize {
+        self.look(0, HoldMachine::in_flight)
     }
 }

@@ -407,6 +407,12 @@ mod tests {
         fn session_id(&self) -> Option<&SessionId> {
             self.locked.then_some(&self.session)
         }
+        fn token(&self) -> Option<&FencingToken> {
+            None
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
     }
 
     /// A machine that panics ends its lock in order: the waiting acquire gets the panic's

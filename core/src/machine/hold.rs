@@ -415,6 +415,12 @@ macro_rules! holding_surface {
             fn session_id(&self) -> Option<&$crate::api::SessionId> {
                 $machine::session(self).id()
             }
+            fn token(&self) -> Option<&$crate::machine::FencingToken> {
+                $machine::token(self)
+            }
+            fn in_flight(&self) -> usize {
+                $machine::in_flight(self)
+            }
         }
     };
 }

@@ -58,4 +58,8 @@ pub trait HoldMachine: Send + 'static {
     /// The session in use, if any: what a driver must destroy if it can no longer drive the
     /// machine.
     fn session_id(&self) -> Option<&crate::api::SessionId>;
+    /// The fencing token, while held.
+    fn token(&self) -> Option<&FencingToken>;
+    /// The number of requests the machine is waiting on.
+    fn in_flight(&self) -> usize;
 }
