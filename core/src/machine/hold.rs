@@ -1,18 +1,15 @@
-//! What the holding machines (lock, semaphore) share: the [`Base`] every one of them stands on
-//! (session, outbox, seeded randomness, a clock that never runs backwards), the [`Phases`] trait
-//! whose provided methods drive any of them (timeouts, replies, the renew deadline on every
-//! input), and the [`Watch`] that keeps a hold monitored.
+//! The parts of a holder that are not about its phases: the [`Base`] it stands on (session,
+//! outbox, seeded randomness, a clock that never runs backwards), the [`Failures`] of an
+//! acquisition, and the [`Watch`] that keeps a hold monitored.
 
 use std::time::{Duration, Instant};
 
 use crate::api::{ClientConfig, QueryReply};
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::Failure;
-use crate::machine::outbox::{Outbox, Pending, Pendings};
+use crate::machine::outbox::{Outbox, Pending};
 use crate::machine::session::{SessionEvent, SessionMachine};
-use crate::machine::{
-    Action, LockError, LockEvent, LossReason, Reply, RequestId, Retry, SessionChoice, read,
-};
+use crate::machine::{LockError, LockEvent, LossReason, Retry, SessionChoice, read};
 
 /// The half of a holding machine that is not about its phases.
 #[derive(Debug)]
@@ -49,6 +46,11 @@ impl Base {
         }
     }
 
+    /// The latest `now` the machine was given.
+    pub(crate) fn last_now(&self) -> Option<Instant> {
+        self.last_now
+    }
+
     /// Records `now`, never letting time run backwards inside the machine.
     pub(crate) fn observe(&mut self, now: Instant) -> Instant {
         read::observe(&mut self.last_now, now)
@@ -77,95 +79,6 @@ impl Base {
     /// Drops a session Consul no longer knows and starts a new one (not for a caller's session).
     pub(crate) fn forget_session(&mut self, now: Instant) -> Vec<SessionEvent> {
         self.session.forget(now, &mut self.out, &mut self.rng)
-    }
-}
-
-/// The phases of a holding machine, and the driving every such machine shares.
-///
-/// A machine implements the required methods, which are about its own phases; the provided
-/// methods are the whole of `handle_timeout`, `handle_response`, `poll_timeout` and
-/// `is_quiescent`, so that the rules they carry (requests past their deadline time out, the renew
-/// deadline is checked on every input, late replies are ignored) are written once.
-pub(crate) trait Phases {
-    fn base(&self) -> &Base;
-    fn base_mut(&mut self) -> &mut Base;
-    /// The phase's outstanding requests (not the session's).
-    fn phase_pendings(&self, into: &mut Pendings);
-    /// The phase's next timer.
-    fn phase_timer(&self) -> Option<Instant>;
-    /// Fires the phase's due timers.
-    fn phase_timeout(&mut self, now: Instant);
-    /// A reply to a request of the phase's (or one it no longer waits for).
-    fn phase_response(&mut self, now: Instant, id: RequestId, reply: Reply);
-    /// What the session machine reports.
-    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>);
-    /// Idle, with no cleanup of the phase's own outstanding.
-    fn phase_idle(&self) -> bool;
-
-    fn pendings(&self) -> Pendings {
-        let mut all = Pendings::default();
-        all.extend(self.base().session.pending());
-        self.phase_pendings(&mut all);
-        all
-    }
-
-    fn drive_poll_timeout(&self) -> Option<Instant> {
-        let timers = [self.base().session.poll_timeout(), self.phase_timer()];
-        let pendings = self.pendings();
-        let deadlines = pendings.iter().map(|p| p.deadline);
-        let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
-        Some(match self.base().last_now {
-            Some(last) => earliest.max(last),
-            None => earliest,
-        })
-    }
-
-    fn drive_timeout(&mut self, now: Instant) {
-        let now = self.base_mut().observe(now);
-        for pending in self.pendings().iter() {
-            if now >= pending.deadline {
-                self.drive_response(now, pending.id, read::deadline_passed());
-            }
-        }
-        let base = self.base_mut();
-        let events = base.session.handle_timeout(now, &mut base.out, &mut base.rng);
-        self.on_session_events(now, events);
-        self.phase_timeout(now);
-    }
-
-    fn drive_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        let now = self.base_mut().observe(now);
-        // The renew deadline holds whatever the input: a reply that comes after it (the driver
-        // had not called `handle_timeout` yet) finds the loss declared first, and a renew reply
-        // whose TTL puts the deadline behind us (fuzz finding F1) is caught right after.
-        self.check_renew_deadline(now);
-        let base = self.base_mut();
-        match base
-            .session
-            .handle_response(now, id, &reply, &mut base.out, &mut base.rng)
-        {
-            Some(events) => self.on_session_events(now, events),
-            None => self.phase_response(now, id, reply),
-        }
-        self.check_renew_deadline(now);
-    }
-
-    fn check_renew_deadline(&mut self, now: Instant) {
-        let base = self.base_mut();
-        let events = base.session.check_deadline(now, &mut base.out);
-        self.on_session_events(now, events);
-    }
-
-    fn drive_quiescent(&self) -> bool {
-        let base = self.base();
-        self.phase_idle()
-            && base.session.pending().is_none()
-            && base.session.poll_timeout().is_none()
-            && base.out.is_empty()
-    }
-
-    fn drive_poll_action(&mut self) -> Option<Action<LockEvent>> {
-        self.base_mut().out.pop()
     }
 }
 
@@ -329,99 +242,3 @@ impl Watch {
         Ok(())
     }
 }
-
-/// The driving surface every holding machine offers, written once: the inherent methods a driver
-/// calls (`poll_action`, `poll_timeout`, `handle_timeout`, `handle_response`, `is_quiescent`,
-/// `in_flight`) on top of [`Phases`], and the [`HoldMachine`](crate::machine::HoldMachine) impl.
-macro_rules! holding_surface {
-    ($machine:ident) => {
-        impl $machine {
-            /// The next thing to do, if any.
-            pub fn poll_action(&mut self) -> Option<$crate::machine::Action<$crate::machine::LockEvent>> {
-                $crate::machine::hold::Phases::drive_poll_action(self)
-            }
-
-            /// The next instant at which [`handle_timeout`](Self::handle_timeout) must be called,
-            /// if any. Never earlier than the latest `now` the machine was given.
-            pub fn poll_timeout(&self) -> Option<std::time::Instant> {
-                $crate::machine::hold::Phases::drive_poll_timeout(self)
-            }
-
-            /// Handles the passage of time: timers that are due fire, requests past their
-            /// deadline are taken as timed out. Calling it early, or twice, does nothing.
-            pub fn handle_timeout(&mut self, now: std::time::Instant) {
-                $crate::machine::hold::Phases::drive_timeout(self, now);
-            }
-
-            /// Handles the reply to request `id` (or the transport's failure to get one). A reply
-            /// to a request the machine no longer waits for is ignored.
-            pub fn handle_response(
-                &mut self,
-                now: std::time::Instant,
-                id: $crate::machine::RequestId,
-                reply: $crate::machine::Reply,
-            ) {
-                $crate::machine::hold::Phases::drive_response(self, now, id, reply);
-            }
-
-            /// Whether the machine has nothing left to do: idle, no request outstanding, nothing
-            /// queued. A driver may stop driving it then.
-            pub fn is_quiescent(&self) -> bool {
-                $crate::machine::hold::Phases::drive_quiescent(self)
-            }
-
-            /// The number of requests the machine is waiting on.
-            pub fn in_flight(&self) -> usize {
-                $crate::machine::hold::Phases::pendings(self).len()
-            }
-        }
-
-        impl $crate::machine::HoldMachine for $machine {
-            fn lock(&mut self, now: std::time::Instant) -> Result<(), $crate::machine::LockError> {
-                $machine::lock(self, now)
-            }
-            fn unlock(&mut self, now: std::time::Instant) -> Result<(), $crate::machine::LockError> {
-                $machine::unlock(self, now)
-            }
-            fn cancel(&mut self, now: std::time::Instant) {
-                $machine::cancel(self, now);
-            }
-            fn destroy(&mut self, now: std::time::Instant) -> Result<(), $crate::machine::LockError> {
-                $machine::destroy(self, now)
-            }
-            fn status(&self) -> $crate::machine::LockStatus {
-                $machine::status(self)
-            }
-            fn handle_response(
-                &mut self,
-                now: std::time::Instant,
-                id: $crate::machine::RequestId,
-                reply: $crate::machine::Reply,
-            ) {
-                $machine::handle_response(self, now, id, reply);
-            }
-            fn handle_timeout(&mut self, now: std::time::Instant) {
-                $machine::handle_timeout(self, now);
-            }
-            fn poll_action(&mut self) -> Option<$crate::machine::Action<$crate::machine::LockEvent>> {
-                $machine::poll_action(self)
-            }
-            fn poll_timeout(&self) -> Option<std::time::Instant> {
-                $machine::poll_timeout(self)
-            }
-            fn is_quiescent(&self) -> bool {
-                $machine::is_quiescent(self)
-            }
-            fn session_id(&self) -> Option<&$crate::api::SessionId> {
-                $machine::session(self).id()
-            }
-            fn token(&self) -> Option<&$crate::machine::FencingToken> {
-                $machine::token(self)
-            }
-            fn in_flight(&self) -> usize {
-                $machine::in_flight(self)
-            }
-        }
-    };
-}
-pub(crate) use holding_surface;

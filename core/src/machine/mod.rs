@@ -9,7 +9,9 @@
 
 mod backoff;
 mod classify;
+mod event;
 mod hold;
+mod holder;
 mod lock;
 mod options;
 mod outbox;
@@ -17,7 +19,9 @@ mod read;
 mod semaphore;
 mod session;
 
-pub use lock::{FencingToken, LockError, LockEvent, LockMachine, LockStatus, LossReason, Retry};
+pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Retry};
+pub use holder::Holder;
+pub use lock::LockMachine;
 pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use semaphore::{SemaphoreMachine, SemaphoreState};

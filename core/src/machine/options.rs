@@ -188,25 +188,78 @@ impl LockOptions {
         if let SessionChoice::Create(session) = &self.session {
             session.validate()?;
         }
-        validate_common(Common {
-            wait: ("lock_wait_time", self.lock_wait_time),
-            monitor_wait: self.monitor_wait,
-            monitor_retry_time: self.monitor_retry_time,
-            request_timeout: self.request_timeout,
-            value: &self.value,
-            namespace: self.namespace.as_deref(),
-        })
+        validate_common(self.common())
     }
 }
 
-/// The options the lock and the semaphore share, checked in one place.
-struct Common<'a> {
-    wait: (&'static str, Duration),
-    monitor_wait: Duration,
-    monitor_retry_time: Duration,
-    request_timeout: Duration,
-    value: &'a [u8],
-    namespace: Option<&'a str>,
+/// The options every kind of holder has, whatever each calls them: checked here, and acted on
+/// by the holder, in one place each.
+#[derive(Clone, Copy, Debug)]
+pub struct Common<'a> {
+    /// The wait of each blocking read while acquiring, with its option's name.
+    pub(crate) wait: (&'static str, Duration),
+    pub(crate) try_once: bool,
+    pub(crate) monitor_wait: Duration,
+    pub(crate) monitor_retries: Option<u32>,
+    pub(crate) monitor_retry_time: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) acquire_error_budget: Option<Duration>,
+    pub(crate) value: &'a [u8],
+    pub(crate) namespace: Option<&'a String>,
+    pub(crate) session: &'a SessionChoice,
+    pub(crate) seed: u64,
+}
+
+/// What a holder needs of its options, whatever its kind.
+pub trait HoldOptions: std::fmt::Debug + Send + 'static {
+    /// The options every kind has.
+    fn common(&self) -> Common<'_>;
+    /// Checks every option.
+    fn check(&self) -> Result<(), OptionsError>;
+}
+
+impl HoldOptions for LockOptions {
+    fn common(&self) -> Common<'_> {
+        Common {
+            wait: ("lock_wait_time", self.lock_wait_time),
+            try_once: self.lock_try_once,
+            monitor_wait: self.monitor_wait,
+            monitor_retries: self.monitor_retries,
+            monitor_retry_time: self.monitor_retry_time,
+            request_timeout: self.request_timeout,
+            acquire_error_budget: self.acquire_error_budget,
+            value: &self.value,
+            namespace: self.namespace.as_ref(),
+            session: &self.session,
+            seed: self.seed,
+        }
+    }
+
+    fn check(&self) -> Result<(), OptionsError> {
+        self.validate()
+    }
+}
+
+impl HoldOptions for SemaphoreOptions {
+    fn common(&self) -> Common<'_> {
+        Common {
+            wait: ("wait_time", self.wait_time),
+            try_once: self.try_once,
+            monitor_wait: self.monitor_wait,
+            monitor_retries: self.monitor_retries,
+            monitor_retry_time: self.monitor_retry_time,
+            request_timeout: self.request_timeout,
+            acquire_error_budget: self.acquire_error_budget,
+            value: &self.value,
+            namespace: self.namespace.as_ref(),
+            session: &self.session,
+            seed: self.seed,
+        }
+    }
+
+    fn check(&self) -> Result<(), OptionsError> {
+        self.validate()
+    }
 }
 
 fn validate_common(o: Common<'_>) -> Result<(), OptionsError> {
@@ -226,12 +279,12 @@ fn validate_common(o: Common<'_>) -> Result<(), OptionsError> {
     if o.value.len() > 512 * 1024 {
         return Err(OptionsError::ValueTooLarge { len: o.value.len() });
     }
-    if o.namespace.is_some_and(str::is_empty) {
+    if o.namespace.is_some_and(String::is_empty) {
         return Err(OptionsError::EmptyNamespace);
     }
     if let Some(len) = o
         .namespace
-        .map(str::len)
+        .map(String::len)
         .filter(|&len| len > crate::api::ClientConfig::MAX_NAME_LEN)
     {
         return Err(OptionsError::NamespaceTooLong {
@@ -438,14 +491,7 @@ impl SemaphoreOptions {
                 self.contender_key(id)?;
             }
         }
-        validate_common(Common {
-            wait: ("wait_time", self.wait_time),
-            monitor_wait: self.monitor_wait,
-            monitor_retry_time: self.monitor_retry_time,
-            request_timeout: self.request_timeout,
-            value: &self.value,
-            namespace: self.namespace.as_deref(),
-        })
+        validate_common(self.common())
     }
 }
 

@@ -127,7 +127,7 @@ impl<E> Outbox<E> {
 
 /// One outstanding request: its id and when the machine stops waiting for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Pending {
+pub struct Pending {
     pub(crate) id: RequestId,
     pub(crate) sent_at: Instant,
     pub(crate) deadline: Instant,
@@ -144,7 +144,7 @@ impl Pending {
 /// core benchmark), and a machine has only a handful outstanding (its session's, its phase's, a
 /// stray reply's), so they are kept inline.
 #[derive(Debug, Default)]
-pub(crate) struct Pendings {
+pub struct Pendings {
     inline: [Option<Pending>; Pendings::INLINE],
     /// More than fit inline, should a machine ever have them: none is ever dropped.
     spill: Vec<Pending>,

@@ -23,18 +23,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::api::{
-    ApiError, Blocking, Consistency, Key, KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvGet, KvList, KvPair,
-    QueryReply, SessionId,
+    ApiError, Blocking, Consistency, Key, KvAcquire, KvCasPut, KvDelete, KvGet, KvList, KvPair, SessionId,
 };
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
-use crate::machine::hold::{Base, Failures, Phases, Watch, WatchStep, holding_surface};
-use crate::machine::outbox::{Pending, Pendings};
-use crate::machine::read::next_index;
-use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
+use crate::machine::hold::Watch;
+use crate::machine::holder::{Acquiring, Held, Holder, Kind, Phase, ReleaseStep, Releasing, Step};
+use crate::machine::outbox::Pending;
 use crate::machine::{
-    FencingToken, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply, RequestId,
-    SEMAPHORE_FLAG_VALUE, SemaphoreOptions, SessionChoice,
+    FencingToken, LockError, LockEvent, LossReason, OptionsError, Reply, SEMAPHORE_FLAG_VALUE,
+    SemaphoreOptions, SessionChoice,
 };
 
 /// How many times `unlock` tries to take our session out of the `.lock` before it settles for
@@ -197,102 +195,6 @@ struct View {
     contender: Contender,
 }
 
-/// What to do once a pause ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Then {
-    Contend,
-    Read,
-    Confirm,
-}
-
-#[derive(Clone, Debug)]
-enum Step {
-    AwaitSession,
-    /// The caller's session: the contender key of an abandoned attempt is being deleted; making
-    /// it again before that delete lands could lose it.
-    AwaitCleanup,
-    /// Acquiring our contender key.
-    Contend(Pending),
-    /// A (blocking) list of the prefix.
-    Read(Pending),
-    /// The check-and-set adding us to the `.lock`.
-    Cas(Pending),
-    /// The consistent list after a granted check-and-set (or finding us a holder already).
-    Confirm(Pending),
-    Pause {
-        until: Instant,
-        then: Then,
-    },
-}
-
-#[derive(Clone, Debug)]
-struct Acquiring {
-    step: Step,
-    index: u64,
-    give_up_at: Option<Instant>,
-    backoff: Backoff,
-    /// Check-and-set refusals since the last list that showed the semaphore full: the first is
-    /// contention and is retried at once, the next ones are paced.
-    conflicts: u32,
-    /// Whether this attempt sent a contender acquire (so the key may exist).
-    contended: bool,
-    failures: Failures,
-}
-
-#[derive(Clone, Debug)]
-struct Held {
-    token: FencingToken,
-    contender: Key,
-    watch: Watch,
-}
-
-#[derive(Clone, Debug)]
-enum ReleaseStep {
-    /// Reading the `.lock`.
-    Read(Pending),
-    /// Taking our session out of it.
-    Cas(Pending),
-    Pause(Instant),
-    /// Deleting our contender key.
-    Delete(Pending),
-    /// Stopping the session.
-    Session,
-}
-
-#[derive(Clone, Debug)]
-struct Releasing {
-    session: SessionId,
-    contender: Key,
-    step: ReleaseStep,
-    attempts: u32,
-    /// After this, stop trying to take us out of the `.lock`.
-    give_up_at: Instant,
-    backoff: Backoff,
-    /// Our slot is no longer counted: we are out of the `.lock`'s holders (or never were in
-    /// it). Else only the contender key's delete frees it, since the others prune a holder
-    /// whose contender key is gone.
-    left: bool,
-    /// The last failure of a step that would have freed the slot.
-    last_failure: Option<String>,
-    /// What the release ended with, reported once the session is stopped.
-    failed: Option<LockError>,
-}
-
-#[derive(Clone, Debug)]
-enum Destroying {
-    List(Pending),
-    Delete(Pending),
-}
-
-#[derive(Clone, Debug)]
-enum Phase {
-    Idle,
-    Acquiring(Acquiring),
-    Held(Held),
-    Releasing(Releasing),
-    Destroying(Destroying),
-}
-
 /// A Consul semaphore slot (Go's `api.Semaphore`) as a pure state machine, with the surface and
 /// the events of [`LockMachine`](crate::machine::LockMachine).
 ///
@@ -313,192 +215,82 @@ enum Phase {
 /// let Some(Action::Send(transmit)) = semaphore.poll_action() else { panic!() };
 /// assert_eq!(transmit.request.uri().path(), "/v1/session/create");
 /// ```
+pub type SemaphoreMachine = Holder<SemaphoreKind>;
+
+/// The semaphore's part of a [`SemaphoreMachine`]: the key of its `.lock`.
 #[derive(Debug)]
-pub struct SemaphoreMachine {
-    options: SemaphoreOptions,
+pub struct SemaphoreKind {
     lock_key: Key,
-    base: Base,
-    phase: Phase,
-    /// The caller's session: a contender acquire abandoned in flight. If it made the key, the key
-    /// must go, since no session destroy will take it.
-    stray: Option<Pending>,
-    /// The caller's session: the delete of the contender key of an abandoned attempt or a lost
-    /// slot, so that the others prune us.
-    cleanup: Option<Pending>,
 }
 
-impl SemaphoreMachine {
+/// The semaphore's requests while acquiring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Acquiring our contender key.
+    Contend,
+    /// A (blocking) list of the prefix.
+    Read,
+    /// The check-and-set adding us to the `.lock`.
+    Cas,
+    /// The consistent list after a granted check-and-set (or finding us a holder already).
+    Confirm,
+}
+
+/// What a waiting contender keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Wait {
+    /// Check-and-set refusals since the last list that showed the semaphore full: the first is
+    /// contention and is retried at once, the next ones are paced.
+    conflicts: u32,
+    /// Whether this attempt sent a contender acquire (so the key may exist).
+    contended: bool,
+}
+
+/// The semaphore's release requests.
+#[derive(Clone, Copy, Debug)]
+pub enum Give {
+    /// Reading the `.lock`.
+    Read,
+    /// Taking our session out of it.
+    Cas,
+    /// Deleting our contender key.
+    Delete,
+}
+
+/// What a release keeps.
+#[derive(Clone, Debug)]
+pub struct Leave {
+    session: SessionId,
+    contender: Key,
+    /// Our slot is no longer counted: we are out of the `.lock`'s holders (or never were in
+    /// it). Else only the contender key's delete frees it, since the others prune a holder
+    /// whose contender key is gone.
+    left: bool,
+    /// The last failure of a step that would have freed the slot.
+    last_failure: Option<String>,
+}
+
+/// With the caller's session, whose life goes on after an attempt: what the attempt leaves.
+#[derive(Clone, Debug)]
+pub enum Chore {
+    /// A contender acquire abandoned in flight: if it made the key, the key must go, since no
+    /// session destroy will take it.
+    Contend,
+    /// The delete of the contender key of an abandoned attempt or a lost slot, so that the
+    /// others prune us.
+    Delete,
+}
+
+impl Holder<SemaphoreKind> {
     /// A machine for `options`, sending requests for the agent `config` describes. The options
     /// are validated here.
     pub fn new(
         config: crate::api::ClientConfig,
         options: SemaphoreOptions,
     ) -> Result<SemaphoreMachine, OptionsError> {
-        options.validate()?;
-        config.check()?;
-        let base = Base::new(
-            config,
-            options.namespace.as_ref(),
-            &options.session,
-            options.request_timeout,
-            options.seed,
-        );
-        Ok(SemaphoreMachine {
-            base,
+        Holder::build(config, options, |options: &SemaphoreOptions| SemaphoreKind {
             lock_key: options.lock_key(),
-            options,
-            phase: Phase::Idle,
-            stray: None,
-            cleanup: None,
         })
-    }
-
-    // ----- queries -------------------------------------------------------------------------
-
-    /// Where the semaphore stands.
-    pub fn status(&self) -> LockStatus {
-        match &self.phase {
-            Phase::Idle => LockStatus::Idle,
-            Phase::Acquiring(_) => LockStatus::Acquiring,
-            Phase::Held(_) => LockStatus::Held,
-            Phase::Releasing(_) => LockStatus::Releasing,
-            Phase::Destroying(_) => LockStatus::Destroying,
-        }
-    }
-
-    /// The slot's token, while held.
-    pub fn token(&self) -> Option<&FencingToken> {
-        match &self.phase {
-            Phase::Held(h) => Some(&h.token),
-            _ => None,
-        }
-    }
-
-    /// The session machine the semaphore stands on.
-    pub fn session(&self) -> &SessionMachine {
-        &self.base.session
-    }
-
-    /// The options the machine was made with.
-    pub fn options(&self) -> &SemaphoreOptions {
-        &self.options
-    }
-
-    // ----- operations ----------------------------------------------------------------------
-
-    /// Starts acquiring a slot. Usable again after a loss, a release, a give-up or a cancel.
-    pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.base.observe(now);
-        match self.phase {
-            Phase::Idle => {}
-            Phase::Acquiring(_) | Phase::Held(_) => return Err(LockError::AlreadyHeld),
-            Phase::Releasing(_) | Phase::Destroying(_) => return Err(LockError::Busy),
-        }
-        let give_up_at = self.options.try_once.then(|| now + self.options.wait_time);
-        self.phase = Phase::Acquiring(Acquiring {
-            step: Step::AwaitSession,
-            index: 0,
-            give_up_at,
-            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
-            conflicts: 0,
-            contended: false,
-            failures: Failures::default(),
-        });
-        let events = self.base.start_session(now);
-        self.on_session_events(now, events);
-        Ok(())
-    }
-
-    /// Gives up a held slot: takes our session out of the `.lock`, deletes our contender key,
-    /// then destroys the session if the machine made it. Ends with [`LockEvent::Released`].
-    pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.base.observe(now);
-        let Phase::Held(held) = &self.phase else {
-            return Err(LockError::NotHeld);
-        };
-        self.phase = Phase::Releasing(Releasing {
-            session: held.token.session.clone(),
-            contender: held.contender.clone(),
-            step: ReleaseStep::Session,
-            attempts: 0,
-            give_up_at: now + self.options.request_timeout,
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
-            left: false,
-            last_failure: None,
-            failed: None,
-        });
-        self.release_read(now);
-        Ok(())
-    }
-
-    /// Stops whatever is under way, at once: an acquisition ends with [`LockEvent::Cancelled`]
-    /// (its session is destroyed in the background, taking the contender key with it), a held
-    /// slot is released, a destroy is abandoned. A no-op when idle or already releasing.
-    pub fn cancel(&mut self, now: Instant) {
-        self.base.observe(now);
-        match &self.phase {
-            Phase::Idle | Phase::Releasing(_) => {}
-            Phase::Acquiring(_) => self.finish(now, LockEvent::Cancelled),
-            // Held, so unlock can't fail.
-            Phase::Held(_) => {
-                let _ = self.unlock(now);
-            }
-            Phase::Destroying(_) => {
-                self.phase = Phase::Idle;
-                self.base.out.event(LockEvent::Cancelled);
-            }
-        }
-    }
-
-    /// Deletes the `.lock`, if no live contender remains (Go's `Destroy`). Ends with
-    /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
-    /// [`LockError::Conflict`]).
-    pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        self.base.observe(now);
-        match self.phase {
-            Phase::Idle => {}
-            Phase::Held(_) => return Err(LockError::AlreadyHeld),
-            _ => return Err(LockError::Busy),
-        }
-        let pending = self
-            .base
-            .send(now, &KvList::new(self.options.prefix.clone()), None);
-        self.phase = Phase::Destroying(Destroying::List(pending));
-        Ok(())
-    }
-
-    // ----- driving ---------------------------------------------------------------------------
-
-    // ----- plumbing --------------------------------------------------------------------------
-
-    fn ignore(&self, id: RequestId) {
-        tracing::trace!(%id, "ignoring a reply to a request no longer awaited");
-    }
-
-    /// Whether the step's reply may grant us a slot: the give-up time waits for it.
-    fn deciding(step: &Step) -> bool {
-        matches!(step, Step::Cas(_) | Step::Confirm(_))
-    }
-
-    fn acquiring(&mut self) -> Option<&mut Acquiring> {
-        match &mut self.phase {
-            Phase::Acquiring(a) => Some(a),
-            _ => None,
-        }
-    }
-
-    fn held(&mut self) -> Option<&mut Held> {
-        match &mut self.phase {
-            Phase::Held(h) => Some(h),
-            _ => None,
-        }
-    }
-
-    fn releasing(&mut self) -> Option<&mut Releasing> {
-        match &mut self.phase {
-            Phase::Releasing(r) => Some(r),
-            _ => None,
-        }
     }
 
     /// The session in use and its contender key.
@@ -508,150 +300,14 @@ impl SemaphoreMachine {
         Some((session, key))
     }
 
-    /// Ends an acquisition or a hold: report `event`, go idle, leave nothing behind, and stop
-    /// the session.
-    fn finish(&mut self, now: Instant, event: LockEvent) {
-        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        if let SessionChoice::Existing(_) = self.options.session {
-            // The caller's session lives on, and with it our contender key: delete it, so that
-            // the others prune us (after the acquire that may be making it, if in flight).
-            match phase {
-                Phase::Acquiring(Acquiring {
-                    step: Step::Contend(p),
-                    ..
-                }) => self.stray = Some(p),
-                Phase::Acquiring(Acquiring { contended: true, .. }) | Phase::Held(_) => self.clean_up(now),
-                _ => {}
-            }
-        }
-        self.base.out.event(event);
-        let events = self.base.stop_session(now);
-        self.on_session_events(now, events);
-    }
-
     /// Deletes the contender key of the caller's session.
-    fn clean_up(&mut self, now: Instant) {
+    fn clean_up(&mut self, now: Instant) -> Option<(Chore, Pending)> {
         let SessionChoice::Existing(session) = &self.options.session else {
-            return;
+            return None;
         };
-        let Ok(key) = self.options.contender_key(session) else {
-            return;
-        };
+        let key = self.options.contender_key(session).ok()?;
         tracing::debug!(%key, "deleting the contender key of an abandoned attempt");
-        self.cleanup = Some(self.base.send(now, &KvDelete { key }, None));
-    }
-
-    /// An attempt waiting for a cleanup goes on once it is done.
-    fn resume_after_cleanup(&mut self, now: Instant) {
-        if self.stray.is_none()
-            && self.cleanup.is_none()
-            && self
-                .acquiring()
-                .is_some_and(|a| matches!(a.step, Step::AwaitCleanup))
-        {
-            self.contend(now);
-        }
-    }
-
-    fn give_up(&mut self, now: Instant) {
-        tracing::debug!("try-once: no slot within the wait time");
-        self.finish(now, LockEvent::GaveUp);
-    }
-
-    fn fail(&mut self, now: Instant, error: LockError) {
-        tracing::warn!(%error, "semaphore attempt failed");
-        self.finish(now, LockEvent::Failed(error));
-    }
-
-    fn lose(&mut self, now: Instant, reason: LossReason) {
-        tracing::warn!(?reason, "semaphore slot lost");
-        self.finish(now, LockEvent::Lost(reason));
-    }
-
-    /// Pauses with backoff after a transient failure, then does `then`; reported, or the end of
-    /// the attempt once failures have lasted the error budget.
-    fn retry(&mut self, now: Instant, then: Then, why: &str) {
-        if let Some(until) = self.pause(now, then) {
-            self.record_failure(now, why, until);
-        }
-    }
-
-    /// Pauses with backoff, then does `then`: the pause's end, if acquiring.
-    fn pause(&mut self, now: Instant, then: Then) -> Option<Instant> {
-        let rng = &mut self.base.rng;
-        let a = match &mut self.phase {
-            Phase::Acquiring(a) => Some(a),
-            _ => None,
-        }?;
-        let until = now + a.backoff.next(rng);
-        if then == Then::Read {
-            a.index = 0;
-        }
-        a.step = Step::Pause { until, then };
-        Some(until)
-    }
-
-    /// Records a failed try whose next is at `next_try` (see [`Failures`]).
-    fn record_failure(&mut self, now: Instant, why: &str, next_try: Instant) {
-        let budget = self.options.acquire_error_budget;
-        let Phase::Acquiring(a) = &mut self.phase else {
-            return;
-        };
-        if let Err(e) = a.failures.failed(now, why, next_try, budget, &mut self.base.out) {
-            self.fail(now, e);
-        }
-    }
-
-    // ----- session -------------------------------------------------------------------------
-
-    fn on_session(&mut self, now: Instant, events: Vec<SessionEvent>) {
-        for event in events {
-            match (event, &self.phase) {
-                (SessionEvent::Ready(_), Phase::Acquiring(a)) if matches!(a.step, Step::AwaitSession) => {
-                    if let Some(a) = self.acquiring() {
-                        a.index = 0;
-                        a.step = Step::AwaitCleanup;
-                        a.failures.progressed();
-                    }
-                    self.resume_after_cleanup(now);
-                }
-                (SessionEvent::CreateRetry { cause, next_try }, Phase::Acquiring(_)) => {
-                    self.record_failure(now, &cause, next_try);
-                }
-                (SessionEvent::CreateFailed(e), Phase::Acquiring(_)) => self.fail(now, LockError::session(e)),
-                (SessionEvent::Lost(loss), Phase::Held(_)) => {
-                    let reason = match loss {
-                        SessionLoss::Invalidated => LossReason::SessionInvalidated,
-                        SessionLoss::RenewDeadline { since_ack } => LossReason::RenewDeadline { since_ack },
-                    };
-                    self.lose(now, reason);
-                }
-                (SessionEvent::Lost(_), Phase::Acquiring(_)) => {
-                    // Not holding anything yet: a fresh session (and contender key) will do.
-                    if let Some(a) = self.acquiring() {
-                        a.step = Step::AwaitSession;
-                    }
-                    let events = self.base.start_session(now);
-                    self.on_session_events(now, events);
-                }
-                (
-                    SessionEvent::Stopped,
-                    Phase::Releasing(Releasing {
-                        step: ReleaseStep::Session,
-                        failed,
-                        ..
-                    }),
-                ) => {
-                    let event = match failed {
-                        None => LockEvent::Released,
-                        Some(e) => LockEvent::ReleaseFailed(e.clone()),
-                    };
-                    self.phase = Phase::Idle;
-                    self.base.out.event(event);
-                }
-                _ => {}
-            }
-        }
+        Some((Chore::Delete, self.base.send(now, &KvDelete { key }, None)))
     }
 
     // ----- acquiring -----------------------------------------------------------------------
@@ -680,10 +336,9 @@ impl SemaphoreMachine {
             flags: SEMAPHORE_FLAG_VALUE,
             value: self.options.value.clone(),
         };
-        let pending = self.base.send(now, &acquire, None);
+        self.send_ask(now, Ask::Contend, &acquire, None);
         if let Some(a) = self.acquiring() {
-            a.step = Step::Contend(pending);
-            a.contended = true;
+            a.wait.contended = true;
         }
     }
 
@@ -697,59 +352,22 @@ impl SemaphoreMachine {
                 self.read(now);
             }
             // Only a lock-delay on the key can refuse it (its name is our session's): it ends.
-            Ok(false) => self.retry(now, Then::Contend, "the contender key was refused"),
-            Err(Failure::Fatal(e)) if e.is_invalid_session() => {
-                tracing::warn!("contend: the session is gone; creating a new one");
-                if let Some(a) = self.acquiring() {
-                    a.step = Step::AwaitSession;
-                }
-                let events = self.base.forget_session(now);
-                if events.is_empty() && matches!(self.options.session, SessionChoice::Existing(_)) {
-                    return self.fail(now, LockError::refused(e));
-                }
-                self.on_session_events(now, events);
-            }
+            Ok(false) => self.retry(now, Ask::Contend, false, "the contender key was refused"),
+            Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
-            Err(Failure::Transient(why)) => self.retry(now, Then::Contend, &why),
-        }
-    }
-
-    /// The next list of the prefix: blocking on the last index, or a plain list on index 0.
-    fn read(&mut self, now: Instant) {
-        let prefix = self.options.prefix.clone();
-        let wait_time = self.options.wait_time;
-        let Some(a) = self.acquiring() else { return };
-        if a.give_up_at.is_some_and(|at| now >= at) {
-            return self.give_up(now);
-        }
-        // With try-once, no read may outlast the give-up time.
-        let wait = a
-            .give_up_at
-            .map_or(wait_time, |at| at.saturating_duration_since(now).min(wait_time))
-            .max(Duration::from_millis(1));
-        let blocking = Blocking { index: a.index, wait };
-        let list = KvList {
-            prefix,
-            consistency: Consistency::Default,
-            blocking: Some(blocking),
-        };
-        let wait = (blocking.index > 0).then_some(wait);
-        let pending = self.base.send(now, &list, wait);
-        if let Some(a) = self.acquiring() {
-            a.step = Step::Read(pending);
+            Err(Failure::Transient(why)) => self.retry(now, Ask::Contend, false, &why),
         }
     }
 
     /// What a listing says: `.lock` with other flags is a conflict; its state is decoded (empty
     /// when missing) and its dead holders pruned.
     fn view(&self, pairs: &[KvPair], session: &SessionId, contender: &Key) -> Result<View, LockError> {
-        let lock = find(pairs, &self.lock_key);
+        let limit = self.options.limit;
+        let lock = find(pairs, &self.kind.lock_key);
         let mut state = match lock {
-            None => SemaphoreState::empty(self.options.limit),
+            None => SemaphoreState::empty(limit),
             Some(p) if p.flags != SEMAPHORE_FLAG_VALUE => return Err(LockError::Conflict { flags: p.flags }),
-            Some(p) => {
-                SemaphoreState::decode(&p.value, self.options.limit).map_err(LockError::BadSemaphore)?
-            }
+            Some(p) => SemaphoreState::decode(&p.value, limit).map_err(LockError::BadSemaphore)?,
         };
         state.prune(pairs);
         Ok(View {
@@ -762,11 +380,11 @@ impl SemaphoreMachine {
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
         let list = match decode::<KvList>(reply) {
             Ok(list) => list,
-            Err(Failure::Transient(why)) => return self.retry(now, Then::Read, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, true, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
-            return self.retry(now, Then::Contend, "no session to contend with");
+            return self.retry(now, Ask::Contend, false, "no session to contend with");
         };
         let view = match self.view(&list.value, &session, &contender) {
             Ok(view) => view,
@@ -782,117 +400,88 @@ impl SemaphoreMachine {
                 },
             );
         }
-        let wait_time = self.options.wait_time;
-        let Some(a) = self.acquiring() else { return };
-        let (index, moved) = next_index(a.index, list.meta.index);
-        let quick = now.saturating_duration_since(sent.sent_at) < wait_time / 2;
-        // A read on index 0 answers at once by design; only a blocking one says anything about
-        // the agent's pace.
-        let blocked = a.index > 0;
-        // No progress, at once: index 0 included (a reply without X-Consul-Index).
-        let spinning = !moved && quick;
-        a.index = index;
-        if !spinning {
-            a.failures.progressed();
-        }
+        let pace = self.take_index(now, sent, list.meta.index);
         if view.contender != Contender::Ours {
             // Our contender key went (an operator): without it the others would prune us at
             // once. Make it again, paced.
-            return self.retry(now, Then::Contend, "our contender key is gone");
+            return self.retry(now, Ask::Contend, false, "our contender key is gone");
         }
         if view.state.holds(session.as_str()) {
             // Already a holder (an abandoned attempt's check-and-set landed): the slot is ours.
             return self.confirm(now);
         }
+        let Some(a) = self.acquiring() else { return };
         let full = view.state.holders.len() >= usize::try_from(limit).unwrap_or(usize::MAX);
         if full {
-            a.conflicts = 0;
-            if spinning {
-                return self.retry(
-                    now,
-                    Then::Read,
-                    "a blocking read returned at once without progress",
-                );
+            a.wait.conflicts = 0;
+            if pace.spinning {
+                return self.retry_spinning(now);
             }
-            if blocked {
+            if pace.blocked {
                 a.backoff.reset();
             }
             return self.read(now);
         }
-        if blocked && spinning {
-            // Back at once on an index that showed the semaphore full: don't let an agent that
-            // says so make us spin through check-and-sets.
-            return self.retry(
-                now,
-                Then::Read,
-                "a blocking read returned at once without progress",
-            );
+        if pace.blocked && pace.spinning {
+            // Back at once on an index that showed the semaphore full: an agent that says so
+            // must not make us spin through check-and-sets.
+            return self.retry_spinning(now);
         }
         let mut state = view.state;
         state.holders.insert(session.as_str().to_owned(), true);
         let put = KvCasPut {
-            key: self.lock_key.clone(),
+            key: self.kind.lock_key.clone(),
             cas: view.modify_index,
             flags: SEMAPHORE_FLAG_VALUE,
             value: state.encode(),
         };
-        let pending = self.base.send(now, &put, None);
-        if let Some(a) = self.acquiring() {
-            a.step = Step::Cas(pending);
-        }
+        self.send_ask(now, Ask::Cas, &put, None);
     }
 
     fn on_cas(&mut self, now: Instant, reply: &Reply) {
         match decode::<KvCasPut>(reply) {
             Ok(true) => {
                 if let Some(a) = self.acquiring() {
-                    a.conflicts = 0;
+                    a.wait.conflicts = 0;
                     a.failures.progressed();
                 }
                 self.confirm(now);
             }
             Ok(false) => {
                 let Some(a) = self.acquiring() else { return };
-                a.conflicts = a.conflicts.saturating_add(1);
-                if a.conflicts == 1 {
+                a.wait.conflicts = a.wait.conflicts.saturating_add(1);
+                if a.wait.conflicts == 1 {
                     // Another contender wrote first: look again at once.
                     a.index = 0;
                     self.read(now);
                 } else {
                     // Contention, not a failure of the agent's: paced, not reported.
                     tracing::debug!("check-and-set refused again; pausing");
-                    self.pause(now, Then::Read);
+                    self.pause(now, Ask::Read, true);
                 }
             }
             // It may have been applied: the next list tells (we would be a holder).
-            Err(Failure::Transient(why)) => self.retry(now, Then::Read, &why),
+            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, true, &why),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
         }
     }
 
     fn confirm(&mut self, now: Instant) {
-        let list = KvList {
-            prefix: self.options.prefix.clone(),
-            consistency: Consistency::Consistent,
-            blocking: None,
-        };
-        let pending = self.base.send(now, &list, None);
-        if let Some(a) = self.acquiring() {
-            a.step = Step::Confirm(pending);
-        }
+        let list = SemaphoreKind::read(self, Consistency::Consistent, None);
+        self.send_ask(now, Ask::Confirm, &list, None);
     }
 
     fn on_confirm(&mut self, now: Instant, reply: &Reply) {
         let list = match decode::<KvList>(reply) {
             Ok(list) => list,
             // We may hold a slot: find out before anything else.
-            Err(Failure::Transient(why)) => return self.retry(now, Then::Confirm, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Confirm, false, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
-            return self.retry(now, Then::Contend, "no session to contend with");
+            return self.retry(now, Ask::Contend, false, "no session to contend with");
         };
-        let lock = find(&list.value, &self.lock_key).map(|p| (p.modify_index, p.create_index));
+        let lock = find(&list.value, &self.kind.lock_key).map(|p| p.modify_index);
         let granted = match (self.view(&list.value, &session, &contender), lock) {
             (Ok(view), Some(lock)) => {
                 let ok = view.state.limit == self.options.limit
@@ -902,13 +491,13 @@ impl SemaphoreMachine {
             }
             _ => None,
         };
-        let Some((modify_index, _create_index)) = granted else {
+        let Some(modify_index) = granted else {
             // Lost between the write and this read, or never written: look again, after a
             // pause, so that an agent that grants and then denies can't make us spin.
-            return self.retry(now, Then::Read, "the granted slot does not show our session");
+            return self.retry(now, Ask::Read, true, "the granted slot does not show our session");
         };
         let token = FencingToken {
-            key: self.lock_key.clone(),
+            key: self.kind.lock_key.clone(),
             session,
             lock_index: modify_index,
             modify_index,
@@ -917,41 +506,22 @@ impl SemaphoreMachine {
         self.base.out.event(LockEvent::Acquired(token.clone()));
         self.phase = Phase::Held(Held {
             token,
-            contender,
             watch: Watch::new(list.meta.index, now),
+            hold: contender,
         });
         self.monitor(now);
     }
 
     // ----- holding -------------------------------------------------------------------------
 
-    fn monitor(&mut self, now: Instant) {
-        let wait = self.options.monitor_wait;
-        let prefix = self.options.prefix.clone();
-        let Some(h) = self.held() else { return };
-        let list = KvList {
-            prefix,
-            consistency: Consistency::Consistent,
-            blocking: Some(Blocking {
-                index: h.watch.index,
-                wait,
-            }),
-        };
-        let wait = (h.watch.index > 0).then_some(wait);
-        let pending = self.base.send(now, &list, wait);
-        if let Some(h) = self.held() {
-            h.watch.step = WatchStep::Read(pending);
-        }
-    }
-
     /// Why a listing says the slot is no longer ours, if it does.
-    fn loss_in(&self, pairs: &[KvPair], held: &Held) -> Option<LossReason> {
+    fn loss_in_listing(&self, pairs: &[KvPair], held: &Held<SemaphoreKind>) -> Option<LossReason> {
         let session = &held.token.session;
-        let lock = find(pairs, &self.lock_key);
+        let lock = find(pairs, &self.kind.lock_key);
         if let Some(p) = lock.filter(|p| p.flags != SEMAPHORE_FLAG_VALUE) {
             return Some(LossReason::Conflict { flags: p.flags });
         }
-        match Contender::of(find(pairs, &held.contender), session) {
+        match Contender::of(find(pairs, &held.hold), session) {
             Contender::Ours => {}
             Contender::Missing => return Some(LossReason::KeyDeleted),
             Contender::Released => return Some(LossReason::NotHeld),
@@ -967,39 +537,11 @@ impl SemaphoreMachine {
         }
     }
 
-    fn on_monitor(&mut self, now: Instant, sent: Pending, reply: &Reply) {
-        let list = match Watch::trust(decode::<KvList>(reply)) {
-            Ok(list) => list,
-            Err(failure) => return self.on_monitor_failure(now, failure),
-        };
-        let Phase::Held(held) = &self.phase else { return };
-        if let Some(reason) = self.loss_in(&list.value, held) {
-            return self.lose(now, reason);
-        }
-        let wait = self.options.monitor_wait;
-        let Phase::Held(h) = &mut self.phase else { return };
-        if h.watch
-            .still_held(now, sent, list.meta.index, wait, &mut self.base.rng)
-        {
-            self.monitor(now);
-        }
-    }
-
-    fn on_monitor_failure(&mut self, now: Instant, failure: Failure) {
-        let (retries, retry_time) = (self.options.monitor_retries, self.options.monitor_retry_time);
-        let Some(h) = self.held() else { return };
-        if let Err(reason) = h.watch.failed(now, failure, retries, retry_time) {
-            self.lose(now, reason);
-        }
-    }
-
     // ----- releasing -----------------------------------------------------------------------
 
     fn release_read(&mut self, now: Instant) {
-        let pending = self.base.send(now, &KvGet::new(self.lock_key.clone()), None);
-        if let Some(r) = self.releasing() {
-            r.step = ReleaseStep::Read(pending);
-        }
+        let get = KvGet::new(self.kind.lock_key.clone());
+        self.send_give(now, Give::Read, &get);
     }
 
     fn on_release_read(&mut self, now: Instant, reply: &Reply) {
@@ -1012,8 +554,9 @@ impl SemaphoreMachine {
             }
         };
         let limit = self.options.limit;
+        let lock_key = self.kind.lock_key.clone();
         let Some(r) = self.releasing() else { return };
-        let session = r.session.as_str().to_owned();
+        let session = r.leave.session.as_str().to_owned();
         // Nothing of ours to take out: gone, not a semaphore's, or unreadable (the contender
         // key's delete is enough for the others to prune us).
         let Some((pair, mut state)) = pair
@@ -1021,30 +564,27 @@ impl SemaphoreMachine {
             .and_then(|p| Some((SemaphoreState::decode(&p.value, limit).ok()?, p)))
             .map(|(state, p)| (p, state))
         else {
-            r.left = true;
+            r.leave.left = true;
             return self.release_delete(now);
         };
         if state.holders.remove(&session).is_none() {
-            r.left = true;
+            r.leave.left = true;
             return self.release_delete(now);
         }
         let put = KvCasPut {
-            key: self.lock_key.clone(),
+            key: lock_key,
             cas: pair.modify_index,
             flags: SEMAPHORE_FLAG_VALUE,
             value: state.encode(),
         };
-        let pending = self.base.send(now, &put, None);
-        if let Some(r) = self.releasing() {
-            r.step = ReleaseStep::Cas(pending);
-        }
+        self.send_give(now, Give::Cas, &put);
     }
 
     fn on_release_cas(&mut self, now: Instant, reply: &Reply) {
         match decode::<KvCasPut>(reply) {
             Ok(true) => {
                 if let Some(r) = self.releasing() {
-                    r.left = true;
+                    r.leave.left = true;
                 }
                 self.release_delete(now);
             }
@@ -1060,15 +600,11 @@ impl SemaphoreMachine {
     /// Reads the `.lock` again (at once after a first check-and-set conflict, else after a
     /// pause), or settles for deleting the contender key after enough attempts.
     fn release_retry(&mut self, now: Instant, conflict: bool, why: &str) {
-        let rng = &mut self.base.rng;
-        let Some(r) = (match &mut self.phase {
-            Phase::Releasing(r) => Some(r),
-            _ => None,
-        }) else {
+        let Phase::Releasing(r) = &mut self.phase else {
             return;
         };
         r.attempts = r.attempts.saturating_add(1);
-        r.last_failure = Some(why.to_owned());
+        r.leave.last_failure = Some(why.to_owned());
         if r.attempts >= RELEASE_ATTEMPTS || now >= r.give_up_at {
             tracing::warn!(%why, "could not take our session out of the .lock; deleting our contender key");
             return self.release_delete(now);
@@ -1076,7 +612,7 @@ impl SemaphoreMachine {
         if conflict && r.attempts == 1 {
             return self.release_read(now);
         }
-        let pause = r.backoff.next(rng);
+        let pause = r.backoff.next(&mut self.base.rng);
         tracing::debug!(%why, ?pause, "leaving the .lock: retrying");
         r.step = ReleaseStep::Pause(now + pause);
     }
@@ -1084,12 +620,9 @@ impl SemaphoreMachine {
     fn release_delete(&mut self, now: Instant) {
         let Some(r) = self.releasing() else { return };
         let delete = KvDelete {
-            key: r.contender.clone(),
+            key: r.leave.contender.clone(),
         };
-        let pending = self.base.send(now, &delete, None);
-        if let Some(r) = self.releasing() {
-            r.step = ReleaseStep::Delete(pending);
-        }
+        self.send_give(now, Give::Delete, &delete);
     }
 
     fn on_release_delete(&mut self, now: Instant, reply: &Reply) {
@@ -1098,208 +631,191 @@ impl SemaphoreMachine {
             // An owned session's destroy deletes it anyway (behavior `delete`).
             tracing::warn!(?why, "could not delete our contender key");
         }
-        if let Some(r) = self.releasing() {
-            r.step = ReleaseStep::Session;
-            if let (Err(why), false) = (deleted, r.left) {
+        let Some(r) = self.releasing() else { return };
+        let failed = match (deleted, r.leave.left) {
+            (Err(why), false) => {
                 // Neither out of the holders nor rid of the contender key: the slot stays
                 // counted until the session's destroy lands or it expires.
                 let why = match why {
                     Failure::Transient(why) => why,
                     Failure::Fatal(e) => e.to_string(),
                 };
-                let last = match r.last_failure.take() {
+                let last = match r.leave.last_failure.take() {
                     Some(earlier) => format!("{earlier}; then the contender key's delete: {why}"),
                     None => why,
                 };
-                r.failed = Some(LockError::ReleaseUnconfirmed {
+                Some(LockError::ReleaseUnconfirmed {
                     attempts: r.attempts.saturating_add(1),
                     last,
-                });
+                })
             }
-        }
-        // If the session ended meanwhile (invalidated), `stop` reports it stopped at once.
-        let events = self.base.stop_session(now);
-        self.on_session_events(now, events);
+            _ => None,
+        };
+        self.released(now, failed);
     }
 
     // ----- destroying ----------------------------------------------------------------------
 
-    fn on_destroy_list(&mut self, now: Instant, reply: &Reply) {
-        let pairs = match decode::<KvList>(reply) {
-            Ok(QueryReply { value, .. }) => value,
-            Err(Failure::Transient(why)) => {
-                return self.end_destroy(LockEvent::Failed(LockError::Unavailable(why)));
-            }
-            Err(Failure::Fatal(e)) => return self.end_destroy(LockEvent::Failed(LockError::refused(e))),
-        };
-        let Some(lock) = find(&pairs, &self.lock_key) else {
-            return self.end_destroy(LockEvent::Destroyed);
+    /// Whether the `.lock` may be deleted: not when a live contender remains, holding or
+    /// waiting.
+    fn destroy_verdict_in(&self, pairs: &[KvPair]) -> Result<Option<u64>, LockError> {
+        let Some(lock) = find(pairs, &self.kind.lock_key) else {
+            return Ok(None);
         };
         if lock.flags != SEMAPHORE_FLAG_VALUE {
-            let flags = lock.flags;
-            return self.end_destroy(LockEvent::Failed(LockError::Conflict { flags }));
+            return Err(LockError::Conflict { flags: lock.flags });
         }
-        let mut state = match SemaphoreState::decode(&lock.value, self.options.limit) {
-            Ok(state) => state,
-            Err(e) => return self.end_destroy(LockEvent::Failed(LockError::BadSemaphore(e))),
-        };
-        state.prune(&pairs);
-        // A live holder, or a live contender waiting for a slot: in use.
+        let mut state =
+            SemaphoreState::decode(&lock.value, self.options.limit).map_err(LockError::BadSemaphore)?;
+        state.prune(pairs);
         let children = format!("{}/", self.options.prefix.as_str().trim_end_matches('/'));
         let contending = pairs
             .iter()
             .any(|p| p.key != lock.key && p.key.starts_with(&children) && p.session.is_some());
         if !state.holders.is_empty() || contending {
-            return self.end_destroy(LockEvent::Failed(LockError::InUse));
+            return Err(LockError::InUse);
         }
-        let delete = KvCasDelete {
-            key: self.lock_key.clone(),
-            cas: lock.modify_index,
-        };
-        let pending = self.base.send(now, &delete, None);
-        self.phase = Phase::Destroying(Destroying::Delete(pending));
-    }
-
-    fn on_destroy_delete(&mut self, reply: &Reply) {
-        let event = match decode::<KvCasDelete>(reply) {
-            Ok(true) => LockEvent::Destroyed,
-            Ok(false) => LockEvent::Failed(LockError::InUse),
-            Err(Failure::Transient(why)) => LockEvent::Failed(LockError::Unavailable(why)),
-            Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::refused(e)),
-        };
-        self.end_destroy(event);
-    }
-
-    fn end_destroy(&mut self, event: LockEvent) {
-        self.phase = Phase::Idle;
-        self.base.out.event(event);
+        Ok(Some(lock.modify_index))
     }
 }
 
-holding_surface!(SemaphoreMachine);
+impl Kind for SemaphoreKind {
+    type Options = SemaphoreOptions;
+    type Ask = Ask;
+    type Wait = Wait;
+    type Hold = Key;
+    type Give = Give;
+    type Leave = Leave;
+    type Chore = Chore;
+    type Read = KvList;
+    type Seen = Vec<KvPair>;
+    const READ: Ask = Ask::Read;
 
-impl Phases for SemaphoreMachine {
-    fn base(&self) -> &Base {
-        &self.base
-    }
-
-    fn base_mut(&mut self) -> &mut Base {
-        &mut self.base
-    }
-
-    fn phase_pendings(&self, all: &mut Pendings) {
-        all.extend(self.stray);
-        all.extend(self.cleanup);
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if let Step::Contend(p) | Step::Read(p) | Step::Cas(p) | Step::Confirm(p) = a.step {
-                    all.push(p);
-                }
-            }
-            Phase::Held(h) => all.extend(h.watch.pending()),
-            Phase::Destroying(Destroying::List(p) | Destroying::Delete(p)) => all.push(*p),
-            Phase::Releasing(r) => {
-                if let ReleaseStep::Read(p) | ReleaseStep::Cas(p) | ReleaseStep::Delete(p) = r.step {
-                    all.push(p);
-                }
-            }
-            Phase::Idle => {}
+    fn read(h: &SemaphoreMachine, consistency: Consistency, blocking: Option<Blocking>) -> KvList {
+        KvList {
+            prefix: h.options.prefix.clone(),
+            consistency,
+            blocking,
         }
     }
 
-    fn phase_timer(&self) -> Option<Instant> {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                let pause = match a.step {
-                    Step::Pause { until, .. } => Some(until),
-                    _ => None,
-                };
-                let give_up = a.give_up_at.filter(|_| !Self::deciding(&a.step));
-                [pause, give_up].into_iter().flatten().min()
+    fn on_ready(h: &mut SemaphoreMachine, now: Instant) {
+        // The caller's session: the contender key of an abandoned attempt may be going away;
+        // making it again before that lands could lose it.
+        if h.chore.is_some() {
+            if let Some(a) = h.acquiring() {
+                a.step = Step::AwaitCleanup { then: Ask::Contend };
             }
-            Phase::Held(h) => h.watch.timer(),
-            Phase::Releasing(Releasing {
-                step: ReleaseStep::Pause(until),
+            return;
+        }
+        h.contend(now);
+    }
+
+    fn ask(h: &mut SemaphoreMachine, now: Instant, ask: Ask) {
+        match ask {
+            Ask::Contend => h.contend(now),
+            Ask::Read => h.read(now),
+            // A check-and-set is never sent again as it was (the `.lock` may have moved): it
+            // follows a fresh list.
+            Ask::Cas => h.read(now),
+            Ask::Confirm => h.confirm(now),
+        }
+    }
+
+    fn on_answer(h: &mut SemaphoreMachine, now: Instant, ask: Ask, sent: Pending, reply: &Reply) {
+        match ask {
+            Ask::Contend => h.on_contend(now, reply),
+            Ask::Read => h.on_read(now, sent, reply),
+            Ask::Cas => h.on_cas(now, reply),
+            Ask::Confirm => h.on_confirm(now, reply),
+        }
+    }
+
+    fn deciding(ask: Ask) -> bool {
+        matches!(ask, Ask::Cas | Ask::Confirm)
+    }
+
+    fn loss_in(h: &SemaphoreMachine, held: &Held<SemaphoreKind>, seen: &Vec<KvPair>) -> Option<LossReason> {
+        h.loss_in_listing(seen, held)
+    }
+
+    fn release(h: &mut SemaphoreMachine, now: Instant, held: Held<SemaphoreKind>) {
+        h.phase = Phase::Releasing(Releasing {
+            step: ReleaseStep::Session,
+            attempts: 0,
+            give_up_at: now + h.options.request_timeout,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+            leave: Leave {
+                session: held.token.session,
+                contender: held.hold,
+                left: false,
+                last_failure: None,
+            },
+            failed: None,
+        });
+        h.release_read(now);
+    }
+
+    fn on_give(h: &mut SemaphoreMachine, now: Instant, give: Give, reply: &Reply) {
+        match give {
+            Give::Read => h.on_release_read(now, reply),
+            Give::Cas => h.on_release_cas(now, reply),
+            Give::Delete => h.on_release_delete(now, reply),
+        }
+    }
+
+    fn release_again(h: &mut SemaphoreMachine, now: Instant) {
+        h.release_read(now);
+    }
+
+    fn destroy_verdict(h: &SemaphoreMachine, seen: &Vec<KvPair>) -> Result<Option<u64>, LockError> {
+        h.destroy_verdict_in(seen)
+    }
+
+    fn destroy_key(h: &SemaphoreMachine) -> Key {
+        h.kind.lock_key.clone()
+    }
+
+    fn on_end(h: &mut SemaphoreMachine, now: Instant, ended: &Phase<SemaphoreKind>) {
+        // The caller's session lives on, and with it our contender key: delete it, so that the
+        // others prune us (after the acquire that may be making it, if in flight).
+        if !h.base.session.is_callers() {
+            return;
+        }
+        let chore = match ended {
+            Phase::Acquiring(Acquiring {
+                step: Step::Sent(Ask::Contend, pending),
                 ..
-            }) => Some(*until),
+            }) => Some((Chore::Contend, *pending)),
+            Phase::Acquiring(Acquiring {
+                wait: Wait { contended: true, .. },
+                ..
+            })
+            | Phase::Held(_) => h.clean_up(now),
             _ => None,
+        };
+        if chore.is_some() {
+            h.chore = chore;
         }
     }
 
-    fn phase_timeout(&mut self, now: Instant) {
-        match &self.phase {
-            Phase::Acquiring(a) => {
-                if a.give_up_at.is_some_and(|at| now >= at) && !Self::deciding(&a.step) {
-                    self.give_up(now);
-                    return;
-                }
-                if let Step::Pause { until, then } = a.step {
-                    if now >= until {
-                        match then {
-                            Then::Contend => self.contend(now),
-                            Then::Read => self.read(now),
-                            Then::Confirm => self.confirm(now),
-                        }
-                    }
-                }
-            }
-            Phase::Held(h) if h.watch.due(now) => self.monitor(now),
-            Phase::Releasing(Releasing {
-                step: ReleaseStep::Pause(until),
-                ..
-            }) if now >= *until => self.release_read(now),
-            _ => {}
-        }
-    }
-
-    fn phase_response(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        if self.stray.is_some_and(|p| p.is(id)) {
-            self.stray = None;
+    fn on_chore(
+        h: &mut SemaphoreMachine,
+        now: Instant,
+        chore: Chore,
+        reply: &Reply,
+    ) -> Option<(Chore, Pending)> {
+        match chore {
             // Refused: no key was made. Anything else may have made it.
-            if !matches!(decode::<KvAcquire>(&reply), Ok(false)) {
-                self.clean_up(now);
+            Chore::Contend if !matches!(decode::<KvAcquire>(reply), Ok(false)) => h.clean_up(now),
+            Chore::Contend => None,
+            Chore::Delete => {
+                if let Err(why) = decode::<KvDelete>(reply) {
+                    tracing::warn!(?why, "could not delete the contender key of an abandoned attempt");
+                }
+                None
             }
-            self.resume_after_cleanup(now);
-            return;
         }
-        if self.cleanup.is_some_and(|p| p.is(id)) {
-            self.cleanup = None;
-            if let Err(why) = decode::<KvDelete>(&reply) {
-                tracing::warn!(?why, "could not delete the contender key of an abandoned attempt");
-            }
-            self.resume_after_cleanup(now);
-            return;
-        }
-        match &self.phase {
-            Phase::Acquiring(a) => match a.step {
-                Step::Contend(p) if p.is(id) => self.on_contend(now, &reply),
-                Step::Read(p) if p.is(id) => self.on_read(now, p, &reply),
-                Step::Cas(p) if p.is(id) => self.on_cas(now, &reply),
-                Step::Confirm(p) if p.is(id) => self.on_confirm(now, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Held(h) => match h.watch.step {
-                WatchStep::Read(p) if p.is(id) => self.on_monitor(now, p, &reply),
-                WatchStep::Read(_) | WatchStep::Pause(_) => self.ignore(id),
-            },
-            Phase::Releasing(r) => match r.step {
-                ReleaseStep::Read(p) if p.is(id) => self.on_release_read(now, &reply),
-                ReleaseStep::Cas(p) if p.is(id) => self.on_release_cas(now, &reply),
-                ReleaseStep::Delete(p) if p.is(id) => self.on_release_delete(now, &reply),
-                _ => self.ignore(id),
-            },
-            Phase::Destroying(Destroying::List(p)) if p.is(id) => self.on_destroy_list(now, &reply),
-            Phase::Destroying(Destroying::Delete(p)) if p.is(id) => self.on_destroy_delete(&reply),
-            _ => self.ignore(id),
-        }
-    }
-
-    fn on_session_events(&mut self, now: Instant, events: Vec<SessionEvent>) {
-        self.on_session(now, events);
-    }
-
-    fn phase_idle(&self) -> bool {
-        matches!(self.phase, Phase::Idle) && self.stray.is_none() && self.cleanup.is_none()
     }
 }
 

@@ -158,6 +158,11 @@ impl SessionMachine {
         }
     }
 
+    /// Whether the session is the caller's (neither renewed nor destroyed by the machine).
+    pub(crate) fn is_callers(&self) -> bool {
+        self.source.is_err()
+    }
+
     /// The session in use, if any.
     pub fn id(&self) -> Option<&SessionId> {
         match &self.state {
