@@ -43,6 +43,12 @@ section "core benchmark (smoke)"
 # Criterion runs each benchmark once when not given --bench (the figures: cargo bench).
 cargo test -p consul-lock-bench --bench core_machine --locked
 
+section "fuzz crate tests"
+# The fuzz crate's own tests (its machine drivers on random runs through the invariant checker, the
+# decoder oracle on real replies): fuzz/ is a workspace of its own, outside `cargo test
+# --workspace`. They run whatever CONSUL_LOCK_FUZZ_SECONDS says (0 skips only the fuzzing below).
+(cd fuzz && cargo test --lib) 2>&1 | tee -a "$test_log"
+
 section "fuzz (smoke)"
 # A short run of every cargo-fuzz target (longer runs: bash scripts/fuzz.sh <seconds>).
 # CONSUL_LOCK_FUZZ_SECONDS=0 skips it.

@@ -78,7 +78,7 @@ fn go_lock_unlock() {
     assert!(!read.has("consistent"));
     let held = held_by("s1").value(b"node-1");
     let acquire = r.answer(&acquire_pattern("s1"), reply::locked(&held.clone().modified(6)));
-    assert_eq!(acquire.body, b"node-1");
+    assert_eq!(acquire.value(), b"node-1");
     let token = FencingToken {
         key: Key::new(KEY).unwrap(),
         session: SessionId::new("s1").unwrap(),
@@ -183,7 +183,7 @@ fn go_contend() {
             let mut o = options();
             o.seed = i;
             o.value = format!("node-{i}").into_bytes();
-            Node::new(o)
+            support::node(o)
         })
         .collect();
     for n in &mut nodes {
@@ -1248,12 +1248,12 @@ fn pacing_while_waiting() {
             reply::raw(200, None, Some(true), body)
         }),
         ("a free key the acquire can't take", |s| match s.kind() {
-            Kind::Acquire { .. } => reply::lock_held(),
+            Kind::LockTxn { .. } => reply::lock_held(),
             Kind::Get { index: None, .. } => reply::kv(10, &held_by("other").modified(10)),
             _ => reply::kv(10, &entry().free().modified(10)),
         }),
         ("a lock-delay that never ends", |s| match s.kind() {
-            Kind::Acquire { .. } => reply::lock_delayed(),
+            Kind::LockTxn { .. } => reply::lock_delayed(),
             _ => reply::kv(10, &entry().free().modified(10)),
         }),
         ("errors", |_| reply::no_leader()),
@@ -1433,12 +1433,12 @@ fn pacing_against_contradictory_agents() {
     let agents: Vec<(&str, Agent)> = vec![
         ("grants, but answers with someone else's entry", |s| {
             match s.kind() {
-                Kind::Acquire { .. } => reply::locked(&held_by("other")),
+                Kind::LockTxn { .. } => reply::locked(&held_by("other")),
                 _ => reply::kv(10, &entry().free().modified(10)),
             }
         }),
         ("refuses, while the key shows us", |s| match s.kind() {
-            Kind::Acquire { .. } => reply::lock_held(),
+            Kind::LockTxn { .. } => reply::lock_held(),
             Kind::Get { index: None, .. } if !s.has("consistent") => {
                 reply::kv(10, &held_by("s1").modified(10))
             }

@@ -163,7 +163,7 @@ impl World {
         fake.add_session("mine", secs(15));
         World {
             clock: Clock::new(),
-            node: Node::new(options),
+            node: support::node(options),
             fake,
             sessions: 0,
         }
@@ -253,7 +253,7 @@ impl World {
                 0 => reply::info_none(a % 100),
                 _ => reply::info(&id, ms(a % 20_000), a % 100),
             },
-            Kind::Acquire { session, .. } => match c % 5 {
+            Kind::LockTxn { session, .. } => match c % 5 {
                 0 => reply::no(),
                 1 => reply::invalid_session(&session),
                 2 => reply::no_leader(),
@@ -288,7 +288,7 @@ impl World {
                     }
                 }
             }
-            Kind::Other => reply::status(400, "?"),
+            _ => reply::status(400, "?"),
         }
     }
 
@@ -418,7 +418,7 @@ fn impatient(dice: &mut Dice, created: &mut u64, sent: &Sent, ours: &str) -> Rep
             _ => reply::renewed(&id),
         },
         Kind::Info(id) => reply::info(&id, ms(dice.roll(3_000)), TOP),
-        Kind::Acquire { .. } => {
+        Kind::LockTxn { .. } => {
             [reply::yes, reply::no, reply::no_leader][usize::try_from(dice.roll(3)).unwrap()]()
         }
         Kind::Get { index, .. } => {
@@ -455,7 +455,7 @@ proptest! {
     #[test]
     fn an_impatient_agent_cannot_make_the_machine_spin(options in lock_options(), seed in any::<u64>()) {
         let mut clock = Clock::new();
-        let mut nodes = [Node::new(options)];
+        let mut nodes = [support::node(options)];
         let mut dice = Dice(seed);
         let mut created = 0;
         let start = clock.now();

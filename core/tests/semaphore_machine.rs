@@ -11,15 +11,21 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use consul_lock_core::api::{ClientConfig, Endpoint, KvList, SessionId};
+use consul_lock_checker::semaphore::holders_of;
+use consul_lock_core::api::{ClientConfig, SessionId};
 use consul_lock_core::machine::{
-    Action, FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply,
+    FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply,
     RequestId, SEMAPHORE_FLAG_VALUE, SemaphoreMachine, SemaphoreOptions, SemaphoreState, SessionChoice,
     TransportError, TransportErrorKind,
 };
 use proptest::prelude::*;
 use support::reply::{self, yes};
-use support::{Clock, Kv, Sent, ms, secs};
+use support::{Clock, Kind, Kv, Node, Rig, Sent, ms, renew_ok, run, secs};
+
+/// The semaphore's node: the one checker, with the semaphore's rules.
+type SNode = Node<SemaphoreMachine>;
+/// The semaphore's rig.
+type SRig = Rig<SemaphoreMachine>;
 
 // ================================================================================================
 // Support: requests, replies, a driven and checked node, a fake Consul with prefixes and CAS
@@ -109,733 +115,17 @@ fn listing_leader(index: u64, leader: Option<bool>, entries: &[Kv]) -> Reply {
     reply::raw(200, Some(index), leader, body)
 }
 
-/// What a semaphore's request asks, recognised from its method, path and query.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum SKind {
-    Create,
-    Renew(String),
-    Destroy(String),
-    List { prefix: String, index: Option<u64> },
-    Get { key: String },
-    Contend { key: String, session: String },
-    CasPut { key: String, cas: u64 },
-    Delete { key: String, cas: Option<u64> },
-    Other,
+// ----- the rig: one machine on a clock, every step checked ---------------------------------------
+
+/// A semaphore machine with `options`, checked by the same checker as the lock: its rules are the
+/// `consul-lock-checker` crate's `semaphore` module.
+fn snode(options: SemaphoreOptions) -> SNode {
+    SNode::new(SemaphoreMachine::new(ClientConfig::default(), options).unwrap())
 }
 
-fn kind(s: &Sent) -> SKind {
-    let p = s.path.as_str();
-    let param = |name: &str| s.param(name).map(str::to_owned);
-    if let Some(key) = p.strip_prefix("/v1/kv/") {
-        let key = key.to_owned();
-        return match (s.method.as_str(), s.has("recurse")) {
-            ("GET", true) => SKind::List {
-                prefix: key,
-                index: s.index(),
-            },
-            ("GET", false) => SKind::Get { key },
-            ("PUT", _) => match (param("acquire"), param("cas").and_then(|c| c.parse().ok())) {
-                (Some(session), None) => SKind::Contend { key, session },
-                (None, Some(cas)) => SKind::CasPut { key, cas },
-                _ => SKind::Other,
-            },
-            ("DELETE", _) => SKind::Delete {
-                key,
-                cas: param("cas").and_then(|c| c.parse().ok()),
-            },
-            _ => SKind::Other,
-        };
-    }
-    match s.method.as_str() {
-        "PUT" if p == "/v1/session/create" => SKind::Create,
-        "PUT" => match (
-            p.strip_prefix("/v1/session/renew/"),
-            p.strip_prefix("/v1/session/destroy/"),
-        ) {
-            (Some(id), _) => SKind::Renew(id.to_owned()),
-            (_, Some(id)) => SKind::Destroy(id.to_owned()),
-            _ => SKind::Other,
-        },
-        _ => SKind::Other,
-    }
-}
-
-/// A responder that renews every session and holds everything else.
-fn renew_ok(sent: &Sent, _now: Instant) -> Option<Reply> {
-    match kind(sent) {
-        SKind::Renew(id) => Some(reply::renewed(&id)),
-        _ => None,
-    }
-}
-
-// ----- the node: one machine, driven and checked -------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Expect {
-    Idle,
-    Acquiring,
-    Held(FencingToken),
-    Releasing,
-    Destroying,
-}
-
-impl Expect {
-    fn status(&self) -> LockStatus {
-        match self {
-            Expect::Idle => LockStatus::Idle,
-            Expect::Acquiring => LockStatus::Acquiring,
-            Expect::Held(_) => LockStatus::Held,
-            Expect::Releasing => LockStatus::Releasing,
-            Expect::Destroying => LockStatus::Destroying,
-        }
-    }
-}
-
-/// What a listing showed: the `.lock`'s ModifyIndex and holders, and the live sessions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Seen {
-    lock: Option<(u64, BTreeSet<String>)>,
-    live: BTreeSet<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Cause {
-    Lock,
-    Unlock,
-    Destroy,
-    Cancel(Expect),
-    /// A reply: the holders a granted check-and-set wrote, and what a listing showed.
-    Reply {
-        cas_granted: Option<BTreeSet<String>>,
-        listed: Option<Seen>,
-    },
-    Timeout,
-}
-
-fn holders_of(value: &[u8]) -> Option<BTreeSet<String>> {
-    SemaphoreState::decode(value, 0)
-        .ok()
-        .map(|s| s.holders.into_keys().collect())
-}
-
-/// What a reply says, read before it is handed over (responses can't be cloned).
-fn reply_facts(sent: Option<&Sent>, reply: &Reply) -> Cause {
-    let (mut cas_granted, mut listed) = (None, None);
-    if let (Some(sent), Ok(resp)) = (sent, reply) {
-        match kind(sent) {
-            SKind::CasPut { .. } if resp.status().is_success() && resp.body().trim_ascii() == b"true" => {
-                cas_granted = holders_of(&sent.body);
-            }
-            SKind::List { .. } => {
-                if let Ok(q) = KvList::decode(resp) {
-                    let lock = q
-                        .value
-                        .iter()
-                        .find(|p| p.key == LOCK)
-                        .map(|p| (p.modify_index, holders_of(&p.value).unwrap_or_default()));
-                    let live = q
-                        .value
-                        .iter()
-                        .filter_map(|p| p.session.as_ref().map(|s| s.to_string()))
-                        .collect();
-                    listed = Some(Seen { lock, live });
-                }
-            }
-            _ => {}
-        }
-    }
-    Cause::Reply { cas_granted, listed }
-}
-
-/// One semaphore machine, with what its driver knows: the requests in flight, every request
-/// sent, the events, and the state the events imply. Checks after every step:
-/// - nothing is emitted by a quiescent machine (except in answer to an operation);
-/// - a spurious or early `handle_timeout` does nothing; `poll_timeout()` is never before the
-///   latest `now`, and a due timer never stays due after `handle_timeout`;
-/// - at most one renew in flight, and the machine agrees;
-/// - every request is one a semaphore sends, with a deadline after `now` (blocking reads: more
-///   than `wait + wait/16`), no read blocks on index 0, every write carries the semaphore's flags
-///   and every `.lock` written holds our limit;
-/// - the events follow the operations' grammar and agree with `status()`; `Acquired` comes only
-///   after a check-and-set answered `true` that listed us (or a listing already showing us a
-///   holder), on a consistent listing showing us a live holder, carrying the `.lock`'s
-///   ModifyIndex;
-/// - while held: never past the renew deadline, and nothing sent that gives the slot up.
-struct SNode {
-    m: SemaphoreMachine,
-    inflight: BTreeMap<RequestId, Sent>,
-    log: Vec<Sent>,
-    events: Vec<(Instant, LockEvent)>,
-    seen: usize,
-    expect: Expect,
-    quiescent: bool,
-    /// Sessions a check-and-set listed as holders (granted) or a listing showed as holders,
-    /// since the last `lock`.
-    witnessed: BTreeSet<String>,
-    checks: bool,
-}
-
-impl SNode {
-    fn new(options: SemaphoreOptions) -> SNode {
-        let m = SemaphoreMachine::new(ClientConfig::default(), options).unwrap();
-        assert!(m.is_quiescent(), "a new machine is quiescent");
-        assert_eq!(m.poll_timeout(), None);
-        SNode {
-            m,
-            inflight: BTreeMap::new(),
-            log: Vec::new(),
-            events: Vec::new(),
-            seen: 0,
-            expect: Expect::Idle,
-            quiescent: true,
-            witnessed: BTreeSet::new(),
-            checks: true,
-        }
-    }
-
-    fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        let r = self.m.lock(now);
-        match (&r, &self.expect) {
-            (Ok(()), Expect::Idle) => {
-                self.expect = Expect::Acquiring;
-                self.witnessed.clear();
-            }
-            (Err(LockError::AlreadyHeld), Expect::Acquiring | Expect::Held(_)) => {}
-            (Err(LockError::Busy), Expect::Releasing | Expect::Destroying) => {}
-            (r, e) => panic!("lock() answered {r:?} while {e:?}"),
-        }
-        self.after(now, &Cause::Lock);
-        self.settle(now);
-        r
-    }
-
-    fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        let r = self.m.unlock(now);
-        match (&r, &self.expect) {
-            (Ok(()), Expect::Held(_)) => self.expect = Expect::Releasing,
-            (Err(LockError::NotHeld), e) if !matches!(e, Expect::Held(_)) => {}
-            (r, e) => panic!("unlock() answered {r:?} while {e:?}"),
-        }
-        self.after(now, &Cause::Unlock);
-        self.settle(now);
-        r
-    }
-
-    fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        let r = self.m.destroy(now);
-        match (&r, &self.expect) {
-            (Ok(()), Expect::Idle) => self.expect = Expect::Destroying,
-            (Err(LockError::AlreadyHeld), Expect::Held(_)) => {}
-            (Err(LockError::Busy), Expect::Acquiring | Expect::Releasing | Expect::Destroying) => {}
-            (r, e) => panic!("destroy() answered {r:?} while {e:?}"),
-        }
-        self.after(now, &Cause::Destroy);
-        self.settle(now);
-        r
-    }
-
-    fn cancel(&mut self, now: Instant) {
-        let before = self.expect.clone();
-        self.m.cancel(now);
-        if let Expect::Held(_) = before {
-            self.expect = Expect::Releasing;
-        }
-        self.after(now, &Cause::Cancel(before));
-        self.settle(now);
-    }
-
-    fn deliver(&mut self, now: Instant, id: RequestId, reply: Reply) {
-        let sent = self
-            .inflight
-            .remove(&id)
-            .or_else(|| self.log.iter().find(|s| s.id == id).cloned());
-        let cause = reply_facts(sent.as_ref(), &reply);
-        self.m.handle_response(now, id, reply);
-        self.after(now, &cause);
-        self.settle(now);
-    }
-
-    fn tick(&mut self, now: Instant) {
-        self.prune(now);
-        self.m.handle_timeout(now);
-        self.after(now, &Cause::Timeout);
-        self.settle(now);
-    }
-
-    /// Moves from `from` to `to`, calling `handle_timeout` whenever asked, and once early
-    /// (half-way) before each of those calls, which must do nothing.
-    fn advance(&mut self, from: Instant, to: Instant) {
-        let mut now = from;
-        while let Some(t) = self.m.poll_timeout().filter(|t| *t <= to) {
-            if t > now {
-                let mid = now + (t - now) / 2;
-                if mid > now && self.checks {
-                    self.early(mid);
-                }
-                now = t;
-            }
-            self.tick(now);
-        }
-        self.prune(to);
-    }
-
-    fn early(&mut self, at: Instant) {
-        if let Some(t) = self.m.poll_timeout() {
-            assert!(t > at, "not early");
-        }
-        self.m.handle_timeout(at);
-        if let Some(action) = self.m.poll_action() {
-            panic!("an early handle_timeout acted: {action:?}");
-        }
-    }
-
-    fn settle(&mut self, now: Instant) {
-        for _ in 0..100 {
-            match self.m.poll_timeout() {
-                Some(t) if t <= now => {
-                    self.prune(now);
-                    self.m.handle_timeout(now);
-                    self.after(now, &Cause::Timeout);
-                }
-                _ => {
-                    self.prune(now);
-                    if self.checks {
-                        self.m.handle_timeout(now);
-                        if let Some(action) = self.m.poll_action() {
-                            panic!("a spurious handle_timeout acted: {action:?}");
-                        }
-                    }
-                    return;
-                }
-            }
-        }
-        panic!(
-            "poll_timeout() stays due at {now:?}: a driver would spin (status {:?}, in flight {:?})",
-            self.m.status(),
-            self.describe()
-        );
-    }
-
-    fn prune(&mut self, now: Instant) {
-        self.inflight.retain(|_, s| s.deadline > now);
-    }
-
-    fn take_events(&mut self) -> Vec<LockEvent> {
-        let new = self.events[self.seen..].iter().map(|(_, e)| e.clone()).collect();
-        self.seen = self.events.len();
-        new
-    }
-
-    fn find(&self, pattern: &str) -> Option<Sent> {
-        self.inflight.values().rev().find(|s| s.is(pattern)).cloned()
-    }
-
-    fn expect(&self, pattern: &str) -> Sent {
-        match self.find(pattern) {
-            Some(s) => s,
-            None => panic!(
-                "no request in flight matches {pattern:?}; in flight: {:#?}",
-                self.describe()
-            ),
-        }
-    }
-
-    fn count(&self, pattern: &str) -> usize {
-        self.inflight.values().filter(|s| s.is(pattern)).count()
-    }
-
-    fn describe(&self) -> Vec<String> {
-        self.inflight.values().map(Sent::describe).collect()
-    }
-
-    fn our_contender(&self) -> Option<String> {
-        match &self.expect {
-            Expect::Held(token) => Some(format!("{PREFIX}/{}", token.session)),
-            _ => None,
-        }
-    }
-
-    fn after(&mut self, now: Instant, cause: &Cause) {
-        let mut actions = 0;
-        let mut events = Vec::new();
-        let mut sent = Vec::new();
-        while let Some(action) = self.m.poll_action() {
-            actions += 1;
-            match action {
-                Action::Send(t) => {
-                    let s = Sent::new(t, now);
-                    if self.checks {
-                        self.check_send(&s, now);
-                    }
-                    sent.push(s.clone());
-                    self.inflight.insert(s.id, s.clone());
-                    self.log.push(s);
-                }
-                Action::Event(e) => events.push(e),
-            }
-        }
-        if !self.checks {
-            self.events.extend(events.into_iter().map(|e| (now, e)));
-            return;
-        }
-        if self.quiescent && matches!(cause, Cause::Reply { .. } | Cause::Timeout) {
-            assert_eq!(actions, 0, "a quiescent machine acted ({cause:?})");
-        }
-        if let Cause::Cancel(Expect::Idle) = cause {
-            assert_eq!(actions, 0, "cancel() on an idle machine acted");
-        }
-        if let Cause::Cancel(Expect::Acquiring | Expect::Destroying) = cause {
-            assert!(
-                events.contains(&LockEvent::Cancelled),
-                "cancel() must report Cancelled at once, got {events:?}"
-            );
-        }
-        if let Cause::Reply {
-            cas_granted: Some(holders),
-            ..
-        } = cause
-        {
-            self.witnessed.extend(holders.iter().cloned());
-        }
-        if let Cause::Reply {
-            listed: Some(Seen {
-                lock: Some((_, holders)),
-                ..
-            }),
-            ..
-        } = cause
-        {
-            self.witnessed.extend(holders.iter().cloned());
-        }
-        for e in events {
-            self.on_event(&e, cause);
-            self.events.push((now, e));
-        }
-        if let (Expect::Held(token), Some(contender)) = (&self.expect, self.our_contender()) {
-            let session = token.session.to_string();
-            for s in &sent {
-                let gives_up = match kind(s) {
-                    SKind::Destroy(id) => id == session,
-                    SKind::Delete { key, .. } => key == contender || key == LOCK,
-                    SKind::CasPut { .. } => !holders_of(&s.body).is_some_and(|h| h.contains(&session)),
-                    _ => false,
-                };
-                assert!(
-                    !gives_up,
-                    "{} sent while holding a slot with {session}",
-                    s.describe()
-                );
-            }
-        }
-        self.check_state(now);
-        self.quiescent = self.m.is_quiescent();
-    }
-
-    fn check_send(&self, s: &Sent, now: Instant) {
-        let k = kind(s);
-        assert_ne!(k, SKind::Other, "unrecognised request {}", s.describe());
-        assert!(s.deadline > now, "{} has a deadline not after now", s.describe());
-        assert_ne!(s.param("index"), Some("0"), "{} blocks on index 0", s.describe());
-        if s.has("index") {
-            let wait = s
-                .wait()
-                .unwrap_or_else(|| panic!("{} has an index and no wait", s.describe()));
-            assert!(wait <= secs(600), "{} waits over Consul's 10 min", s.describe());
-            assert!(
-                s.deadline > now + wait + wait / 16,
-                "{}: a blocking read's deadline must cover wait + wait/16 + a margin",
-                s.describe()
-            );
-        }
-        let options = self.m.options();
-        match k {
-            SKind::List { prefix, .. } => assert_eq!(prefix, PREFIX),
-            SKind::Contend { key, session } => {
-                assert_eq!(key, format!("{PREFIX}/{session}"));
-                assert_eq!(s.param("flags"), Some(flags().as_str()));
-                assert_eq!(s.body, options.value);
-            }
-            SKind::CasPut { key, .. } => {
-                assert_eq!(key, LOCK);
-                assert_eq!(s.param("flags"), Some(flags().as_str()));
-                let written = SemaphoreState::decode(&s.body, 0).unwrap();
-                let ours = self.m.session().id().map(|id| id.to_string()).unwrap_or_default();
-                if written.holds(&ours) {
-                    // Adding us: with our limit, within it. (Taking us out rewrites the rest as
-                    // it was.)
-                    assert_eq!(written.limit, options.limit, "a .lock written with another limit");
-                    assert!(
-                        written.holders.len() <= options.limit as usize,
-                        "over the limit: {written:?}"
-                    );
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn on_event(&mut self, e: &LockEvent, cause: &Cause) {
-        let next = match (e, &self.expect) {
-            (LockEvent::Acquired(token), Expect::Acquiring) => {
-                assert_eq!(token.key.as_str(), LOCK);
-                let session = token.session.to_string();
-                assert!(
-                    self.witnessed.contains(&session),
-                    "Acquired({token:?}) without a granted check-and-set listing us, or a listing showing us"
-                );
-                match cause {
-                    Cause::Reply {
-                        listed:
-                            Some(Seen {
-                                lock: Some((index, holders)),
-                                live,
-                            }),
-                        ..
-                    } => {
-                        assert_eq!(
-                            *index, token.lock_index,
-                            "the token carries the .lock's ModifyIndex"
-                        );
-                        assert!(holders.contains(&session) && live.contains(&session));
-                    }
-                    other => panic!("Acquired on {other:?}, not on a listing showing us a live holder"),
-                }
-                Expect::Held(token.clone())
-            }
-            (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
-            (LockEvent::GaveUp, Expect::Acquiring) => {
-                assert!(self.m.options().try_once, "GaveUp without try-once");
-                Expect::Idle
-            }
-            (LockEvent::Cancelled, Expect::Acquiring | Expect::Destroying) => {
-                assert!(matches!(cause, Cause::Cancel(_)), "Cancelled outside cancel()");
-                Expect::Idle
-            }
-            (LockEvent::Failed(_), Expect::Acquiring | Expect::Destroying)
-            | (LockEvent::Lost(_), Expect::Held(_))
-            | (LockEvent::Released | LockEvent::ReleaseFailed(_), Expect::Releasing)
-            | (LockEvent::Destroyed, Expect::Destroying) => Expect::Idle,
-            (e, state) => panic!("event {e:?} while {state:?}"),
-        };
-        self.expect = next;
-    }
-
-    fn check_state(&self, now: Instant) {
-        let m = &self.m;
-        assert_eq!(
-            m.status(),
-            self.expect.status(),
-            "status() disagrees with the events"
-        );
-        if let Some(t) = m.poll_timeout() {
-            assert!(t >= now, "poll_timeout() is before the latest now");
-        }
-        if m.is_quiescent() {
-            assert_eq!(m.poll_timeout(), None, "quiescent, yet wants a timeout");
-            assert_eq!(m.in_flight(), 0, "quiescent, yet waits for requests");
-            assert_eq!(self.expect, Expect::Idle);
-        }
-        if let Some(id) = m.session().id() {
-            let renews = self
-                .inflight
-                .values()
-                .filter(|s| kind(s) == SKind::Renew(id.to_string()))
-                .count();
-            assert!(renews <= 1, "{renews} renews of {id} in flight");
-            assert_eq!(renews == 1, m.session().renew_in_flight());
-        }
-        if let Expect::Held(token) = &self.expect {
-            assert_eq!(m.token(), Some(token));
-            assert_eq!(m.session().id(), Some(&token.session), "held on another session");
-            if let Some(deadline) = m.session().renew_deadline() {
-                assert!(now < deadline, "still held at or past the renew deadline");
-            }
-        } else {
-            assert_eq!(m.token(), None);
-        }
-    }
-}
-
-/// Runs `nodes` on `clock` until `until`: at every instant, every request in flight is offered to
-/// `serve` (which answers or holds it) until none is answered; then time moves to the next timer
-/// or the end of a held blocking read's wait. Returns whether `stop` held.
-fn run(
-    clock: &mut Clock,
-    nodes: &mut [SNode],
-    until: Instant,
-    serve: &mut dyn FnMut(&Sent, Instant) -> Option<Reply>,
-    stop: &mut dyn FnMut(&[SNode]) -> bool,
-) -> bool {
-    let mut rounds = 0;
-    loop {
-        if stop(nodes) {
-            return true;
-        }
-        let now = clock.now();
-        let mut answered = false;
-        for node in nodes.iter_mut() {
-            let waiting: Vec<Sent> = node.inflight.values().cloned().collect();
-            for sent in waiting {
-                if !node.inflight.contains_key(&sent.id) {
-                    continue;
-                }
-                if let Some(reply) = serve(&sent, now) {
-                    node.deliver(now, sent.id, reply);
-                    answered = true;
-                }
-            }
-        }
-        if answered {
-            rounds += 1;
-            assert!(
-                rounds < 1000,
-                "requests keep coming at {:?} without time passing",
-                clock.elapsed()
-            );
-            continue;
-        }
-        rounds = 0;
-        let timer = nodes.iter().filter_map(|n| n.m.poll_timeout()).min();
-        let wake = nodes
-            .iter()
-            .flat_map(|n| n.inflight.values())
-            .filter_map(Sent::wake_at)
-            .filter(|t| *t > now)
-            .min();
-        let next = [timer, wake].into_iter().flatten().min().map(|t| t.max(now));
-        match next {
-            Some(t) if t <= until => {
-                for node in nodes.iter_mut() {
-                    node.advance(now, t);
-                }
-                clock.set(t);
-            }
-            _ => {
-                for node in nodes.iter_mut() {
-                    node.advance(now, until);
-                }
-                clock.set(until);
-                return stop(nodes);
-            }
-        }
-    }
-}
-
-/// One machine and a clock.
-struct Rig {
-    clock: Clock,
-    node: SNode,
-}
-
-impl Rig {
-    fn new(options: SemaphoreOptions) -> Rig {
-        Rig {
-            clock: Clock::new(),
-            node: SNode::new(options),
-        }
-    }
-
-    fn now(&self) -> Instant {
-        self.clock.now()
-    }
-
-    fn t(&self) -> Duration {
-        self.clock.elapsed()
-    }
-
-    fn m(&self) -> &SemaphoreMachine {
-        &self.node.m
-    }
-
-    fn lock(&mut self) -> Result<(), LockError> {
-        self.node.lock(self.clock.now())
-    }
-
-    fn unlock(&mut self) -> Result<(), LockError> {
-        self.node.unlock(self.clock.now())
-    }
-
-    fn destroy(&mut self) -> Result<(), LockError> {
-        self.node.destroy(self.clock.now())
-    }
-
-    fn cancel(&mut self) {
-        self.node.cancel(self.clock.now());
-    }
-
-    fn reply(&mut self, id: RequestId, reply: Reply) {
-        self.node.deliver(self.clock.now(), id, reply);
-    }
-
-    fn answer(&mut self, pattern: &str, reply: Reply) -> Sent {
-        let sent = self.node.expect(pattern);
-        self.reply(sent.id, reply);
-        sent
-    }
-
-    fn expect(&self, pattern: &str) -> Sent {
-        self.node.expect(pattern)
-    }
-
-    fn find(&self, pattern: &str) -> Option<Sent> {
-        self.node.find(pattern)
-    }
-
-    fn count(&self, pattern: &str) -> usize {
-        self.node.count(pattern)
-    }
-
-    fn events(&mut self) -> Vec<LockEvent> {
-        self.node.take_events()
-    }
-
-    fn last_event_at(&self) -> Instant {
-        self.node.events.last().unwrap().0
-    }
-
-    fn sent_since(&self, t: Instant) -> Vec<Sent> {
-        self.node.log.iter().filter(|s| s.at >= t).cloned().collect()
-    }
-
-    fn last_sent(&self, pattern: &str) -> Option<Sent> {
-        self.node.log.iter().rev().find(|s| s.is(pattern)).cloned()
-    }
-
-    fn advance(&mut self, d: Duration) {
-        let to = self.clock.now() + d;
-        self.advance_to(to);
-    }
-
-    fn advance_to(&mut self, to: Instant) {
-        self.node.advance(self.clock.now(), to);
-        self.clock.set(to);
-    }
-
-    fn run(&mut self, d: Duration, mut serve: impl FnMut(&Sent, Instant) -> Option<Reply>) {
-        let until = self.clock.now() + d;
-        run(
-            &mut self.clock,
-            std::slice::from_mut(&mut self.node),
-            until,
-            &mut serve,
-            &mut |_| false,
-        );
-    }
-
-    fn run_until(
-        &mut self,
-        d: Duration,
-        mut serve: impl FnMut(&Sent, Instant) -> Option<Reply>,
-        mut stop: impl FnMut(&SNode) -> bool,
-    ) -> bool {
-        let until = self.clock.now() + d;
-        run(
-            &mut self.clock,
-            std::slice::from_mut(&mut self.node),
-            until,
-            &mut serve,
-            &mut |nodes| stop(&nodes[0]),
-        )
+impl SRig {
+    fn new(options: SemaphoreOptions) -> SRig {
+        Rig::with(SemaphoreMachine::new(ClientConfig::default(), options).unwrap())
     }
 
     /// After `lock()`: creates `session` (unless the options name one), makes the contender key,
@@ -1033,9 +323,9 @@ impl SFake {
         if let Some(reply) = self.serve(sent, now) {
             return reply;
         }
-        match kind(sent) {
-            SKind::List { prefix, .. } => self.list(&prefix, Some(true)),
-            SKind::Get { key } => match self.kv.get(&key) {
+        match sent.kind() {
+            Kind::List { prefix, .. } => self.list(&prefix, Some(true)),
+            Kind::Get { key, .. } => match self.kv.get(&key) {
                 Some(e) => reply::kv(self.key_index(&key), e),
                 None => reply::missing(self.key_index(&key)),
             },
@@ -1046,21 +336,21 @@ impl SFake {
     /// Answers `sent` at `now`, or holds it (`None`): a blocking read whose index has not moved
     /// and whose wait has not run out.
     fn serve(&mut self, sent: &Sent, now: Instant) -> Option<Reply> {
-        Some(match kind(sent) {
-            SKind::Create => {
+        Some(match sent.kind() {
+            Kind::Create => {
                 let body: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
                 let id = format!("fake-{}", self.next_session);
                 self.next_session += 1;
                 self.sessions.insert(id.clone(), body["Behavior"] == "delete");
                 reply::created(&id)
             }
-            SKind::Renew(id) if self.sessions.contains_key(&id) => reply::renewed(&id),
-            SKind::Renew(id) => reply::session_gone(&id),
-            SKind::Destroy(id) => {
+            Kind::Renew(id) if self.sessions.contains_key(&id) => reply::renewed(&id),
+            Kind::Renew(id) => reply::session_gone(&id),
+            Kind::Destroy(id) => {
                 self.invalidate(&id);
                 yes()
             }
-            SKind::List { prefix, index } => {
+            Kind::List { prefix, index, .. } => {
                 let current = self.list_index(&prefix);
                 if let (Some(index), Some(wake)) = (index, sent.wake_at()) {
                     if current <= index && now < wake {
@@ -1069,11 +359,11 @@ impl SFake {
                 }
                 self.list(&prefix, Some(true))
             }
-            SKind::Get { key } => match self.kv.get(&key) {
+            Kind::Get { key, .. } => match self.kv.get(&key) {
                 Some(e) => reply::kv(self.key_index(&key), e),
                 None => reply::missing(self.key_index(&key)),
             },
-            SKind::Contend { key, session } => {
+            Kind::Acquire { key, session } => {
                 if !self.sessions.contains_key(&session) {
                     return Some(reply::invalid_session(&session));
                 }
@@ -1086,7 +376,7 @@ impl SFake {
                     }
                 }
             }
-            SKind::CasPut { key, cas } => {
+            Kind::CasPut { key, cas } => {
                 let current = self.kv.get(&key).map(|e| e.modify_index);
                 let ok = match (cas, current) {
                     (0, None) => true,
@@ -1101,19 +391,21 @@ impl SFake {
                 self.write(&key, flags, sent.body.clone(), session);
                 yes()
             }
-            SKind::Delete { key, cas } => match (cas, self.kv.get(&key)) {
-                (_, None) => yes(),
-                (None, Some(_)) => {
+            Kind::Remove { key } => {
+                if self.kv.contains_key(&key) {
+                    self.delete(&key);
+                }
+                yes()
+            }
+            Kind::Delete { key, cas } => match self.kv.get(&key) {
+                None => yes(),
+                Some(e) if e.modify_index == cas => {
                     self.delete(&key);
                     yes()
                 }
-                (Some(cas), Some(e)) if e.modify_index == cas => {
-                    self.delete(&key);
-                    yes()
-                }
-                (Some(_), Some(_)) => reply::no(),
+                Some(_) => reply::no(),
             },
-            SKind::Other => reply::status(400, "unsupported"),
+            _ => reply::status(400, "unsupported"),
         })
     }
 }
@@ -1129,7 +421,7 @@ impl SFake {
 fn go_acquire_release() {
     let mut o = options(2);
     o.value = b"node-1".to_vec();
-    let mut r = Rig::new(o);
+    let mut r = SRig::new(o);
     assert_eq!(r.unlock(), Err(LockError::NotHeld));
 
     r.lock().unwrap();
@@ -1201,7 +493,7 @@ fn go_acquire_release() {
 /// it (behavior delete), and the holder learns it from the monitor, or from the renewal.
 #[test]
 fn go_force_invalidate() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.advance(secs(3));
     r.reply(r.monitor().id, listing(9, &[lock_kv(2, &["s1"], 7)]));
@@ -1210,7 +502,7 @@ fn go_force_invalidate() {
     r.answer("PUT /v1/session/destroy/s1", yes());
     assert!(r.m().is_quiescent());
 
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.advance(ms(7500));
     r.answer("PUT /v1/session/renew/s1", reply::session_gone("s1"));
@@ -1254,7 +546,7 @@ fn go_delete_key() {
         ),
     ];
     for (entries, reason) in cases {
-        let mut r = Rig::new(options(2));
+        let mut r = SRig::new(options(2));
         r.acquire("s1", 2);
         r.advance(secs(1));
         r.reply(r.monitor().id, listing(9, &entries));
@@ -1276,7 +568,7 @@ fn go_contend() {
             let mut o = options(2);
             o.seed = i;
             o.value = format!("node-{i}").into_bytes();
-            SNode::new(o)
+            snode(o)
         })
         .collect();
     for n in &mut nodes {
@@ -1372,7 +664,7 @@ fn go_bad_limit() {
         Some(OptionsError::Limit)
     );
 
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s2"));
     r.answer(&contend_pattern("s2"), yes());
@@ -1391,7 +683,7 @@ fn go_bad_limit() {
 /// waits, on a free semaphore, twice, after a race, and on a lock's key.
 #[test]
 fn go_destroy() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     assert_eq!(r.destroy(), Err(LockError::AlreadyHeld));
     r.release("s1", 2);
@@ -1448,7 +740,7 @@ fn go_destroy() {
 #[test]
 fn go_conflict() {
     for flags in [LOCK_FLAG_VALUE, 0, 42] {
-        let mut r = Rig::new(options(2));
+        let mut r = SRig::new(options(2));
         r.lock().unwrap();
         r.answer("PUT /v1/session/create", reply::created("s1"));
         r.answer(&contend_pattern("s1"), yes());
@@ -1475,7 +767,7 @@ fn go_conflict() {
 fn go_monitor_retry() {
     let mut o = options(2);
     o.monitor_retries = Some(3);
-    let mut r = Rig::new(o);
+    let mut r = SRig::new(o);
     r.acquire("s1", 2);
     let held = [contender("s1", 6), lock_kv(2, &["s1"], 7)];
 
@@ -1515,7 +807,7 @@ fn go_one_shot() {
     let mut o = options(2);
     o.try_once = true;
     o.wait_time = ms(250);
-    let mut r = Rig::new(o);
+    let mut r = SRig::new(o);
     let mut fake = SFake::new();
     for s in ["a", "b"] {
         fake.add_session(s);
@@ -1567,7 +859,7 @@ fn go_one_shot() {
 /// acknowledged renew plus the TTL, exactly, and the session is destroyed.
 #[test]
 fn renew_deadline_when_renewals_hang_and_the_monitor_is_parked() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     let parked = r.monitor();
     r.advance(ms(7500));
@@ -1594,13 +886,13 @@ fn renew_deadline_when_renewals_hang_and_the_monitor_is_parked() {
 /// A monitor that keeps saying "still yours" does not keep a slot whose renewals go unanswered.
 #[test]
 fn renew_deadline_whatever_the_monitor_says() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     let mut index = 7;
     let lost = r.run_until(
         secs(60),
-        |s, now| match kind(s) {
-            SKind::List { .. } if now >= s.at + secs(3) => {
+        |s, now| match s.kind() {
+            Kind::List { .. } if now >= s.at + secs(3) => {
                 index += 1;
                 Some(listing(index, &[contender("s1", 6), lock_kv(2, &["s1"], index)]))
             }
@@ -1622,7 +914,7 @@ fn renew_deadline_whatever_the_monitor_says() {
 
 #[test]
 fn lock_again_after_a_loss_a_release_and_a_failure() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.reply(
         r.monitor().id,
@@ -1652,7 +944,7 @@ fn lock_again_after_a_loss_a_release_and_a_failure() {
 
 #[test]
 fn lock_again_after_a_renew_deadline_loss() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.run(secs(16), |_, _| None);
     assert!(matches!(
@@ -1677,7 +969,7 @@ fn lock_again_after_a_renew_deadline_loss() {
 /// at once (its contender key goes with it), the list's late answer ignored; `lock` works again.
 #[test]
 fn cancel_acts_at_once_during_a_blocking_list() {
-    let mut r = Rig::new(options(1));
+    let mut r = SRig::new(options(1));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -1709,7 +1001,7 @@ fn cancel_acts_at_once_during_a_blocking_list() {
 /// once the create answers.
 #[test]
 fn cancel_while_creating_destroys_the_session_once_created() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     let create = r.expect("PUT /v1/session/create");
     r.cancel();
@@ -1724,7 +1016,7 @@ fn cancel_while_creating_destroys_the_session_once_created() {
 /// the destroy at once.
 #[test]
 fn cancel_while_held_releasing_or_destroying() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.cancel();
     assert!(r.events().is_empty());
@@ -1752,7 +1044,7 @@ fn cancel_while_held_releasing_or_destroying() {
 #[test]
 fn cancel_with_the_callers_session_deletes_the_contender_key() {
     // The contender acquire is in flight at the cancel.
-    let mut r = Rig::new(existing("mine", 2));
+    let mut r = SRig::new(existing("mine", 2));
     r.lock().unwrap();
     assert_eq!(r.count("PUT /v1/session/create"), 0);
     let contend = r.expect(&contend_pattern("mine"));
@@ -1771,7 +1063,7 @@ fn cancel_with_the_callers_session_deletes_the_contender_key() {
     r.finish_acquire("mine", 2);
 
     // Waiting for a slot at the cancel: the key is deleted at once. The session is not.
-    let mut r = Rig::new(existing("mine", 1));
+    let mut r = SRig::new(existing("mine", 1));
     r.lock().unwrap();
     r.answer(&contend_pattern("mine"), yes());
     let full = [
@@ -1787,7 +1079,7 @@ fn cancel_with_the_callers_session_deletes_the_contender_key() {
     assert!(r.m().is_quiescent());
 
     // A refused contender acquire made nothing: nothing to delete.
-    let mut r = Rig::new(existing("mine", 1));
+    let mut r = SRig::new(existing("mine", 1));
     r.lock().unwrap();
     let contend = r.expect(&contend_pattern("mine"));
     r.cancel();
@@ -1802,7 +1094,7 @@ fn cancel_with_the_callers_session_deletes_the_contender_key() {
 fn loss_with_the_callers_session_deletes_the_contender_key() {
     let mut o = existing("mine", 2);
     o.monitor_retries = Some(0);
-    let mut r = Rig::new(o);
+    let mut r = SRig::new(o);
     r.acquire("mine", 2);
     assert_eq!(
         r.m().session().renew_deadline(),
@@ -1818,7 +1110,7 @@ fn loss_with_the_callers_session_deletes_the_contender_key() {
     assert!(r.m().is_quiescent());
 
     // And release leaves the session alone.
-    let mut r = Rig::new(existing("mine", 2));
+    let mut r = SRig::new(existing("mine", 2));
     r.acquire("mine", 2);
     r.release("mine", 2);
     assert!(r.last_sent("PUT /v1/session/destroy/mine").is_none());
@@ -1834,7 +1126,7 @@ fn try_once_gives_up_with_its_own_outcome() {
     let mut o = options(1);
     o.try_once = true;
     o.wait_time = secs(2);
-    let mut r = Rig::new(o);
+    let mut r = SRig::new(o);
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -1866,7 +1158,7 @@ fn try_once_waits_for_a_check_and_set_in_flight() {
         let mut o = options(2);
         o.try_once = true;
         o.wait_time = secs(2);
-        let mut r = Rig::new(o);
+        let mut r = SRig::new(o);
         r.lock().unwrap();
         r.answer("PUT /v1/session/create", reply::created("s1"));
         r.answer(&contend_pattern("s1"), yes());
@@ -1897,7 +1189,7 @@ fn try_once_waits_for_a_check_and_set_in_flight() {
 /// for as long as renewals succeed.
 #[test]
 fn transient_monitor_errors_do_not_lose_a_renewed_slot() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     let faults = || {
         vec![
@@ -1938,11 +1230,11 @@ fn transient_monitor_errors_do_not_lose_a_renewed_slot() {
 /// Failing renewals within the deadline don't lose the slot either.
 #[test]
 fn transient_renew_errors_within_the_deadline_do_not_lose() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     let mut n = 0;
-    r.run(secs(120), |s, _| match kind(s) {
-        SKind::Renew(id) => {
+    r.run(secs(120), |s, _| match s.kind() {
+        Kind::Renew(id) => {
             n += 1;
             Some(match n % 4 {
                 0 => reply::renewed(&id),
@@ -1960,7 +1252,7 @@ fn transient_renew_errors_within_the_deadline_do_not_lose() {
 /// Transient failures while acquiring are retried; refusals fail the attempt.
 #[test]
 fn transient_errors_while_acquiring_are_retried() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), reply::no_leader());
@@ -1998,7 +1290,7 @@ fn transient_errors_while_acquiring_are_retried() {
 /// others are kept as written (Go keeps any entry of the map).
 #[test]
 fn dead_holders_are_pruned() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2014,7 +1306,7 @@ fn dead_holders_are_pruned() {
 /// A check-and-set conflict is contention: list again at once; a second one in a row is paced.
 #[test]
 fn check_and_set_conflicts() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2040,7 +1332,7 @@ fn check_and_set_conflicts() {
 /// A full semaphore is waited on with blocking lists; a slot that frees is taken.
 #[test]
 fn a_full_semaphore_is_waited_on() {
-    let mut r = Rig::new(options(1));
+    let mut r = SRig::new(options(1));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2061,7 +1353,7 @@ fn a_full_semaphore_is_waited_on() {
 /// ourselves, since the others would prune us at once without it.
 #[test]
 fn a_vanished_contender_key_is_made_again() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2077,7 +1369,7 @@ fn a_vanished_contender_key_is_made_again() {
 /// is ours without a second write.
 #[test]
 fn reclaim_a_slot_already_held() {
-    let mut r = Rig::new(existing("mine", 2));
+    let mut r = SRig::new(existing("mine", 2));
     r.lock().unwrap();
     r.answer(&contend_pattern("mine"), yes());
     let already = [
@@ -2099,7 +1391,7 @@ fn reclaim_a_slot_already_held() {
 /// was quick): no Acquired; wait again, paced.
 #[test]
 fn a_grant_that_does_not_show_is_not_acquired() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2118,7 +1410,7 @@ fn a_grant_that_does_not_show_is_not_acquired() {
 /// is gone) needs no write; failures in a row settle for deleting the contender key.
 #[test]
 fn release_edge_cases() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.unlock().unwrap();
     r.answer("GET /v1/kv/p/.lock", reply::kv(8, &lock_kv(2, &["s1"], 8)));
@@ -2131,7 +1423,7 @@ fn release_edge_cases() {
     assert_eq!(r.events(), [LockEvent::Released]);
 
     for gone in [reply::missing(9), reply::kv(9, &lock_kv(2, &["s2"], 9))] {
-        let mut r = Rig::new(options(2));
+        let mut r = SRig::new(options(2));
         r.acquire("s1", 2);
         r.unlock().unwrap();
         r.answer("GET /v1/kv/p/.lock", gone);
@@ -2141,16 +1433,16 @@ fn release_edge_cases() {
         assert!(r.last_sent("PUT /v1/kv/p/.lock?cas=9").is_none());
     }
 
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.unlock().unwrap();
     let start = r.now();
     let released = r.run_until(
         secs(60),
-        |s, _| match kind(s) {
-            SKind::Get { .. } => Some(reply::no_leader()),
-            SKind::Delete { .. } | SKind::Destroy(_) => Some(yes()),
-            SKind::Renew(id) => Some(reply::renewed(&id)),
+        |s, _| match s.kind() {
+            Kind::Get { .. } => Some(reply::no_leader()),
+            Kind::Delete { .. } | Kind::Remove { .. } | Kind::Destroy(_) => Some(yes()),
+            Kind::Renew(id) => Some(reply::renewed(&id)),
             _ => None,
         },
         |n| n.m.is_quiescent(),
@@ -2166,15 +1458,15 @@ fn release_edge_cases() {
 /// that did either is `Released` even if the other failed.
 #[test]
 fn a_release_that_freed_nothing_is_reported_unconfirmed() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.unlock().unwrap();
     r.run_until(
         secs(60),
-        |s, _| match kind(s) {
-            SKind::Get { .. } | SKind::Delete { .. } => Some(reply::no_leader()),
-            SKind::Destroy(_) => Some(yes()),
-            SKind::Renew(id) => Some(reply::renewed(&id)),
+        |s, _| match s.kind() {
+            Kind::Get { .. } | Kind::Delete { .. } | Kind::Remove { .. } => Some(reply::no_leader()),
+            Kind::Destroy(_) => Some(yes()),
+            Kind::Renew(id) => Some(reply::renewed(&id)),
             _ => None,
         },
         |n| n.m.is_quiescent(),
@@ -2188,7 +1480,7 @@ fn a_release_that_freed_nothing_is_reported_unconfirmed() {
     }
 
     // Out of the holders, but the contender key's delete failed: the slot is free all the same.
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.unlock().unwrap();
     r.answer("GET /v1/kv/p/.lock", reply::kv(8, &lock_kv(2, &["s1"], 8)));
@@ -2201,7 +1493,7 @@ fn a_release_that_freed_nothing_is_reported_unconfirmed() {
 /// The session is invalidated while the release is under way: the release still ends.
 #[test]
 fn release_while_the_session_is_invalidated() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.advance(ms(7500));
     let renew = r.expect("PUT /v1/session/renew/s1");
@@ -2218,14 +1510,14 @@ fn release_while_the_session_is_invalidated() {
 /// Consul forgot the session: the contender acquire's 500 "invalid session" makes a new one.
 #[test]
 fn contend_with_a_forgotten_session() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), reply::invalid_session("s1"));
     assert!(r.events().is_empty());
     r.finish_acquire("s2", 2);
 
-    let mut r = Rig::new(existing("mine", 2));
+    let mut r = SRig::new(existing("mine", 2));
     r.lock().unwrap();
     r.answer(&contend_pattern("mine"), reply::invalid_session("mine"));
     assert!(matches!(
@@ -2243,7 +1535,7 @@ fn contend_with_a_forgotten_session() {
 /// An index that goes backwards is reset: the next list carries no index.
 #[test]
 fn a_backwards_index_is_reset() {
-    let mut r = Rig::new(options(1));
+    let mut r = SRig::new(options(1));
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
     r.answer(&contend_pattern("s1"), yes());
@@ -2257,7 +1549,7 @@ fn a_backwards_index_is_reset() {
     r.reply(next.id, listing(41, &full(41)));
     r.expect(&format!("{LIST}&index=41&wait=15000ms"));
 
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
     r.advance(secs(3));
     let held = [contender("s1", 3), lock_kv(2, &["s1"], 3)];
@@ -2273,7 +1565,7 @@ fn a_backwards_index_is_reset() {
 /// margin; everything else the request timeout.
 #[test]
 fn every_request_has_a_fitting_deadline() {
-    let mut r = Rig::new(options(1));
+    let mut r = SRig::new(options(1));
     r.lock().unwrap();
     let create = r.expect("PUT /v1/session/create");
     assert_eq!(create.deadline, create.at + secs(10));
@@ -2297,12 +1589,12 @@ fn every_request_has_a_fitting_deadline() {
 }
 
 /// Counts the requests sent in 10 virtual seconds against an agent that answers at once.
-fn requests_in_ten_seconds(r: &mut Rig, mut serve: impl FnMut(&Sent) -> Reply) -> usize {
+fn requests_in_ten_seconds(r: &mut SRig, mut serve: impl FnMut(&Sent) -> Reply) -> usize {
     let start = r.now();
     r.run(secs(10), |s, _| {
-        Some(match kind(s) {
-            SKind::Renew(id) => reply::renewed(&id),
-            SKind::Contend { .. } | SKind::Delete { .. } | SKind::Destroy(_) => yes(),
+        Some(match s.kind() {
+            Kind::Renew(id) => reply::renewed(&id),
+            Kind::Acquire { .. } | Kind::Delete { .. } | Kind::Remove { .. } | Kind::Destroy(_) => yes(),
             _ => serve(s),
         })
     });
@@ -2326,12 +1618,12 @@ fn pacing_while_waiting() {
             let body = serde_json::Value::Array(entries.iter().map(Kv::json).collect()).to_string();
             reply::raw(200, None, Some(true), body)
         }),
-        ("a free slot the check-and-set can't take", |s| match kind(s) {
-            SKind::CasPut { .. } => reply::no(),
+        ("a free slot the check-and-set can't take", |s| match s.kind() {
+            Kind::CasPut { .. } => reply::no(),
             _ => listing(10, &[contender("s1", 6), lock_kv(1, &[], 5)]),
         }),
-        ("grants, but the confirm never shows us", |s| match kind(s) {
-            SKind::CasPut { .. } => yes(),
+        ("grants, but the confirm never shows us", |s| match s.kind() {
+            Kind::CasPut { .. } => yes(),
             _ => listing(10, &[contender("s1", 6), lock_kv(1, &[], 5)]),
         }),
         ("never shows our contender key", |_| {
@@ -2340,7 +1632,7 @@ fn pacing_while_waiting() {
         ("errors", |_| reply::no_leader()),
     ];
     for (name, agent) in agents {
-        let mut r = Rig::new(options(1));
+        let mut r = SRig::new(options(1));
         r.lock().unwrap();
         r.answer("PUT /v1/session/create", reply::created("s1"));
         let n = requests_in_ten_seconds(&mut r, agent);
@@ -2365,7 +1657,7 @@ fn pacing_while_holding() {
         ("no leader", |_| listing_leader(7, Some(false), &[])),
     ];
     for (name, agent) in agents {
-        let mut r = Rig::new(options(2));
+        let mut r = SRig::new(options(2));
         r.acquire("s1", 2);
         let n = requests_in_ten_seconds(&mut r, agent);
         assert!(n <= 30, "{name}: {n} requests in 10 s");
@@ -2376,7 +1668,7 @@ fn pacing_while_holding() {
 /// Replies to requests the machine no longer waits for, twice, or never sent, are ignored.
 #[test]
 fn late_duplicate_and_unknown_replies_are_ignored() {
-    let mut r = Rig::new(options(2));
+    let mut r = SRig::new(options(2));
     r.lock().unwrap();
     let create = r.answer("PUT /v1/session/create", reply::created("s1"));
     r.reply(create.id, reply::created("s-again"));
@@ -2537,7 +1829,7 @@ impl World {
         fake.add_session("mine");
         World {
             clock: Clock::new(),
-            node: SNode::new(options),
+            node: snode(options),
             fake,
             sessions: 0,
             joined: 0,
@@ -2600,30 +1892,26 @@ impl World {
 
     fn plausible(&mut self, sent: &Sent, choice: u8, a: u64) -> Reply {
         let c = usize::from(choice);
-        match kind(sent) {
-            SKind::Create => {
+        match sent.kind() {
+            Kind::Create => {
                 self.sessions += 1;
                 reply::created(&format!("g-{}", self.sessions))
             }
-            SKind::Renew(id) => match c % 6 {
+            Kind::Renew(id) => match c % 6 {
                 0 => reply::session_gone(&id),
                 1 => reply::renewed_ttl(&id, "30s"),
                 _ => reply::renewed(&id),
             },
-            SKind::Destroy(_) | SKind::Delete { .. } | SKind::CasPut { .. } => {
-                if c % 3 == 0 {
-                    reply::no()
-                } else {
-                    yes()
-                }
+            Kind::Destroy(_) | Kind::Delete { .. } | Kind::Remove { .. } | Kind::CasPut { .. } => {
+                if c % 3 == 0 { reply::no() } else { yes() }
             }
-            SKind::Contend { session, .. } => match c % 5 {
+            Kind::Acquire { session, .. } => match c % 5 {
                 0 => reply::no(),
                 1 => reply::invalid_session(&session),
                 2 => reply::no_leader(),
                 _ => yes(),
             },
-            SKind::Get { .. } => {
+            Kind::Get { .. } => {
                 let ours = self.ours();
                 match c % 4 {
                     0 => reply::missing(a % 50),
@@ -2631,7 +1919,7 @@ impl World {
                     _ => reply::kv(a % 50, &lock_kv(1 + (a % 3) as u32, &[ours.as_str()], a % 50)),
                 }
             }
-            SKind::List { index, .. } => {
+            Kind::List { index, .. } => {
                 let sent_index = index.unwrap_or(0);
                 let index = match (c / 8) % 4 {
                     0 => sent_index,
@@ -2658,7 +1946,7 @@ impl World {
                 }
                 listing_leader(index, leader, &entries)
             }
-            SKind::Other => reply::status(400, "?"),
+            _ => reply::status(400, "?"),
         }
     }
 
@@ -2809,7 +2097,7 @@ proptest! {
             .map(|i| {
                 let mut o = options(limit);
                 o.seed = seed.wrapping_add(i as u64);
-                SNode::new(o)
+                snode(o)
             })
             .collect();
         for n in &mut nodes {

@@ -3,9 +3,10 @@
 //! - [`arb_reply`]: structure-aware replies (Consul's shapes with hostile values) and what a
 //!   correct decoder makes of them;
 //! - [`oracle`]: the checks `decode_replies` makes of all eleven decoders;
-//! - [`request`]: what a request a machine sent asks;
-//! - [`driver`]: the run's grammar, a driver for any holding machine, the shared invariants;
-//! - [`lock_driver`]: the lock machine's agent model and invariants (`lock_machine`);
+//! - [`request`]: what a request a machine sent asks (the checker's reading);
+//! - [`driver`]: the run's grammar, a driver for any holding machine through the one invariant
+//!   checker (the `consul-lock-checker` crate, shared with the core's tests);
+//! - [`lock_driver`]: the lock machine's agent model (`lock_machine`);
 //! - [`semaphore_driver`]: the semaphore machine's (`semaphore_machine`);
 //! - [`seeds`]: the captured real replies, embedded.
 

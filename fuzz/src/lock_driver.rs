@@ -1,25 +1,20 @@
 //! Drives a `LockMachine` with an arbitrary run: options, then operations, replies (plausible
 //! and hostile, real captured ones, arbitrary bytes), transport errors, timeouts and time jumps.
-//! After every step the invariants of [`crate::driver`] are checked, and the lock's own:
-//! - only the requests a lock sends go out, its acquire being one lock transaction (`PUT /v1/txn`)
-//!   on the key with the lock's flags and value;
-//! - `Acquired` only on a live reply to a lock transaction that granted the key to the session it
-//!   was sent with, the token carrying that entry's `LockIndex` and `ModifyIndex` (the entry is the
-//!   grant and the read in one: there is no confirming read any more), and only under the lock's
-//!   flags;
-//! - while held, no release or destroy of the session goes out.
+//! After every step the invariants are checked: the checker's, with the lock's own rules
+//! (`consul_lock_checker::lock`: only a lock's requests, `Acquired` only on a live grant of a lock
+//! transaction carrying that entry's indexes, nothing released while held).
 
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use consul_lock_core::api::{ClientConfig, Endpoint, KvLockTxn, LockTxnOutcome, SessionId};
+use consul_lock_core::api::{ClientConfig, SessionId};
 use consul_lock_core::machine::{
-    FencingToken, LOCK_FLAG_VALUE, LockMachine, LockOptions, Reply, SEMAPHORE_FLAG_VALUE, SessionChoice,
+    LOCK_FLAG_VALUE, LockMachine, LockOptions, Reply, SEMAPHORE_FLAG_VALUE, SessionChoice,
 };
 
 use crate::arb_reply::{self, KNOWN_SESSIONS};
-use crate::driver::{Cause, Model, SessionAgent, read_headers, response, write_reply};
 pub use crate::driver::{EXISTING, Millis, Op, Plausible, Spec};
+use crate::driver::{Model, SessionAgent, read_headers, response, write_reply};
 use crate::request::{Kind, Sent};
 
 /// The lock key.
@@ -94,31 +89,10 @@ impl Setup {
     }
 }
 
-/// What a reply says: the session a lock transaction was granted to (its entry shows the session
-/// it was sent with), and the entry it answered with, whoever's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Facts {
-    granted: Option<String>,
-    entry: Option<Entry>,
-}
-
-/// What the checks need of the entry a lock transaction answered with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    session: Option<String>,
-    lock_index: u64,
-    modify_index: u64,
-    flags: u64,
-}
-
-/// The lock's agent: plausible replies, and when `Acquired` may come.
+/// The lock's agent: plausible replies.
 #[derive(Clone, Debug, Default)]
 pub struct LockModel {
     sessions: SessionAgent,
-    /// Sessions a lock transaction was granted to, since the last `lock`.
-    granted: Vec<String>,
-    /// Whether the reply being handled answers a request of the current attempt still in flight.
-    live: bool,
     /// The last `LockIndex` a plausible read or grant showed (to make it go up, or down).
     last_lock_index: u64,
     /// The Raft index of the agent's last plausible grant: realistic grants move it forward.
@@ -287,41 +261,6 @@ impl LockModel {
 
 impl Model for LockModel {
     type M = LockMachine;
-    type Facts = Facts;
-
-    fn check_send(&mut self, m: &LockMachine, s: &Sent) {
-        let lock = matches!(
-            s.kind(),
-            Kind::Create
-                | Kind::Renew(_)
-                | Kind::Destroy(_)
-                | Kind::Info(_)
-                | Kind::Get { .. }
-                | Kind::LockTxn { .. }
-                | Kind::Release { .. }
-                | Kind::Delete { .. }
-        );
-        // (A plain `?acquire=` is no longer one: the lock acquires by transaction only.)
-        assert!(lock, "a lock sent {}", s.describe());
-        if let Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-        } = s.kind()
-        {
-            let what = || format!("{} {}", s.describe(), String::from_utf8_lossy(&s.body));
-            assert_eq!(key, KEY, "{}", what());
-            assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
-            assert_eq!(value, m.options().value, "{}: not our value", what());
-            // (The session may be gone by the end of the step: sent, then given up.)
-            assert!(!session.is_empty(), "{}: no session", what());
-            if let SessionChoice::Existing(id) = &m.options().session {
-                assert_eq!(session, id.as_str(), "{}: not the caller's session", what());
-            }
-        }
-    }
-
     fn plausible(&mut self, m: &LockMachine, sent: &Sent, p: &Plausible) -> Reply {
         if let Some(reply) = self.sessions.plausible(sent, p) {
             return reply;
@@ -386,81 +325,6 @@ impl Model for LockModel {
             _ => response(400, &[], "?"),
         }
     }
-
-    fn facts(&self, _m: &LockMachine, sent: &Sent, reply: &Reply) -> Facts {
-        let (mut granted, mut entry) = (None, None);
-        if let (Ok(resp), Kind::LockTxn { session, .. }) = (reply, sent.kind()) {
-            // Read with core's decoder, as core/tests/support does: its own expectations are
-            // the decode_replies target's.
-            if let Ok(LockTxnOutcome::Locked(pair)) = KvLockTxn::decode(resp) {
-                let holder = pair.session.map(|s| s.to_string());
-                if holder.as_deref() == Some(session.as_str()) {
-                    granted = Some(session);
-                }
-                entry = Some(Entry {
-                    session: holder,
-                    lock_index: pair.lock_index,
-                    modify_index: pair.modify_index,
-                    flags: pair.flags,
-                });
-            }
-        }
-        Facts { granted, entry }
-    }
-
-    fn on_lock(&mut self) {
-        self.granted.clear();
-    }
-
-    fn witness(&mut self, facts: &Facts, live: bool) {
-        self.live = live;
-        if let Some(s) = &facts.granted
-            && !self.granted.contains(s)
-        {
-            self.granted.push(s.clone());
-        }
-    }
-
-    fn check_acquired(&self, _m: &LockMachine, token: &FencingToken, cause: &Cause<Facts>) {
-        assert_eq!(token.key.as_str(), KEY, "Acquired names another key");
-        let session = token.session.to_string();
-        assert!(
-            self.granted.contains(&session),
-            "Acquired({token:?}) but no lock transaction for that session was granted (granted: {:?})",
-            self.granted
-        );
-        // The grant is the entry: Acquired comes on the lock transaction's own reply, granted to
-        // the session it was sent with, and the token is that entry's.
-        match cause {
-            Cause::Reply(Some(Facts {
-                granted: Some(g),
-                entry: Some(e),
-            })) => {
-                assert_eq!(g, &session, "Acquired({token:?}) on a grant to {g}");
-                assert_eq!(
-                    (&e.session, e.lock_index, e.modify_index),
-                    (&Some(session), token.lock_index, token.modify_index),
-                    "Acquired must carry the session, LockIndex and ModifyIndex of the entry it follows"
-                );
-                assert_eq!(
-                    e.flags, LOCK_FLAG_VALUE,
-                    "Acquired on an entry with foreign flags {}",
-                    e.flags
-                );
-                // A late or duplicate grant (an abandoned attempt's) is not this attempt's.
-                assert!(self.live, "Acquired({token:?}) on a late or duplicate reply");
-            }
-            other => panic!("Acquired on {other:?}, not on a lock transaction's grant"),
-        }
-    }
-
-    fn gives_up(&self, token: &FencingToken, s: &Sent) -> bool {
-        let session = token.session.as_str();
-        match s.kind() {
-            Kind::Release { session: s, .. } | Kind::Destroy(s) => s == session,
-            _ => false,
-        }
-    }
 }
 
 /// The lock's driver.
@@ -519,7 +383,7 @@ mod tests {
                 let Ok(op) = Op::arbitrary(&mut u) else { break };
                 d.step(&op);
             }
-            let events = d.events.clone();
+            let events = d.events();
             d.wind_down();
             events
         });
@@ -564,9 +428,9 @@ mod tests {
             d.step(&Op::Reply(0, Spec::Plausible(well.clone())));
         }
         assert!(
-            d.events.iter().any(|e| matches!(e, LockEvent::Acquired(_))),
+            d.events().iter().any(|e| matches!(e, LockEvent::Acquired(_))),
             "{:?}",
-            d.events
+            d.events()
         );
         d.step(&Op::Advance(Millis(60_000)));
         d.wind_down();
@@ -594,7 +458,7 @@ mod corpus {
                 let Ok(op) = Op::arbitrary(&mut u) else { break };
                 d.step(&op);
             }
-            let events = d.events.clone();
+            let events = d.events();
             d.wind_down();
             Some(events)
         });

@@ -55,10 +55,10 @@ fn status_error(response: &http::Response<Vec<u8>>) -> ApiError {
     // Consul's API never redirects, so a 3xx is never followed: it names where it pointed, with
     // the `Location` header cut to 200 characters.
     if response.status().is_redirection() {
-        let location = response
-            .headers()
-            .get(http::header::LOCATION)
-            .map_or_else(|| "<none>".to_owned(), |l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        let location = response.headers().get(http::header::LOCATION).map_or_else(
+            || "<none>".to_owned(),
+            |l| String::from_utf8_lossy(l.as_bytes()).into_owned(),
+        );
         let location = if location.chars().count() > 200 {
             let mut cut: String = location.chars().take(200).collect();
             cut.push('…');
@@ -156,7 +156,12 @@ fn check_txn(response: &http::Response<Vec<u8>>, txn: &Result<LockTxnOutcome, Ap
                 "KvLockTxn: a refusal passed on uncut: {} characters",
                 what.chars().count()
             );
-            for known in ["lock is already held", "lock delay", "invalid session", "Permission denied"] {
+            for known in [
+                "lock is already held",
+                "lock delay",
+                "invalid session",
+                "Permission denied",
+            ] {
                 assert!(
                     !what.contains(known),
                     "KvLockTxn: {what:?} passed on as Other, yet it says {known:?}"

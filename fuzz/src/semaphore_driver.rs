@@ -5,36 +5,22 @@
 //! we last wrote, of another limit, garbage, a map of thousands of holders, under foreign flags,
 //! with a ModifyIndex going backwards; check-and-set refusals in storms; 404s and 500s.
 //!
-//! The semaphore's own invariants:
-//! - only the requests a semaphore sends go out: lists of the prefix, reads of the `.lock`, our
-//!   contender key acquired with the semaphore's flags and our value, the `.lock` written by
-//!   check-and-set with the semaphore's flags and a readable value (when it lists us: with our
-//!   limit and at most `limit` holders), our contender key deleted, the `.lock` deleted by
-//!   check-and-set;
-//! - `Acquired` comes only on the reply to the consistent, non-blocking list that follows a grant
-//!   (core's `on_confirm`), which shows the `.lock` with the semaphore's flags and our limit
-//!   listing our session, and our contender key held by our session; the token names the `.lock`
-//!   and carries its ModifyIndex from that list; and in the same attempt, a check-and-set of the
-//!   `.lock` listing our session was answered `true`, or a wait list showed our session a holder
-//!   already (the `.lock` with our limit listing us, our contender key ours: core's `on_read`);
-//!   both counted only for replies to requests still in flight (not late or duplicate ones);
-//! - while held, nothing that gives the slot up goes out: no destroy of the session, no delete
-//!   of our contender key or of the `.lock`, no `.lock` written without us.
+//! The semaphore's own invariants are the checker's `consul_lock_checker::semaphore` rules (the
+//! requests a semaphore sends, when `Acquired` may come, what gives a slot up).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use base64::Engine as _;
-use consul_lock_core::api::{ClientConfig, Endpoint, KvGet, KvList, KvPair, SessionId};
+use consul_lock_core::api::{ClientConfig, SessionId};
 use consul_lock_core::machine::{
-    FencingToken, LOCK_FLAG_VALUE, Reply, SEMAPHORE_FLAG_VALUE, SemaphoreMachine, SemaphoreOptions,
-    SemaphoreState, SessionChoice,
+    LOCK_FLAG_VALUE, Reply, SEMAPHORE_FLAG_VALUE, SemaphoreMachine, SemaphoreOptions, SemaphoreState,
+    SessionChoice,
 };
 
 use crate::arb_reply::{self, KNOWN_SESSIONS};
-use crate::driver::{Cause, Model, SessionAgent, acquire_reply, read_headers, response, write_reply};
 pub use crate::driver::{EXISTING, Millis, Op, Plausible, Spec};
+use crate::driver::{Model, SessionAgent, acquire_reply, read_headers, response, write_reply};
 use crate::request::{Kind, Sent};
 
 /// The semaphore's prefix.
@@ -106,54 +92,7 @@ impl Setup {
     }
 }
 
-/// The `.lock` as a listing showed it.
-#[derive(Clone, Debug)]
-pub struct LockSeen {
-    flags: u64,
-    modify_index: u64,
-    /// Decoded as the machine decodes it, with our limit for an empty value.
-    state: Result<SemaphoreState, String>,
-}
-
-/// What a listing of the prefix showed.
-#[derive(Clone, Debug)]
-pub struct Listed {
-    /// `consistent` was asked (the confirm after a grant, the monitor).
-    consistent: bool,
-    /// It was a blocking read (`index` set).
-    blocking: bool,
-    lock: Option<LockSeen>,
-    /// Every key of the listing and the session holding it (the first entry of a key).
-    keys: BTreeMap<String, Option<String>>,
-}
-
-impl Listed {
-    /// Whether the `.lock` (with the semaphore's flags and `limit`) lists `session`.
-    fn lists(&self, session: &str, limit: u32) -> bool {
-        self.lock.as_ref().is_some_and(|l| {
-            l.flags == SEMAPHORE_FLAG_VALUE
-                && l.state
-                    .as_ref()
-                    .is_ok_and(|s| s.limit == limit && s.holds(session))
-        })
-    }
-
-    /// Whether `<prefix>/<session>` is held by `session`.
-    fn contends(&self, session: &str) -> bool {
-        self.keys.get(&format!("{PREFIX}/{session}")) == Some(&Some(session.to_owned()))
-    }
-}
-
-/// What a reply says.
-#[derive(Clone, Debug, Default)]
-pub struct Facts {
-    /// A check-and-set of the `.lock` answered `true`: the holders it wrote.
-    cas_granted: Option<BTreeSet<String>>,
-    /// A listing of the prefix.
-    listed: Option<Listed>,
-}
-
-/// The semaphore's agent: plausible replies, and when `Acquired` may come.
+/// The semaphore's agent: plausible replies.
 #[derive(Clone, Debug)]
 pub struct SemaphoreModel {
     sessions: SessionAgent,
@@ -163,12 +102,6 @@ pub struct SemaphoreModel {
     stored: Option<Vec<u8>>,
     /// Its ModifyIndex.
     modify: u64,
-    /// Since the last `lock()`, from replies to requests still in flight: sessions a granted
-    /// check-and-set listed, and sessions a wait list showed holders.
-    granted: BTreeSet<String>,
-    shown: BTreeSet<String>,
-    /// Every contender key the machine acquired (the only keys it may delete).
-    contended: BTreeSet<String>,
 }
 
 impl SemaphoreModel {
@@ -179,9 +112,6 @@ impl SemaphoreModel {
             limit,
             stored: None,
             modify: 5,
-            granted: BTreeSet::new(),
-            shown: BTreeSet::new(),
-            contended: BTreeSet::new(),
         }
     }
 }
@@ -190,12 +120,6 @@ fn ours(m: &SemaphoreMachine) -> String {
     m.session()
         .id()
         .map_or_else(|| EXISTING.to_owned(), |s| s.to_string())
-}
-
-fn holders_of(value: &[u8]) -> Option<BTreeSet<String>> {
-    SemaphoreState::decode(value, 0)
-        .ok()
-        .map(|s| s.holders.into_keys().collect())
 }
 
 /// A KV entry's JSON; `value: None` writes `null`.
@@ -350,51 +274,6 @@ impl SemaphoreModel {
 
 impl Model for SemaphoreModel {
     type M = SemaphoreMachine;
-    type Facts = Facts;
-
-    fn check_send(&mut self, m: &SemaphoreMachine, s: &Sent) {
-        let flags = SEMAPHORE_FLAG_VALUE.to_string();
-        let options = m.options();
-        match s.kind() {
-            Kind::Create | Kind::Renew(_) | Kind::Destroy(_) => {}
-            Kind::List { prefix, .. } => assert_eq!(prefix, PREFIX, "{}", s.describe()),
-            Kind::Get { key, index } => {
-                assert_eq!((key.as_str(), index), (LOCK, None), "{}", s.describe());
-            }
-            Kind::Acquire { key, session } => {
-                // (The session may be gone by the end of the step: sent, then given up.)
-                assert_eq!(key, format!("{PREFIX}/{session}"), "{}", s.describe());
-                self.contended.insert(key);
-                assert_eq!(s.param("flags"), Some(flags.as_str()), "{}", s.describe());
-                assert_eq!(s.body, options.value, "{}: not our value", s.describe());
-            }
-            Kind::CasPut { key, .. } => {
-                assert_eq!(key, LOCK, "{}", s.describe());
-                assert_eq!(s.param("flags"), Some(flags.as_str()), "{}", s.describe());
-                let written = match SemaphoreState::decode(&s.body, 0) {
-                    Ok(w) => w,
-                    Err(e) => panic!("{} writes an unreadable .lock: {e}", s.describe()),
-                };
-                if written.holds(&ours(m)) {
-                    assert_eq!(written.limit, options.limit, "a .lock written with another limit");
-                    assert!(
-                        written.holders.len() <= options.limit as usize,
-                        "over the limit: {written:?}"
-                    );
-                }
-            }
-            Kind::Remove { key } => {
-                assert!(
-                    self.contended.contains(&key),
-                    "{} deletes a key it never contended with",
-                    s.describe()
-                );
-            }
-            Kind::Delete { key, .. } => assert_eq!(key, LOCK, "{}", s.describe()),
-            _ => panic!("a semaphore sent {}", s.describe()),
-        }
-    }
-
     fn plausible(&mut self, m: &SemaphoreMachine, sent: &Sent, p: &Plausible) -> Reply {
         if let Some(reply) = self.sessions.plausible(sent, p) {
             return reply;
@@ -454,120 +333,6 @@ impl Model for SemaphoreModel {
             _ => response(400, &[], "?"),
         }
     }
-
-    fn facts(&self, _m: &SemaphoreMachine, sent: &Sent, reply: &Reply) -> Facts {
-        let mut facts = Facts::default();
-        let Ok(resp) = reply else { return facts };
-        match sent.kind() {
-            Kind::CasPut { key, .. }
-                if key == LOCK && resp.status().is_success() && resp.body().trim_ascii() == b"true" =>
-            {
-                facts.cas_granted = holders_of(&sent.body);
-            }
-            Kind::List {
-                index, consistent, ..
-            } => {
-                if let Ok(q) = KvList::decode(resp) {
-                    let pairs: &[KvPair] = &q.value;
-                    let lock = pairs.iter().find(|p| p.key == LOCK).map(|p| LockSeen {
-                        flags: p.flags,
-                        modify_index: p.modify_index,
-                        state: SemaphoreState::decode(&p.value, self.limit),
-                    });
-                    let mut keys = BTreeMap::new();
-                    for p in pairs {
-                        keys.entry(p.key.clone())
-                            .or_insert_with(|| p.session.as_ref().map(|s| s.to_string()));
-                    }
-                    facts.listed = Some(Listed {
-                        consistent,
-                        blocking: index.is_some(),
-                        lock,
-                        keys,
-                    });
-                }
-            }
-            Kind::Get { .. } => {
-                // The release's read: nothing the checks need (decoded to exercise the decoder).
-                let _ = KvGet::decode(resp);
-            }
-            _ => {}
-        }
-        facts
-    }
-
-    fn on_lock(&mut self) {
-        self.granted.clear();
-        self.shown.clear();
-    }
-
-    fn witness(&mut self, facts: &Facts, live: bool) {
-        if !live {
-            return;
-        }
-        if let Some(holders) = &facts.cas_granted {
-            self.granted.extend(holders.iter().cloned());
-        }
-        if let Some(l) = facts.listed.as_ref().filter(|l| !l.consistent)
-            && let Some(Ok(state)) = l.lock.as_ref().map(|l| &l.state)
-        {
-            for holder in state.holders.keys() {
-                if l.lists(holder, self.limit) && l.contends(holder) {
-                    self.shown.insert(holder.clone());
-                }
-            }
-        }
-    }
-
-    fn check_acquired(&self, m: &SemaphoreMachine, token: &FencingToken, cause: &Cause<Facts>) {
-        assert_eq!(token.key.as_str(), LOCK, "Acquired names another key");
-        let session = token.session.as_str();
-        assert_eq!(
-            m.session().id(),
-            Some(&token.session),
-            "Acquired on another session"
-        );
-        assert!(
-            self.granted.contains(session) || self.shown.contains(session),
-            "Acquired({token:?}) without a check-and-set listing us answered true, or a wait list \
-             showing us a holder, in this attempt (granted {:?}, shown {:?})",
-            self.granted,
-            self.shown
-        );
-        let Cause::Reply(Some(Facts { listed: Some(l), .. })) = cause else {
-            panic!("Acquired on {cause:?}, not on a listing");
-        };
-        assert!(
-            l.consistent && !l.blocking,
-            "Acquired on a list that is not the consistent confirm: {l:?}"
-        );
-        assert!(
-            l.lists(session, self.limit),
-            "Acquired on a list whose .lock does not list us with our limit: {l:?}"
-        );
-        assert!(
-            l.contends(session),
-            "Acquired on a list where our contender key is not ours: {l:?}"
-        );
-        let index = l.lock.as_ref().map(|l| l.modify_index);
-        assert_eq!(
-            (Some(token.lock_index), Some(token.modify_index)),
-            (index, index),
-            "the token carries the .lock's ModifyIndex"
-        );
-    }
-
-    fn gives_up(&self, token: &FencingToken, s: &Sent) -> bool {
-        let session = token.session.as_str();
-        let contender = format!("{PREFIX}/{session}");
-        match s.kind() {
-            Kind::Destroy(id) => id == session,
-            Kind::Remove { key } => key == contender || key == LOCK,
-            Kind::Delete { .. } | Kind::Release { .. } => true,
-            Kind::CasPut { .. } => !holders_of(&s.body).is_some_and(|h| h.contains(session)),
-            _ => false,
-        }
-    }
 }
 
 /// The semaphore's driver.
@@ -605,7 +370,7 @@ fn events_of(data: &[u8], max_ops: usize) -> Option<Vec<consul_lock_core::machin
         let Ok(op) = Op::arbitrary(&mut u) else { break };
         d.step(&op);
     }
-    let events = d.events.clone();
+    let events = d.events();
     d.wind_down();
     Some(events)
 }
@@ -689,16 +454,16 @@ mod tests {
             d.step(&Op::Reply(0, Spec::Plausible(well.clone())));
         }
         assert!(
-            d.events.iter().any(|e| matches!(e, LockEvent::Acquired(_))),
+            d.events().iter().any(|e| matches!(e, LockEvent::Acquired(_))),
             "{:?}",
-            d.events
+            d.events()
         );
         d.step(&Op::Advance(Millis(1_000)));
         d.step(&Op::Unlock);
         for _ in 0..8 {
             d.step(&Op::Reply(0, Spec::Plausible(well.clone())));
         }
-        assert!(d.events.contains(&LockEvent::Released), "{:?}", d.events);
+        assert!(d.events().contains(&LockEvent::Released), "{:?}", d.events());
         d.wind_down();
     }
 }
