@@ -51,8 +51,7 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, LockError, LockEvent, LockMachine, LockOptions, LockStatus, OptionsError, Reply, RequestId,
-    Transmit,
+    Action, LockEvent, LockMachine, LockOptions, LockStatus, Misuse, OptionsError, Reply, RequestId, Transmit,
 };
 use consul_lock_testkit::sim::{QueryId, SimConsul, SimReply};
 
@@ -185,7 +184,7 @@ pub enum CycleError {
         op: &'static str,
         /// The machine's answer.
         #[source]
-        source: LockError,
+        source: Misuse,
     },
     /// The machine sent a request the rig has no reply for.
     #[error("the machine sent a request the rig does not answer: {method} {uri}")]

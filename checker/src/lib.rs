@@ -40,7 +40,7 @@ use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use consul_lock_core::machine::{
-    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, Reply, RequestId, SessionMachine,
+    Action, FencingToken, HoldMachine, LockEvent, LockStatus, Misuse, Reply, RequestId, SessionMachine,
 };
 
 pub use request::{Kind, Sent};
@@ -182,7 +182,7 @@ impl<M: Holder> Checker<M> {
     // ----- operations ----------------------------------------------------------------------
 
     /// `lock(now)`, checked.
-    pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn lock(&mut self, now: Instant) -> Result<(), Misuse> {
         let r = self.m.lock(now);
         match (&r, &self.expect) {
             (Ok(()), Expect::Idle) => {
@@ -190,8 +190,8 @@ impl<M: Holder> Checker<M> {
                 self.attempt_after = self.log.last().map(|s| s.id);
                 M::on_lock(&mut self.witness);
             }
-            (Err(LockError::AlreadyHeld), Expect::Acquiring | Expect::Held(_)) => {}
-            (Err(LockError::Busy), Expect::Releasing | Expect::Destroying) => {}
+            (Err(Misuse::AlreadyHeld), Expect::Acquiring | Expect::Held(_)) => {}
+            (Err(Misuse::Busy), Expect::Releasing | Expect::Destroying) => {}
             (r, e) => panic!("lock() answered {r:?} while {e:?}"),
         }
         self.after(now, &Cause::Lock);
@@ -200,11 +200,11 @@ impl<M: Holder> Checker<M> {
     }
 
     /// `unlock(now)`, checked.
-    pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn unlock(&mut self, now: Instant) -> Result<(), Misuse> {
         let r = self.m.unlock(now);
         match (&r, &self.expect) {
             (Ok(()), Expect::Held(_)) => self.expect = Expect::Releasing,
-            (Err(LockError::NotHeld), e) if !matches!(e, Expect::Held(_)) => {}
+            (Err(Misuse::NotHeld), e) if !matches!(e, Expect::Held(_)) => {}
             (r, e) => panic!("unlock() answered {r:?} while {e:?}"),
         }
         self.after(now, &Cause::Unlock);
@@ -213,12 +213,12 @@ impl<M: Holder> Checker<M> {
     }
 
     /// `destroy(now)`, checked.
-    pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
         let r = self.m.destroy(now);
         match (&r, &self.expect) {
             (Ok(()), Expect::Idle) => self.expect = Expect::Destroying,
-            (Err(LockError::AlreadyHeld), Expect::Held(_)) => {}
-            (Err(LockError::Busy), Expect::Acquiring | Expect::Releasing | Expect::Destroying) => {}
+            (Err(Misuse::AlreadyHeld), Expect::Held(_)) => {}
+            (Err(Misuse::Busy), Expect::Acquiring | Expect::Releasing | Expect::Destroying) => {}
             (r, e) => panic!("destroy() answered {r:?} while {e:?}"),
         }
         self.after(now, &Cause::Destroy);

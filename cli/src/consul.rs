@@ -111,11 +111,9 @@ pub(crate) fn explain_api(resolved: &Resolved, what: &str, api: &ApiError) -> St
 /// What to tell the user when acquiring failed with the driver's `error`.
 pub(crate) fn explain_driver(resolved: &Resolved, what: &str, error: &consul_lock_tokio::Error) -> String {
     match error {
-        consul_lock_tokio::Error::Lock(LockError::Refused(api) | LockError::Session(api))
-            if matches!(api.status(), Some(401 | 403)) =>
-        {
-            explain_api(resolved, what, api)
-        }
+        consul_lock_tokio::Error::Lock(
+            LockError::Refused(api) | LockError::Session(api) | LockError::PermissionDenied(api),
+        ) if matches!(api.status(), Some(401 | 403)) => explain_api(resolved, what, api),
         consul_lock_tokio::Error::Lock(LockError::Conflict { flags }) => format!(
             "{what}: the key exists but is not a lock of this kind (flags {flags:#x}): a plain key, or a \
              semaphore where a lock is wanted (or the reverse: -n must match what the others use). \

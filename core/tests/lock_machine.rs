@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use consul_lock_core::api::{Key, SessionId};
 use consul_lock_core::machine::{
-    FencingToken, LockError, LockEvent, LockStatus, LossReason, Reply, RequestId, SEMAPHORE_FLAG_VALUE,
+    FencingToken, LockError, LockEvent, LockStatus, LossReason, Misuse, Reply, RequestId,
+    SEMAPHORE_FLAG_VALUE,
 };
 use support::reply::{self, yes};
 use support::{FLAGS, Fake, KEY, Kind, Node, Rig, Sent, entry, existing, ms, options, renew_ok, secs};
@@ -61,11 +62,11 @@ fn go_lock_unlock() {
     let mut o = options();
     o.value = b"node-1".to_vec();
     let mut r = Rig::new(o);
-    assert_eq!(r.unlock(), Err(LockError::NotHeld));
+    assert_eq!(r.unlock(), Err(Misuse::NotHeld));
 
     r.lock().unwrap();
     assert_eq!(r.m().status(), LockStatus::Acquiring);
-    assert_eq!(r.lock(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.lock(), Err(Misuse::AlreadyHeld));
     let create = r.expect("PUT /v1/session/create");
     let body: serde_json::Value = serde_json::from_slice(&create.body).unwrap();
     assert_eq!(body["Name"], "Consul API Lock");
@@ -88,7 +89,7 @@ fn go_lock_unlock() {
     assert_eq!(r.events(), [LockEvent::Acquired(token.clone())]);
     assert_eq!(r.m().status(), LockStatus::Held);
     assert_eq!(r.m().token(), Some(&token));
-    assert_eq!(r.lock(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.lock(), Err(Misuse::AlreadyHeld));
 
     // The monitor blocks on the confirm's index, without a wait of its own choosing.
     let watch = r.expect("GET /v1/kv/k?consistent&index=6&wait=300000ms");
@@ -108,8 +109,8 @@ fn go_lock_unlock() {
     let release = r.expect(&release_pattern("s1"));
     assert_eq!(release.body, b"node-1", "the value is written on release too");
     assert_eq!(r.m().status(), LockStatus::Releasing);
-    assert_eq!(r.unlock(), Err(LockError::NotHeld));
-    assert_eq!(r.lock(), Err(LockError::Busy));
+    assert_eq!(r.unlock(), Err(Misuse::NotHeld));
+    assert_eq!(r.lock(), Err(Misuse::Busy));
     r.reply(release.id, yes());
     assert!(
         r.events().is_empty(),
@@ -267,7 +268,7 @@ fn go_contend() {
 fn go_destroy() {
     let mut r = Rig::new(options());
     r.acquire("s1", 1);
-    assert_eq!(r.destroy(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.destroy(), Err(Misuse::AlreadyHeld));
     r.unlock().unwrap();
     r.answer(&release_pattern("s1"), yes());
     r.answer("PUT /v1/session/destroy/s1", yes());
@@ -276,8 +277,8 @@ fn go_destroy() {
     // Another session holds it: in use.
     r.destroy().unwrap();
     assert_eq!(r.m().status(), LockStatus::Destroying);
-    assert_eq!(r.lock(), Err(LockError::Busy));
-    assert_eq!(r.destroy(), Err(LockError::Busy));
+    assert_eq!(r.lock(), Err(Misuse::Busy));
+    assert_eq!(r.destroy(), Err(Misuse::Busy));
     r.answer("GET /v1/kv/k?!index", reply::kv(8, &held_by("other")));
     assert_eq!(r.events(), [LockEvent::Failed(LockError::InUse)]);
     assert!(r.m().is_quiescent());

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use consul_lock_checker::semaphore::holders_of;
 use consul_lock_core::api::{ClientConfig, SessionId};
 use consul_lock_core::machine::{
-    FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply,
+    FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockStatus, LossReason, Misuse, OptionsError, Reply,
     RequestId, SEMAPHORE_FLAG_VALUE, SemaphoreMachine, SemaphoreOptions, SemaphoreState, SessionChoice,
     TransportError, TransportErrorKind,
 };
@@ -422,11 +422,11 @@ fn go_acquire_release() {
     let mut o = options(2);
     o.value = b"node-1".to_vec();
     let mut r = SRig::new(o);
-    assert_eq!(r.unlock(), Err(LockError::NotHeld));
+    assert_eq!(r.unlock(), Err(Misuse::NotHeld));
 
     r.lock().unwrap();
     assert_eq!(r.m().status(), LockStatus::Acquiring);
-    assert_eq!(r.lock(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.lock(), Err(Misuse::AlreadyHeld));
     let create = r.expect("PUT /v1/session/create");
     let body: serde_json::Value = serde_json::from_slice(&create.body).unwrap();
     assert_eq!(body["Name"], "Consul API Semaphore");
@@ -453,7 +453,7 @@ fn go_acquire_release() {
     assert_eq!(r.events(), [LockEvent::Acquired(token.clone())]);
     assert_eq!(r.m().status(), LockStatus::Held);
     assert_eq!(r.m().token(), Some(&token));
-    assert_eq!(r.lock(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.lock(), Err(Misuse::AlreadyHeld));
 
     // The monitor blocks on the confirm's index.
     let watch = r.expect(&format!("{CONSISTENT}&index=7&wait=300000ms"));
@@ -465,8 +465,8 @@ fn go_acquire_release() {
 
     r.unlock().unwrap();
     assert_eq!(r.m().status(), LockStatus::Releasing);
-    assert_eq!(r.unlock(), Err(LockError::NotHeld));
-    assert_eq!(r.lock(), Err(LockError::Busy));
+    assert_eq!(r.unlock(), Err(Misuse::NotHeld));
+    assert_eq!(r.lock(), Err(Misuse::Busy));
     // Read the .lock (another holder joined meanwhile), take us out with a check-and-set.
     r.answer(
         "GET /v1/kv/p/.lock?!recurse",
@@ -685,14 +685,14 @@ fn go_bad_limit() {
 fn go_destroy() {
     let mut r = SRig::new(options(2));
     r.acquire("s1", 2);
-    assert_eq!(r.destroy(), Err(LockError::AlreadyHeld));
+    assert_eq!(r.destroy(), Err(Misuse::AlreadyHeld));
     r.release("s1", 2);
 
     // Another session holds a slot: in use.
     r.destroy().unwrap();
     assert_eq!(r.m().status(), LockStatus::Destroying);
-    assert_eq!(r.lock(), Err(LockError::Busy));
-    assert_eq!(r.destroy(), Err(LockError::Busy));
+    assert_eq!(r.lock(), Err(Misuse::Busy));
+    assert_eq!(r.destroy(), Err(Misuse::Busy));
     let entries = [contender("s2", 8), lock_kv(2, &["s2"], 9)];
     r.answer("GET /v1/kv/p?recurse&!index", listing(9, &entries));
     assert_eq!(r.events(), [LockEvent::Failed(LockError::InUse)]);

@@ -53,7 +53,7 @@ use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{
-    FencingToken, LockError, LockOptions, LossReason, Retry, SemaphoreOptions,
+    FencingToken, LockError, LockOptions, LossReason, Misuse, Retry, SemaphoreOptions,
 };
 pub use consul_lock_tokio::{Error, HoldEnd, ShutdownError};
 use tokio::sync::watch;
@@ -139,7 +139,7 @@ impl Client {
             .enable_time()
             .enable_io()
             .build()
-            .map_err(|e| Error::Http(format!("could not start the lock thread: {e}")))?;
+            .map_err(Error::Thread)?;
         let inner = {
             let _entered = runtime.enter();
             make()?
@@ -228,7 +228,7 @@ pub struct StopHandle {
 }
 
 impl StopHandle {
-    /// Makes every `acquire` waiting with this handle return [`Error::Lock`]`(`[`LockError::NotHeld`]`)`
+    /// Makes every `acquire` waiting with this handle return [`Error::Cancelled`]
     /// at once (the attempt is cancelled and its session destroyed in the background).
     pub fn stop(&self) {
         self.stop.send_replace(true);
@@ -270,7 +270,7 @@ impl Lock {
     }
 
     /// Blocks until the lock is held, `timeout` passes (then [`Error::GaveUp`]), or `stop` is
-    /// stopped (then [`LockError::NotHeld`]). Either way the attempt is cancelled at once.
+    /// stopped (then [`Error::Cancelled`]). Either way the attempt is cancelled at once.
     pub fn acquire_with(
         &self,
         timeout: Option<Duration>,
@@ -296,7 +296,7 @@ impl Lock {
             };
             tokio::select! {
                 result = inner.acquire() => result,
-                () = stop => Err(Error::Lock(LockError::NotHeld)),
+                () = stop => Err(Error::Cancelled),
                 () = limit => Err(Error::GaveUp),
             }
         })?;

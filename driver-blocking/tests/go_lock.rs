@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use consul_lock_blocking::{Client, Error, HoldEnd, LockError, LockOptions, LossReason};
+use consul_lock_blocking::{Client, Error, HoldEnd, LockError, LockOptions, LossReason, Misuse};
 use consul_lock_core::api::{
     ApiError, ClientConfig, Endpoint, Key, KvCasDelete, KvCasPut, KvGet, KvPair, SessionCreate,
     SessionDestroy,
@@ -65,7 +65,7 @@ fn lock_unlock() {
     assert!(guard.token().lock_index > 0);
     assert_eq!(guard.wait_lost(Duration::from_millis(100)).unwrap(), None);
     // Acquiring again while held is an error (Go: ErrLockHeld).
-    assert!(matches!(lock.acquire(), Err(Error::Lock(LockError::AlreadyHeld))));
+    assert!(matches!(lock.acquire(), Err(Error::Misuse(Misuse::AlreadyHeld))));
     let pair = wire.get(key).unwrap();
     assert_eq!(pair.session.as_ref(), Some(&guard.token().session));
     assert_eq!(
@@ -200,7 +200,7 @@ fn destroy() {
 
     let guard = lock.acquire().unwrap();
     // Held by this lock: an error (Go: ErrLockHeld).
-    assert!(matches!(lock.destroy(), Err(Error::Lock(LockError::AlreadyHeld))));
+    assert!(matches!(lock.destroy(), Err(Error::Misuse(Misuse::AlreadyHeld))));
     // Held by another: in use.
     assert!(matches!(other.destroy(), Err(Error::Lock(LockError::InUse))));
     guard.release().unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use consul_lock_blocking::{Client, Error, LockError, SemaphoreOptions};
+use consul_lock_blocking::{Client, Error, LockError, Misuse, SemaphoreOptions};
 use consul_lock_core::api::{
     ApiError, ClientConfig, Endpoint, Key, KvGet, KvList, KvPair, SessionId, SessionInfo,
 };
@@ -90,7 +90,7 @@ fn acquire_release() {
     // Acquiring again while held is an error (Go: ErrSemaphoreHeld).
     assert!(matches!(
         semaphore.acquire(),
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     let contender = wire.get(&format!("{prefix}/{session}")).unwrap();
     assert_eq!(contender.session.as_ref(), Some(&session));

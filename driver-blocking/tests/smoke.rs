@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::{Duration, Instant};
 
-use consul_lock_blocking::{Client, Error, HoldEnd, Lock, LockError};
+use consul_lock_blocking::{Client, Error, HoldEnd, Lock};
 use consul_lock_testkit::agent::require_agent;
 
 #[test]
@@ -31,7 +31,7 @@ fn acquire_handoff_stop_and_release() {
     let result = b.acquire_with(None, Some(&stop));
     let returned = Instant::now();
     let stopped = stopper.join().unwrap();
-    assert!(matches!(result, Err(Error::Lock(LockError::NotHeld))));
+    assert!(matches!(result, Err(Error::Cancelled)));
     assert!(returned.duration_since(stopped) < Duration::from_millis(50));
 
     // A timeout gives up.

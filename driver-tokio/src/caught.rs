@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use consul_lock_core::api::SessionId;
 use consul_lock_core::machine::{
-    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, Reply, RequestId,
+    Action, FencingToken, HoldMachine, LockEvent, LockStatus, Misuse, Reply, RequestId,
 };
 
 /// `M`, inert after its first panic.
@@ -76,17 +76,17 @@ impl<M: HoldMachine> Caught<M> {
 }
 
 impl<M: HoldMachine> HoldMachine for Caught<M> {
-    fn lock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.call(Err(LockError::Busy), |m| m.lock(now))
+    fn lock(&mut self, now: Instant) -> Result<(), Misuse> {
+        self.call(Err(Misuse::Busy), |m| m.lock(now))
     }
-    fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
-        self.call(Err(LockError::NotHeld), |m| m.unlock(now))
+    fn unlock(&mut self, now: Instant) -> Result<(), Misuse> {
+        self.call(Err(Misuse::NotHeld), |m| m.unlock(now))
     }
     fn cancel(&mut self, now: Instant) {
         self.call((), |m| m.cancel(now));
     }
-    fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
-        self.call(Err(LockError::Busy), |m| m.destroy(now))
+    fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
+        self.call(Err(Misuse::Busy), |m| m.destroy(now))
     }
     fn status(&self) -> LockStatus {
         self.look(LockStatus::Idle, HoldMachine::status)

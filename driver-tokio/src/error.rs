@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use consul_lock_core::api::ConfigError;
-use consul_lock_core::machine::{LockError, OptionsError};
+use consul_lock_core::machine::{LockError, Misuse, OptionsError};
 
 /// Everything that can go wrong with a lock on tokio.
 #[derive(Debug, thiserror::Error)]
@@ -15,25 +15,42 @@ pub enum Error {
     /// The lock options are unusable.
     #[error(transparent)]
     Options(#[from] OptionsError),
-    /// A TLS file could not be read or parsed.
-    #[error("TLS setup: {what} {path:?}: {problem}")]
+    /// A TLS file (`CONSUL_CACERT`, `CONSUL_CAPATH`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`)
+    /// can't be used.
+    #[error("TLS setup: {what} {path:?}: {source}")]
     Tls {
-        /// Which file.
+        /// Which file, and the variable that names it.
         what: &'static str,
         /// Its path.
         path: PathBuf,
-        /// What went wrong.
-        problem: String,
+        /// What is wrong with it.
+        #[source]
+        source: TlsFileError,
     },
-    /// Acquiring failed in a TLS handshake that retrying can't fix: the agent's certificate is
-    /// not trusted (`CONSUL_CACERT`, `CONSUL_CAPATH`) or does not name the host
-    /// (`CONSUL_TLS_SERVER_NAME`), the agent wants a client certificate (`CONSUL_CLIENT_CERT`,
-    /// `CONSUL_CLIENT_KEY`), or the address does not speak TLS. The message is rustls's.
-    #[error("TLS handshake with the Consul agent failed: {0}")]
-    TlsHandshake(String),
     /// The HTTP client could not be built.
-    #[error("HTTP client: {0}")]
-    Http(String),
+    #[error("could not build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    /// The agent's address did not resolve (with `CONSUL_TLS_SERVER_NAME`, the client resolves
+    /// it once, to connect there while checking the certificate against the name).
+    #[error("could not resolve the agent's address {address} (for CONSUL_TLS_SERVER_NAME)")]
+    Resolve {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking driver's thread could not be started.
+    #[error("could not start the thread that runs the locks")]
+    Thread(#[source] std::io::Error),
+    /// A call the lock can't take in the state it is in: acquiring while already held, a
+    /// destroy while held or while another operation is under way.
+    #[error(transparent)]
+    Misuse(#[from] Misuse),
+    /// The acquisition was cancelled (a stop handle, a shutdown, or the lock closed) before it
+    /// ended.
+    #[error("the acquisition was cancelled")]
+    Cancelled,
     /// No tokio runtime is running here.
     #[error("no tokio runtime: create locks from inside a tokio runtime (e.g. under #[tokio::main])")]
     NoRuntime,
@@ -55,6 +72,22 @@ pub enum Error {
     /// so that `?` works on it in a function returning this error).
     #[error(transparent)]
     Shutdown(#[from] ShutdownError),
+}
+
+/// What is wrong with a TLS file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFileError {
+    /// It could not be read.
+    #[error("could not read it")]
+    Read(#[source] std::io::Error),
+    /// It is not what it should be (PEM certificates; a PEM key for a client key).
+    #[error("could not parse it")]
+    Parse(#[source] reqwest::Error),
+    /// It holds no PEM certificate (a CA directory: none of its files does). Using it would
+    /// silently leave the system's roots in charge.
+    #[error("it holds no PEM certificate")]
+    NoCertificate,
 }
 
 /// Why a [`Client::call`](crate::Client::call) has no answer.

@@ -65,10 +65,10 @@ use std::time::Duration;
 pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{
-    FencingToken, LockError, LockOptions, LossReason, Retry, SemaphoreOptions,
+    FencingToken, LockError, LockOptions, LossReason, Misuse, Retry, SemaphoreOptions,
 };
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
-pub use error::{CallError, Error, ShutdownError};
+pub use error::{CallError, Error, ShutdownError, TlsFileError};
 pub use task::HoldEnd;
 use task::{Command, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -137,7 +137,7 @@ impl Client {
     pub async fn call<E: Endpoint>(&self, endpoint: &E, timeout: Duration) -> Result<E::Output, CallError> {
         let request = endpoint.encode(&self.config);
         let deadline = std::time::Instant::now() + timeout;
-        let (reply, _) = transport::exchange(self.http.clone(), &self.config, request, deadline).await;
+        let reply = transport::exchange(self.http.clone(), &self.config, request, deadline).await;
         let response = reply.map_err(CallError::Transport)?;
         E::decode(&response).map_err(CallError::Api)
     }

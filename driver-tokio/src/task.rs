@@ -100,9 +100,8 @@ pub(crate) async fn run<M: HoldMachine>(
                 Action::Send(t) => {
                     let (http, config) = (http.clone(), config.clone());
                     inflight.push(async move {
-                        let (reply, tls_refused) =
-                            crate::transport::exchange(http, &config, t.request, t.deadline).await;
-                        (t.id, reply, tls_refused)
+                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
+                        (t.id, reply)
                     });
                 }
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
@@ -132,15 +131,8 @@ pub(crate) async fn run<M: HoldMachine>(
                 Some(command) => on_command(&mut machine, &mut waiters, command),
                 None => handles_gone = true,
             },
-            Some((id, reply, tls_refused)) = inflight.next(), if !inflight.is_empty() => {
+            Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
                 let now = Instant::now();
-                if tls_refused && waiters.acquire.is_some() && machine.status() == LockStatus::Acquiring {
-                    // The machine would retry for ever (a transport error is transient to it),
-                    // but no answer can come while the TLS setup is wrong: tell the caller.
-                    let why = reply.as_ref().err().map(|e| e.message.clone()).unwrap_or_default();
-                    answer(&mut waiters.acquire, Err(Error::TlsHandshake(why)));
-                    machine.cancel(now);
-                }
                 machine.handle_response(now, id, reply);
             }
             () = sleep_until(timer), if timer.is_some() => machine.handle_timeout(Instant::now()),
@@ -179,7 +171,7 @@ async fn end_after_panic(
         use consul_lock_core::api::{Endpoint as _, SessionDestroy};
         let request = SessionDestroy { id: id.clone() }.encode(config);
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let (reply, _) = crate::transport::exchange(http.clone(), config, request, deadline).await;
+        let reply = crate::transport::exchange(http.clone(), config, request, deadline).await;
         match reply {
             Ok(r) if r.status().is_success() => {
                 tracing::warn!(session = %id, "destroyed the session of a panicked lock")
@@ -229,7 +221,7 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
                 w.acquire = Some(reply);
             }
             Err(e) => {
-                let _ = reply.send(Err(Error::Lock(e)));
+                let _ = reply.send(Err(Error::Misuse(e)));
             }
         },
         Command::CancelAcquire { generation } if generation == w.generation => {
@@ -274,7 +266,7 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
         Command::Destroy { reply } => match machine.destroy(now) {
             Ok(()) => w.destroy = Some(reply),
             Err(e) => {
-                let _ = reply.send(Err(Error::Lock(e)));
+                let _ = reply.send(Err(Error::Misuse(e)));
             }
         },
     }
@@ -328,10 +320,7 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
         }
         LockEvent::GaveUp => answer(&mut w.acquire, Err(Error::GaveUp)),
         LockEvent::Cancelled => {
-            answer(
-                &mut w.acquire,
-                Err(Error::Lock(consul_lock_core::machine::LockError::NotHeld)),
-            );
+            answer(&mut w.acquire, Err(Error::Cancelled));
             if let Some(reply) = w.destroy.take() {
                 let _ = reply.send(Err(Error::DriverStopped));
             }
@@ -361,7 +350,7 @@ fn answer(slot: &mut Option<oneshot::Sender<Result<Granted, Error>>>, result: Re
 #[allow(clippy::unwrap_used)]
 mod tests {
     use consul_lock_core::api::SessionId;
-    use consul_lock_core::machine::{LockError, Reply, RequestId};
+    use consul_lock_core::machine::{Misuse, Reply, RequestId};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -373,16 +362,16 @@ mod tests {
     }
 
     impl HoldMachine for Planted {
-        fn lock(&mut self, _: Instant) -> Result<(), LockError> {
+        fn lock(&mut self, _: Instant) -> Result<(), Misuse> {
             self.locked = true;
             Ok(())
         }
-        fn unlock(&mut self, _: Instant) -> Result<(), LockError> {
-            Err(LockError::NotHeld)
+        fn unlock(&mut self, _: Instant) -> Result<(), Misuse> {
+            Err(Misuse::NotHeld)
         }
         fn cancel(&mut self, _: Instant) {}
-        fn destroy(&mut self, _: Instant) -> Result<(), LockError> {
-            Err(LockError::Busy)
+        fn destroy(&mut self, _: Instant) -> Result<(), Misuse> {
+            Err(Misuse::Busy)
         }
         fn status(&self) -> LockStatus {
             if self.locked {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use consul_lock_core::api::{Address, ClientConfig, MAX_REPLY_BYTES};
 use consul_lock_core::machine::{Reply, TransportError, TransportErrorKind};
 
-use crate::Error;
+use crate::{Error, TlsFileError};
 
 /// Builds the reqwest client for `config`: unix socket or TCP, and TLS from its settings.
 pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Error> {
@@ -24,37 +24,32 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
         builder = builder.unix_socket(path.as_path());
     }
     let tls = &config.tls;
+    let tls_error = |what: &'static str, path: &std::path::Path, source: TlsFileError| Error::Tls {
+        what,
+        path: path.to_owned(),
+        source,
+    };
     let read = |what: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| Error::Tls {
-            what,
-            path: path.to_owned(),
-            problem: e.to_string(),
-        })
+        std::fs::read(path).map_err(|e| tls_error(what, path, TlsFileError::Read(e)))
     };
     let mut roots = Vec::new();
     if let Some(ca) = &tls.ca_file {
         let pem = read("CA file (CONSUL_CACERT)", ca)?;
-        let found = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
-            what: "CA file (CONSUL_CACERT)",
-            path: ca.clone(),
-            problem: e.to_string(),
-        })?;
+        let found = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| tls_error("CA file (CONSUL_CACERT)", ca, TlsFileError::Parse(e)))?;
         // An empty bundle would silently leave the system roots in charge.
         if found.is_empty() {
-            return Err(Error::Tls {
-                what: "CA file (CONSUL_CACERT)",
-                path: ca.clone(),
-                problem: "holds no PEM certificate; give a file with the CA's certificate".to_owned(),
-            });
+            return Err(tls_error(
+                "CA file (CONSUL_CACERT)",
+                ca,
+                TlsFileError::NoCertificate,
+            ));
         }
         roots.extend(found);
     }
     if let Some(dir) = &tls.ca_path {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::Tls {
-            what: "CA directory (CONSUL_CAPATH)",
-            path: dir.clone(),
-            problem: e.to_string(),
-        })?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| tls_error("CA directory (CONSUL_CAPATH)", dir, TlsFileError::Read(e)))?;
         let before = roots.len();
         for entry in entries.flatten() {
             let path = entry.path();
@@ -66,11 +61,11 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
         }
         // A directory without any certificate would silently leave the system roots in charge.
         if roots.len() == before {
-            return Err(Error::Tls {
-                what: "CA directory (CONSUL_CAPATH)",
-                path: dir.clone(),
-                problem: "holds no file with a PEM certificate; put the CA's certificate in it".to_owned(),
-            });
+            return Err(tls_error(
+                "CA directory (CONSUL_CAPATH)",
+                dir,
+                TlsFileError::NoCertificate,
+            ));
         }
     }
     if !roots.is_empty() {
@@ -80,11 +75,8 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
         let mut pem = read("client certificate (CONSUL_CLIENT_CERT)", cert)?;
         pem.push(b'\n');
         pem.extend(read("client key (CONSUL_CLIENT_KEY)", key)?);
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| Error::Tls {
-            what: "client certificate and key",
-            path: cert.clone(),
-            problem: e.to_string(),
-        })?;
+        let identity = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| tls_error("client certificate and key", cert, TlsFileError::Parse(e)))?;
         builder = builder.identity(identity);
     }
     if !tls.verify {
@@ -97,20 +89,25 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
         let addr = resolve(authority)?;
         builder = builder.resolve(name, addr);
     }
-    builder.build().map_err(|e| Error::Http(e.to_string()))
+    builder.build().map_err(Error::Http)
 }
 
 fn resolve(authority: &http::uri::Authority) -> Result<std::net::SocketAddr, Error> {
     use std::net::ToSocketAddrs;
     let port = authority.port_u16().unwrap_or(443);
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let resolve_error = |source| Error::Resolve {
+        address: authority.to_string(),
+        source,
+    };
     (host, port)
         .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
+        .map_err(resolve_error)?
+        .next()
         .ok_or_else(|| {
-            Error::Http(format!(
-                "could not resolve {authority} (for CONSUL_TLS_SERVER_NAME)"
+            resolve_error(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "it resolved to no address",
             ))
         })
 }
@@ -131,25 +128,12 @@ pub(crate) fn rewrite_for_server_name(config: &ClientConfig, request: &mut http:
     }
 }
 
-/// Sends one request, giving up at `deadline`. The flag is set when the request failed in a TLS
-/// handshake that retrying can't fix (see [`tls_refused`]).
+/// Sends one request, giving up at `deadline`.
 pub(crate) async fn exchange(
-    client: reqwest::Client,
-    config: &ClientConfig,
-    request: http::Request<Vec<u8>>,
-    deadline: Instant,
-) -> (Reply, bool) {
-    let mut refused = false;
-    let reply = exchange_inner(client, config, request, deadline, &mut refused).await;
-    (reply, refused)
-}
-
-async fn exchange_inner(
     client: reqwest::Client,
     config: &ClientConfig,
     mut request: http::Request<Vec<u8>>,
     deadline: Instant,
-    refused: &mut bool,
 ) -> Reply {
     rewrite_for_server_name(config, &mut request);
     let budget = deadline.saturating_duration_since(Instant::now());
@@ -161,10 +145,7 @@ async fn exchange_inner(
     }
     let exchange = async {
         let request = reqwest::Request::try_from(request).map_err(|e| transport_error(&e))?;
-        let mut response = client.execute(request).await.map_err(|e| {
-            *refused = tls_refused(&e);
-            transport_error(&e)
-        })?;
+        let mut response = client.execute(request).await.map_err(|e| transport_error(&e))?;
         let mut reply = http::Response::builder().status(response.status());
         if let Some(headers) = reply.headers_mut() {
             *headers = std::mem::take(response.headers_mut());
@@ -235,8 +216,12 @@ fn tls_refused(e: &reqwest::Error) -> bool {
     false
 }
 
+/// What became of a request that got no reply, for the core to classify: the TLS failures that
+/// retrying can't fix are told apart here, where the TLS library's error can be seen.
 fn transport_error(e: &reqwest::Error) -> TransportError {
-    let kind = if e.is_timeout() {
+    let kind = if tls_refused(e) {
+        TransportErrorKind::TlsRefused
+    } else if e.is_timeout() {
         TransportErrorKind::Timeout
     } else if e.is_connect() {
         TransportErrorKind::Connect

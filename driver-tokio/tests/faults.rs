@@ -9,7 +9,7 @@ use consul_lock_core::api::ClientConfig;
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
 use consul_lock_testkit::proxy::{FaultProxy, Mode, Outcome, SeenRequest};
-use consul_lock_tokio::{Client, Error, Lock, LockError, LockGuard, LockOptions, LossReason};
+use consul_lock_tokio::{Client, Error, Lock, LockGuard, LockOptions, LossReason, Misuse};
 use tokio::sync::oneshot;
 
 fn transport() -> &'static TestTransport {
@@ -385,7 +385,7 @@ async fn dropping_an_acquire_future_after_the_grant_releases_the_key() {
         .unwrap();
     assert!(matches!(
         lock.acquire().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     guard.release().await.unwrap();
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, KvCasDelete, KvCasPut, SessionCreate, SessionDestroy};
-use consul_lock_core::machine::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE, SessionChoice};
+use consul_lock_core::machine::{LOCK_FLAG_VALUE, Misuse, SEMAPHORE_FLAG_VALUE, SessionChoice};
 use consul_lock_testkit::agent::require_agent;
 use consul_lock_testkit::proxy::{FaultProxy, Outcome, RequestHead};
 use consul_lock_tokio::{Client, Error, LockError, LockOptions, LossReason};
@@ -42,7 +42,7 @@ async fn lock_unlock() {
     // Acquiring again while held is an error (Go: ErrLockHeld).
     assert!(matches!(
         lock.acquire().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     let pair = wire.get(key).await.unwrap();
     assert_eq!(pair.session.as_ref(), Some(&guard.token().session));
@@ -191,7 +191,7 @@ async fn destroy() {
     // Held by this lock: an error (Go: ErrLockHeld).
     assert!(matches!(
         lock.destroy().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     // Held by another: in use.
     assert!(matches!(

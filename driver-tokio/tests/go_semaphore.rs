@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, KvDelete, KvList, KvPair, SessionDestroy, SessionId, SessionInfo};
-use consul_lock_core::machine::{LOCK_FLAG_VALUE, OptionsError, SEMAPHORE_FLAG_VALUE, SemaphoreState};
+use consul_lock_core::machine::{
+    LOCK_FLAG_VALUE, Misuse, OptionsError, SEMAPHORE_FLAG_VALUE, SemaphoreState,
+};
 use consul_lock_testkit::agent::require_agent;
 use consul_lock_testkit::proxy::{FaultProxy, Outcome, RequestHead};
 use consul_lock_tokio::{Client, Error, LockError, LockOptions, LossReason, SemaphoreOptions};
@@ -83,7 +85,7 @@ async fn acquire_release() {
     // Acquiring again while held is an error (Go: ErrSemaphoreHeld).
     assert!(matches!(
         semaphore.acquire().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     // Our contender key, held by our session, with the value; we are listed in the .lock.
     let contender = wire.get(&format!("{prefix}/{session}")).await.unwrap();
@@ -273,7 +275,7 @@ async fn destroy() {
     // Held by this handle: an error (Go: ErrSemaphoreHeld).
     assert!(matches!(
         semaphore.destroy().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     guard.release().await.unwrap();
     // Still held by the other: in use (Go: ErrSemaphoreInUse).

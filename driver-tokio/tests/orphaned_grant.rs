@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::Wire;
 use consul_lock_core::api::{Key, KvList, SessionId, SessionInfo};
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_tokio::{Client, Error, Lock, LockError, LockGuard};
+use consul_lock_tokio::{Client, Error, Lock, LockGuard, Misuse};
 use tokio::sync::Notify;
 
 /// A waker that tells the test when the acquire future's channel got its answer: the only thing
@@ -60,7 +60,7 @@ async fn orphan_a_grant(lock: &Lock, holder: impl AsyncFn() -> SessionId) -> Ses
 async fn acquire_again(lock: &Lock) -> LockGuard {
     for _ in 0..600 {
         match lock.acquire().await {
-            Err(Error::Lock(LockError::Busy)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(Error::Misuse(Misuse::Busy)) => tokio::time::sleep(Duration::from_millis(50)).await,
             other => return other.expect("the handle acquires again after an orphaned grant"),
         }
     }

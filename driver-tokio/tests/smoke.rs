@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_tokio::{Client, Error, LockError};
+use consul_lock_tokio::{Client, Error, Misuse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_release_and_handoff() {
@@ -15,7 +15,7 @@ async fn acquire_release_and_handoff() {
     assert!(guard.is_held());
     assert!(matches!(
         a.acquire().await,
-        Err(Error::Lock(LockError::AlreadyHeld))
+        Err(Error::Misuse(Misuse::AlreadyHeld))
     ));
     let waiter = tokio::spawn(async move { b.acquire().await.map(|g| (g, b)) });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use consul_lock_testkit::agent::{AgentOptions, ConsulAgent, require_new_agent_with};
-use consul_lock_tokio::{Client, ClientConfig, Error, LockOptions};
+use consul_lock_tokio::{Client, ClientConfig, Error, LockError, LockOptions};
 
 /// An HTTPS agent that does not ask for client certificates, listening on 127.0.0.1 and on
 /// 127.0.0.2 (an address its certificate does not name).
@@ -85,7 +85,7 @@ async fn lock_fails(client: &Client, key: &str, expect: &[&str]) -> String {
         Ok(_) => panic!("{key}: acquired, but the TLS setup should have been refused"),
         Err(err) => err,
     };
-    assert!(matches!(err, Error::TlsHandshake(_)), "{key}: {err:?}");
+    assert!(matches!(err, Error::Lock(LockError::Tls(_))), "{key}: {err:?}");
     let text = err.to_string();
     assert!(
         expect.iter().any(|e| text.contains(e)),

@@ -55,6 +55,18 @@ pub enum ApiError {
         /// The `Location` header as sent (truncated), or `<none>`.
         location: String,
     },
+    /// No answer could be had: the TLS handshake with the agent failed in a way that retrying
+    /// with the same settings can't fix (see
+    /// [`TransportErrorKind::TlsRefused`](crate::machine::TransportErrorKind::TlsRefused)).
+    #[error(
+        "the TLS handshake with the Consul agent failed ({message}): check CONSUL_CACERT or \
+         CONSUL_CAPATH, CONSUL_TLS_SERVER_NAME, CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, and that \
+         the address speaks TLS"
+    )]
+    TlsRefused {
+        /// The TLS library's words.
+        message: String,
+    },
     /// The body exceeds [`MAX_REPLY_BYTES`].
     #[error("Consul's reply to {what} is {len} bytes, over the {limit}-byte cap")]
     TooLarge {
@@ -106,8 +118,8 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
-            // Asking the same address again gets the same redirect.
-            ApiError::Redirect { .. } => false,
+            // Asking the same address again gets the same redirect, or the same handshake.
+            ApiError::Redirect { .. } | ApiError::TlsRefused { .. } => false,
             ApiError::TooLarge { .. } | ApiError::Malformed { .. } => true,
         }
     }

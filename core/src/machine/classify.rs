@@ -15,6 +15,12 @@ pub(crate) enum Failure {
 impl Failure {
     pub(crate) fn from_transport(e: &TransportError) -> Failure {
         let what = match e.kind {
+            // A TLS setup that is wrong stays wrong: no retry can get an answer.
+            TransportErrorKind::TlsRefused => {
+                return Failure::Fatal(ApiError::TlsRefused {
+                    message: e.message.clone(),
+                });
+            }
             TransportErrorKind::Timeout => "timed out",
             TransportErrorKind::Connect => "could not connect",
             TransportErrorKind::Io => "connection failed",

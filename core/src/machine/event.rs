@@ -76,18 +76,25 @@ pub enum LossReason {
     },
 }
 
-/// An operation the machine can't do, or an attempt that ended without the lock.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum LockError {
-    /// `lock` while already holding or acquiring.
-    #[error("Lock already held (or being acquired)")]
+/// A call the machine can't take in the state it is in: misuse of the API, returned by the call
+/// itself and never reported as an event (an outcome is a [`LockError`] in an event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Misuse {
+    /// `lock` (or `destroy`) while holding, or `lock` while acquiring: one hold at a time.
+    #[error("already held, or being acquired: one hold at a time per handle")]
     AlreadyHeld,
     /// `unlock` without holding.
-    #[error("Lock not held")]
+    #[error("not held: there is nothing to release")]
     NotHeld,
-    /// `destroy` or `lock` while another operation is under way.
+    /// `lock` or `destroy` while a release or a destroy is under way.
     #[error("another operation is under way: wait for its event, or cancel it")]
     Busy,
+}
+
+/// Why an attempt (acquire, release, destroy) ended without what it was for: the reason
+/// carried by [`LockEvent::Failed`] and [`LockEvent::ReleaseFailed`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
     /// The key exists with other flags: a plain key or a semaphore's.
     #[error("Existing key does not match lock use (flags {flags:#x}); pick another key")]
     Conflict {
@@ -104,6 +111,11 @@ pub enum LockError {
     /// machine does not know).
     #[error("Consul refused the request: {0}")]
     Refused(ApiError),
+    /// The TLS handshake with the agent failed in a way that retrying can't fix (the agent's
+    /// certificate is not trusted or does not name the host, a client certificate is missing or
+    /// refused, or the address does not speak TLS): [`ApiError::TlsRefused`].
+    #[error("{0}")]
+    Tls(ApiError),
     /// The token may not do what the lock needs (ACLs): reading the key, writing it
     /// (`key_prefix "…" { policy = "write" }`), or creating a session (`session_prefix`).
     #[error("permission denied by Consul's ACLs (check the token's key and session rules): {0}")]
@@ -156,6 +168,8 @@ impl LockError {
     pub(crate) fn refused(e: ApiError) -> LockError {
         if e.is_permission_denied() {
             LockError::PermissionDenied(e)
+        } else if matches!(e, ApiError::TlsRefused { .. }) {
+            LockError::Tls(e)
         } else {
             LockError::Refused(e)
         }
@@ -163,10 +177,9 @@ impl LockError {
 
     /// The error for a session Consul would not create: a permission refusal, or another.
     pub(crate) fn session(e: ApiError) -> LockError {
-        if e.is_permission_denied() {
-            LockError::PermissionDenied(e)
-        } else {
-            LockError::Session(e)
+        match LockError::refused(e) {
+            LockError::Refused(e) => LockError::Session(e),
+            other => other,
         }
     }
 }

@@ -21,8 +21,8 @@ use crate::machine::options::HoldOptions;
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{
-    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, LossReason, OptionsError, Reply,
-    RequestId, read,
+    Action, FencingToken, HoldMachine, LockError, LockEvent, LockStatus, LossReason, Misuse, OptionsError,
+    Reply, RequestId, read,
 };
 
 /// What a kind of holder does in its own phases; [`Holder`] does the rest. Not nameable outside
@@ -268,12 +268,12 @@ impl<K: Kind> Holder<K> {
     }
 
     /// Starts acquiring. Usable again after a loss, a release, a give-up, a failure or a cancel.
-    pub fn lock(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn lock(&mut self, now: Instant) -> Result<(), Misuse> {
         self.base.observe(now);
         match self.phase {
             Phase::Idle => {}
-            Phase::Acquiring(_) | Phase::Held(_) => return Err(LockError::AlreadyHeld),
-            Phase::Releasing(_) | Phase::Destroying(..) => return Err(LockError::Busy),
+            Phase::Acquiring(_) | Phase::Held(_) => return Err(Misuse::AlreadyHeld),
+            Phase::Releasing(_) | Phase::Destroying(..) => return Err(Misuse::Busy),
         }
         self.phase = Phase::Acquiring(Acquiring {
             step: Step::AwaitSession,
@@ -293,7 +293,7 @@ impl<K: Kind> Holder<K> {
 
     /// Gives up a hold, then destroys the session if the machine made it. Ends with
     /// [`LockEvent::Released`], or [`LockEvent::ReleaseFailed`] when Consul never confirmed it.
-    pub fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn unlock(&mut self, now: Instant) -> Result<(), Misuse> {
         self.base.observe(now);
         match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Held(held) => {
@@ -302,7 +302,7 @@ impl<K: Kind> Holder<K> {
             }
             phase => {
                 self.phase = phase;
-                Err(LockError::NotHeld)
+                Err(Misuse::NotHeld)
             }
         }
     }
@@ -327,7 +327,7 @@ impl<K: Kind> Holder<K> {
     /// Deletes the key(s), if nobody holds them (Go's `Destroy`). Ends with
     /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
     /// [`LockError::Conflict`]).
-    pub fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
+    pub fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
         self.base.observe(now);
         match self.phase {
             Phase::Idle => {
@@ -335,8 +335,8 @@ impl<K: Kind> Holder<K> {
                 self.send_raze(now, Raze::Read, &read);
                 Ok(())
             }
-            Phase::Held(_) => Err(LockError::AlreadyHeld),
-            _ => Err(LockError::Busy),
+            Phase::Held(_) => Err(Misuse::AlreadyHeld),
+            _ => Err(Misuse::Busy),
         }
     }
 
@@ -409,16 +409,16 @@ impl<K: Kind> Holder<K> {
 }
 
 impl<K: Kind> HoldMachine for Holder<K> {
-    fn lock(&mut self, now: Instant) -> Result<(), LockError> {
+    fn lock(&mut self, now: Instant) -> Result<(), Misuse> {
         Holder::lock(self, now)
     }
-    fn unlock(&mut self, now: Instant) -> Result<(), LockError> {
+    fn unlock(&mut self, now: Instant) -> Result<(), Misuse> {
         Holder::unlock(self, now)
     }
     fn cancel(&mut self, now: Instant) {
         Holder::cancel(self, now);
     }
-    fn destroy(&mut self, now: Instant) -> Result<(), LockError> {
+    fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
         Holder::destroy(self, now)
     }
     fn status(&self) -> LockStatus {

@@ -19,7 +19,7 @@ mod read;
 mod semaphore;
 mod session;
 
-pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Retry};
+pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Misuse, Retry};
 pub use holder::Holder;
 pub use lock::LockMachine;
 pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
@@ -40,13 +40,13 @@ pub const SEMAPHORE_FLAG_VALUE: u64 = 0xe0f6_9a2b_aa41_4de0;
 /// Every method is the inherent method of the same name; see [`LockMachine`] for the contract.
 pub trait HoldMachine: Send + 'static {
     /// Starts acquiring.
-    fn lock(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    fn lock(&mut self, now: std::time::Instant) -> Result<(), Misuse>;
     /// Gives up what is held.
-    fn unlock(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    fn unlock(&mut self, now: std::time::Instant) -> Result<(), Misuse>;
     /// Stops whatever is under way, at once.
     fn cancel(&mut self, now: std::time::Instant);
     /// Deletes the key(s), if nobody holds them.
-    fn destroy(&mut self, now: std::time::Instant) -> Result<(), LockError>;
+    fn destroy(&mut self, now: std::time::Instant) -> Result<(), Misuse>;
     /// Where the machine stands.
     fn status(&self) -> LockStatus;
     /// Handles the reply to request `id`.

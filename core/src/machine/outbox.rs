@@ -55,6 +55,11 @@ pub enum TransportErrorKind {
     Io,
     /// The reply body exceeded [`MAX_REPLY_BYTES`](crate::api::MAX_REPLY_BYTES).
     TooLarge,
+    /// The TLS handshake failed in a way that asking again with the same settings can't fix:
+    /// the agent's certificate is not trusted or does not name the host, the agent refused our
+    /// (missing) client certificate, or the other side does not speak TLS. The driver, which
+    /// sees the TLS library's error, says so; the machines take it as fatal.
+    TlsRefused,
 }
 
 /// A request that got no HTTP reply.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use consul_lock_checker::Holder;
 use consul_lock_core::api::{ClientConfig, SessionId};
 use consul_lock_core::machine::{
-    FencingToken, LockError, LockEvent, LockMachine, LockOptions, Reply, RequestId, SessionChoice,
+    FencingToken, LockEvent, LockMachine, LockOptions, Misuse, Reply, RequestId, SessionChoice,
     TransportError, TransportErrorKind,
 };
 
@@ -407,15 +407,15 @@ impl<M: Holder> Rig<M> {
         &self.node.m
     }
 
-    pub(crate) fn lock(&mut self) -> Result<(), LockError> {
+    pub(crate) fn lock(&mut self) -> Result<(), Misuse> {
         self.node.lock(self.clock.now())
     }
 
-    pub(crate) fn unlock(&mut self) -> Result<(), LockError> {
+    pub(crate) fn unlock(&mut self) -> Result<(), Misuse> {
         self.node.unlock(self.clock.now())
     }
 
-    pub(crate) fn destroy(&mut self) -> Result<(), LockError> {
+    pub(crate) fn destroy(&mut self) -> Result<(), Misuse> {
         self.node.destroy(self.clock.now())
     }
 
