@@ -56,6 +56,10 @@ impl Api {
                 message: t.message,
             },
             consul_lock_tokio::CallError::Api(api) => CallError::Api(api),
+            other => CallError::Transport {
+                connect: false,
+                message: other.to_string(),
+            },
         })
     }
 

@@ -55,7 +55,7 @@ pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{
     FencingToken, LockError, LockOptions, LossReason, Misuse, Retry, SemaphoreOptions,
 };
-pub use consul_lock_tokio::{Error, HoldEnd, ShutdownError};
+pub use consul_lock_tokio::{CallError, Error, HoldEnd, ShutdownError, TlsFileError};
 use tokio::sync::watch;
 
 /// The private runtime: one thread, shut down when the last handle using it is dropped.
@@ -190,6 +190,33 @@ impl Client {
         }
     }
 
+    /// Sends one typed Consul request (any of core's
+    /// [`Endpoint`](consul_lock_core::api::Endpoint)s) and decodes the reply, giving up after
+    /// `timeout`: for what a lock does not do itself, such as showing who holds a key. See
+    /// [`consul_lock_tokio::Client::call`].
+    ///
+    /// ```no_run
+    /// # fn show() -> Result<(), Box<dyn std::error::Error>> {
+    /// use consul_lock_core::api::{Key, KvGet};
+    /// use std::time::Duration;
+    ///
+    /// let client = consul_lock_blocking::Client::from_env()?;
+    /// let read = client.call(&KvGet::new(Key::new("service/leader/.lock")?), Duration::from_secs(5))?;
+    /// println!("held by {:?}", read.value.and_then(|pair| pair.session));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call<E: consul_lock_core::api::Endpoint>(
+        &self,
+        endpoint: &E,
+        timeout: Duration,
+    ) -> Result<E::Output, CallError> {
+        match self.runtime.handle() {
+            Ok(runtime) => runtime.block_on(self.inner.call(endpoint, timeout)),
+            Err(_) => Err(CallError::Stopped),
+        }
+    }
+
     /// A lock with Go's defaults on `key`.
     pub fn lock_key(&self, key: &str) -> Result<Lock, Error> {
         self.lock(LockOptions::new(key)?)
@@ -309,6 +336,17 @@ impl Lock {
         RetryWatch {
             inner: self.inner.retries(),
             runtime: self.runtime.clone(),
+        }
+    }
+
+    /// Ends the lock and blocks until its cleanup is done: an attempt under way is cancelled, a
+    /// hold is released, and the session the lock made is destroyed before this returns. Every
+    /// clone of this handle answers [`Error::DriverStopped`] afterwards. See
+    /// [`consul_lock_tokio::Lock::close`]; [`Client::shutdown`] does it for every lock of a
+    /// client, with a timeout.
+    pub fn close(&self) {
+        if let Ok(runtime) = self.runtime.handle() {
+            runtime.block_on(self.inner.close());
         }
     }
 

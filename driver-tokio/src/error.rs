@@ -92,6 +92,7 @@ pub enum TlsFileError {
 
 /// Why a [`Client::call`](crate::Client::call) has no answer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CallError {
     /// Nothing answered: no connection, a timeout, a TLS failure.
     #[error(transparent)]
@@ -99,6 +100,9 @@ pub enum CallError {
     /// Consul answered, but not with the answer asked for (a 403, a 500, a garbled body).
     #[error(transparent)]
     Api(consul_lock_core::api::ApiError),
+    /// The client's runtime is gone (the blocking client was shut down).
+    #[error("the client's runtime has stopped")]
+    Stopped,
 }
 
 /// Why [`Client::shutdown`](crate::Client::shutdown) did not finish.

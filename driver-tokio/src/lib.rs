@@ -379,7 +379,7 @@ impl Lock {
     }
 
     /// Deletes the lock key if nobody holds it (Go's `Destroy`): [`LockError::InUse`] if someone
-    /// does, [`LockError::Conflict`] if the key is not a lock, [`LockError::AlreadyHeld`] if this
+    /// does, [`LockError::Conflict`] if the key is not a lock, [`Misuse::AlreadyHeld`] ([`Error::Misuse`]) if this
     /// handle holds it. For a semaphore: deletes `<prefix>/.lock` if no live contender remains
     /// (holding or waiting), with the same errors.
     pub async fn destroy(&self) -> Result<(), Error> {
@@ -395,10 +395,11 @@ impl Lock {
     ///
     /// Dropping a `Lock` (or cancelling an acquire) does the same in the background; call
     /// `close` (or [`Client::shutdown`], for every lock of the client) before a process exits,
-    /// so that the background work is not cut short and no session is left for Consul to expire. If the agent can't be reached, the destroy is
-    /// retried until the session must have expired on its own (up to twice its TTL): wrap the
-    /// call in a timeout if the process can't wait that long.
-    pub async fn close(self) {
+    /// so that the background work is not cut short and no session is left for Consul to
+    /// expire. If the agent can't be reached, the destroy is retried until the session must have
+    /// expired on its own (up to twice its TTL): wrap the call in a timeout if the process can't
+    /// wait that long. After `close`, the handle answers [`Error::DriverStopped`].
+    pub async fn close(&self) {
         let (reply, done) = oneshot::channel();
         if self.commands.send(Command::Close { reply }).is_ok() {
             let _ = done.await;

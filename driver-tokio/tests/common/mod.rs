@@ -26,7 +26,7 @@ impl Wire {
         match self.client.call(&endpoint, Duration::from_secs(30)).await {
             Ok(output) => Ok(output),
             Err(CallError::Api(api)) => Err(api),
-            Err(CallError::Transport(e)) => panic!("the agent answers: {e}"),
+            Err(other) => panic!("the agent answers: {other}"),
         }
     }
 
