@@ -359,3 +359,23 @@ fn a_hanging_agent_ends_the_attempt_after_the_budget() {
     assert_eq!(r.m().status(), LockStatus::Idle);
     assert!(!r.m().is_quiescent() || r.m().in_flight() == 0);
 }
+
+/// An abandoned acquire keeps the session alive until its answer; a destroy started meanwhile
+/// must let the session go when it ends (fuzz finding: the chore was settled during the destroy,
+/// and the idle machine then renewed its session for ever).
+#[test]
+fn a_destroy_during_a_chore_lets_the_session_go() {
+    let (mut r, stray) = acquire_in_flight();
+    r.cancel();
+    assert_eq!(r.events(), [LockEvent::Cancelled]);
+    r.destroy().unwrap();
+    r.reply(stray.id, reply::lock_held());
+    assert!(
+        r.last_sent("PUT /v1/session/destroy/s1").is_none(),
+        "the destroy is still under way"
+    );
+    r.answer("GET /v1/kv/k", reply::missing(9));
+    assert_eq!(r.events(), [LockEvent::Destroyed]);
+    r.answer("PUT /v1/session/destroy/s1", yes());
+    assert!(r.m().is_quiescent(), "nothing left: no session renewed for ever");
+}

@@ -320,7 +320,7 @@ impl<K: Kind> Holder<K> {
                 // Held, so unlock can't fail.
                 let _ = self.unlock(now);
             }
-            Phase::Destroying(..) => self.end_destroy(LockEvent::Cancelled),
+            Phase::Destroying(..) => self.end_destroy(now, LockEvent::Cancelled),
         }
     }
 
@@ -692,7 +692,7 @@ impl<K: Kind> Holder<K> {
             Ok(read) => K::destroy_verdict(self, &read.value),
         };
         match verdict {
-            Ok(None) => self.end_destroy(LockEvent::Destroyed),
+            Ok(None) => self.end_destroy(now, LockEvent::Destroyed),
             Ok(Some(cas)) => {
                 let delete = KvCasDelete {
                     key: K::destroy_key(self),
@@ -700,23 +700,29 @@ impl<K: Kind> Holder<K> {
                 };
                 self.send_raze(now, Raze::Delete, &delete);
             }
-            Err(e) => self.end_destroy(LockEvent::Failed(e)),
+            Err(e) => self.end_destroy(now, LockEvent::Failed(e)),
         }
     }
 
-    fn on_destroy_delete(&mut self, reply: &Reply) {
+    fn on_destroy_delete(&mut self, now: Instant, reply: &Reply) {
         let event = match decode::<KvCasDelete>(reply) {
             Ok(true) => LockEvent::Destroyed,
             Ok(false) => LockEvent::Failed(LockError::InUse),
             Err(Failure::Transient(why)) => LockEvent::Failed(LockError::Unavailable(why)),
             Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::refused(e)),
         };
-        self.end_destroy(event);
+        self.end_destroy(now, event);
     }
 
-    fn end_destroy(&mut self, event: LockEvent) {
+    fn end_destroy(&mut self, now: Instant, event: LockEvent) {
         self.phase = Phase::Idle;
         self.base.out.event(event);
+        // A destroy can start while an ended attempt's chore keeps the session alive; if the
+        // chore was done during the destroy, nobody let the session go (fuzz finding: an idle
+        // machine renewing a session for ever).
+        if self.chore.is_none() {
+            self.stop_session(now);
+        }
     }
 
     fn stop_session(&mut self, now: Instant) {
@@ -931,7 +937,7 @@ impl<K: Kind> Holder<K> {
                 ..
             }) if sent.is(id) => K::on_give(self, now, *give, reply),
             Phase::Destroying(Raze::Read, sent) if sent.is(id) => self.on_destroy_read(now, reply),
-            Phase::Destroying(Raze::Delete, sent) if sent.is(id) => self.on_destroy_delete(reply),
+            Phase::Destroying(Raze::Delete, sent) if sent.is(id) => self.on_destroy_delete(now, reply),
             _ => self.ignore(id),
         }
     }
