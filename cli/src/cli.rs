@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "consul-lock",
     version,
+    // As Go's flag package: a flag given twice takes its last value.
+    args_override_self = true,
     about = "Run a command while holding a Consul lock or semaphore, inspect and watch locks",
     long_about = "Run a command while holding a Consul lock or semaphore (what `consul lock` does, \
                   with loss detected before anyone else can take over), show who holds a lock, \
@@ -87,6 +89,10 @@ pub(crate) struct HttpFlags {
     /// The admin partition (Consul Enterprise) [env: CONSUL_PARTITION]
     #[arg(long, value_name = "PARTITION")]
     pub(crate) partition: Option<String>,
+    /// Let any server answer reads (`?stale`): for status and watch. `run` accepts it, as Go's
+    /// `consul lock` does, and keeps its reads consistent (a lock can't trust a stale answer)
+    #[arg(long)]
+    pub(crate) stale: bool,
 }
 
 /// `consul-lock run`.
@@ -125,7 +131,8 @@ pub(crate) struct RunArgs {
     pub(crate) limit: u32,
     /// Give up after waiting this long for the lock (a Go duration: 500ms, 10s, 1m30s); exit 1.
     /// Default: wait for ever
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// (-try is Go's old name for it.)
+    #[arg(long, visible_alias = "try", value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) timeout: Option<Duration>,
     /// How many failed reads of the held key in a row to bear (1 s apart) before giving the
     /// lock up, as Go's -monitor-retry
