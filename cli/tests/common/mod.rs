@@ -12,9 +12,10 @@ use consul_lock_core::api::{ClientConfig, Endpoint, Key, KvGet, KvPair, SessionD
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::ConsulAgent;
 
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_consul-lock")
+/// The binary under test: this build's, or `CONSUL_LOCK_TEST_BIN` when set (to check that a
+/// test fails on an older build).
+pub fn bin() -> String {
+    std::env::var("CONSUL_LOCK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_consul-lock").to_owned())
 }
 
 /// `consul-lock <args>` aimed at `agent`, with none of the caller's Consul settings.
