@@ -228,3 +228,34 @@ pub fn nanos(text: &str) -> u128 {
         .parse()
         .unwrap_or_else(|_| panic!("not a timestamp: {text:?}"))
 }
+
+/// One raw request to `agent` with `token` if given: the status and the body.
+pub fn raw(agent: &ConsulAgent, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", agent.base_url()));
+    if let Some(token) = token {
+        request = request.header("X-Consul-Token", token);
+    }
+    let reply = transport()
+        .exchange(request.body(body.as_bytes().to_vec()).unwrap())
+        .unwrap();
+    (
+        reply.status().as_u16(),
+        String::from_utf8_lossy(reply.body()).into_owned(),
+    )
+}
+
+/// A new ACL token (made with the master token `root`) with the rules `rules`: its secret.
+pub fn acl_token(agent: &ConsulAgent, name: &str, rules: &str) -> String {
+    let policy = serde_json::json!({ "Name": name, "Rules": rules });
+    let (status, body) = raw(agent, "PUT", "/v1/acl/policy", &policy.to_string(), Some("root"));
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::json!({ "Policies": [{ "Name": name }] });
+    let (status, body) = raw(agent, "PUT", "/v1/acl/token", &token.to_string(), Some("root"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["SecretID"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
