@@ -20,6 +20,7 @@ mod demo;
 mod exec;
 mod flags;
 mod goflags;
+mod log;
 mod run;
 mod status;
 
@@ -114,7 +115,22 @@ pub(crate) fn quoted(arg: &str) -> String {
     }
 }
 
+/// Refuses a key (or prefix) `arg` with a control character in it: Consul answers such keys with
+/// a bare 400, and printing them back would garble the terminal. `what` names it ("the prefix").
+pub(crate) fn check_key(what: &str, arg: &str) -> Result<(), Failure> {
+    match arg.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(Failure::usage(format!(
+            "{what} {} holds a control character (U+{:04X}) at byte {at}: Consul refuses keys with \
+             control characters; use printable ones",
+            quoted(arg),
+            u32::from(c)
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
+    log::init();
     // Go's spellings (`-timeout=1s`, `-http-addr x`) first, then clap.
     let args = match goflags::normalize(std::env::args_os().collect()) {
         Ok(args) => args,

@@ -150,6 +150,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
 }
 
 async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
+    crate::check_key("the prefix", &args.prefix)?;
     let resolved = flags::resolve_from_process(&args.http)?;
     let prefix = args
         .prefix

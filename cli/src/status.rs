@@ -79,6 +79,7 @@ impl Semaphore {
 
 /// The base named by `arg`: a leading `/` and a trailing `/` or `/.lock` taken off.
 pub(crate) fn base_of(arg: &str) -> Result<Key, Failure> {
+    crate::check_key("the key", arg)?;
     let trimmed = arg.strip_prefix('/').unwrap_or(arg).trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/.lock").unwrap_or(trimmed);
     Key::new(trimmed).map_err(|e| Failure::new(format!("{} is not a usable key: {e}", crate::quoted(arg))))
