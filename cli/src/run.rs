@@ -527,7 +527,7 @@ async fn finish(
             Ok(Ok(())) if lost => events.emit(
                 "not_released",
                 json!({ "key": target.key.as_str(), "reason": "lost" }),
-                || format!("nothing to release: {} was lost", target.key.as_str()),
+                || format!("{} not released: the lock was already lost", target.key.as_str()),
             ),
             Ok(Ok(())) => events.emit("released", json!({ "key": target.key.as_str() }), || {
                 format!("released {}", target.key.as_str())

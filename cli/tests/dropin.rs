@@ -31,8 +31,8 @@ enum Action {
     None,
     /// Another holder keeps the lock for the whole case.
     Held,
-    /// SIGTERM to the command once the child has started.
-    Term,
+    /// This signal (`TERM`, `INT`) to the command once the child has started.
+    Signal(&'static str),
     /// The lock's session is destroyed once the child has started.
     DestroySession,
 }
@@ -67,6 +67,8 @@ const fn case(name: &'static str, flags: &'static [&'static str], child: &'stati
 const RAN: &str = "touch $D/ran";
 const WAITS_FOR_TERM: &str =
     "trap 'touch $D/got_term; exit 0' TERM; touch $D/ran $D/started; while :; do sleep 0.05; done";
+const WAITS_FOR_INT: &str =
+    "trap 'touch $D/got_int; exit 0' INT; touch $D/ran $D/started; while :; do sleep 0.05; done";
 const IGNORES_TERM: &str = "trap '' TERM; touch $D/ran $D/started; while :; do sleep 0.05; done";
 const FAILS_ON_TERM: &str = "trap 'exit 3' TERM; touch $D/ran $D/started; while :; do sleep 0.05; done";
 
@@ -145,15 +147,19 @@ fn table() -> Vec<Case> {
             )
         },
         Case {
-            action: Action::Term,
+            action: Action::Signal("TERM"),
             ..case("SIGTERM, child exits 0", &[], &[WAITS_FOR_TERM])
         },
         Case {
-            action: Action::Term,
+            action: Action::Signal("INT"),
+            ..case("SIGINT, child exits 0", &[], &[WAITS_FOR_INT])
+        },
+        Case {
+            action: Action::Signal("TERM"),
             ..case("SIGTERM, child ignores it", &[], &[IGNORES_TERM])
         },
         Case {
-            action: Action::Term,
+            action: Action::Signal("TERM"),
             differs: Some(("a failed child after a signal", 2)),
             ..case(
                 "SIGTERM, child fails, -child-exit-code",
@@ -165,6 +171,10 @@ fn table() -> Vec<Case> {
             action: Action::DestroySession,
             differs: Some(("exit 3 on loss", 3)),
             ..case("lock lost", &[], &[WAITS_FOR_TERM])
+        },
+        Case {
+            action: Action::Held,
+            ..case("bad: -n=2 where a lock is held", &["-n=2", "-timeout=1s"], &[RAN])
         },
         case("bad: unknown flag", &["-bogus"], &[RAN]),
         case("bad: -n=0", &["-n=0"], &[RAN]),
@@ -266,11 +276,11 @@ fn run_case(which: Impl, agent: &ConsulAgent, case: &Case, index: usize) -> (Out
         scratch.exists("started")
     };
     match case.action {
-        Action::Term => {
+        Action::Signal(signal) => {
             if started() {
                 std::thread::sleep(Duration::from_millis(200));
                 let _ = Command::new("kill")
-                    .args(["-s", "TERM", &child.id().to_string()])
+                    .args(["-s", signal, &child.id().to_string()])
                     .status();
             }
         }
