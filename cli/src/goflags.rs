@@ -103,10 +103,15 @@ fn parse_bool(value: &str) -> Option<bool> {
 /// `args` (the whole command line, program name first) with the subcommand's flags read as Go
 /// reads them and written as clap reads them. A command line without a known subcommand is left
 /// as it is, for clap to explain.
-pub(crate) fn normalize(args: Vec<OsString>) -> Result<Vec<OsString>, Failure> {
+pub(crate) fn normalize(mut args: Vec<OsString>) -> Result<Vec<OsString>, Failure> {
     let Some(subcommand) = args.get(1).and_then(|a| a.to_str()).map(str::to_owned) else {
         return Ok(args);
     };
+    // `consul -version`, `consul -help`: Go's spellings of the top-level flags.
+    if let Some(long) = ["-version", "-help"].iter().find(|f| **f == subcommand) {
+        args[1] = format!("-{long}").into();
+        return Ok(args);
+    }
     let Some(flags) = flags_of(&subcommand) else {
         return Ok(args);
     };
@@ -316,6 +321,7 @@ mod tests {
     #[test]
     fn unknown_subcommands_are_left_to_clap() {
         assert_eq!(norm(&["--version"]).unwrap(), ["consul-lock", "--version"]);
+        assert_eq!(norm(&["-version"]).unwrap(), ["consul-lock", "--version"]);
         assert_eq!(norm(&["nope", "-x"]).unwrap(), ["consul-lock", "nope", "-x"]);
     }
 }

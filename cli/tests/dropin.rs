@@ -365,3 +365,24 @@ fn consul_lock_run_behaves_as_go_consul_lock() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn top_level_go_spellings_work() {
+    let Some(agent) = require_agent() else { return };
+    for flag in ["-version", "--version", "-help"] {
+        for which in [Impl::Go, Impl::Ours] {
+            let mut c = match which {
+                Impl::Go => Command::new(agent.binary()),
+                Impl::Ours => Command::new(bin()),
+            };
+            let output = c.arg(flag).stdin(Stdio::null()).output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(output.status.code(), Some(0), "{which:?} {flag}: {text}");
+            assert!(!text.contains("unexpected argument"), "{which:?} {flag}: {text}");
+        }
+    }
+}
