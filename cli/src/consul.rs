@@ -36,8 +36,13 @@ pub(crate) enum CallError {
 impl Api {
     /// A client for the agent `resolved` names.
     pub(crate) fn new(resolved: &Resolved) -> Result<Api, Failure> {
-        let client = consul_lock_tokio::Client::new(resolved.config.clone())
-            .map_err(|e| Failure::new(format!("cannot set up the connection to {}: {e}", resolved.url())))?;
+        let client = consul_lock_tokio::Client::new(resolved.config.clone()).map_err(|e| {
+            driver_failure(
+                resolved,
+                &format!("setting up the connection to {}", resolved.url()),
+                &e,
+            )
+        })?;
         Ok(Api {
             client,
             resolved: resolved.clone(),

@@ -342,7 +342,7 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
                 .to_socket_addrs()
                 .ok()
                 .and_then(|mut a| a.next())
-                .ok_or_else(|| Failure::new(format!("--consul {addr:?}: not a host:port that resolves")))?;
+                .ok_or_else(|| Failure::usage(format!("--consul {addr:?}: not a host:port that resolves")))?;
             (socket, format!("the Consul agent at {socket}"))
         }
         None => {

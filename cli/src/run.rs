@@ -158,7 +158,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         .unwrap_or(&args.prefix)
         .trim_end_matches('/');
     let usage = |e: &dyn std::fmt::Display| {
-        Failure::new(format!(
+        Failure::usage(format!(
             "the prefix {} can't be used: {e}",
             crate::quoted(&args.prefix)
         ))

@@ -82,7 +82,7 @@ pub(crate) fn base_of(arg: &str) -> Result<Key, Failure> {
     crate::check_key("the key", arg)?;
     let trimmed = arg.strip_prefix('/').unwrap_or(arg).trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/.lock").unwrap_or(trimmed);
-    Key::new(trimmed).map_err(|e| Failure::new(format!("{} is not a usable key: {e}", crate::quoted(arg))))
+    Key::new(trimmed).map_err(|e| Failure::usage(format!("{} is not a usable key: {e}", crate::quoted(arg))))
 }
 
 /// Reads the keys under `base` into a [`View`].
