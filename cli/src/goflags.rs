@@ -91,6 +91,25 @@ pub(crate) fn typed(long: &str) -> String {
         .unwrap_or_else(|| format!("--{long}"))
 }
 
+/// Whether the command line asks for `--json` among its options (before the first operand),
+/// read before it is known to parse: a usage error is then reported as JSON too.
+pub(crate) fn wants_json(args: &[OsString]) -> bool {
+    let mut json = false;
+    for arg in args.iter().skip(2) {
+        let Some(text) = arg.to_str() else { break };
+        if text == "--" || !text.starts_with('-') {
+            break;
+        }
+        let body = text.trim_start_matches('-');
+        match body.split_once('=') {
+            Some(("json", value)) => json = parse_bool(value).unwrap_or(json),
+            None if body == "json" => json = true,
+            _ => {}
+        }
+    }
+    json
+}
+
 /// Go's `strconv.ParseBool`.
 fn parse_bool(value: &str) -> Option<bool> {
     match value {

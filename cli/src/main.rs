@@ -129,12 +129,26 @@ pub(crate) fn check_key(what: &str, arg: &str) -> Result<(), Failure> {
     }
 }
 
+/// With `--json`, a command line that did not parse is an `error` event too.
+fn usage_event(json: bool, message: &str) {
+    if json {
+        out::event(
+            "error",
+            ("unix_ms", out::unix_ms()),
+            &serde_json::json!({ "kind": Kind::Usage.as_str(), "message": message, "exit_code": 1 }),
+        );
+    }
+}
+
 fn main() -> ExitCode {
     log::init();
     // Go's spellings (`-timeout=1s`, `-http-addr x`) first, then clap.
-    let args = match goflags::normalize(std::env::args_os().collect()) {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let json = goflags::wants_json(&raw);
+    let args = match goflags::normalize(raw) {
         Ok(args) => args,
         Err(failure) => {
+            usage_event(json, &failure.message);
             out::error(&failure.message);
             return ExitCode::from(failure.code);
         }
@@ -142,6 +156,9 @@ fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
+            if e.use_stderr() {
+                usage_event(json, e.render().to_string().lines().next().unwrap_or_default());
+            }
             // Help and version go to stdout and exit 0; usage errors exit 1, as Go's do.
             let _ = e.print();
             return if e.use_stderr() {

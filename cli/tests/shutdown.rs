@@ -174,3 +174,20 @@ fn json_errors_carry_a_kind_and_verbose_still_speaks() {
     );
     assert!(!stderr.contains("CONSUL_HTTP_ADDR"), "{stderr}");
 }
+
+#[test]
+fn with_json_a_command_line_that_does_not_parse_is_an_error_event() {
+    let Some(agent) = require_agent() else { return };
+    for args in [
+        vec!["run", "-json", "-bogus", "p", "true"],
+        vec!["run", "--json", "--timeout", "10", "p", "true"],
+    ] {
+        let (status, stdout, stderr) = Running::spawn(consul_lock(agent, &args)).finish(EXIT);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        let error = events(&stdout)
+            .into_iter()
+            .find(|e| e["event"] == "error")
+            .unwrap_or_else(|| panic!("{args:?}: no error event: {stdout} {stderr}"));
+        assert_eq!(error["kind"], "usage", "{error}");
+    }
+}
