@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{ClientConfig, Key, KvDelete, KvGet, SessionDestroy};
 use consul_lock_core::machine::LockOptions;
-use consul_lock_testkit::proxy::{FaultProxy, Mode};
-use consul_lock_testkit::sim::SimServer;
+use consul_lock_sim::SimServer;
+use consul_lock_sim::proxy::{FaultProxy, Mode};
 use consul_lock_tokio::{Client, FencingToken, Lock, LossReason};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
