@@ -117,14 +117,15 @@ fn is_unknown_token(api: &ApiError) -> bool {
 pub(crate) fn driver_failure(resolved: &Resolved, what: &str, error: &consul_lock_tokio::Error) -> Failure {
     use consul_lock_tokio::Error;
     let kind = match error {
-        Error::Lock(LockError::Refused(api) | LockError::Session(api) | LockError::PermissionDenied(api)) => {
-            api_kind(api)
-        }
+        Error::Lock(LockError::PermissionDenied(api)) if is_unknown_token(api) => Kind::TokenNotFound,
+        // Also the lock transaction's 409 "Permission denied", which no status says.
+        Error::Lock(LockError::PermissionDenied(_)) => Kind::PermissionDenied,
+        Error::Lock(LockError::Refused(api) | LockError::Session(api)) => api_kind(api),
         Error::Lock(LockError::Conflict { .. } | LockError::LimitMismatch { .. }) => Kind::Conflict,
         Error::Lock(LockError::AgentUnavailable { last, .. }) if is_tls(last) => Kind::Tls,
         Error::Lock(LockError::AgentUnavailable { .. }) => Kind::AgentUnavailable,
         Error::Lock(LockError::ReleaseUnconfirmed { .. }) => Kind::ReleaseFailed,
-        Error::TlsHandshake(_) | Error::Tls { .. } => Kind::Tls,
+        Error::Lock(LockError::Tls(_)) | Error::Tls { .. } => Kind::Tls,
         Error::Config(_) | Error::Options(_) => Kind::Usage,
         _ => Kind::Other,
     };
