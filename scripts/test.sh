@@ -34,6 +34,46 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 section "docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
+section "packaging"
+# Every crate that goes to crates.io (all but the `publish = false` ones) must package: its
+# README.md and both license files inside the package (the license copies identical to the root
+# ones), README links that work on crates.io (absolute: crates.io shows a README without the
+# repository around it), and a package that builds on its own. `cargo package` of several
+# workspace crates at once resolves their path dependencies on each other's unpublished versions
+# through a local registry of the packages just made, so verifying (building each .crate, with
+# only its packaged files) works before anything is published, offline too, and catches a file
+# the build needs that the package lacks. CONSUL_LOCK_PACKAGE_VERIFY=0 skips that build.
+publishable=()
+package_args=()
+while read -r manifest; do
+  grep -Eq '^publish *= *(false|\[\])' "$manifest" && continue
+  crate=$(sed -n 's/^name *= *"\(.*\)"$/\1/p' "$manifest" | sed -n 1p)
+  dir=$(dirname "$manifest")
+  publishable+=("$crate")
+  package_args+=(-p "$crate")
+  files=$(cargo package --list --locked --allow-dirty -p "$crate")
+  for file in README.md LICENSE-MIT LICENSE-APACHE; do
+    if ! grep -qx "$file" <<<"$files"; then
+      echo "error: the package of $crate lacks $file" >&2
+      exit 1
+    fi
+  done
+  for license in LICENSE-MIT LICENSE-APACHE; do
+    cmp -s "$license" "$dir/$license" || { echo "error: $dir/$license differs from ./$license" >&2; exit 1; }
+  done
+  relative=$( { grep -oE '\]\([^)]*\)' "$dir/README.md" | sed 's/^](//; s/)$//'
+                sed -n 's/^\[[^]]*\]: *//p' "$dir/README.md"; } | grep -vE '^(https?://|#)' || true)
+  if [ -n "$relative" ]; then
+    echo "error: $dir/README.md has links that break on crates.io (make them absolute):" >&2
+    echo "$relative" >&2
+    exit 1
+  fi
+done < <(cargo metadata --no-deps --format-version 1 --locked | grep -o '"manifest_path":"[^"]*"' | cut -d'"' -f4)
+echo "publishable: ${publishable[*]}"
+verify=()
+if [ "${CONSUL_LOCK_PACKAGE_VERIFY:-1}" = 0 ]; then verify=(--no-verify); fi
+cargo package --locked --allow-dirty "${verify[@]}" "${package_args[@]}"
+
 section "tests"
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT

@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "consul-lock",
     version,
+    // As Go's flag package: a flag given twice takes its last value.
+    args_override_self = true,
     about = "Run a command while holding a Consul lock or semaphore, inspect and watch locks",
     long_about = "Run a command while holding a Consul lock or semaphore (what `consul lock` does, \
                   with loss detected before anyone else can take over), show who holds a lock, \
@@ -87,6 +89,10 @@ pub(crate) struct HttpFlags {
     /// The admin partition (Consul Enterprise) [env: CONSUL_PARTITION]
     #[arg(long, value_name = "PARTITION")]
     pub(crate) partition: Option<String>,
+    /// Let any server answer reads (`?stale`): for status and watch. `run` accepts it, as Go's
+    /// `consul lock` does, and keeps its reads consistent (a lock can't trust a stale answer)
+    #[arg(long)]
+    pub(crate) stale: bool,
 }
 
 /// `consul-lock run`.
@@ -101,9 +107,13 @@ pub(crate) struct HttpFlags {
                   the hold: it only grows from one holder to the next; pass it with writes and \
                   refuse smaller ones) and CONSUL_LOCK_INDEX (the key's LockIndex, what Go exposes; \
                   not a fencing token, as it restarts when the key is deleted). SIGINT, SIGTERM and SIGHUP sent to consul-lock are passed on to the \
-                  child. If the lock is lost (session invalidated, key taken or deleted, or no \
+                  child; after a SIGINT or SIGTERM the child has --kill-grace to exit, then gets SIGKILL \
+                  (at once at a second signal). If the lock is lost (session invalidated, key taken or deleted, or no \
                   renewal acknowledged within the session TTL), the child gets SIGTERM, then SIGKILL \
-                  after --kill-grace; the lock is released and the key cleaned up on every way out.",
+                  after --kill-grace; the lock is released and the key cleaned up on every way out.\n\n\
+                  `consul lock` command lines work unchanged: options are also read in Go's spelling \
+                  (-timeout=1s, -http-addr addr, -n=3, -shell=false, -try, -stale, ...), and they end \
+                  at the prefix: everything after it is the child's.",
     after_help = "Exit codes:\n  \
                   0  the child ran and exited (whatever its status, unless --child-exit-code)\n  \
                   1  usage error, no agent, permission denied, or no lock (--timeout, Ctrl-C while \
@@ -124,8 +134,8 @@ pub(crate) struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) limit: u32,
     /// Give up after waiting this long for the lock (a Go duration: 500ms, 10s, 1m30s); exit 1.
-    /// Default: wait for ever
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Default: wait for ever. (-try is Go's old name for it)
+    #[arg(long, visible_alias = "try", value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) timeout: Option<Duration>,
     /// How many failed reads of the held key in a row to bear (1 s apart) before giving the
     /// lock up, as Go's -monitor-retry
@@ -145,7 +155,8 @@ pub(crate) struct RunArgs {
     /// Exit 2 when the child failed (non-zero exit, or killed by a signal)
     #[arg(long)]
     pub(crate) child_exit_code: bool,
-    /// After the lock is lost, how long the child has between SIGTERM and SIGKILL
+    /// How long the child has to exit, after the lock is lost (SIGTERM) or a SIGINT/SIGTERM is
+    /// passed on, before it gets SIGKILL
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) kill_grace: Duration,
     /// Say what happens on standard error

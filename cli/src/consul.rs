@@ -9,8 +9,8 @@ use consul_lock_core::api::{ApiError, Endpoint};
 use consul_lock_core::machine::TransportErrorKind;
 use consul_lock_tokio::LockError;
 
-use crate::Failure;
 use crate::flags::Resolved;
+use crate::{Failure, Kind};
 
 /// The agent, reached over HTTP, with what is needed to explain failures.
 #[derive(Clone, Debug)]
@@ -36,8 +36,13 @@ pub(crate) enum CallError {
 impl Api {
     /// A client for the agent `resolved` names.
     pub(crate) fn new(resolved: &Resolved) -> Result<Api, Failure> {
-        let client = consul_lock_tokio::Client::new(resolved.config.clone())
-            .map_err(|e| Failure::new(format!("cannot set up the connection to {}: {e}", resolved.url())))?;
+        let client = consul_lock_tokio::Client::new(resolved.config.clone()).map_err(|e| {
+            driver_failure(
+                resolved,
+                &format!("setting up the connection to {}", resolved.url()),
+                &e,
+            )
+        })?;
         Ok(Api {
             client,
             resolved: resolved.clone(),
@@ -65,14 +70,79 @@ impl Api {
 
     /// The failure to report for `error`, met while doing `what` (e.g. "reading service/x").
     pub(crate) fn failure(&self, what: &str, error: &CallError) -> Failure {
-        Failure::new(explain_call(&self.resolved, what, error))
+        Failure::of(call_kind(error), explain_call(&self.resolved, what, error))
     }
+}
+
+/// Whether a transport failure's description is a TLS one (a certificate not trusted or not
+/// naming the host, a client certificate wanted, plain HTTP where TLS was expected).
+fn is_tls(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "corrupt message",
+        "unknownissuer",
+        "alert",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
+}
+
+/// The kind of a failed call.
+pub(crate) fn call_kind(error: &CallError) -> Kind {
+    match error {
+        CallError::Transport { message, .. } if is_tls(message) => Kind::Tls,
+        CallError::Transport { .. } => Kind::AgentUnavailable,
+        CallError::Api(api) => api_kind(api),
+    }
+}
+
+/// The kind of a refusal.
+fn api_kind(api: &ApiError) -> Kind {
+    match api.status() {
+        Some(401 | 403) if is_unknown_token(api) => Kind::TokenNotFound,
+        Some(401 | 403) => Kind::PermissionDenied,
+        _ => Kind::Other,
+    }
+}
+
+/// Consul's answer to a token it does not know (a mistyped, deleted or expired one).
+fn is_unknown_token(api: &ApiError) -> bool {
+    matches!(api, ApiError::Status { body, .. } if body.contains("ACL not found"))
+}
+
+/// The failure for the driver's `error`, met while doing `what`.
+pub(crate) fn driver_failure(resolved: &Resolved, what: &str, error: &consul_lock_tokio::Error) -> Failure {
+    use consul_lock_tokio::Error;
+    let kind = match error {
+        Error::Lock(LockError::PermissionDenied(api)) if is_unknown_token(api) => Kind::TokenNotFound,
+        // Also the lock transaction's 409 "Permission denied", which no status says.
+        Error::Lock(LockError::PermissionDenied(_)) => Kind::PermissionDenied,
+        Error::Lock(LockError::Refused(api) | LockError::Session(api)) => api_kind(api),
+        Error::Lock(LockError::Conflict { .. } | LockError::LimitMismatch { .. }) => Kind::Conflict,
+        Error::Lock(LockError::AgentUnavailable { last, .. }) if is_tls(last) => Kind::Tls,
+        Error::Lock(LockError::AgentUnavailable { .. }) => Kind::AgentUnavailable,
+        Error::Lock(LockError::ReleaseUnconfirmed { .. }) => Kind::ReleaseFailed,
+        Error::Lock(LockError::Tls(_)) | Error::Tls { .. } => Kind::Tls,
+        Error::Config(_) | Error::Options(_) => Kind::Usage,
+        _ => Kind::Other,
+    };
+    Failure::of(kind, explain_driver(resolved, what, error))
 }
 
 /// What to tell the user about a failed call.
 pub(crate) fn explain_call(resolved: &Resolved, what: &str, error: &CallError) -> String {
     let url = resolved.url();
     match error {
+        CallError::Transport { message, .. } if is_tls(message) => format!(
+            "the TLS connection to the Consul agent at {url} (the address from {source}) failed while \
+             {what}: {message}. Check the CA (--ca-file, CONSUL_CACERT), the name the certificate must \
+             carry (--tls-server-name, CONSUL_TLS_SERVER_NAME), a client certificate if the agent \
+             wants one (--client-cert, --client-key), and that the port speaks TLS",
+            source = resolved.addr_source
+        ),
         CallError::Transport {
             connect: true,
             message,
@@ -98,6 +168,11 @@ pub(crate) fn explain_call(resolved: &Resolved, what: &str, error: &CallError) -
 pub(crate) fn explain_api(resolved: &Resolved, what: &str, api: &ApiError) -> String {
     let url = resolved.url();
     match api.status() {
+        Some(401 | 403) if is_unknown_token(api) => format!(
+            "Consul at {url} does not know the token while {what} ({api}). The request used {token}: \
+             it is mistyped, deleted or expired",
+            token = resolved.token_source
+        ),
         Some(403) => format!(
             "Consul at {url} denied permission while {what} ({api}). The request used {token}; \
              it needs `key_prefix` write (read for status and watch) on the keys and \

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{ClientConfig, Key, KvDelete, KvGet, SessionDestroy};
 use consul_lock_core::machine::LockOptions;
-use consul_lock_testkit::proxy::{FaultProxy, Mode};
-use consul_lock_testkit::sim::SimServer;
+use consul_lock_sim::SimServer;
+use consul_lock_sim::proxy::{FaultProxy, Mode};
 use consul_lock_tokio::{Client, FencingToken, Lock, LossReason};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -325,12 +325,24 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     // The Consul: the simulator on loopback, or the agent named.
     let sim;
     let (upstream, where_) = match &args.consul {
-        Some(addr) => {
+        Some(given) => {
+            // The address as every other command takes it (CONSUL_HTTP_ADDR's forms), as far as
+            // the demo can go: it speaks plain HTTP through its fault proxy.
+            let addr = given
+                .strip_prefix("http://")
+                .unwrap_or(given)
+                .trim_end_matches('/');
+            if addr.contains("://") {
+                return Err(Failure::usage(format!(
+                    "--consul {given:?}: the demo reaches the agent over plain HTTP (through its fault \
+                     proxy); give host:port or http://host:port"
+                )));
+            }
             let socket = addr
                 .to_socket_addrs()
                 .ok()
                 .and_then(|mut a| a.next())
-                .ok_or_else(|| Failure::new(format!("--consul {addr:?}: not a host:port that resolves")))?;
+                .ok_or_else(|| Failure::usage(format!("--consul {addr:?}: not a host:port that resolves")))?;
             (socket, format!("the Consul agent at {socket}"))
         }
         None => {

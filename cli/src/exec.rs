@@ -1,11 +1,8 @@
 //! The child process: how it is started, and how signals reach it.
 //!
-//! Signals are sent with the `kill` utility (`kill -s TERM -- <pid>`), falling back to the
-//! shell's built-in `kill` when there is no `kill` on `PATH`: the standard library can only send
-//! `SIGKILL` (`Child::kill`), the workspace forbids `unsafe` (so no `libc::kill`), and a crate for
-//! one system call (`nix`, `rustix`) is not worth its weight here. A signal is sent only while
-//! the child has not been reaped (tokio's `Child::id` is `Some` until then), so its process id
-//! can't have been reused.
+//! Signals are sent with the `kill` system call (through `rustix`, as the workspace forbids
+//! `unsafe`). A signal is sent only while the child has not been reaped (tokio's `Child::id` is
+//! `Some` until then), so its process id can't have been reused.
 //!
 //! The child gets a process group of its own, so that the signals sent on lock loss reach
 //! everything it started (a shell's children too), not only its first process; a signal
@@ -76,46 +73,59 @@ pub(crate) fn spawn(spec: &Spec<'_>, token: &FencingToken) -> std::io::Result<Ru
     })
 }
 
-impl Running {
-    /// Sends `signal` (a name such as `TERM`) to the child (its group, when it has one). Does
-    /// nothing once the child has been reaped.
-    pub(crate) async fn signal(&self, signal: &str) -> std::io::Result<()> {
-        let Some(pid) = self.child.id() else {
-            return Ok(());
-        };
-        let target = if self.own_group {
-            format!("-{pid}")
-        } else {
-            pid.to_string()
-        };
-        send(signal, &target).await
+/// A signal consul-lock sends to the child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sig {
+    /// SIGHUP.
+    Hup,
+    /// SIGINT.
+    Int,
+    /// SIGTERM.
+    Term,
+    /// SIGKILL.
+    Kill,
+}
+
+impl Sig {
+    /// `HUP`, `INT`, `TERM`, `KILL`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Sig::Hup => "HUP",
+            Sig::Int => "INT",
+            Sig::Term => "TERM",
+            Sig::Kill => "KILL",
+        }
+    }
+
+    fn raw(self) -> rustix::process::Signal {
+        use rustix::process::Signal;
+        match self {
+            Sig::Hup => Signal::HUP,
+            Sig::Int => Signal::INT,
+            Sig::Term => Signal::TERM,
+            Sig::Kill => Signal::KILL,
+        }
     }
 }
 
-/// `kill -s <signal> -- <target>`; the shell's built-in `kill` when there is no `kill` binary.
-async fn send(signal: &str, target: &str) -> std::io::Result<()> {
-    let quiet = |c: &mut tokio::process::Command| {
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    };
-    let mut kill = tokio::process::Command::new("kill");
-    kill.args(["-s", signal, "--", target]);
-    quiet(&mut kill);
-    let status = match kill.status().await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut sh = tokio::process::Command::new("/bin/sh");
-            sh.args(["-c", "kill -s \"$1\" -- \"$2\"", "sh", signal, target]);
-            quiet(&mut sh);
-            sh.status().await?
-        }
-        other => other?,
-    };
-    if status.success() {
-        Ok(())
-    } else {
-        // The target is gone (it exited between our check and the signal): nothing to do.
-        Err(std::io::Error::other(format!(
-            "kill -s {signal} {target} failed ({status})"
-        )))
+impl Running {
+    /// Sends `signal` to the child (its group, when it has one). Does nothing once the child has
+    /// been reaped.
+    pub(crate) fn signal(&self, signal: Sig) -> std::io::Result<()> {
+        let Some(pid) = self
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return Ok(());
+        };
+        let sent = if self.own_group {
+            rustix::process::kill_process_group(pid, signal.raw())
+        } else {
+            rustix::process::kill_process(pid, signal.raw())
+        };
+        sent.map_err(std::io::Error::from)
     }
 }
 
@@ -191,14 +201,14 @@ mod tests {
         };
         let mut running = spawn(&spec, &token()).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        running.signal("TERM").await.unwrap();
+        running.signal(Sig::Term).unwrap();
         let status = running.child.wait().await.unwrap();
         let exit = Exit::from_status(status);
         assert!(exit.failed());
         // 7: the environment was right and the shell got SIGTERM (15: it got it before its trap).
         assert!(exit.code == Some(7) || exit.signal == Some(15), "{exit:?}");
         assert!(
-            running.signal("KILL").await.is_ok(),
+            running.signal(Sig::Kill).is_ok(),
             "a reaped child is not signalled"
         );
     }

@@ -63,7 +63,7 @@ where
         |env: &HashMap<String, String>, name: &str| env.get(name).is_some_and(|v| !v.trim().is_empty());
 
     let addr_source = if flags.http_addr.is_some() {
-        "--http-addr".to_owned()
+        crate::goflags::typed("http-addr")
     } else if non_empty(&env, HTTP_ADDR) {
         HTTP_ADDR.to_owned()
     } else {
@@ -79,11 +79,15 @@ where
     set(&mut env, HTTP_TOKEN, flags.token.clone());
     set(&mut env, HTTP_TOKEN_FILE, path(&flags.token_file));
     let token_source = if let Some(file) = &flags.token_file {
-        format!("the token from --token-file {}", file.display())
+        format!(
+            "the token from {} {}",
+            crate::goflags::typed("token-file"),
+            file.display()
+        )
     } else if let Some(file) = env.get(HTTP_TOKEN_FILE).filter(|v| !v.is_empty()) {
         format!("the token from {HTTP_TOKEN_FILE}={file}")
     } else if flags.token.as_deref().is_some_and(|t| !t.trim().is_empty()) {
-        "the token from --token".to_owned()
+        format!("the token from {}", crate::goflags::typed("token"))
     } else if non_empty(&env, HTTP_TOKEN) {
         format!("the token from {HTTP_TOKEN}")
     } else {
@@ -98,17 +102,36 @@ where
     set(&mut env, "CONSUL_NAMESPACE", flags.namespace.clone());
     set(&mut env, "CONSUL_PARTITION", flags.partition.clone());
 
-    let mut config = ClientConfig::from_env(&env, read_file).map_err(|e| {
-        Failure::new(format!(
-            "{e} (the options override the CONSUL_* variables of the same meaning)"
-        ))
-    })?;
+    // Which variables the flags set: an error about one of them names the flag instead.
+    let from_flags: Vec<(&str, &str)> = [
+        (HTTP_TOKEN_FILE, "token-file", flags.token_file.is_some()),
+        (HTTP_TOKEN, "token", flags.token.is_some()),
+        (HTTP_ADDR, "http-addr", flags.http_addr.is_some()),
+        ("CONSUL_CACERT", "ca-file", flags.ca_file.is_some()),
+        ("CONSUL_CAPATH", "ca-path", flags.ca_path.is_some()),
+        ("CONSUL_CLIENT_CERT", "client-cert", flags.client_cert.is_some()),
+        ("CONSUL_CLIENT_KEY", "client-key", flags.client_key.is_some()),
+        (
+            "CONSUL_TLS_SERVER_NAME",
+            "tls-server-name",
+            flags.tls_server_name.is_some(),
+        ),
+        ("CONSUL_NAMESPACE", "namespace", flags.namespace.is_some()),
+        ("CONSUL_PARTITION", "partition", flags.partition.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, _, given)| *given)
+    .map(|(var, flag, _)| (var, flag))
+    .collect();
+    let mut config = ClientConfig::from_env(&env, read_file)
+        .map_err(|e| Failure::usage(name_the_flags(&e.to_string(), &from_flags)))?;
     // Consul's tools take the datacenter from the flag only: there is no variable for it.
     if let Some(dc) = &flags.datacenter {
         if dc.is_empty() {
-            return Err(Failure::new(
-                "--datacenter is empty: leave it out for the agent's datacenter",
-            ));
+            return Err(Failure::usage(format!(
+                "{} is empty: leave it out for the agent's datacenter",
+                crate::goflags::typed("datacenter")
+            )));
         }
         config.datacenter = Some(dc.clone());
     }
@@ -117,6 +140,30 @@ where
         addr_source,
         token_source,
     })
+}
+
+/// `message` with each variable of `from_flags` (variable, flag) that it names replaced by the
+/// flag as the user typed it: the user set the flag, not the variable.
+fn name_the_flags(message: &str, from_flags: &[(&str, &str)]) -> String {
+    let mut text = message.to_owned();
+    for (var, flag) in from_flags {
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(var) {
+            let after = &rest[at + var.len()..];
+            // CONSUL_HTTP_TOKEN is not CONSUL_HTTP_TOKEN_FILE.
+            if after.starts_with(|c: char| c == '_' || c.is_ascii_alphanumeric()) {
+                out.push_str(&rest[..at + var.len()]);
+            } else {
+                out.push_str(&rest[..at]);
+                out.push_str(&crate::goflags::typed(flag));
+            }
+            rest = after;
+        }
+        out.push_str(rest);
+        text = out;
+    }
+    text
 }
 
 /// [`resolve`] on the process's environment and filesystem.
@@ -240,11 +287,7 @@ mod tests {
             ..HttpFlags::default()
         };
         let e = resolve(&flags, HashMap::new(), |_: &Path| unreachable!()).unwrap_err();
-        assert!(
-            e.message.contains("CONSUL_HTTP_ADDR=\"htp://x\""),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("--http-addr=\"htp://x\""), "{}", e.message);
         let flags = HttpFlags {
             client_cert: Some("/c.pem".into()),
             ..HttpFlags::default()

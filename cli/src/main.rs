@@ -19,6 +19,8 @@ mod consul;
 mod demo;
 mod exec;
 mod flags;
+mod goflags;
+mod log;
 mod run;
 mod status;
 
@@ -31,17 +33,76 @@ use clap::Parser as _;
 pub(crate) struct Failure {
     /// The exit code.
     pub(crate) code: u8,
+    /// What kind of failure, for `--json` readers.
+    pub(crate) kind: Kind,
     /// What went wrong and what to do about it.
     pub(crate) message: String,
+}
+
+/// What kind of failure a [`Failure`] is: the `kind` of a `--json` `error` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The command line (or a setting from the environment) is unusable.
+    Usage,
+    /// No agent answered at the address.
+    AgentUnavailable,
+    /// The TLS handshake with the agent failed (certificate, server name, client certificate).
+    Tls,
+    /// The token may not do what was asked.
+    PermissionDenied,
+    /// Consul does not know the token.
+    TokenNotFound,
+    /// The key is of another kind (a plain key, a semaphore for a lock, another limit).
+    Conflict,
+    /// No lock within `--timeout`.
+    Timeout,
+    /// A signal ended the wait for the lock.
+    Interrupted,
+    /// The child could not be started.
+    ChildNotStarted,
+    /// The release or the cleanup was not confirmed.
+    ReleaseFailed,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    /// Its name in JSON.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Usage => "usage",
+            Kind::AgentUnavailable => "agent_unavailable",
+            Kind::Tls => "tls",
+            Kind::PermissionDenied => "permission_denied",
+            Kind::TokenNotFound => "token_not_found",
+            Kind::Conflict => "conflict",
+            Kind::Timeout => "timeout",
+            Kind::Interrupted => "interrupted",
+            Kind::ChildNotStarted => "child_not_started",
+            Kind::ReleaseFailed => "release_failed",
+            Kind::Other => "other",
+        }
+    }
 }
 
 impl Failure {
     /// A failure with exit code 1 (usage, agent, acquisition).
     pub(crate) fn new(message: impl Into<String>) -> Failure {
+        Failure::of(Kind::Other, message)
+    }
+
+    /// A failure of `kind`, with exit code 1.
+    pub(crate) fn of(kind: Kind, message: impl Into<String>) -> Failure {
         Failure {
             code: 1,
+            kind,
             message: message.into(),
         }
+    }
+
+    /// A usage error, with exit code 1.
+    pub(crate) fn usage(message: impl Into<String>) -> Failure {
+        Failure::of(Kind::Usage, message)
     }
 }
 
@@ -54,10 +115,50 @@ pub(crate) fn quoted(arg: &str) -> String {
     }
 }
 
+/// Refuses a key (or prefix) `arg` with a control character in it: Consul answers such keys with
+/// a bare 400, and printing them back would garble the terminal. `what` names it ("the prefix").
+pub(crate) fn check_key(what: &str, arg: &str) -> Result<(), Failure> {
+    match arg.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(Failure::usage(format!(
+            "{what} {} holds a control character (U+{:04X}) at byte {at}: Consul refuses keys with \
+             control characters; use printable ones",
+            quoted(arg),
+            u32::from(c)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// With `--json`, a command line that did not parse is an `error` event too.
+fn usage_event(json: bool, message: &str) {
+    if json {
+        out::event(
+            "error",
+            ("unix_ms", out::unix_ms()),
+            &serde_json::json!({ "kind": Kind::Usage.as_str(), "message": message, "exit_code": 1 }),
+        );
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    log::init();
+    // Go's spellings (`-timeout=1s`, `-http-addr x`) first, then clap.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let json = goflags::wants_json(&raw);
+    let args = match goflags::normalize(raw) {
+        Ok(args) => args,
+        Err(failure) => {
+            usage_event(json, &failure.message);
+            out::error(&failure.message);
+            return ExitCode::from(failure.code);
+        }
+    };
+    let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
+            if e.use_stderr() {
+                usage_event(json, e.render().to_string().lines().next().unwrap_or_default());
+            }
             // Help and version go to stdout and exit 0; usage errors exit 1, as Go's do.
             let _ = e.print();
             return if e.use_stderr() {

@@ -16,12 +16,13 @@ use consul_lock_tokio::{Client, Error, Lock, LockError, LockGuard, LossReason, S
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::Failure;
 use crate::cli::RunArgs;
-use crate::consul::{Api, explain_driver};
-use crate::exec::{self, Exit, Running};
+use crate::consul::{Api, driver_failure, explain_driver};
+use crate::exec::{self, Exit, Running, Sig};
 use crate::flags::{self, Resolved};
+use crate::goflags;
 use crate::out;
+use crate::{Failure, Kind};
 
 /// Exit code: the lock was lost while the child ran (Go exits 0 then).
 pub(crate) const EXIT_LOST: u8 = 3;
@@ -41,18 +42,32 @@ pub(crate) struct Events {
 }
 
 impl Events {
+    /// A JSON event with `--json`, and a line on stderr with `--verbose` (both with both).
     fn emit(self, event: &str, fields: Value, human: impl FnOnce() -> String) {
         if self.json {
             out::event(event, ("unix_ms", out::unix_ms()), &fields);
-        } else if self.verbose {
+        }
+        if self.verbose {
             out::info(&human());
         }
     }
 
-    /// An error, also as a JSON event (the message itself always goes to stderr).
-    fn error(self, message: &str) {
+    /// Like [`emit`](Self::emit), and the line goes to stderr even without `--verbose`.
+    fn emit_always(self, event: &str, fields: Value, human: impl FnOnce() -> String) {
         if self.json {
-            self.emit("error", json!({ "message": message }), String::new);
+            out::event(event, ("unix_ms", out::unix_ms()), &fields);
+        }
+        out::info(&human());
+    }
+
+    /// An error, also as a JSON event with its kind (the message itself always goes to stderr).
+    fn error(self, failure: &Failure) {
+        if self.json {
+            out::event(
+                "error",
+                ("unix_ms", out::unix_ms()),
+                &json!({ "kind": failure.kind.as_str(), "message": failure.message, "exit_code": failure.code }),
+            );
         }
     }
 }
@@ -103,12 +118,12 @@ impl Signals {
         })
     }
 
-    /// The next signal's name (`INT`, `TERM`, `HUP`).
-    async fn next(&mut self) -> &'static str {
+    /// The next signal.
+    async fn next(&mut self) -> Sig {
         tokio::select! {
-            _ = self.int.recv() => "INT",
-            _ = self.term.recv() => "TERM",
-            _ = self.hup.recv() => "HUP",
+            _ = self.int.recv() => Sig::Int,
+            _ = self.term.recv() => Sig::Term,
+            _ = self.hup.recv() => Sig::Hup,
         }
     }
 }
@@ -129,12 +144,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
     };
     let result = run_inner(&args, events).await;
     if let Err(failure) = &result {
-        events.error(&failure.message);
+        events.error(failure);
     }
     result
 }
 
 async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
+    crate::check_key("the prefix", &args.prefix)?;
     let resolved = flags::resolve_from_process(&args.http)?;
     let prefix = args
         .prefix
@@ -142,7 +158,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         .unwrap_or(&args.prefix)
         .trim_end_matches('/');
     let usage = |e: &dyn std::fmt::Display| {
-        Failure::new(format!(
+        Failure::usage(format!(
             "the prefix {} can't be used: {e}",
             crate::quoted(&args.prefix)
         ))
@@ -166,8 +182,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         .await
         .map_err(|e| api.failure(&what, &e))?;
 
-    let client = Client::new(resolved.config.clone())
-        .map_err(|e| Failure::new(explain_driver(&resolved, "setup", &e)))?;
+    let client = Client::new(resolved.config.clone()).map_err(|e| driver_failure(&resolved, "setup", &e))?;
     // Try-once waits at most Consul's 10-minute blocking wait; longer timeouts use a timer.
     let try_once = timeout.filter(|t| *t <= LockOptions::MAX_WAIT);
     let lock = if target.limit == 1 {
@@ -195,7 +210,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         }
         client.semaphore(options)
     }
-    .map_err(|e| Failure::new(explain_driver(&resolved, "setup", &e)))?;
+    .map_err(|e| driver_failure(&resolved, "setup", &e))?;
 
     let mut signals = Signals::install()?;
     let kind = if target.limit == 1 { "lock" } else { "semaphore" };
@@ -235,12 +250,13 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
                 )
             };
             if events.json {
-                events.emit(
+                out::event(
                     "retrying",
-                    json!({ "attempt": retry.attempt, "cause": retry.cause, "next_try_ms": out::millis(next_in) }),
-                    String::new,
+                    ("unix_ms", out::unix_ms()),
+                    &json!({ "attempt": retry.attempt, "cause": retry.cause, "next_try_ms": out::millis(next_in) }),
                 );
-            } else if events.verbose || retry.attempt == 1 {
+            }
+            if events.verbose || retry.attempt == 1 {
                 // The first failure of a run always shows: a wait on a dead agent is never silent.
                 out::info(&text());
             }
@@ -251,10 +267,12 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         result = lock.acquire() => result,
         () = report_retries => Err(Error::DriverStopped),
         () = outer_timeout => Err(Error::GaveUp),
-        name = signals.next() => {
+        sig = signals.next() => {
             // Dropping the acquire future cancelled the attempt: wait for its session to go.
             close(lock).await;
-            return Err(Failure::new(format!("interrupted by SIG{name} while waiting for the {kind}")));
+            return Err(Failure::of(Kind::Interrupted, format!(
+                "interrupted by SIG{} while waiting for the {kind}", sig.name()
+            )));
         }
     };
     let guard = match acquired {
@@ -262,23 +280,29 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         Err(Error::GaveUp) => {
             let waited = started.elapsed();
             let holder = describe_holder(&api, &target).await;
-            events.emit(
-                "gave_up",
-                json!({ "key": target.key.as_str(), "waited_ms": out::millis(waited) }),
-                String::new,
-            );
+            if events.json {
+                out::event(
+                    "gave_up",
+                    ("unix_ms", out::unix_ms()),
+                    &json!({ "key": target.key.as_str(), "waited_ms": out::millis(waited) }),
+                );
+            }
             close(lock).await;
-            return Err(Failure::new(format!(
-                "timeout: no {kind} within {} (--timeout){holder}; giving up",
-                out::secs(timeout.unwrap_or(waited)),
-            )));
+            return Err(Failure::of(
+                Kind::Timeout,
+                format!(
+                    "timeout: no {kind} within {} ({}){holder}; giving up",
+                    out::secs(timeout.unwrap_or(waited)),
+                    goflags::typed("timeout"),
+                ),
+            ));
         }
         Err(e) => {
-            return Err(Failure::new(explain_driver(
+            return Err(driver_failure(
                 &resolved,
                 &format!("acquiring {}", target.key.as_str()),
                 &e,
-            )));
+            ));
         }
     };
     let waited = started.elapsed();
@@ -337,20 +361,20 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
                 args.child.join(" ")
             )),
         ),
-        Outcome::DriverStopped => (
-            1,
-            None,
-            Some(
-                "the lock's driver task stopped; the session expires by itself within twice its TTL"
-                    .to_owned(),
-            ),
-        ),
+        // The child was terminated as the lock can't be vouched for any more: a loss.
+        Outcome::DriverStopped => (EXIT_LOST, None, None),
     };
-    if guard.is_some() {
-        finish(&lock, guard, &resolved, &target, events).await?;
+    let lost = code == EXIT_LOST;
+    if let Err(failure) = finish(&lock, guard, lost, &resolved, &target, events).await {
+        if !lost {
+            return Err(failure);
+        }
+        // The loss is what the caller must learn (exit 3); the failed cleanup is reported too.
+        events.error(&failure);
+        out::error(&failure.message);
     }
     match spawn_error {
-        Some(message) => Err(Failure::new(message)),
+        Some(message) => Err(Failure::of(Kind::ChildNotStarted, message)),
         None => Ok(code),
     }
 }
@@ -368,6 +392,10 @@ enum Outcome {
 }
 
 /// Waits for the child, passing signals on; on loss, terminates it.
+///
+/// SIGINT and SIGTERM are passed on and start the grace period: a child still there when it ends
+/// gets SIGKILL (Go's `consul lock` does the same after 5 s), and so does one still there at a
+/// second SIGINT or SIGTERM, at once. SIGHUP is only passed on (a child may take it as "reload").
 async fn supervise(
     mut running: Running,
     mut guard: LockGuard,
@@ -375,7 +403,14 @@ async fn supervise(
     grace: Duration,
     events: Events,
 ) -> Outcome {
+    let mut kill_at: Option<tokio::time::Instant> = None;
     loop {
+        let kill_timer = async {
+            match kill_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = running.child.wait() => {
                 let exit = match status {
@@ -390,12 +425,9 @@ async fn supervise(
                     Ok(reason) => describe_loss(reason),
                     Err(_) => ("driver_stopped", "the lock's driver stopped".to_owned()),
                 };
-                events.emit("lost", json!({ "reason": code, "detail": text }), || {
+                events.emit_always("lost", json!({ "reason": code, "detail": text }), || {
                     format!("lock lost: {text}; terminating the child")
                 });
-                if !events.json && !events.verbose {
-                    out::info(&format!("lock lost: {text}; terminating the child"));
-                }
                 let exit = terminate(&mut running, grace, events).await;
                 child_exited(events, exit);
                 return match lost {
@@ -403,31 +435,65 @@ async fn supervise(
                     Err(_) => Outcome::DriverStopped,
                 };
             }
-            name = signals.next() => {
-                let result = running.signal(name).await;
-                events.emit("signal", json!({ "signal": format!("SIG{name}"), "forwarded": result.is_ok() }), || {
-                    format!("received SIG{name}; passed it on to the child")
+            () = kill_timer => {
+                kill(&mut running, events, &format!(
+                    "the child outlived the {} grace period after the signal: SIGKILL",
+                    out::secs(grace)
+                ));
+                kill_at = None;
+            }
+            sig = signals.next() => {
+                let terminating = sig != Sig::Hup;
+                if terminating && kill_at.is_some() {
+                    kill(&mut running, events, &format!(
+                        "second SIG{}: SIGKILL to the child at once", sig.name()
+                    ));
+                    kill_at = None;
+                    continue;
+                }
+                let result = running.signal(sig);
+                events.emit("signal", json!({ "signal": format!("SIG{}", sig.name()), "forwarded": result.is_ok() }), || {
+                    if terminating {
+                        format!(
+                            "received SIG{}; passed it on to the child, which gets SIGKILL if it is still \
+                             there in {} (or at a second signal)",
+                            sig.name(),
+                            out::secs(grace)
+                        )
+                    } else {
+                        format!("received SIG{}; passed it on to the child", sig.name())
+                    }
                 });
+                if terminating {
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
             }
         }
     }
 }
 
+/// SIGKILL to the child (its group), saying why.
+fn kill(running: &mut Running, events: Events, why: &str) {
+    events.emit_always("kill", json!({ "reason": why }), || why.to_owned());
+    if running.signal(Sig::Kill).is_err() {
+        let _ = running.child.start_kill();
+    }
+}
+
 /// SIGTERM, then SIGKILL after `grace`; waits for the child.
 async fn terminate(running: &mut Running, grace: Duration, events: Events) -> Exit {
-    let _ = running.signal("TERM").await;
+    let _ = running.signal(Sig::Term);
     if let Ok(Ok(status)) = tokio::time::timeout(grace, running.child.wait()).await {
         return Exit::from_status(status);
     }
-    events.emit("kill", json!({ "grace_ms": out::millis(grace) }), || {
-        format!(
+    kill(
+        running,
+        events,
+        &format!(
             "the child outlived the {} grace period: SIGKILL",
             out::secs(grace)
-        )
-    });
-    if running.signal("KILL").await.is_err() {
-        let _ = running.child.start_kill();
-    }
+        ),
+    );
     match running.child.wait().await {
         Ok(status) => Exit::from_status(status),
         Err(_) => Exit {
@@ -445,31 +511,45 @@ fn child_exited(events: Events, exit: Exit) {
     );
 }
 
-/// Releases and cleans up (Go's `Unlock` then `Destroy`, ignoring "in use").
+/// Releases and cleans up (Go's `Unlock` then `Destroy`, ignoring "in use"). After a loss
+/// (`lost`) there is nothing to release: the release only ends the session, and no "released" is
+/// reported.
 async fn finish(
     lock: &Lock,
     guard: Option<LockGuard>,
+    lost: bool,
     resolved: &Resolved,
     target: &Target,
     events: Events,
 ) -> Result<(), Failure> {
     if let Some(guard) = guard {
         match tokio::time::timeout(REQUEST_TIMEOUT, guard.release()).await {
+            Ok(Ok(())) if lost => events.emit(
+                "not_released",
+                json!({ "key": target.key.as_str(), "reason": "lost" }),
+                || format!("{} not released: the lock was already lost", target.key.as_str()),
+            ),
             Ok(Ok(())) => events.emit("released", json!({ "key": target.key.as_str() }), || {
                 format!("released {}", target.key.as_str())
             }),
             Ok(Err(e)) => {
-                return Err(Failure::new(format!(
-                    "release failed: {}",
-                    explain_driver(resolved, &format!("releasing {}", target.key.as_str()), &e)
-                )));
+                return Err(Failure::of(
+                    Kind::ReleaseFailed,
+                    format!(
+                        "release failed: {}",
+                        explain_driver(resolved, &format!("releasing {}", target.key.as_str()), &e)
+                    ),
+                ));
             }
             Err(_) => {
-                return Err(Failure::new(format!(
-                    "release failed: no answer within {}; the session expires by itself within \
-                     twice its TTL",
-                    out::secs(REQUEST_TIMEOUT)
-                )));
+                return Err(Failure::of(
+                    Kind::ReleaseFailed,
+                    format!(
+                        "release failed: no answer within {}; the session expires by itself within \
+                         twice its TTL",
+                        out::secs(REQUEST_TIMEOUT)
+                    ),
+                ));
             }
         }
     }
@@ -483,16 +563,19 @@ async fn finish(
             || format!("left {} in place: others use it", target.key.as_str()),
         ),
         Ok(Err(e)) => {
-            return Err(Failure::new(format!(
-                "cleanup failed: {}",
-                explain_driver(resolved, &format!("deleting {}", target.key.as_str()), &e)
-            )));
+            return Err(Failure::of(
+                Kind::ReleaseFailed,
+                format!(
+                    "cleanup failed: {}",
+                    explain_driver(resolved, &format!("deleting {}", target.key.as_str()), &e)
+                ),
+            ));
         }
         Err(_) => {
-            return Err(Failure::new(format!(
-                "cleanup failed: no answer within {}",
-                out::secs(REQUEST_TIMEOUT)
-            )));
+            return Err(Failure::of(
+                Kind::ReleaseFailed,
+                format!("cleanup failed: no answer within {}", out::secs(REQUEST_TIMEOUT)),
+            ));
         }
     }
     Ok(())

@@ -11,16 +11,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use consul_lock_core::api::{Blocking, Key, KvList, KvPair, SessionEntry, SessionId, SessionInfo};
+use consul_lock_core::api::{
+    Blocking, Consistency, Key, KvGet, KvList, KvPair, SessionEntry, SessionId, SessionInfo,
+};
 use consul_lock_core::machine::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE, SemaphoreState};
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::Failure;
 use crate::cli::{StatusArgs, WatchArgs};
-use crate::consul::Api;
+use crate::consul::{Api, CallError};
 use crate::flags;
 use crate::out;
+use crate::{Failure, Kind};
 
 /// Consul's default blocking wait, and the longest a watch read waits.
 const WATCH_WAIT: Duration = Duration::from_secs(300);
@@ -77,9 +79,10 @@ impl Semaphore {
 
 /// The base named by `arg`: a leading `/` and a trailing `/` or `/.lock` taken off.
 pub(crate) fn base_of(arg: &str) -> Result<Key, Failure> {
+    crate::check_key("the key", arg)?;
     let trimmed = arg.strip_prefix('/').unwrap_or(arg).trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/.lock").unwrap_or(trimmed);
-    Key::new(trimmed).map_err(|e| Failure::new(format!("{} is not a usable key: {e}", crate::quoted(arg))))
+    Key::new(trimmed).map_err(|e| Failure::usage(format!("{} is not a usable key: {e}", crate::quoted(arg))))
 }
 
 /// Reads the keys under `base` into a [`View`].
@@ -275,12 +278,25 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
         }
         View::Semaphore(s) => {
             let live = s.live_holders().count();
-            let limit = s.limit.map_or_else(|| "?".to_owned(), |l| l.to_string());
-            let mut lines = vec![format!(
-                "semaphore {} (limit {limit}): {live} of {limit} slots held, {} waiting",
-                s.prefix,
-                s.waiting.len()
-            )];
+            let mut lines = vec![match s.limit {
+                Some(limit) => format!(
+                    "semaphore {} (limit {limit}): {live} of {limit} slots held, {} waiting",
+                    s.prefix,
+                    s.waiting.len()
+                ),
+                None => format!(
+                    "semaphore {} (no limit recorded yet: its .lock is not written): {live} held, {} waiting",
+                    s.prefix,
+                    s.waiting.len()
+                ),
+            }];
+            if let Some(lock) = &s.lock {
+                lines.push(format!(
+                    "  sequence  {} (the .lock's ModifyIndex; a holder's fencing token is what it was \
+                     when that holder joined)",
+                    lock.modify_index
+                ));
+            }
             if let Some(problem) = &s.problem {
                 lines.push(format!("  warning   {}/.lock is unreadable: {problem}", s.prefix));
             }
@@ -332,6 +348,7 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
                     "holders": holders,
                     "waiting": waiting,
                     "modify_index": s.lock.as_ref().map(|p| p.modify_index),
+                    "sequence": s.lock.as_ref().map(|p| p.modify_index),
                     "problem": s.problem,
                 }),
                 lines,
@@ -346,11 +363,13 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
     let api = Api::new(&resolved)?;
     let base = base_of(&args.target)?;
     let what = format!("listing {}", base.as_str());
+    let mut list = KvList::new(base.clone());
+    list.consistency = consistency(args.http.stale);
     let listed = api
-        .call(&KvList::new(base.clone()), READ_TIMEOUT)
+        .call(&list, READ_TIMEOUT)
         .await
         .map_err(|e| api.failure(&what, &e))?;
-    let view = view(base.as_str(), &listed.value);
+    let view = unhide(&api, &base, view(base.as_str(), &listed.value), args.http.stale).await?;
     let (value, lines) = render(&view, &api, &mut Sessions::default()).await;
     if args.json {
         out::json(&value);
@@ -360,6 +379,57 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
         }
     }
     Ok(0)
+}
+
+/// The consistency `--stale` asks for.
+fn consistency(stale: bool) -> Consistency {
+    if stale {
+        Consistency::Stale
+    } else {
+        Consistency::Default
+    }
+}
+
+/// `view` when it shows something; when it shows nothing, whether that is true. Consul leaves
+/// the keys a token can't read out of a listing (and answers 404 when none is left), so an empty
+/// listing may hide a held lock: the lock's keys are read directly, where Consul says 403. Keys
+/// the direct reads find (a token that may read them but not list the prefix) make the view.
+async fn unhide(api: &Api, base: &Key, view: View, stale: bool) -> Result<View, Failure> {
+    if !matches!(view, View::Absent { .. }) {
+        return Ok(view);
+    }
+    let mut found = Vec::new();
+    for key in [
+        base.clone(),
+        base.join(".lock").map_err(|e| Failure::usage(e.to_string()))?,
+    ] {
+        let mut get = KvGet::new(key.clone());
+        get.consistency = consistency(stale);
+        match api.call(&get, READ_TIMEOUT).await {
+            Ok(read) => found.extend(read.value),
+            Err(CallError::Api(e)) if matches!(e.status(), Some(401 | 403)) => {
+                let failure = api.failure(&format!("reading {}", key.as_str()), &CallError::Api(e));
+                if failure.kind == Kind::TokenNotFound {
+                    return Err(failure);
+                }
+                return Err(Failure::of(
+                    Kind::PermissionDenied,
+                    format!(
+                        "{}. The listing of {base} came back empty only because Consul leaves out \
+                         what the token may not read: whether a lock is held there is unknown",
+                        failure.message,
+                        base = base.as_str()
+                    ),
+                ));
+            }
+            Err(e) => return Err(api.failure(&format!("reading {}", key.as_str()), &e)),
+        }
+    }
+    Ok(if found.is_empty() {
+        view
+    } else {
+        self::view(base.as_str(), &found)
+    })
 }
 
 /// Runs `consul-lock watch`.
@@ -380,12 +450,12 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, Failure> {
         }
     };
     tokio::select! {
-        result = watch_loop(&api, &base, args.json) => result,
+        result = watch_loop(&api, &base, args.json, args.http.stale) => result,
         () = stop => Ok(0),
     }
 }
 
-async fn watch_loop(api: &Api, base: &Key, json: bool) -> Result<u8, Failure> {
+async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8, Failure> {
     let mut index = 0;
     let mut last: Option<(String, Instant)> = None;
     let mut sessions = Sessions::default();
@@ -394,7 +464,7 @@ async fn watch_loop(api: &Api, base: &Key, json: bool) -> Result<u8, Failure> {
     loop {
         let request = KvList {
             prefix: base.clone(),
-            consistency: Default::default(),
+            consistency: consistency(stale),
             blocking: Some(Blocking {
                 index,
                 wait: WATCH_WAIT,
@@ -444,6 +514,12 @@ async fn watch_loop(api: &Api, base: &Key, json: bool) -> Result<u8, Failure> {
             idle_backoff = Duration::from_millis(50);
         }
         let view = view(base.as_str(), &reply.value);
+        // A listing the token's ACLs emptied is no proof of a free lock.
+        let view = if matches!(view, View::Absent { .. }) {
+            unhide(api, base, view, stale).await?
+        } else {
+            view
+        };
         let id = identity(&view);
         if last.as_ref().is_some_and(|(previous, _)| *previous == id) {
             continue;
@@ -486,10 +562,24 @@ fn one_line(view: &View, lines: &[String]) -> String {
         }
         View::Semaphore(s) => {
             let holders: Vec<&str> = s.live_holders().map(|(h, _)| h.as_str()).collect();
+            let limit = match s.limit {
+                Some(limit) => format!("{} of {limit} slots held", holders.len()),
+                // No readable .lock yet: the contenders are still setting it up.
+                None => format!("{} held, limit not recorded yet", holders.len()),
+            };
+            let sequence = s
+                .lock
+                .as_ref()
+                .map(|p| format!(", sequence {}", p.modify_index))
+                .unwrap_or_default();
+            let holders = if holders.is_empty() {
+                "no holder".to_owned()
+            } else {
+                format!("holders {}", holders.join(", "))
+            };
             format!(
-                "{} holders [{}], {} waiting",
-                lines.first().map(String::as_str).unwrap_or(""),
-                holders.join(", "),
+                "semaphore {}: {limit} ({holders}), {} waiting{sequence}",
+                s.prefix,
                 s.waiting.len()
             )
         }

@@ -135,3 +135,77 @@ fn watch_prints_each_leadership_change_live() {
         assert_ne!(pair[0], pair[1], "one line per change, no repeats: {stdout}");
     }
 }
+
+/// The first line `watch` prints for `prefix`, in text.
+fn first_watch_line(
+    agent: &consul_lock_testkit::agent::ConsulAgent,
+    prefix: &str,
+    scratch: &Scratch,
+) -> String {
+    let out = scratch.path("watch.out");
+    let mut watch = Running::spawn_to_file(consul_lock(agent, &["watch", prefix]), &out);
+    let deadline = Instant::now() + EXIT;
+    while !scratch.read("watch.out").contains('\n') {
+        assert!(Instant::now() < deadline, "watch printed nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    watch.signal("INT");
+    let (status, _, stderr) = watch.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    scratch.read("watch.out").lines().next().unwrap().to_owned()
+}
+
+#[test]
+fn watch_says_a_semaphore_plainly_with_its_sequence() {
+    let Some(agent) = require_agent() else { return };
+    let scratch = Scratch::new("watch-sem");
+
+    // A contender that has joined but not written the .lock yet: no limit is known.
+    let prefix = unique_prefix("watch-sem-new");
+    let (status, body) = common::raw(agent, "PUT", "/v1/session/create", r#"{"TTL":"30s"}"#, None);
+    assert_eq!(status, 200, "{body}");
+    let session = serde_json::from_str::<serde_json::Value>(&body).unwrap()["ID"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = common::raw(
+        agent,
+        "PUT",
+        &format!(
+            "/v1/kv/{prefix}/{session}?acquire={session}&flags={}",
+            consul_lock_core::machine::SEMAPHORE_FLAG_VALUE
+        ),
+        "",
+        None,
+    );
+    assert_eq!((status, body.trim()), (200, "true"));
+    let line = first_watch_line(agent, &prefix, &scratch);
+    common::destroy_session(agent, &session);
+    assert!(!line.contains('?') && !line.contains("[]"), "{line}");
+    assert!(line.contains("limit not recorded yet"), "{line}");
+    assert!(line.contains("1 waiting"), "{line}");
+
+    // A held slot: the limit, the holder and the sequence.
+    let prefix = unique_prefix("watch-sem-held");
+    let child = format!(
+        "echo $CONSUL_LOCK_SESSION > '{}'; {}",
+        scratch.path("session").display(),
+        scratch.wait_for("release")
+    );
+    let run = Running::spawn(consul_lock(agent, &["run", "-n", "2", &prefix, "--", &child]));
+    wait_for_file(&scratch.path("session"), EXIT);
+    std::thread::sleep(Duration::from_millis(100));
+    let holder = scratch.read("session").trim().to_owned();
+    let lock = kv(agent, &format!("{prefix}/.lock")).unwrap();
+    let line = first_watch_line(agent, &prefix, &scratch);
+    scratch.touch("release");
+    let (status, _, stderr) = run.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(line.contains("1 of 2 slots held"), "{line}");
+    assert!(line.contains(&holder), "{line}");
+    assert!(
+        line.contains(&format!("sequence {}", lock.modify_index)),
+        "{line}"
+    );
+    assert!(!line.contains("[]"), "{line}");
+}

@@ -1,5 +1,7 @@
-//! Test kit for consul-lock: a real Consul agent for tests ([`agent`]), and a blocking HTTP
-//! exchange that sends the core's requests to it ([`transport`]).
+//! Test kit for consul-lock: a real Consul agent for tests ([`agent`]), a blocking HTTP
+//! exchange that sends the core's requests to it ([`transport`]), a thread driver ([`drive`]),
+//! and a virtual-time harness ([`harness`]) that runs machines against the simulated Consul of
+//! the `consul-lock-sim` crate (re-exported here as [`sim`] and [`proxy`]).
 
 #[cfg(unix)]
 pub mod agent;
@@ -15,6 +17,8 @@ pub use transport::TestTransport;
 pub mod drive;
 pub use drive::ThreadDriver;
 pub mod harness;
-mod http1;
-pub mod proxy;
-pub mod sim;
+/// The simulated Consul ([`SimConsul`](sim::SimConsul), [`SimServer`](sim::SimServer)): the
+/// `consul-lock-sim` crate, re-exported so that `consul_lock_testkit::sim::...` paths keep working.
+pub use consul_lock_sim as sim;
+/// The fault-injecting proxy ([`FaultProxy`](proxy::FaultProxy)), from `consul-lock-sim`.
+pub use consul_lock_sim::proxy;

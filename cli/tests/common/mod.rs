@@ -12,9 +12,10 @@ use consul_lock_core::api::{ClientConfig, Endpoint, Key, KvGet, KvPair, SessionD
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::ConsulAgent;
 
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_consul-lock")
+/// The binary under test: this build's, or `CONSUL_LOCK_TEST_BIN` when set (to check that a
+/// test fails on an older build).
+pub fn bin() -> String {
+    std::env::var("CONSUL_LOCK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_consul-lock").to_owned())
 }
 
 /// `consul-lock <args>` aimed at `agent`, with none of the caller's Consul settings.
@@ -226,4 +227,35 @@ pub fn nanos(text: &str) -> u128 {
     text.trim()
         .parse()
         .unwrap_or_else(|_| panic!("not a timestamp: {text:?}"))
+}
+
+/// One raw request to `agent` with `token` if given: the status and the body.
+pub fn raw(agent: &ConsulAgent, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", agent.base_url()));
+    if let Some(token) = token {
+        request = request.header("X-Consul-Token", token);
+    }
+    let reply = transport()
+        .exchange(request.body(body.as_bytes().to_vec()).unwrap())
+        .unwrap();
+    (
+        reply.status().as_u16(),
+        String::from_utf8_lossy(reply.body()).into_owned(),
+    )
+}
+
+/// A new ACL token (made with the master token `root`) with the rules `rules`: its secret.
+pub fn acl_token(agent: &ConsulAgent, name: &str, rules: &str) -> String {
+    let policy = serde_json::json!({ "Name": name, "Rules": rules });
+    let (status, body) = raw(agent, "PUT", "/v1/acl/policy", &policy.to_string(), Some("root"));
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::json!({ "Policies": [{ "Name": name }] });
+    let (status, body) = raw(agent, "PUT", "/v1/acl/token", &token.to_string(), Some("root"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["SecretID"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

@@ -3,7 +3,7 @@
 //! requests with `500 Internal Server Error`, switching at any moment.
 //!
 //! ```no_run
-//! # use consul_lock_testkit::proxy::{FaultProxy, Mode};
+//! # use consul_lock_sim::proxy::{FaultProxy, Mode};
 //! # let agent_addr: std::net::SocketAddr = "127.0.0.1:8500".parse().unwrap();
 //! let proxy = FaultProxy::start(agent_addr).unwrap();
 //! let config = proxy.config(); // give this to the client under test

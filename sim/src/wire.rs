@@ -4,7 +4,7 @@
 
 use http::header::{HeaderName, HeaderValue};
 
-use crate::sim::json::Json;
+use crate::json::Json;
 
 /// A reply under construction.
 #[derive(Clone, Debug)]

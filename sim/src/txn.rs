@@ -32,10 +32,10 @@
 
 use serde_json::Value;
 
-use crate::sim::SimConsul;
-use crate::sim::json::{self, Json};
-use crate::sim::kv::entry_json;
-use crate::sim::wire::{self, Query, Reply};
+use crate::SimConsul;
+use crate::json::{self, Json};
+use crate::kv::entry_json;
+use crate::wire::{self, Query, Reply};
 
 /// Consul's `txn_max_req_len` default.
 const MAX_TXN_LEN: usize = 512 * 1024;

@@ -1,3 +1,12 @@
+//! A simulated Consul for consul-lock's tests and its `consul-lock demo`: [`SimConsul`], Consul
+//! 1.8's KV, sessions, transactions and blocking reads as a deterministic sans-IO machine in
+//! virtual time; [`SimServer`], the same served over HTTP/1.1 on loopback in real time; and
+//! [`proxy::FaultProxy`], a fault-injecting TCP proxy (black hole, refusal, 500s, latency) to put
+//! in front of either, or of a real agent.
+//!
+//! It depends on `consul-lock-core` (for [`ClientConfig`](consul_lock_core::api::ClientConfig)),
+//! `http`, `serde_json` and `tracing` only, and uses nothing but `std` threads for its servers.
+//!
 //! `SimConsul`: a deterministic, in-memory, sans-IO Consul that answers the very
 //! `http::Request<Vec<u8>>`s a client sends, with Consul 1.8's semantics, in virtual time.
 //!
@@ -52,7 +61,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use consul_lock_testkit::sim::{SimConsul, SimReply};
+//! use consul_lock_sim::{SimConsul, SimReply};
 //!
 //! let start = Instant::now();
 //! let mut consul = SimConsul::new(7, start);
@@ -70,8 +79,10 @@
 
 mod blocking;
 mod gotime;
+mod http1;
 mod json;
 mod kv;
+pub mod proxy;
 mod rng;
 mod server;
 mod session;

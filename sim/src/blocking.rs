@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sim::json::Json;
-use crate::sim::wire::Reply;
-use crate::sim::{Outcome, QueryOptions, SimConsul, kv, session};
+use crate::json::Json;
+use crate::wire::Reply;
+use crate::{Outcome, QueryOptions, SimConsul, kv, session};
 
 /// Consul's default and longest blocking waits.
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
@@ -45,7 +45,7 @@ pub(crate) struct Parked {
 /// What is next in virtual time.
 enum Event {
     Expiry([u8; 16]),
-    Deadline(crate::sim::QueryId),
+    Deadline(crate::QueryId),
 }
 
 impl SimConsul {
@@ -108,7 +108,7 @@ impl SimConsul {
         }
     }
 
-    fn entries_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a crate::sim::SimEntry> + 'a {
+    fn entries_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a crate::SimEntry> + 'a {
         self.kv
             .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
@@ -179,7 +179,7 @@ impl SimConsul {
 
     /// Answers every parked read whose index moved past its own, in query order.
     pub(super) fn wake_changed(&mut self) {
-        let woken: Vec<crate::sim::QueryId> = self
+        let woken: Vec<crate::QueryId> = self
             .parked
             .iter()
             .filter(|(_, p)| self.read_index(&p.read) > p.min_index)

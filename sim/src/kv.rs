@@ -1,10 +1,10 @@
 //! The KV endpoint (`/v1/kv/<key>`) and the KV state changes, in the order Consul's HTTP
 //! handlers, RPC endpoint and state store check things.
 
-use crate::sim::blocking::Read;
-use crate::sim::json::{self, Json};
-use crate::sim::wire::{self, Query, Reply};
-use crate::sim::{Outcome, SimBehavior, SimConsul, SimEntry, session};
+use crate::blocking::Read;
+use crate::json::{self, Json};
+use crate::wire::{self, Query, Reply};
+use crate::{Outcome, SimBehavior, SimConsul, SimEntry, session};
 
 /// Consul's `kv_max_value_size` default.
 const MAX_VALUE_SIZE: usize = 512 * 1024;

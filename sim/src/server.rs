@@ -3,7 +3,7 @@
 //! connections, 500s, latency), put a [`FaultProxy`](crate::proxy::FaultProxy) in front.
 //!
 //! ```no_run
-//! # use consul_lock_testkit::sim::SimServer;
+//! # use consul_lock_sim::SimServer;
 //! let server = SimServer::start(7).unwrap();
 //! let config = server.config(); // give this to a driver
 //! // An operator destroys every session, as `consul` would let them.
@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 
-use super::{QueryId, SimConsul, SimReply};
 use crate::http1::read_request;
+use crate::{QueryId, SimConsul, SimReply};
 
 /// How often the clock thread wakes at most, to expire sessions and end blocking waits.
 const TICK: Duration = Duration::from_millis(10);

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::sim::blocking::Read;
-use crate::sim::json::Json;
-use crate::sim::wire::{Query, Reply};
-use crate::sim::{Outcome, SimBehavior, SimConsul, SimSession, TtlExpiry, gotime};
+use crate::blocking::Read;
+use crate::json::Json;
+use crate::wire::{Query, Reply};
+use crate::{Outcome, SimBehavior, SimConsul, SimSession, TtlExpiry, gotime};
 
 /// The one health check the simulated node has.
 const SERF_HEALTH: &str = "serfHealth";
