@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, Retry,
+    Action, FencingToken, HoldMachine, LockEvent, LockStatus, LossReason, Misuse, Retry,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -64,6 +64,10 @@ struct Waiters {
     hold: Option<watch::Sender<HoldState>>,
     release: Vec<oneshot::Sender<Result<(), Error>>>,
     destroy: Option<oneshot::Sender<Result<(), Error>>>,
+    /// An acquire that came while the last hold was still being released (a guard dropped, or
+    /// an acquire future dropped after its grant, just before): it starts once the release is
+    /// done, rather than fail with `Busy` for a release the caller never waits for.
+    queued: Option<(Generation, oneshot::Sender<Result<Granted, Error>>)>,
 }
 
 pub(crate) async fn run<M: HoldMachine>(
@@ -86,6 +90,7 @@ pub(crate) async fn run<M: HoldMachine>(
         hold: None,
         release: Vec::new(),
         destroy: None,
+        queued: None,
     };
     let mut handles_gone = false;
     let mut closed: Option<oneshot::Sender<()>> = None;
@@ -106,6 +111,16 @@ pub(crate) async fn run<M: HoldMachine>(
                 }
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
             }
+        }
+        if handles_gone {
+            // Closed: a queued acquire never starts.
+            if let Some((_, reply)) = waiters.queued.take() {
+                let _ = reply.send(Err(Error::Cancelled));
+            }
+        }
+        if waiters.queued.is_some() && machine.status() == LockStatus::Idle {
+            start_queued(&mut machine, &mut waiters);
+            continue;
         }
         if handles_gone {
             // Nobody can ask anything any more: finish what is under way, then stop.
@@ -158,6 +173,9 @@ async fn end_after_panic(
 ) {
     let error = || Error::DriverPanicked(why.to_owned());
     answer(&mut waiters.acquire, Err(error()));
+    if let Some((_, reply)) = waiters.queued.take() {
+        let _ = reply.send(Err(error()));
+    }
     if let Some(hold) = waiters.hold.take() {
         let _ = hold.send(Some(HoldEnd::DriverFailed(why.to_owned())));
     }
@@ -206,6 +224,22 @@ async fn end_after_panic(
     }
 }
 
+/// Starts the acquire that waited for a release to end.
+fn start_queued(machine: &mut impl HoldMachine, w: &mut Waiters) {
+    let Some((generation, reply)) = w.queued.take() else {
+        return;
+    };
+    match machine.lock(Instant::now()) {
+        Ok(()) => {
+            w.generation = generation;
+            w.acquire = Some(reply);
+        }
+        Err(e) => {
+            let _ = reply.send(Err(Error::Misuse(e)));
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
@@ -220,10 +254,18 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
                 w.generation = generation;
                 w.acquire = Some(reply);
             }
+            // The last hold is being released in the background: wait for it, then acquire.
+            Err(Misuse::Busy) if machine.status() == LockStatus::Releasing && w.queued.is_none() => {
+                w.queued = Some((generation, reply));
+            }
             Err(e) => {
                 let _ = reply.send(Err(Error::Misuse(e)));
             }
         },
+        // The future of a queued acquire was dropped: it never starts.
+        Command::CancelAcquire { generation } if w.queued.as_ref().is_some_and(|(g, _)| *g == generation) => {
+            w.queued = None;
+        }
         Command::CancelAcquire { generation } if generation == w.generation => {
             w.acquire = None;
             match machine.status() {

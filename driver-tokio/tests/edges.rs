@@ -276,3 +276,27 @@ async fn an_unreachable_agent_is_reported_and_ends_the_acquire_after_the_budget(
             .all(|r| r.cause.contains("connect") || r.cause.contains("connection"))
     );
 }
+
+/// A guard dropped (its release goes out in the background) and the lock acquired again at once
+/// on the same handle: the acquire waits for that release and then takes the lock, rather than
+/// fail with `Busy` for a release the caller never saw. Each round drops the guard and acquires
+/// in the same breath, which before answered `Misuse(Busy)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_right_after_a_dropped_guard_waits_for_its_release() {
+    let Some(agent) = require_agent() else { return };
+    let client = Client::new(agent.config().unwrap()).unwrap();
+    let lock = client
+        .lock(named("tokio/edges/reacquire", "tokio edges reacquire"))
+        .unwrap();
+    let mut sequences = Vec::new();
+    for _ in 0..5 {
+        let guard = lock.acquire().await.unwrap();
+        sequences.push(guard.token().sequence());
+        drop(guard);
+    }
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "a new hold each time: {sequences:?}"
+    );
+    lock.close().await;
+}
