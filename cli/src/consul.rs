@@ -121,7 +121,11 @@ pub(crate) fn driver_failure(resolved: &Resolved, what: &str, error: &consul_loc
         // Also the lock transaction's 409 "Permission denied", which no status says.
         Error::Lock(LockError::PermissionDenied(_)) => Kind::PermissionDenied,
         Error::Lock(LockError::Refused(api) | LockError::Session(api)) => api_kind(api),
-        Error::Lock(LockError::Conflict { .. } | LockError::LimitMismatch { .. }) => Kind::Conflict,
+        Error::Lock(
+            LockError::Conflict { .. }
+            | LockError::SemaphoreConflict { .. }
+            | LockError::LimitMismatch { .. },
+        ) => Kind::Conflict,
         Error::Lock(LockError::AgentUnavailable { last, .. }) if is_tls(last) => Kind::Tls,
         Error::Lock(LockError::AgentUnavailable { .. }) => Kind::AgentUnavailable,
         Error::Lock(LockError::ReleaseUnconfirmed { .. }) => Kind::ReleaseFailed,
@@ -193,7 +197,9 @@ pub(crate) fn explain_driver(resolved: &Resolved, what: &str, error: &consul_loc
         consul_lock_tokio::Error::Lock(
             LockError::Refused(api) | LockError::Session(api) | LockError::PermissionDenied(api),
         ) if matches!(api.status(), Some(401 | 403)) => explain_api(resolved, what, api),
-        consul_lock_tokio::Error::Lock(LockError::Conflict { flags }) => format!(
+        consul_lock_tokio::Error::Lock(
+            LockError::Conflict { flags } | LockError::SemaphoreConflict { flags },
+        ) => format!(
             "{what}: the key exists but is not a lock of this kind (flags {flags:#x}): a plain key, or a \
              semaphore where a lock is wanted (or the reverse: -n must match what the others use). \
              Pick another prefix, or delete the key if nothing uses it"

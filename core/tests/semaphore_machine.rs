@@ -695,14 +695,14 @@ fn go_destroy() {
     assert_eq!(r.destroy(), Err(Misuse::Busy));
     let entries = [contender("s2", 8), lock_kv(2, &["s2"], 9)];
     r.answer("GET /v1/kv/p?recurse&!index", listing(9, &entries));
-    assert_eq!(r.events(), [LockEvent::Failed(LockError::InUse)]);
+    assert_eq!(r.events(), [LockEvent::Failed(LockError::SemaphoreInUse)]);
     assert!(r.m().is_quiescent());
 
     // A contender waits (live session, not a holder): in use.
     r.destroy().unwrap();
     let entries = [contender("s3", 8), lock_kv(2, &[], 9)];
     r.answer("GET /v1/kv/p?recurse", listing(9, &entries));
-    assert_eq!(r.events(), [LockEvent::Failed(LockError::InUse)]);
+    assert_eq!(r.events(), [LockEvent::Failed(LockError::SemaphoreInUse)]);
 
     // Holders listed, but dead (their contender keys are gone): deleted with a check-and-set.
     r.destroy().unwrap();
@@ -720,7 +720,7 @@ fn go_destroy() {
     r.destroy().unwrap();
     r.answer("GET /v1/kv/p?recurse", listing(11, &[lock_kv(2, &[], 11)]));
     r.answer("DELETE /v1/kv/p/.lock?cas=11", reply::no());
-    assert_eq!(r.events(), [LockEvent::Failed(LockError::InUse)]);
+    assert_eq!(r.events(), [LockEvent::Failed(LockError::SemaphoreInUse)]);
 
     // Not a semaphore.
     r.destroy().unwrap();
@@ -728,7 +728,7 @@ fn go_destroy() {
     r.answer("GET /v1/kv/p?recurse", listing(12, &[lock]));
     assert_eq!(
         r.events(),
-        [LockEvent::Failed(LockError::Conflict {
+        [LockEvent::Failed(LockError::SemaphoreConflict {
             flags: LOCK_FLAG_VALUE
         })]
     );
@@ -754,7 +754,10 @@ fn go_conflict() {
             modify_index: 3,
         };
         r.answer(LIST, listing(7, &[lock, contender("s1", 6)]));
-        assert_eq!(r.events(), [LockEvent::Failed(LockError::Conflict { flags })]);
+        assert_eq!(
+            r.events(),
+            [LockEvent::Failed(LockError::SemaphoreConflict { flags })]
+        );
         assert!(r.last_sent("PUT /v1/kv/p/.lock").is_none(), "never written");
         r.answer("PUT /v1/session/destroy/s1", yes());
         assert!(r.m().is_quiescent());

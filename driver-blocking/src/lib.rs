@@ -19,7 +19,7 @@
 //! ```
 //!
 //! A semaphore (Go's `api.Semaphore`, `consul lock -n N`) lets up to `limit` holders in at once;
-//! its handle and guard are the lock's:
+//! a [`Semaphore`] has the lock's methods, and its guard is the lock's:
 //!
 //! ```no_run
 //! # use consul_lock_blocking::{Client, Error};
@@ -226,7 +226,7 @@ impl Client {
     pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
         let _entered = self.runtime.handle()?.enter();
         Ok(Lock {
-            inner: Arc::new(self.inner.lock(options)?),
+            inner: Arc::new(Handle::Lock(self.inner.lock(options)?)),
             runtime: self.runtime.clone(),
         })
     }
@@ -241,9 +241,11 @@ impl Client {
     /// share one semaphore, provided they agree on the limit.
     pub fn semaphore(&self, options: SemaphoreOptions) -> Result<Semaphore, Error> {
         let _entered = self.runtime.handle()?.enter();
-        Ok(Lock {
-            inner: Arc::new(self.inner.semaphore(options)?),
-            runtime: self.runtime.clone(),
+        Ok(Semaphore {
+            slots: Lock {
+                inner: Arc::new(Handle::Semaphore(self.inner.semaphore(options)?)),
+                runtime: self.runtime.clone(),
+            },
         })
     }
 }
@@ -272,14 +274,94 @@ impl StopHandle {
 /// most one slot; take several slots with several handles).
 #[derive(Clone, Debug)]
 pub struct Lock {
-    inner: Arc<consul_lock_tokio::Lock>,
+    inner: Arc<Handle>,
     runtime: Arc<Runtime>,
 }
 
-/// A semaphore: the same handle as a [`Lock`] (made by [`Client::semaphore`]), whose
-/// [`acquire`](Lock::acquire) blocks until one of the semaphore's slots is held. See
-/// [`consul_lock_tokio::Semaphore`] for what its fencing token carries.
-pub type Semaphore = Lock;
+/// The tokio handle a blocking one drives.
+#[derive(Debug)]
+enum Handle {
+    Lock(consul_lock_tokio::Lock),
+    Semaphore(consul_lock_tokio::Semaphore),
+}
+
+impl Handle {
+    async fn acquire(&self) -> Result<consul_lock_tokio::LockGuard, Error> {
+        match self {
+            Handle::Lock(lock) => lock.acquire().await,
+            Handle::Semaphore(semaphore) => semaphore.acquire().await,
+        }
+    }
+
+    async fn destroy(&self) -> Result<(), Error> {
+        match self {
+            Handle::Lock(lock) => lock.destroy().await,
+            Handle::Semaphore(semaphore) => semaphore.destroy().await,
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Handle::Lock(lock) => lock.close().await,
+            Handle::Semaphore(semaphore) => semaphore.close().await,
+        }
+    }
+
+    fn retries(&self) -> consul_lock_tokio::RetryWatch {
+        match self {
+            Handle::Lock(lock) => lock.retries(),
+            Handle::Semaphore(semaphore) => semaphore.retries(),
+        }
+    }
+}
+
+/// A semaphore (made by [`Client::semaphore`]), for threads: up to its limit of holders at once.
+/// [`acquire`](Semaphore::acquire) blocks until one of its slots is held; a handle holds at most
+/// one slot at a time. See [`consul_lock_tokio::Semaphore`] for what a slot's fencing token
+/// carries.
+#[derive(Clone, Debug)]
+pub struct Semaphore {
+    slots: Lock,
+}
+
+impl Semaphore {
+    /// A handle that stops acquisitions made with [`acquire_with`](Self::acquire_with).
+    pub fn stop_handle() -> StopHandle {
+        Lock::stop_handle()
+    }
+
+    /// Blocks until one of the semaphore's slots is held. With `try_once`, returns
+    /// [`Error::GaveUp`] when the wait ends without one. The errors are those of
+    /// [`consul_lock_tokio::Semaphore::acquire`].
+    pub fn acquire(&self) -> Result<LockGuard, Error> {
+        self.slots.acquire()
+    }
+
+    /// Blocks until a slot is held, `timeout` passes (then [`Error::GaveUp`]), or `stop` is
+    /// stopped (then [`Error::Cancelled`]).
+    pub fn acquire_with(
+        &self,
+        timeout: Option<Duration>,
+        stop: Option<&StopHandle>,
+    ) -> Result<LockGuard, Error> {
+        self.slots.acquire_with(timeout, stop)
+    }
+
+    /// A watch of this semaphore's failed tries while acquiring (see [`RetryWatch`]).
+    pub fn retries(&self) -> RetryWatch {
+        self.slots.retries()
+    }
+
+    /// Deletes `<prefix>/.lock` if no live contender remains (Go's `Destroy`).
+    pub fn destroy(&self) -> Result<(), Error> {
+        self.slots.destroy()
+    }
+
+    /// Ends the semaphore handle and blocks until its cleanup is done, as [`Lock::close`].
+    pub fn close(&self) {
+        self.slots.close();
+    }
+}
 
 impl Lock {
     /// A handle that stops acquisitions made with [`acquire_with`](Self::acquire_with).

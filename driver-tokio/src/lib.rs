@@ -23,7 +23,7 @@
 //! ```
 //!
 //! A semaphore (Go's `api.Semaphore`, `consul lock -n N`) lets up to `limit` holders in at once;
-//! its handle and guard are the lock's:
+//! a [`Semaphore`] has the lock's methods, and its guard is the lock's:
 //!
 //! ```no_run
 //! use consul_lock_tokio::{Client, Error};
@@ -181,7 +181,9 @@ impl Client {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let name = options.prefix.as_str().to_owned();
         let machine = self.semaphore_machine(options)?;
-        Ok(self.spawn(&runtime, machine, name))
+        Ok(Semaphore {
+            slots: self.spawn(&runtime, machine, name),
+        })
     }
 
     /// The machine for a semaphore with `options`, its jitter seeded from entropy (see [`seed`]).
@@ -330,14 +332,50 @@ impl RetryWatch {
     }
 }
 
-/// A semaphore: the same handle as a [`Lock`] (made by [`Client::semaphore`]), whose
-/// [`acquire`](Lock::acquire) waits for one of the semaphore's slots and whose guard holds it.
+/// A semaphore (Go's `api.Semaphore`, made by [`Client::semaphore`]): up to its limit of holders
+/// at once. Each [`acquire`](Semaphore::acquire) waits for one of its slots, and the guard holds
+/// it; a handle holds at most one slot at a time (take several slots with several handles).
 ///
-/// For a semaphore, the guard's [`FencingToken`] names `<prefix>/.lock` and carries its
+/// A slot's guard carries a [`FencingToken`] that names `<prefix>/.lock` and carries its
 /// `ModifyIndex` after the grant (as both `lock_index` and `modify_index`): it orders grants (a
 /// slot granted before another contender's attempt wrote carries a smaller one), but slots granted
 /// close together may carry the same value; their sessions tell them apart.
-pub type Semaphore = Lock;
+#[derive(Debug)]
+pub struct Semaphore {
+    slots: Lock,
+}
+
+impl Semaphore {
+    /// A watch of this semaphore's failed tries while acquiring a slot (see [`RetryWatch`]).
+    pub fn retries(&self) -> RetryWatch {
+        self.slots.retries()
+    }
+
+    /// Waits for one of the semaphore's slots. Cancel by dropping the future: the attempt stops
+    /// at once.
+    ///
+    /// Errors: [`Error::GaveUp`] with `try_once` when the wait ended without a slot;
+    /// [`Error::Lock`] for a prefix used otherwise ([`LockError::SemaphoreConflict`]), a `.lock`
+    /// with another limit ([`LockError::LimitMismatch`]) or that is not a semaphore's
+    /// ([`LockError::BadSemaphore`]), a session Consul refused, a permission error, or an agent
+    /// that gave no usable answer for the error budget; [`Error::Misuse`] when this handle holds
+    /// a slot already.
+    pub async fn acquire(&self) -> Result<LockGuard, Error> {
+        self.slots.acquire().await
+    }
+
+    /// Deletes `<prefix>/.lock` if no live contender remains, holding or waiting (Go's
+    /// `Destroy`): [`LockError::SemaphoreInUse`] if one does, [`LockError::SemaphoreConflict`]
+    /// if the `.lock` is not a semaphore's.
+    pub async fn destroy(&self) -> Result<(), Error> {
+        self.slots.destroy().await
+    }
+
+    /// Ends the semaphore handle and waits for its cleanup, as [`Lock::close`] does.
+    pub async fn close(&self) {
+        self.slots.close().await;
+    }
+}
 
 impl Lock {
     /// A watch of this lock's failed tries while acquiring (see [`RetryWatch`]).

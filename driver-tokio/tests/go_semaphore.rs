@@ -281,7 +281,7 @@ async fn destroy() {
     // Still held by the other: in use (Go: ErrSemaphoreInUse).
     assert!(matches!(
         semaphore.destroy().await,
-        Err(Error::Lock(LockError::InUse))
+        Err(Error::Lock(LockError::SemaphoreInUse))
     ));
     other_guard.release().await.unwrap();
     assert!(wire.get(&format!("{prefix}/.lock")).await.is_some());
@@ -313,7 +313,7 @@ async fn conflict() {
     assert!(
         matches!(
             result,
-            Err(Error::Lock(LockError::Conflict {
+            Err(Error::Lock(LockError::SemaphoreConflict {
                 flags: LOCK_FLAG_VALUE
             }))
         ),
@@ -321,7 +321,7 @@ async fn conflict() {
     );
     assert!(matches!(
         semaphore.destroy().await,
-        Err(Error::Lock(LockError::Conflict {
+        Err(Error::Lock(LockError::SemaphoreConflict {
             flags: LOCK_FLAG_VALUE
         }))
     ));

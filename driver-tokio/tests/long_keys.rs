@@ -10,7 +10,7 @@ fn client() -> Client {
     Client::new(ClientConfig::http("127.0.0.1:1").unwrap()).unwrap()
 }
 
-fn is_too_long(result: Result<consul_lock_tokio::Lock, Error>, encoded_len: usize) -> bool {
+fn is_too_long<T>(result: Result<T, Error>, encoded_len: usize) -> bool {
     matches!(
         result,
         Err(Error::Options(OptionsError::Key(KeyError::TooLong { encoded_len: len, limit })))

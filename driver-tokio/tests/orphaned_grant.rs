@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::Wire;
 use consul_lock_core::api::{Key, KvList, SessionId, SessionInfo};
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_tokio::{Client, Error, Lock, LockGuard, Misuse};
+use consul_lock_tokio::{Client, Error, Lock, LockGuard, Misuse, Semaphore};
 use tokio::sync::Notify;
 
 /// A waker that tells the test when the acquire future's channel got its answer: the only thing
@@ -31,7 +31,24 @@ impl Wake for Woken {
 /// Polls `lock.acquire()` once by hand, waits until its answer is in the channel, then drops the
 /// future without polling it again: the grant is orphaned. Before the drop, `holder` reads the
 /// agent: the session the grant holds (the key or slot is held there once the grant was sent).
-async fn orphan_a_grant(lock: &Lock, holder: impl AsyncFn() -> SessionId) -> SessionId {
+/// A lock or a semaphore: what these tests acquire on.
+trait Acquire {
+    fn acquire_boxed(&self) -> Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + '_>>;
+}
+
+impl Acquire for Lock {
+    fn acquire_boxed(&self) -> Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + '_>> {
+        Box::pin(self.acquire())
+    }
+}
+
+impl Acquire for Semaphore {
+    fn acquire_boxed(&self) -> Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + '_>> {
+        Box::pin(self.acquire())
+    }
+}
+
+async fn orphan_a_grant(lock: &impl Acquire, holder: impl AsyncFn() -> SessionId) -> SessionId {
     // On a loaded machine the thread can be preempted between sending the command and looking at
     // the answer, long enough for the whole acquisition: then the first poll already has the
     // guard, and there is nothing to orphan; give it back and try again.
@@ -39,8 +56,7 @@ async fn orphan_a_grant(lock: &Lock, holder: impl AsyncFn() -> SessionId) -> Ses
         let woken = Arc::new(Woken(Notify::new()));
         let waker = Waker::from(woken.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut acquire: Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + '_>> =
-            Box::pin(lock.acquire());
+        let mut acquire = lock.acquire_boxed();
         if let Poll::Ready(early) = acquire.as_mut().poll(&mut cx) {
             early.expect("a free key").release().await.unwrap();
             continue;
@@ -57,9 +73,9 @@ async fn orphan_a_grant(lock: &Lock, holder: impl AsyncFn() -> SessionId) -> Ses
 }
 
 /// Acquires on `lock`, waiting out `Busy` (the release the driver started is still under way).
-async fn acquire_again(lock: &Lock) -> LockGuard {
+async fn acquire_again(lock: &impl Acquire) -> LockGuard {
     for _ in 0..600 {
-        match lock.acquire().await {
+        match lock.acquire_boxed().await {
             Err(Error::Misuse(Misuse::Busy)) => tokio::time::sleep(Duration::from_millis(50)).await,
             other => return other.expect("the handle acquires again after an orphaned grant"),
         }

@@ -104,6 +104,17 @@ pub enum LockError {
     /// `destroy` found the key held.
     #[error("Lock in use")]
     InUse,
+    /// A semaphore's `.lock` exists with other flags (a lock's key, or a plain key): Go's
+    /// `ErrSemaphoreConflict`.
+    #[error("Existing key does not match semaphore use (flags {flags:#x}); pick another prefix")]
+    SemaphoreConflict {
+        /// The flags found.
+        flags: u64,
+    },
+    /// `destroy` found a semaphore still used (a live holder, or a contender waiting): Go's
+    /// `ErrSemaphoreInUse`.
+    #[error("Semaphore in use")]
+    SemaphoreInUse,
     /// The session could not be created.
     #[error("could not create the lock's session: {0}")]
     Session(ApiError),

@@ -90,6 +90,9 @@ pub trait Kind: Sized + Debug + Send + 'static {
     fn destroy_verdict(h: &Holder<Self>, seen: &Self::Seen) -> Result<Option<u64>, LockError>;
     /// The key a destroy deletes.
     fn destroy_key(h: &Holder<Self>) -> Key;
+    /// What a destroy whose check-and-set delete was refused (someone took it meanwhile) ends
+    /// with.
+    const IN_USE: LockError;
 
     /// An acquisition or a hold ended (`ended` is the phase it was): start the work it leaves
     /// behind, if any.
@@ -707,7 +710,7 @@ impl<K: Kind> Holder<K> {
     fn on_destroy_delete(&mut self, now: Instant, reply: &Reply) {
         let event = match decode::<KvCasDelete>(reply) {
             Ok(true) => LockEvent::Destroyed,
-            Ok(false) => LockEvent::Failed(LockError::InUse),
+            Ok(false) => LockEvent::Failed(K::IN_USE),
             Err(Failure::Transient(why)) => LockEvent::Failed(LockError::Unavailable(why)),
             Err(Failure::Fatal(e)) => LockEvent::Failed(LockError::refused(e)),
         };

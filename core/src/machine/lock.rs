@@ -407,6 +407,7 @@ impl Kind for LockKind {
     type Read = KvGet;
     type Seen = Option<KvPair>;
     const READ: Ask = Ask::Read;
+    const IN_USE: LockError = LockError::InUse;
 
     fn read(h: &LockMachine, consistency: Consistency, blocking: Option<Blocking>) -> KvGet {
         KvGet {

@@ -366,7 +366,9 @@ impl Holder<SemaphoreKind> {
         let lock = find(pairs, &self.kind.lock_key);
         let mut state = match lock {
             None => SemaphoreState::empty(limit),
-            Some(p) if p.flags != SEMAPHORE_FLAG_VALUE => return Err(LockError::Conflict { flags: p.flags }),
+            Some(p) if p.flags != SEMAPHORE_FLAG_VALUE => {
+                return Err(LockError::SemaphoreConflict { flags: p.flags });
+            }
             Some(p) => SemaphoreState::decode(&p.value, limit).map_err(LockError::BadSemaphore)?,
         };
         state.prune(pairs);
@@ -663,7 +665,7 @@ impl Holder<SemaphoreKind> {
             return Ok(None);
         };
         if lock.flags != SEMAPHORE_FLAG_VALUE {
-            return Err(LockError::Conflict { flags: lock.flags });
+            return Err(LockError::SemaphoreConflict { flags: lock.flags });
         }
         let mut state =
             SemaphoreState::decode(&lock.value, self.options.limit).map_err(LockError::BadSemaphore)?;
@@ -673,7 +675,7 @@ impl Holder<SemaphoreKind> {
             .iter()
             .any(|p| p.key != lock.key && p.key.starts_with(&children) && p.session.is_some());
         if !state.holders.is_empty() || contending {
-            return Err(LockError::InUse);
+            return Err(LockError::SemaphoreInUse);
         }
         Ok(Some(lock.modify_index))
     }
@@ -690,6 +692,7 @@ impl Kind for SemaphoreKind {
     type Read = KvList;
     type Seen = Vec<KvPair>;
     const READ: Ask = Ask::Read;
+    const IN_USE: LockError = LockError::SemaphoreInUse;
 
     fn read(h: &SemaphoreMachine, consistency: Consistency, blocking: Option<Blocking>) -> KvList {
         KvList {
