@@ -399,30 +399,19 @@ pub struct SemaphoreOptions {
     /// Give up once `wait_time` has passed without a slot
     /// ([`LockEvent::GaveUp`](crate::machine::LockEvent::GaveUp)).
     pub try_once: bool,
-    /// As [`LockOptions::monitor_retries`]: `None` (the default) bears failed monitor reads for as
-    /// long as renewals succeed; `Some(n)` is Go's `MonitorRetries`.
+    /// As [`LockOptions::monitor_retries`] (default `None`).
     pub monitor_retries: Option<u32>,
-    /// The pause before retrying a failed monitor read (default 2 s, as Go's).
+    /// As [`LockOptions::monitor_retry_time`] (default 2 s).
     pub monitor_retry_time: Duration,
-    /// The `wait` of each monitor read (default 5 min, Consul's default).
+    /// As [`LockOptions::monitor_wait`] (default 5 min).
     pub monitor_wait: Duration,
-    /// The deadline of every request that is not a blocking read (default 10 s).
+    /// As [`LockOptions::request_timeout`] (default 10 s).
     pub request_timeout: Duration,
-    /// The Consul namespace (Enterprise), overriding the client config's.
+    /// As [`LockOptions::namespace`].
     pub namespace: Option<String>,
-    /// How long failed tries may go on in a row while acquiring before the attempt ends with
-    /// [`LockError::AgentUnavailable`](crate::machine::LockError::AgentUnavailable) (default
-    /// 60 s; `None`: retry for ever). Every failed try is reported as it happens
-    /// ([`LockEvent::Retrying`](crate::machine::LockEvent::Retrying)); any usable answer starts
-    /// the count again. The budget is checked when a try fails, so the attempt ends at the first
-    /// failure past it.
+    /// As [`LockOptions::acquire_error_budget`] (default 60 s).
     pub acquire_error_budget: Option<Duration>,
-    /// Seeds the jitter of retries, so that a run can be replayed (default 0).
-    ///
-    /// An embedder driving the machine itself must vary the seed per process and per machine
-    /// (from entropy): machines sharing a seed retry on the same jitter sequence, so processes
-    /// that fail together (an agent restart, a leader election) would retry in lockstep. The
-    /// crate's drivers do this themselves and override this option.
+    /// As [`LockOptions::seed`]: drivers override it; an embedder must vary it.
     pub seed: u64,
 }
 
