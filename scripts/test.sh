@@ -72,6 +72,17 @@ done < <(cargo metadata --no-deps --format-version 1 --locked | grep -o '"manife
 echo "publishable: ${publishable[*]}"
 verify=()
 if [ "${CONSUL_LOCK_PACKAGE_VERIFY:-1}" = 0 ]; then verify=(--no-verify); fi
+# Cargo extracts the packages of that local registry under $CARGO_HOME/registry/src/-<hash>/,
+# keyed by name and version only, and reuses what it finds there: a run after a change to a crate
+# (same version, 0.1.0) would build its dependents against the stale copy of an earlier run (seen:
+# the CLI's package built against a core without its new error variants). Only this workspace's
+# own crates are removed from those local-registry directories (crates.io's are
+# registry/src/index.crates.io-*, untouched).
+for extracted in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/; do
+  for crate in "${publishable[@]}"; do
+    rm -rf "${extracted}${crate}-"[0-9]*
+  done
+done
 cargo package --locked --allow-dirty "${verify[@]}" "${package_args[@]}"
 
 section "tests"
