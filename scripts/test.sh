@@ -83,6 +83,10 @@ for extracted in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/; do
     rm -rf "${extracted}${crate}-"[0-9]*
   done
 done
+# The same goes for what the verify builds in the target directory: a registry crate is never
+# rebuilt for a change of content at the same version. Cleaning our crates (every source of
+# them) costs rebuilding these six, not their dependencies.
+cargo clean --locked "${package_args[@]}"
 cargo package --locked --allow-dirty "${verify[@]}" "${package_args[@]}"
 
 section "tests"
