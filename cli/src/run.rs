@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, KvGet, SessionInfo};
 use consul_lock_core::machine::LockOptions;
-use consul_lock_tokio::{Client, Error, Lock, LockError, LockGuard, LossReason, SemaphoreOptions};
+use consul_lock_tokio::{Client, Error, Hold, LockError, LockGuard, LossReason, SemaphoreOptions};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -196,7 +196,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         if let Some(session) = options.session_options_mut() {
             session.name = name.clone();
         }
-        client.lock(options).map(Handle::Lock)
+        client.lock(options).map(Hold::from)
     } else {
         let mut options = SemaphoreOptions::new(prefix, target.limit).map_err(|e| usage(&e))?;
         options.monitor_retries = Some(args.monitor_retry);
@@ -208,7 +208,7 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
         if let Some(session) = options.session_options_mut() {
             session.name = name.clone();
         }
-        client.semaphore(options).map(Handle::Semaphore)
+        client.semaphore(options).map(Hold::from)
     }
     .map_err(|e| driver_failure(&resolved, "setup", &e))?;
 
@@ -515,7 +515,7 @@ fn child_exited(events: Events, exit: Exit) {
 /// (`lost`) there is nothing to release: the release only ends the session, and no "released" is
 /// reported.
 async fn finish(
-    lock: &Handle,
+    lock: &Hold,
     guard: Option<LockGuard>,
     lost: bool,
     resolved: &Resolved,
@@ -624,43 +624,6 @@ async fn describe_holder(api: &Api, target: &Target) -> String {
 /// Ends `lock` and waits for its cleanup (its session destroyed), so that the process doesn't
 /// exit with a session left for Consul to expire; bounded, since an unreachable agent could make
 /// the destroy retry for up to twice the TTL.
-async fn close(lock: Handle) {
+async fn close(lock: Hold) {
     let _ = tokio::time::timeout(Duration::from_secs(5), lock.close()).await;
-}
-
-/// What `run` holds: a lock, or a semaphore's slot (`-n` above 1).
-#[derive(Debug)]
-enum Handle {
-    Lock(Lock),
-    Semaphore(consul_lock_tokio::Semaphore),
-}
-
-impl Handle {
-    fn retries(&self) -> consul_lock_tokio::RetryWatch {
-        match self {
-            Handle::Lock(lock) => lock.retries(),
-            Handle::Semaphore(semaphore) => semaphore.retries(),
-        }
-    }
-
-    async fn acquire(&self) -> Result<LockGuard, Error> {
-        match self {
-            Handle::Lock(lock) => lock.acquire().await,
-            Handle::Semaphore(semaphore) => semaphore.acquire().await,
-        }
-    }
-
-    async fn destroy(&self) -> Result<(), Error> {
-        match self {
-            Handle::Lock(lock) => lock.destroy().await,
-            Handle::Semaphore(semaphore) => semaphore.destroy().await,
-        }
-    }
-
-    async fn close(&self) {
-        match self {
-            Handle::Lock(lock) => lock.close().await,
-            Handle::Semaphore(semaphore) => semaphore.close().await,
-        }
-    }
 }

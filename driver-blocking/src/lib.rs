@@ -226,7 +226,7 @@ impl Client {
     pub fn lock(&self, options: LockOptions) -> Result<Lock, Error> {
         let _entered = self.runtime.handle()?.enter();
         Ok(Lock {
-            inner: Arc::new(Handle::Lock(self.inner.lock(options)?)),
+            inner: Arc::new(self.inner.lock(options)?.into()),
             runtime: self.runtime.clone(),
         })
     }
@@ -243,7 +243,7 @@ impl Client {
         let _entered = self.runtime.handle()?.enter();
         Ok(Semaphore {
             slots: Lock {
-                inner: Arc::new(Handle::Semaphore(self.inner.semaphore(options)?)),
+                inner: Arc::new(self.inner.semaphore(options)?.into()),
                 runtime: self.runtime.clone(),
             },
         })
@@ -274,45 +274,8 @@ impl StopHandle {
 /// most one slot; take several slots with several handles).
 #[derive(Clone, Debug)]
 pub struct Lock {
-    inner: Arc<Handle>,
+    inner: Arc<consul_lock_tokio::Hold>,
     runtime: Arc<Runtime>,
-}
-
-/// The tokio handle a blocking one drives.
-#[derive(Debug)]
-enum Handle {
-    Lock(consul_lock_tokio::Lock),
-    Semaphore(consul_lock_tokio::Semaphore),
-}
-
-impl Handle {
-    async fn acquire(&self) -> Result<consul_lock_tokio::LockGuard, Error> {
-        match self {
-            Handle::Lock(lock) => lock.acquire().await,
-            Handle::Semaphore(semaphore) => semaphore.acquire().await,
-        }
-    }
-
-    async fn destroy(&self) -> Result<(), Error> {
-        match self {
-            Handle::Lock(lock) => lock.destroy().await,
-            Handle::Semaphore(semaphore) => semaphore.destroy().await,
-        }
-    }
-
-    async fn close(&self) {
-        match self {
-            Handle::Lock(lock) => lock.close().await,
-            Handle::Semaphore(semaphore) => semaphore.close().await,
-        }
-    }
-
-    fn retries(&self) -> consul_lock_tokio::RetryWatch {
-        match self {
-            Handle::Lock(lock) => lock.retries(),
-            Handle::Semaphore(semaphore) => semaphore.retries(),
-        }
-    }
 }
 
 /// A semaphore (made by [`Client::semaphore`]), for threads: up to its limit of holders at once.

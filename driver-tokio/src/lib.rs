@@ -293,6 +293,62 @@ pub struct Lock {
     retries: RetryWatch,
 }
 
+/// A lock or a semaphore, for code that takes either (as `consul lock` does: `-n 1` is a lock,
+/// more is a semaphore): the methods the two share.
+#[derive(Debug)]
+pub enum Hold {
+    /// A lock ([`Client::lock`]).
+    Lock(Lock),
+    /// A semaphore ([`Client::semaphore`]).
+    Semaphore(Semaphore),
+}
+
+impl Hold {
+    /// See [`Lock::retries`].
+    pub fn retries(&self) -> RetryWatch {
+        match self {
+            Hold::Lock(lock) => lock.retries(),
+            Hold::Semaphore(semaphore) => semaphore.retries(),
+        }
+    }
+
+    /// See [`Lock::acquire`] and [`Semaphore::acquire`].
+    pub async fn acquire(&self) -> Result<LockGuard, Error> {
+        match self {
+            Hold::Lock(lock) => lock.acquire().await,
+            Hold::Semaphore(semaphore) => semaphore.acquire().await,
+        }
+    }
+
+    /// See [`Lock::destroy`] and [`Semaphore::destroy`].
+    pub async fn destroy(&self) -> Result<(), Error> {
+        match self {
+            Hold::Lock(lock) => lock.destroy().await,
+            Hold::Semaphore(semaphore) => semaphore.destroy().await,
+        }
+    }
+
+    /// See [`Lock::close`].
+    pub async fn close(&self) {
+        match self {
+            Hold::Lock(lock) => lock.close().await,
+            Hold::Semaphore(semaphore) => semaphore.close().await,
+        }
+    }
+}
+
+impl From<Lock> for Hold {
+    fn from(lock: Lock) -> Hold {
+        Hold::Lock(lock)
+    }
+}
+
+impl From<Semaphore> for Hold {
+    fn from(semaphore: Semaphore) -> Hold {
+        Hold::Semaphore(semaphore)
+    }
+}
+
 /// Follows the failed tries of a lock's acquisitions ([`Lock::retries`]): an agent that is down,
 /// hangs or answers errors is retried with backoff, and every failed try shows here, with its
 /// cause, its count in a row and when the next goes out. Past the options'
