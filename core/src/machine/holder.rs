@@ -550,12 +550,7 @@ impl<K: Kind> Holder<K> {
     /// A blocking read came back at once without progress: don't let an agent that does that
     /// make the acquisition spin.
     pub(crate) fn retry_spinning(&mut self, now: Instant) {
-        self.retry(
-            now,
-            K::READ,
-            true,
-            "a blocking read returned at once without progress",
-        );
+        self.retry(now, K::READ, "a blocking read returned at once without progress");
     }
 
     /// The blocking part of the acquisition's next read: its index and a wait that no read
@@ -615,24 +610,25 @@ impl<K: Kind> Holder<K> {
     }
 
     /// Pauses the acquisition with backoff, then sends `then`: the pause's end, if acquiring.
-    /// Not a failure (contention, a lock-delay): see [`retry`](Self::retry).
-    pub(crate) fn pause(&mut self, now: Instant, then: K::Ask, reset_index: bool) -> Option<Instant> {
+    /// Not a failure (contention, a lock-delay): see [`retry`](Self::retry). A wait that follows
+    /// a pause reads afresh, from index 0.
+    pub(crate) fn pause(&mut self, now: Instant, then: K::Ask) -> Option<Instant> {
         let a = match &mut self.phase {
             Phase::Acquiring(a) => Some(a),
             _ => None,
         }?;
         let until = now + a.backoff.next(&mut self.base.rng);
-        if reset_index {
+        if then == K::READ {
             a.index = 0;
         }
         a.step = Step::Pause { until, then };
         Some(until)
     }
 
-    /// Pauses after a failed try, then sends `then` (a read from index 0 if `reset_index`):
-    /// reported, or the end of the attempt once failures have lasted the error budget.
-    pub(crate) fn retry(&mut self, now: Instant, then: K::Ask, reset_index: bool, why: &str) {
-        if let Some(until) = self.pause(now, then, reset_index) {
+    /// Pauses after a failed try, then sends `then`: reported, or the end of the attempt once
+    /// failures have lasted the error budget.
+    pub(crate) fn retry(&mut self, now: Instant, then: K::Ask, why: &str) {
+        if let Some(until) = self.pause(now, then) {
             self.record_failure(now, why, until);
         }
     }

@@ -173,7 +173,7 @@ impl Holder<LockKind> {
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
         let read = match decode::<KvGet>(reply) {
             Ok(read) => read,
-            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, true, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let pair = read.value;
@@ -251,14 +251,14 @@ impl Holder<LockKind> {
             ),
             Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
-            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, true, &why),
+            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, &why),
         }
     }
 
     fn on_recheck(&mut self, now: Instant, reply: &Reply) {
         let read = match decode::<KvGet>(reply) {
             Ok(read) => read,
-            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, true, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         if let Some(pair) = &read.value {
@@ -281,7 +281,7 @@ impl Holder<LockKind> {
         if ours {
             // Refused, yet ours: the agent contradicts itself. Try again, but not at once.
             let give_up_at = a.give_up_at;
-            let Some(until) = self.pause(now, Ask::Acquire, false) else {
+            let Some(until) = self.pause(now, Ask::Acquire) else {
                 return;
             };
             let until = give_up_at.map_or(until, |at| until.min(at));
@@ -322,7 +322,7 @@ impl Holder<LockKind> {
             Some((delay, freed_at)) => {
                 (freed_at + delay.min(crate::machine::options::MAX_LOCK_DELAY) + LOCK_DELAY_MARGIN).max(now)
             }
-            None => match self.pause(now, Ask::Acquire, false) {
+            None => match self.pause(now, Ask::Acquire) {
                 Some(until) => until,
                 None => return,
             },
@@ -362,12 +362,7 @@ impl Holder<LockKind> {
             }
             // An agent that grants and shows someone else's entry: wait again, after a pause, so
             // that it can't make us spin.
-            _ => self.retry(
-                now,
-                Ask::Read,
-                true,
-                "the lock transaction answered with another entry",
-            ),
+            _ => self.retry(now, Ask::Read, "the lock transaction answered with another entry"),
         }
     }
 

@@ -352,10 +352,10 @@ impl Holder<SemaphoreKind> {
                 self.read(now);
             }
             // Only a lock-delay on the key can refuse it (its name is our session's): it ends.
-            Ok(false) => self.retry(now, Ask::Contend, false, "the contender key was refused"),
+            Ok(false) => self.retry(now, Ask::Contend, "the contender key was refused"),
             Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
-            Err(Failure::Transient(why)) => self.retry(now, Ask::Contend, false, &why),
+            Err(Failure::Transient(why)) => self.retry(now, Ask::Contend, &why),
         }
     }
 
@@ -382,11 +382,11 @@ impl Holder<SemaphoreKind> {
     fn on_read(&mut self, now: Instant, sent: Pending, reply: &Reply) {
         let list = match decode::<KvList>(reply) {
             Ok(list) => list,
-            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, true, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
-            return self.retry(now, Ask::Contend, false, "no session to contend with");
+            return self.retry(now, Ask::Contend, "no session to contend with");
         };
         let view = match self.view(&list.value, &session, &contender) {
             Ok(view) => view,
@@ -406,7 +406,7 @@ impl Holder<SemaphoreKind> {
         if view.contender != Contender::Ours {
             // Our contender key went (an operator): without it the others would prune us at
             // once. Make it again, paced.
-            return self.retry(now, Ask::Contend, false, "our contender key is gone");
+            return self.retry(now, Ask::Contend, "our contender key is gone");
         }
         if view.state.holds(session.as_str()) {
             // Already a holder (an abandoned attempt's check-and-set landed): the slot is ours.
@@ -459,11 +459,11 @@ impl Holder<SemaphoreKind> {
                 } else {
                     // Contention, not a failure of the agent's: paced, not reported.
                     tracing::debug!("check-and-set refused again; pausing");
-                    self.pause(now, Ask::Read, true);
+                    self.pause(now, Ask::Read);
                 }
             }
             // It may have been applied: the next list tells (we would be a holder).
-            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, true, &why),
+            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, &why),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
         }
     }
@@ -477,11 +477,11 @@ impl Holder<SemaphoreKind> {
         let list = match decode::<KvList>(reply) {
             Ok(list) => list,
             // We may hold a slot: find out before anything else.
-            Err(Failure::Transient(why)) => return self.retry(now, Ask::Confirm, false, &why),
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Confirm, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
         let Some((session, contender)) = self.contender() else {
-            return self.retry(now, Ask::Contend, false, "no session to contend with");
+            return self.retry(now, Ask::Contend, "no session to contend with");
         };
         let lock = find(&list.value, &self.kind.lock_key).map(|p| p.modify_index);
         let granted = match (self.view(&list.value, &session, &contender), lock) {
@@ -496,7 +496,7 @@ impl Holder<SemaphoreKind> {
         let Some(modify_index) = granted else {
             // Lost between the write and this read, or never written: look again, after a
             // pause, so that an agent that grants and then denies can't make us spin.
-            return self.retry(now, Ask::Read, true, "the granted slot does not show our session");
+            return self.retry(now, Ask::Read, "the granted slot does not show our session");
         };
         let token = FencingToken {
             key: self.kind.lock_key.clone(),
