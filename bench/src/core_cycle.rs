@@ -353,7 +353,7 @@ impl CycleRig {
         let options = lock_options()?;
         let key_path = format!("/v1/kv/{KEY}");
         let templates = record(start, &options, &key_path)?;
-        let monitor_wait = options.monitor_wait;
+        let monitor_wait = options.hold.monitor_wait;
         let machine = LockMachine::new(ClientConfig::default(), options)?;
         Ok(CycleRig {
             machine,
@@ -666,8 +666,8 @@ impl CycleRig {
 /// server, 5 min monitor reads, 10 s request timeout) on [`KEY`], with a value.
 fn lock_options() -> Result<LockOptions, OptionsError> {
     let mut options = LockOptions::new(KEY)?;
-    options.value = VALUE.to_vec();
-    options.seed = SEED;
+    options.hold.value = VALUE.to_vec();
+    options.hold.seed = SEED;
     Ok(options)
 }
 

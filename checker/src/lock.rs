@@ -47,7 +47,7 @@ impl Holder for LockMachine {
     }
 
     fn try_once(&self) -> bool {
-        self.options().lock_try_once
+        self.options().hold.try_once
     }
 
     fn token_key(&self) -> String {
@@ -99,10 +99,10 @@ impl Holder for LockMachine {
                 let what = || format!("{} {}", s.describe(), String::from_utf8_lossy(&s.body));
                 assert_eq!(key, options.key.as_str(), "{}", what());
                 assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
-                assert_eq!(value, options.value, "{}: not our value", what());
+                assert_eq!(value, options.hold.value, "{}: not our value", what());
                 // (The session may be gone by the end of the step: sent, then given up.)
                 assert!(!session.is_empty(), "{}: no session", what());
-                if let SessionChoice::Existing(id) = &options.session {
+                if let SessionChoice::Existing(id) = &options.hold.session {
                     assert_eq!(session, id.as_str(), "{}: not the caller's session", what());
                 }
             }

@@ -112,7 +112,7 @@ impl Holder for SemaphoreMachine {
     }
 
     fn try_once(&self) -> bool {
-        self.options().try_once
+        self.options().hold.try_once
     }
 
     fn token_key(&self) -> String {
@@ -182,7 +182,7 @@ impl Holder for SemaphoreMachine {
                 assert_eq!(key, format!("{prefix}/{session}"), "{}", s.describe());
                 w.contended.insert(key);
                 assert_eq!(s.param("flags"), Some(flags.as_str()), "{}", s.describe());
-                assert_eq!(s.body, options.value, "{}: not our value", s.describe());
+                assert_eq!(s.body, options.hold.value, "{}: not our value", s.describe());
             }
             Kind::CasPut { key, .. } => {
                 assert_eq!(key, lock_key, "{}", s.describe());

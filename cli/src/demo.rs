@@ -397,8 +397,8 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
         };
         let client = Client::new(config).map_err(|e| Failure::new(e.to_string()))?;
         let mut options = LockOptions::new(key.as_str()).map_err(|e| Failure::new(e.to_string()))?;
-        options.seed = who as u64 + 1;
-        if let Some(session) = options.session_options_mut() {
+        options.hold.seed = who as u64 + 1;
+        if let Some(session) = options.hold.session_options_mut() {
             session.name = format!("consul-lock demo {}", name(who));
             session.ttl = SESSION_TTL;
             session.lock_delay = Some(args.lock_delay);

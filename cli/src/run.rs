@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, KvGet, SessionInfo};
-use consul_lock_core::machine::LockOptions;
+use consul_lock_core::machine::{HoldOptions, LockOptions};
 use consul_lock_tokio::{Client, Error, Hold, LockError, LockGuard, LossReason, SemaphoreOptions};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -184,30 +184,26 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
 
     let client = Client::new(resolved.config.clone()).map_err(|e| driver_failure(&resolved, "setup", &e))?;
     // Try-once waits at most Consul's 10-minute blocking wait; longer timeouts use a timer.
-    let try_once = timeout.filter(|t| *t <= LockOptions::MAX_WAIT);
-    let lock = if target.limit == 1 {
-        let mut options = LockOptions::new(target.key.as_str()).map_err(|e| usage(&e))?;
-        options.monitor_retries = Some(args.monitor_retry);
-        options.monitor_retry_time = MONITOR_RETRY_TIME;
+    let try_once = timeout.filter(|t| *t <= HoldOptions::MAX_WAIT);
+    // Go's flags mean the same for a lock and a semaphore.
+    let tune = |hold: &mut HoldOptions| {
+        hold.monitor_retries = Some(args.monitor_retry);
+        hold.monitor_retry_time = MONITOR_RETRY_TIME;
         if let Some(wait) = try_once {
-            options.lock_try_once = true;
-            options.lock_wait_time = wait;
+            hold.try_once = true;
+            hold.wait_time = wait;
         }
-        if let Some(session) = options.session_options_mut() {
+        if let Some(session) = hold.session_options_mut() {
             session.name = name.clone();
         }
+    };
+    let lock = if target.limit == 1 {
+        let mut options = LockOptions::new(target.key.as_str()).map_err(|e| usage(&e))?;
+        tune(&mut options.hold);
         client.lock(options).map(Hold::from)
     } else {
         let mut options = SemaphoreOptions::new(prefix, target.limit).map_err(|e| usage(&e))?;
-        options.monitor_retries = Some(args.monitor_retry);
-        options.monitor_retry_time = MONITOR_RETRY_TIME;
-        if let Some(wait) = try_once {
-            options.try_once = true;
-            options.wait_time = wait;
-        }
-        if let Some(session) = options.session_options_mut() {
-            session.name = name.clone();
-        }
+        tune(&mut options.hold);
         client.semaphore(options).map(Hold::from)
     }
     .map_err(|e| driver_failure(&resolved, "setup", &e))?;

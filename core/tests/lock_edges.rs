@@ -252,7 +252,7 @@ fn a_session_create_refused_for_permission_is_a_permission_error() {
 #[test]
 fn every_failed_try_is_reported_and_the_budget_ends_the_attempt() {
     let mut o = options();
-    o.acquire_error_budget = Some(secs(30));
+    o.hold.acquire_error_budget = Some(secs(30));
     let mut r = Rig::new(o);
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -295,7 +295,7 @@ fn every_failed_try_is_reported_and_the_budget_ends_the_attempt() {
 #[test]
 fn a_usable_answer_starts_the_budget_again() {
     let mut o = options();
-    o.acquire_error_budget = Some(secs(5));
+    o.hold.acquire_error_budget = Some(secs(5));
     let mut r = Rig::new(o);
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -320,7 +320,7 @@ fn a_usable_answer_starts_the_budget_again() {
 #[test]
 fn no_budget_retries_for_ever() {
     let mut o = options();
-    o.acquire_error_budget = None;
+    o.hold.acquire_error_budget = None;
     let mut r = Rig::new(o);
     r.lock().unwrap();
     r.run(secs(600), |s, _| match s.kind() {

@@ -60,7 +60,7 @@ fn held_by(session: &str) -> support::Kv {
 #[test]
 fn go_lock_unlock() {
     let mut o = options();
-    o.value = b"node-1".to_vec();
+    o.hold.value = b"node-1".to_vec();
     let mut r = Rig::new(o);
     assert_eq!(r.unlock(), Err(Misuse::NotHeld));
 
@@ -182,8 +182,8 @@ fn go_contend() {
     let mut nodes: Vec<Node> = (0..3u64)
         .map(|i| {
             let mut o = options();
-            o.seed = i;
-            o.value = format!("node-{i}").into_bytes();
+            o.hold.seed = i;
+            o.hold.value = format!("node-{i}").into_bytes();
             support::node(o)
         })
         .collect();
@@ -364,7 +364,7 @@ fn go_reclaim_lock() {
 #[test]
 fn go_monitor_retry() {
     let mut o = options();
-    o.monitor_retries = Some(3);
+    o.hold.monitor_retries = Some(3);
     let mut r = Rig::new(o);
     r.acquire("s1", 1);
     let held = held_by("s1");
@@ -406,8 +406,8 @@ fn go_monitor_retry() {
 #[test]
 fn go_one_shot() {
     let mut o = options();
-    o.lock_try_once = true;
-    o.lock_wait_time = ms(250);
+    o.hold.try_once = true;
+    o.hold.wait_time = ms(250);
     let mut r = Rig::new(o);
     let mut fake = Fake::new();
     fake.add_session("other", secs(15));
@@ -912,8 +912,8 @@ fn retry_with_capped_jittered_backoff_when_the_delay_is_unknown() {
 #[test]
 fn try_once_gives_up_with_its_own_outcome() {
     let mut o = options();
-    o.lock_try_once = true;
-    o.lock_wait_time = secs(2);
+    o.hold.try_once = true;
+    o.hold.wait_time = secs(2);
     let mut r = Rig::new(o);
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -936,8 +936,8 @@ fn try_once_gives_up_with_its_own_outcome() {
 fn try_once_waits_for_an_acquire_in_flight() {
     for granted in [true, false] {
         let mut o = options();
-        o.lock_try_once = true;
-        o.lock_wait_time = secs(2);
+        o.hold.try_once = true;
+        o.hold.wait_time = secs(2);
         let mut r = Rig::new(o);
         r.lock().unwrap();
         r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -961,8 +961,8 @@ fn try_once_waits_for_an_acquire_in_flight() {
 #[test]
 fn try_once_gives_up_while_creating() {
     let mut o = options();
-    o.lock_try_once = true;
-    o.lock_wait_time = secs(2);
+    o.hold.try_once = true;
+    o.hold.wait_time = secs(2);
     let mut r = Rig::new(o);
     r.lock().unwrap();
     let create = r.expect("PUT /v1/session/create");

@@ -134,10 +134,10 @@ fn lock_options() -> impl Strategy<Value = LockOptions> {
     )
         .prop_map(|(own_session, try_once, monitor_retries, seed, wait)| {
             let mut o = if own_session { existing("mine") } else { options() };
-            o.lock_try_once = try_once;
-            o.monitor_retries = monitor_retries;
-            o.seed = seed;
-            o.lock_wait_time = [ms(250), secs(2), secs(15)][usize::from(wait)];
+            o.hold.try_once = try_once;
+            o.hold.monitor_retries = monitor_retries;
+            o.hold.seed = seed;
+            o.hold.wait_time = [ms(250), secs(2), secs(15)][usize::from(wait)];
             o
         })
 }

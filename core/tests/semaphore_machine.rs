@@ -43,14 +43,14 @@ fn flags() -> String {
 /// Go's defaults for a semaphore of `limit` on [`PREFIX`], with a fixed seed.
 fn options(limit: u32) -> SemaphoreOptions {
     let mut o = SemaphoreOptions::new(PREFIX, limit).unwrap();
-    o.seed = 7;
+    o.hold.seed = 7;
     o
 }
 
 /// Options using the caller's session.
 fn existing(session: &str, limit: u32) -> SemaphoreOptions {
     let mut o = options(limit);
-    o.session = SessionChoice::Existing(SessionId::new(session).unwrap());
+    o.hold.session = SessionChoice::Existing(SessionId::new(session).unwrap());
     o
 }
 
@@ -171,7 +171,7 @@ impl SRig {
         let out = self.answer(&cas_pattern(8), yes());
         assert_eq!(out.body, state(limit, &[]));
         self.answer(&format!("DELETE /v1/kv/p/{session}?!cas"), yes());
-        if let SessionChoice::Create(_) = self.m().options().session {
+        if let SessionChoice::Create(_) = self.m().options().hold.session {
             self.answer(&format!("PUT /v1/session/destroy/{session}"), yes());
         }
         assert_eq!(self.events(), [LockEvent::Released]);
@@ -420,7 +420,7 @@ impl SFake {
 #[test]
 fn go_acquire_release() {
     let mut o = options(2);
-    o.value = b"node-1".to_vec();
+    o.hold.value = b"node-1".to_vec();
     let mut r = SRig::new(o);
     assert_eq!(r.unlock(), Err(Misuse::NotHeld));
 
@@ -566,8 +566,8 @@ fn go_contend() {
     let mut nodes: Vec<SNode> = (0..4u64)
         .map(|i| {
             let mut o = options(2);
-            o.seed = i;
-            o.value = format!("node-{i}").into_bytes();
+            o.hold.seed = i;
+            o.hold.value = format!("node-{i}").into_bytes();
             snode(o)
         })
         .collect();
@@ -769,7 +769,7 @@ fn go_conflict() {
 #[test]
 fn go_monitor_retry() {
     let mut o = options(2);
-    o.monitor_retries = Some(3);
+    o.hold.monitor_retries = Some(3);
     let mut r = SRig::new(o);
     r.acquire("s1", 2);
     let held = [contender("s1", 6), lock_kv(2, &["s1"], 7)];
@@ -808,8 +808,8 @@ fn go_monitor_retry() {
 #[test]
 fn go_one_shot() {
     let mut o = options(2);
-    o.try_once = true;
-    o.wait_time = ms(250);
+    o.hold.try_once = true;
+    o.hold.wait_time = ms(250);
     let mut r = SRig::new(o);
     let mut fake = SFake::new();
     for s in ["a", "b"] {
@@ -1096,7 +1096,7 @@ fn cancel_with_the_callers_session_deletes_the_contender_key() {
 #[test]
 fn loss_with_the_callers_session_deletes_the_contender_key() {
     let mut o = existing("mine", 2);
-    o.monitor_retries = Some(0);
+    o.hold.monitor_retries = Some(0);
     let mut r = SRig::new(o);
     r.acquire("mine", 2);
     assert_eq!(
@@ -1127,8 +1127,8 @@ fn loss_with_the_callers_session_deletes_the_contender_key() {
 #[test]
 fn try_once_gives_up_with_its_own_outcome() {
     let mut o = options(1);
-    o.try_once = true;
-    o.wait_time = secs(2);
+    o.hold.try_once = true;
+    o.hold.wait_time = secs(2);
     let mut r = SRig::new(o);
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -1159,8 +1159,8 @@ fn try_once_gives_up_with_its_own_outcome() {
 fn try_once_waits_for_a_check_and_set_in_flight() {
     for granted in [true, false] {
         let mut o = options(2);
-        o.try_once = true;
-        o.wait_time = secs(2);
+        o.hold.try_once = true;
+        o.hold.wait_time = secs(2);
         let mut r = SRig::new(o);
         r.lock().unwrap();
         r.answer("PUT /v1/session/create", reply::created("s1"));
@@ -1802,10 +1802,10 @@ fn semaphore_options() -> impl Strategy<Value = SemaphoreOptions> {
             } else {
                 options(limit)
             };
-            o.try_once = try_once;
-            o.monitor_retries = monitor_retries;
-            o.seed = seed;
-            o.wait_time = [ms(250), secs(2), secs(15)][usize::from(wait)];
+            o.hold.try_once = try_once;
+            o.hold.monitor_retries = monitor_retries;
+            o.hold.seed = seed;
+            o.hold.wait_time = [ms(250), secs(2), secs(15)][usize::from(wait)];
             o
         })
 }
@@ -2099,7 +2099,7 @@ proptest! {
         let mut nodes: Vec<SNode> = (0..count)
             .map(|i| {
                 let mut o = options(limit);
-                o.seed = seed.wrapping_add(i as u64);
+                o.hold.seed = seed.wrapping_add(i as u64);
                 snode(o)
             })
             .collect();

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::{Action, LockMachine, LockOptions};
+use consul_lock_core::machine::{Action, HoldOptions, LockMachine, LockOptions};
 
 #[test]
 fn an_earlier_now_is_taken_as_the_latest() {
@@ -19,7 +19,7 @@ fn an_earlier_now_is_taken_as_the_latest() {
     // machine's timer is never before the latest `now` it was given.
     assert_eq!(
         create.deadline,
-        t0 + Duration::from_secs(2) + LockOptions::DEFAULT_REQUEST_TIMEOUT
+        t0 + Duration::from_secs(2) + HoldOptions::DEFAULT_REQUEST_TIMEOUT
     );
     m.handle_timeout(t0);
     assert!(m.poll_action().is_none(), "an early timeout is a no-op");

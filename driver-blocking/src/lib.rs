@@ -334,8 +334,8 @@ impl Lock {
         }
     }
 
-    /// Blocks until the lock (for a semaphore: a slot) is held. With `lock_try_once` (a
-    /// semaphore's `try_once`), returns [`Error::GaveUp`] when the wait ends without it. The
+    /// Blocks until the lock (for a semaphore: a slot) is held. With `try_once`, returns
+    /// [`Error::GaveUp`] when the wait ends without it. The
     /// errors are those of [`consul_lock_tokio::Lock::acquire`].
     pub fn acquire(&self) -> Result<LockGuard, Error> {
         self.acquire_with(None, None)

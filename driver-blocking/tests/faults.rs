@@ -61,7 +61,7 @@ fn wait_for_session(agent: SocketAddr, name: &str) {
 
 fn named(key: &str, name: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    options.session_options_mut().unwrap().name = name.to_owned();
+    options.hold.session_options_mut().unwrap().name = name.to_owned();
     options
 }
 
@@ -111,7 +111,7 @@ fn partition_holder_knows_before_anyone_else_holds() {
     let proxy = FaultProxy::start(agent.addr()).unwrap();
     let holder_client = Client::new(proxy.config()).unwrap();
     let mut options = named(key, "blocking faults partition holder");
-    let session = options.session_options_mut().unwrap();
+    let session = options.hold.session_options_mut().unwrap();
     session.ttl = ttl;
     session.lock_delay = Some(Duration::ZERO);
     let holder = holder_client.lock(options).unwrap();
@@ -197,7 +197,7 @@ fn cancel_while_creating_the_session() {
     proxy.set_mode(Mode::BlackHole);
     let client = Client::new(proxy.config()).unwrap();
     let mut options = named("blocking/faults/cancel-create/.lock", name);
-    options.request_timeout = Duration::from_secs(2);
+    options.hold.request_timeout = Duration::from_secs(2);
     let lock = client.lock(options).unwrap();
     let attempt = Attempt::start(&lock);
     std::thread::sleep(Duration::from_millis(300));

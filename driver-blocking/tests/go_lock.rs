@@ -43,7 +43,7 @@ impl Wire {
 /// Options for `key` with a name for the session, so that leftovers can be told apart.
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("blocking go {key}");
     }
     options
@@ -56,7 +56,7 @@ fn lock_unlock() {
     let client = Client::new(agent.config().unwrap()).unwrap();
     let key = "blocking/go/lock-unlock/.lock";
     let mut opts = options(key);
-    opts.value = b"held".to_vec();
+    opts.hold.value = b"held".to_vec();
     let lock = client.lock(opts).unwrap();
 
     let guard = lock.acquire().unwrap();
@@ -93,7 +93,7 @@ fn force_invalidate() {
     let key = "blocking/go/force-invalidate/.lock";
     let mut opts = options(key);
     // So that taking it again after the loss need not wait out the default 15 s lock-delay.
-    opts.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
+    opts.hold.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
     let lock = client.lock(opts).unwrap();
     let guard = lock.acquire().unwrap();
     // A watch on another thread sees the same loss.
@@ -262,7 +262,7 @@ fn reclaim_lock() {
         .unwrap();
     let with_session = || {
         let mut opts = LockOptions::new(key).unwrap();
-        opts.session = SessionChoice::Existing(session.clone());
+        opts.hold.session = SessionChoice::Existing(session.clone());
         opts
     };
     let first = client.lock(with_session()).unwrap();
@@ -300,8 +300,8 @@ fn monitor_retry() {
     let client = Client::new(proxy.config()).unwrap();
     let key = "blocking/go/monitor-retry/.lock";
     let mut opts = options(key);
-    opts.monitor_retries = Some(3);
-    opts.monitor_retry_time = Duration::from_millis(100);
+    opts.hold.monitor_retries = Some(3);
+    opts.hold.monitor_retry_time = Duration::from_millis(100);
     let lock = client.lock(opts).unwrap();
     let guard = lock.acquire().unwrap();
     let session = guard.token().session.clone();
@@ -362,8 +362,8 @@ fn one_shot() {
 
     let wait = Duration::from_secs(1);
     let mut opts = options(key);
-    opts.lock_try_once = true;
-    opts.lock_wait_time = wait;
+    opts.hold.try_once = true;
+    opts.hold.wait_time = wait;
     let contender = client.lock(opts).unwrap();
     let started = Instant::now();
     let result = contender.acquire();

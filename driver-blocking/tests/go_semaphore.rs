@@ -66,7 +66,7 @@ impl Wire {
 /// told apart.
 fn options(prefix: &str, limit: u32) -> SemaphoreOptions {
     let mut options = SemaphoreOptions::new(prefix, limit).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("blocking go semaphore {prefix}");
     }
     options
@@ -79,7 +79,7 @@ fn acquire_release() {
     let client = Client::new(agent.config().unwrap()).unwrap();
     let prefix = "blocking/go-semaphore/acquire-release";
     let mut opts = options(prefix, 2);
-    opts.value = b"held".to_vec();
+    opts.hold.value = b"held".to_vec();
     let semaphore = client.semaphore(opts).unwrap();
 
     let guard = semaphore.acquire().unwrap();

@@ -38,7 +38,7 @@ impl Wire {
 
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("blocking interop {key}");
     }
     options

@@ -16,7 +16,7 @@ fn an_unreachable_agent_is_reported_and_ends_the_acquire_after_the_budget() {
     proxy.set_mode(Mode::Refuse);
     let client = Client::new(proxy.config()).unwrap();
     let mut options = LockOptions::new("blocking/retries/unreachable").unwrap();
-    options.acquire_error_budget = Some(Duration::from_secs(2));
+    options.hold.acquire_error_budget = Some(Duration::from_secs(2));
     let lock = client.lock(options).unwrap();
     let mut retries = lock.retries();
     let watcher = std::thread::spawn(move || {

@@ -66,7 +66,7 @@ pub enum Error {
     #[error(transparent)]
     Lock(#[from] LockError),
     /// Try-once: the wait ended without the lock. Not a success: there is no guard.
-    #[error("gave up: no lock within the wait time (lock_try_once)")]
+    #[error("gave up: no lock within the wait time (try_once)")]
     GaveUp,
     /// [`Client::shutdown`](crate::Client::shutdown) did not finish every cleanup in time (here
     /// so that `?` works on it in a function returning this error).

@@ -161,7 +161,7 @@ impl Client {
 
     /// The machine for a lock with `options`, its jitter seeded from entropy (see [`seed`]).
     pub(crate) fn lock_machine(&self, mut options: LockOptions) -> Result<LockMachine, Error> {
-        options.seed = seed::fresh();
+        options.hold.seed = seed::fresh();
         Ok(LockMachine::new((*self.config).clone(), options)?)
     }
 
@@ -188,7 +188,7 @@ impl Client {
 
     /// The machine for a semaphore with `options`, its jitter seeded from entropy (see [`seed`]).
     pub(crate) fn semaphore_machine(&self, mut options: SemaphoreOptions) -> Result<SemaphoreMachine, Error> {
-        options.seed = seed::fresh();
+        options.hold.seed = seed::fresh();
         Ok(SemaphoreMachine::new((*self.config).clone(), options)?)
     }
 
@@ -445,7 +445,7 @@ impl Lock {
     /// Waits for the lock (for a semaphore: for a slot). Cancel by dropping the future: the
     /// attempt stops at once.
     ///
-    /// Errors: [`Error::GaveUp`] with `lock_try_once` (a semaphore's `try_once`) when the wait
+    /// Errors: [`Error::GaveUp`] with `try_once` when the wait
     /// ended without the lock (never a guard); [`Error::Lock`] for a key used otherwise
     /// (`Conflict`: a lock where a semaphore is, or the reverse), a semaphore whose `.lock` has
     /// another limit (`LimitMismatch`) or is unreadable (`BadSemaphore`), a session Consul

@@ -43,11 +43,11 @@ mod tests {
         let options = LockOptions::new("a").expect("options");
         let a = client.lock_machine(options.clone()).expect("machine");
         let b = client.lock_machine(options.clone()).expect("machine");
-        assert_ne!(a.options().seed, b.options().seed);
-        assert_ne!(a.options().seed, options.seed);
+        assert_ne!(a.options().hold.seed, b.options().hold.seed);
+        assert_ne!(a.options().hold.seed, options.hold.seed);
         let options = SemaphoreOptions::new("a", 2).expect("options");
         let a = client.semaphore_machine(options.clone()).expect("machine");
         let b = client.semaphore_machine(options).expect("machine");
-        assert_ne!(a.options().seed, b.options().seed);
+        assert_ne!(a.options().hold.seed, b.options().hold.seed);
     }
 }

@@ -79,7 +79,7 @@ async fn lock_state(client: &Client, key: &str) -> (u64, bool) {
 
 fn named(key: &str, name: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    options.session_options_mut().unwrap().name = name.to_owned();
+    options.hold.session_options_mut().unwrap().name = name.to_owned();
     options
 }
 
@@ -159,7 +159,7 @@ async fn a_release_that_fails_is_retried_and_one_never_confirmed_is_an_error() {
 
     let key = "tokio/edges/release-never-confirmed";
     let mut options = named(key, "tokio edges release-never-confirmed");
-    options.session_options_mut().unwrap().ttl = Duration::from_secs(10);
+    options.hold.session_options_mut().unwrap().ttl = Duration::from_secs(10);
     let lock = client.lock(options).unwrap();
     let guard = lock.acquire().await.unwrap();
     proxy.fail_requests(is_release, u64::MAX);
@@ -242,7 +242,7 @@ async fn an_unreachable_agent_is_reported_and_ends_the_acquire_after_the_budget(
     proxy.set_mode(Mode::Refuse);
     let client = Client::new(proxy.config()).unwrap();
     let mut options = LockOptions::new("tokio/edges/unreachable").unwrap();
-    options.acquire_error_budget = Some(Duration::from_secs(2));
+    options.hold.acquire_error_budget = Some(Duration::from_secs(2));
     let lock = client.lock(options).unwrap();
     let mut retries = lock.retries();
     let watcher = tokio::spawn(async move {

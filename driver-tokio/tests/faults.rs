@@ -49,7 +49,7 @@ async fn no_session_left(config: &ClientConfig, name: &str, within: Duration) ->
 
 fn named(key: &str, name: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    options.session_options_mut().unwrap().name = name.to_owned();
+    options.hold.session_options_mut().unwrap().name = name.to_owned();
     options
 }
 
@@ -101,7 +101,7 @@ async fn partition_holder_knows_before_anyone_else_holds() {
     let proxy = FaultProxy::start(agent.addr()).unwrap();
     let holder_client = Client::new(proxy.config()).unwrap();
     let mut options = named(key, "tokio faults partition holder");
-    let session = options.session_options_mut().unwrap();
+    let session = options.hold.session_options_mut().unwrap();
     session.ttl = ttl;
     session.lock_delay = Some(Duration::ZERO);
     let holder = holder_client.lock(options).unwrap();
@@ -186,7 +186,7 @@ async fn cancel_while_creating_the_session() {
     proxy.set_mode(Mode::BlackHole);
     let client = Client::new(proxy.config()).unwrap();
     let mut options = named("tokio/faults/cancel-create/.lock", name);
-    options.request_timeout = Duration::from_secs(2);
+    options.hold.request_timeout = Duration::from_secs(2);
     let attempt = Attempt::start(client.lock(options).unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(proxy.count(|s| s.head.path() == "/v1/session/create"), 1);

@@ -19,7 +19,7 @@ use consul_lock_tokio::{Client, Error, LockError, LockOptions, LossReason};
 /// Options for `key` with a name for the session, so that leftovers can be told apart.
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("tokio go {key}");
     }
     options
@@ -32,7 +32,7 @@ async fn lock_unlock() {
     let client = Client::new(agent.config().unwrap()).unwrap();
     let key = "tokio/go/lock-unlock/.lock";
     let mut opts = options(key);
-    opts.value = b"held".to_vec();
+    opts.hold.value = b"held".to_vec();
     let lock = client.lock(opts).unwrap();
 
     let guard = lock.acquire().await.unwrap();
@@ -72,7 +72,7 @@ async fn force_invalidate() {
     let key = "tokio/go/force-invalidate/.lock";
     let mut opts = options(key);
     // So that taking it again after the loss need not wait out the default 15 s lock-delay.
-    opts.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
+    opts.hold.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
     let lock = client.lock(opts).unwrap();
     let mut guard = lock.acquire().await.unwrap();
 
@@ -260,7 +260,7 @@ async fn reclaim_lock() {
         .unwrap();
     let with_session = || {
         let mut opts = LockOptions::new(key).unwrap();
-        opts.session = SessionChoice::Existing(session.clone());
+        opts.hold.session = SessionChoice::Existing(session.clone());
         opts
     };
     let first = client.lock(with_session()).unwrap();
@@ -311,8 +311,8 @@ async fn monitor_retry() {
     let client = Client::new(proxy.config()).unwrap();
     let key = "tokio/go/monitor-retry/.lock";
     let mut opts = options(key);
-    opts.monitor_retries = Some(3);
-    opts.monitor_retry_time = Duration::from_millis(100);
+    opts.hold.monitor_retries = Some(3);
+    opts.hold.monitor_retry_time = Duration::from_millis(100);
     let lock = client.lock(opts).unwrap();
     let mut guard = lock.acquire().await.unwrap();
     let session = guard.token().session.clone();
@@ -386,8 +386,8 @@ async fn one_shot() {
 
     let wait = Duration::from_secs(1);
     let mut opts = options(key);
-    opts.lock_try_once = true;
-    opts.lock_wait_time = wait;
+    opts.hold.try_once = true;
+    opts.hold.wait_time = wait;
     let contender = client.lock(opts).unwrap();
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(10), contender.acquire())

@@ -48,7 +48,7 @@ impl Wire {
 /// told apart.
 fn options(prefix: &str, limit: u32) -> SemaphoreOptions {
     let mut options = SemaphoreOptions::new(prefix, limit).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("tokio go semaphore {prefix}");
     }
     options
@@ -74,7 +74,7 @@ async fn acquire_release() {
     let client = Client::new(agent.config().unwrap()).unwrap();
     let prefix = "tokio/go-semaphore/acquire-release";
     let mut opts = options(prefix, 2);
-    opts.value = b"held".to_vec();
+    opts.hold.value = b"held".to_vec();
     let semaphore = client.semaphore(opts).unwrap();
 
     let guard = semaphore.acquire().await.unwrap();
@@ -303,7 +303,7 @@ async fn conflict() {
     // A lock holds <prefix>/.lock: the semaphore on <prefix> sees a lock there.
     let prefix = "tokio/go-semaphore/conflict-lock-first";
     let mut lock_options = LockOptions::new(&format!("{prefix}/.lock")).unwrap();
-    lock_options.session_options_mut().unwrap().name = format!("tokio go semaphore {prefix}");
+    lock_options.hold.session_options_mut().unwrap().name = format!("tokio go semaphore {prefix}");
     let lock = client.lock(lock_options).unwrap();
     let held = lock.acquire().await.unwrap();
     let semaphore = client.semaphore(options(prefix, 2)).unwrap();
@@ -345,7 +345,7 @@ async fn conflict() {
     let semaphore = client.semaphore(options(prefix, 2)).unwrap();
     let mut slot = semaphore.acquire().await.unwrap();
     let mut lock_options = LockOptions::new(&format!("{prefix}/.lock")).unwrap();
-    lock_options.session_options_mut().unwrap().name = format!("tokio go semaphore {prefix}");
+    lock_options.hold.session_options_mut().unwrap().name = format!("tokio go semaphore {prefix}");
     let lock = client.lock(lock_options).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(10), lock.acquire())
         .await
@@ -430,8 +430,8 @@ async fn monitor_retry() {
     let client = Client::new(proxy.config()).unwrap();
     let prefix = "tokio/go-semaphore/monitor-retry";
     let mut opts = options(prefix, 2);
-    opts.monitor_retries = Some(3);
-    opts.monitor_retry_time = Duration::from_millis(100);
+    opts.hold.monitor_retries = Some(3);
+    opts.hold.monitor_retry_time = Duration::from_millis(100);
     let semaphore = client.semaphore(opts).unwrap();
     let mut guard = semaphore.acquire().await.unwrap();
     let session = guard.token().session.clone();
@@ -515,8 +515,8 @@ async fn one_shot() {
 
     let wait = Duration::from_secs(1);
     let mut opts = options(prefix, 2);
-    opts.try_once = true;
-    opts.wait_time = wait;
+    opts.hold.try_once = true;
+    opts.hold.wait_time = wait;
     let contender = client.semaphore(opts).unwrap();
     let started = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(10), contender.acquire())

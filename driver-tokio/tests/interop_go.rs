@@ -24,7 +24,7 @@ const HANDOFF_LIMIT: Duration = Duration::from_secs(5);
 
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("tokio interop {key}");
     }
     options

@@ -226,8 +226,8 @@ fn most_at_once(holds: &[(String, u128, u128)]) -> usize {
 
 fn options(name: &str) -> SemaphoreOptions {
     let mut options = SemaphoreOptions::new(PREFIX, LIMIT).unwrap();
-    options.value = name.as_bytes().to_vec();
-    if let Some(session) = options.session_options_mut() {
+    options.hold.value = name.as_bytes().to_vec();
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("tokio interop {name}");
     }
     options

@@ -50,7 +50,7 @@ async fn injected_500s_while_holding_do_not_lose_the_lock() {
     proxy.set_latency(Duration::from_millis(5));
     let client = Client::new(proxy.config()).unwrap();
     let mut options = LockOptions::new("sim/served/500s/.lock").unwrap();
-    options.monitor_retry_time = Duration::from_millis(50);
+    options.hold.monitor_retry_time = Duration::from_millis(50);
     let lock = client.lock(options).unwrap();
     let mut guard = lock.acquire().await.unwrap();
     // Wait until the monitor's blocking read is parked, then fail the next reads.

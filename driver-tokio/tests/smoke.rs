@@ -56,7 +56,7 @@ async fn close_waits_until_the_cancelled_attempts_session_is_gone() {
     let held = holder.acquire().await.unwrap();
 
     let mut options = consul_lock_tokio::LockOptions::new(key).unwrap();
-    if let Some(s) = options.session_options_mut() {
+    if let Some(s) = options.hold.session_options_mut() {
         s.name = "close-test waiter".into();
     }
     // Behind a slow link, so that the background destroy is still on its way when we look.

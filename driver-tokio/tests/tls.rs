@@ -54,7 +54,7 @@ fn ca(agent: &ConsulAgent) -> String {
 
 fn options(key: &str) -> LockOptions {
     let mut options = LockOptions::new(key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = format!("tokio tls {key}");
     }
     options

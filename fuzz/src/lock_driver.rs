@@ -75,16 +75,16 @@ impl Setup {
             Err(e) => panic!("fuzz harness bug: {e}"),
         };
         if self.existing {
-            o.session = SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
-        } else if let Some(s) = o.session_options_mut() {
+            o.hold.session = SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
+        } else if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(u64::from(self.ttl_secs));
             s.lock_delay = self.lock_delay_secs.map(|d| Duration::from_secs(u64::from(d)));
         }
-        o.lock_try_once = self.try_once;
-        o.monitor_retries = self.monitor_retries.map(u32::from);
-        o.lock_wait_time = Duration::from_secs(u64::from(self.wait_secs));
-        o.seed = self.seed;
-        o.value = self.value.clone();
+        o.hold.try_once = self.try_once;
+        o.hold.monitor_retries = self.monitor_retries.map(u32::from);
+        o.hold.wait_time = Duration::from_secs(u64::from(self.wait_secs));
+        o.hold.seed = self.seed;
+        o.hold.value = self.value.clone();
         o
     }
 }

@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("agent: {}", config.base_url());
 
     let mut options = LockOptions::new(&key)?;
-    options.value = format!("pid {}", std::process::id()).into_bytes();
+    options.hold.value = format!("pid {}", std::process::id()).into_bytes();
     let mut lock = LockMachine::new(config, options)?;
     let mut driver = ThreadDriver::new(TestTransport::new()?);
 

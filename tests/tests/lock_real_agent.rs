@@ -10,7 +10,7 @@ use consul_lock_testkit::{TestTransport, ThreadDriver};
 
 fn machine(config: &ClientConfig, key: &str, value: &str) -> LockMachine {
     let mut options = LockOptions::new(key).unwrap();
-    options.value = value.as_bytes().to_vec();
+    options.hold.value = value.as_bytes().to_vec();
     LockMachine::new(config.clone(), options).unwrap()
 }
 
@@ -109,7 +109,7 @@ fn cancel_while_waiting_leaves_no_session() {
 
     let mut waiter = LockMachine::new(config.clone(), {
         let mut o = LockOptions::new(key).unwrap();
-        if let Some(s) = o.session_options_mut() {
+        if let Some(s) = o.hold.session_options_mut() {
             s.name = "cancel-test waiter".into();
         }
         o

@@ -86,8 +86,8 @@ impl LockRequest {
         let config = ClientConfig::http(&addr).map_err(|e| format!("bad addr {addr:?}: {e}"))?;
         let mut options = LockOptions::new(key).map_err(|e| format!("bad key {key:?}: {e}"))?;
         // Each contender its own jitter, as separate processes would have.
-        options.seed = id;
-        if let Some(session) = options.session_options_mut() {
+        options.hold.seed = id;
+        if let Some(session) = options.hold.session_options_mut() {
             session.ttl = Duration::from_millis(ttl_ms);
             session.lock_delay = lock_delay_ms.map(Duration::from_millis);
         }

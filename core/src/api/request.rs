@@ -213,7 +213,7 @@ mod tests {
     fn encode_everything(key: &Key, config: &ClientConfig) -> Vec<usize> {
         let session = SessionId::new("ü".repeat(SessionId::MAX_LEN / 2)).expect("session");
         let mut options = SemaphoreOptions::new(key.as_str(), 3).expect("semaphore options");
-        options.session = crate::machine::SessionChoice::Existing(session.clone());
+        options.hold.session = crate::machine::SessionChoice::Existing(session.clone());
         assert_eq!(options.validate(), Ok(()));
         let contender = options.contender_key(&session).expect("contender key");
         let blocking = Some(Blocking {
@@ -345,7 +345,7 @@ mod tests {
             Err(OptionsError::Config(_))
         ));
         let mut long_ns = options;
-        long_ns.namespace = Some("n".repeat(ClientConfig::MAX_NAME_LEN + 1));
+        long_ns.hold.namespace = Some("n".repeat(ClientConfig::MAX_NAME_LEN + 1));
         assert!(matches!(
             long_ns.validate(),
             Err(OptionsError::NamespaceTooLong { .. })

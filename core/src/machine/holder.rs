@@ -17,7 +17,7 @@ use crate::api::{Blocking, ClientConfig, Consistency, Endpoint, Key, KvCasDelete
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
 use crate::machine::hold::{Base, Failures, Watch, WatchStep};
-use crate::machine::options::HoldOptions;
+use crate::machine::options::KindOptions;
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionLoss, SessionMachine};
 use crate::machine::{
@@ -29,7 +29,7 @@ use crate::machine::{
 /// the crate: the kinds are the crate's.
 pub trait Kind: Sized + Debug + Send + 'static {
     /// The options a machine of this kind is made with.
-    type Options: HoldOptions;
+    type Options: KindOptions;
     /// A request of the acquisition (sent, or sent again after a pause).
     type Ask: Copy + Debug + PartialEq + Send;
     /// What an acquisition keeps besides what every acquisition keeps.
@@ -224,13 +224,13 @@ impl<K: Kind> Holder<K> {
     ) -> Result<Holder<K>, OptionsError> {
         options.check()?;
         config.check()?;
-        let common = options.common();
+        let hold = options.hold();
         let base = Base::new(
             config,
-            common.namespace,
-            common.session,
-            common.request_timeout,
-            common.seed,
+            hold.namespace.as_ref(),
+            &hold.session,
+            hold.request_timeout,
+            hold.seed,
         );
         Ok(Holder {
             kind: kind(&options),
@@ -282,8 +282,8 @@ impl<K: Kind> Holder<K> {
             step: Step::AwaitSession,
             index: 0,
             give_up_at: {
-                let common = self.options.common();
-                common.try_once.then(|| now + common.wait.1)
+                let hold = self.options.hold();
+                hold.try_once.then(|| now + hold.wait_time)
             },
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
             failures: Failures::default(),
@@ -511,7 +511,7 @@ impl<K: Kind> Holder<K> {
 
     /// Sends the hold's next monitor read: a blocking read from the watch's index.
     pub(crate) fn monitor(&mut self, now: Instant) {
-        let wait = self.options.common().monitor_wait;
+        let wait = self.options.hold().monitor_wait;
         let Some(index) = self.held().map(|h| h.watch.index) else {
             return;
         };
@@ -556,7 +556,7 @@ impl<K: Kind> Holder<K> {
     /// The blocking part of the acquisition's next read: its index and a wait that no read
     /// outlasts the give-up time with. `None` (having given up) when that time has come.
     fn next_read(&mut self, now: Instant) -> Option<Blocking> {
-        let wait_time = self.options.common().wait.1;
+        let wait_time = self.options.hold().wait_time;
         let a = self.acquiring()?;
         if a.give_up_at.is_some_and(|at| now >= at) {
             self.give_up(now);
@@ -572,7 +572,7 @@ impl<K: Kind> Holder<K> {
     /// Takes in the index of a read of the acquisition sent as `sent`; what it says of the
     /// agent's pace. Any read that made progress ends a run of failures.
     pub(crate) fn take_index(&mut self, now: Instant, sent: Pending, got: u64) -> Pace {
-        let wait_time = self.options.common().wait.1;
+        let wait_time = self.options.hold().wait_time;
         let Some(a) = self.acquiring() else {
             return Pace::default();
         };
@@ -592,7 +592,7 @@ impl<K: Kind> Holder<K> {
 
     /// The hold's monitor read showed it still held: read again, now or after a pause.
     fn still_held(&mut self, now: Instant, sent: Pending, got: u64) {
-        let wait = self.options.common().monitor_wait;
+        let wait = self.options.hold().monitor_wait;
         let Phase::Held(h) = &mut self.phase else { return };
         if h.watch.still_held(now, sent, got, wait, &mut self.base.rng) {
             self.monitor(now);
@@ -601,8 +601,8 @@ impl<K: Kind> Holder<K> {
 
     /// A monitor read failed: a pause before the next, or the loss.
     fn on_monitor_failure(&mut self, now: Instant, failure: Failure) {
-        let common = self.options.common();
-        let (retries, retry_time) = (common.monitor_retries, common.monitor_retry_time);
+        let hold = self.options.hold();
+        let (retries, retry_time) = (hold.monitor_retries, hold.monitor_retry_time);
         let Some(h) = self.held() else { return };
         if let Err(reason) = h.watch.failed(now, failure, retries, retry_time) {
             self.lose(now, reason);
@@ -635,7 +635,7 @@ impl<K: Kind> Holder<K> {
 
     /// Records a failed try whose next is at `next_try` (see [`Failures`]).
     pub(crate) fn record_failure(&mut self, now: Instant, why: &str, next_try: Instant) {
-        let budget = self.options.common().acquire_error_budget;
+        let budget = self.options.hold().acquire_error_budget;
         let Phase::Acquiring(a) = &mut self.phase else {
             return;
         };

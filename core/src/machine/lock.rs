@@ -142,7 +142,7 @@ impl Holder<LockKind> {
             key: self.options.key.clone(),
             session,
             flags: LOCK_FLAG_VALUE,
-            value: self.options.value.clone(),
+            value: self.options.hold.value.clone(),
         };
         self.base.send(now, &release, None)
     }
@@ -160,7 +160,7 @@ impl Holder<LockKind> {
             key: self.options.key.clone(),
             session,
             flags: LOCK_FLAG_VALUE,
-            value: self.options.value.clone(),
+            value: self.options.hold.value.clone(),
         };
         self.send_ask(now, Ask::Acquire, &acquire, None);
     }
@@ -502,7 +502,7 @@ impl Kind for LockKind {
         h.phase = Phase::Releasing(Releasing {
             step: ReleaseStep::Sent(Give::Release, pending),
             attempts: 1,
-            give_up_at: now + life.max(h.options.request_timeout),
+            give_up_at: now + life.max(h.options.hold.request_timeout),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             leave: session,
             failed: None,

@@ -22,7 +22,7 @@ mod session;
 pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Misuse, Retry};
 pub use holder::Holder;
 pub use lock::LockMachine;
-pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
+pub use options::{HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use semaphore::{SemaphoreMachine, SemaphoreState};
 pub use session::{SessionEvent, SessionMachine, SessionStatus};

@@ -47,7 +47,7 @@ impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             name: LockOptions::DEFAULT_SESSION_NAME.to_owned(),
-            ttl: LockOptions::DEFAULT_SESSION_TTL,
+            ttl: Self::DEFAULT_TTL,
             lock_delay: None,
             behavior: SessionBehavior::Release,
             node: None,
@@ -58,6 +58,9 @@ impl Default for SessionOptions {
 }
 
 impl SessionOptions {
+    /// Go's session TTL.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
+
     /// The create request these options describe.
     pub fn to_request(&self) -> SessionCreate {
         SessionCreate {
@@ -84,32 +87,36 @@ impl SessionOptions {
     }
 }
 
-/// Everything a [`LockMachine`](crate::machine::LockMachine) needs to know about its lock.
+/// What every kind of hold is tuned by, whatever it holds: the value it writes, its session,
+/// how long it waits, how it watches what it holds and how it bears failures. Go's `LockOptions`
+/// and `SemaphoreOptions` less their key, with Go's defaults.
+///
+/// A [`LockOptions`] and a [`SemaphoreOptions`] each carry one, as `hold`, beside what names
+/// what they hold.
 ///
 /// ```
-/// # use consul_lock_core::machine::LockOptions;
+/// # use consul_lock_core::machine::{HoldOptions, LockOptions};
 /// # use std::time::Duration;
 /// let mut options = LockOptions::new("service/leader").unwrap();
-/// options.value = b"node-1".to_vec();
-/// options.lock_try_once = true;
-/// options.seed = 7;
-/// assert_eq!(options.lock_wait_time, Duration::from_secs(15));
+/// options.hold.value = b"node-1".to_vec();
+/// options.hold.try_once = true;
+/// assert_eq!(options.hold.wait_time, HoldOptions::DEFAULT_WAIT_TIME);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LockOptions {
-    /// The lock key.
-    pub key: Key,
-    /// Written to the key on acquire and on release.
+pub struct HoldOptions {
+    /// Written to the key on acquire (and, for a lock, on release).
     pub value: Vec<u8>,
     /// Create a session, or use the caller's.
     pub session: SessionChoice,
-    /// The `wait` of each blocking read while waiting for the key (default 15 s, at most Consul's
-    /// 10 min). With `lock_try_once`, the whole time to wait.
-    pub lock_wait_time: Duration,
-    /// Give up once `lock_wait_time` has passed without the lock: a distinct outcome
+    /// The `wait` of each blocking read while waiting to acquire (default 15 s, at most Consul's
+    /// 10 min): Go's `LockWaitTime` and `SemaphoreWaitTime`. With `try_once`, the whole time to
+    /// wait.
+    pub wait_time: Duration,
+    /// Give up once `wait_time` has passed without acquiring: a distinct outcome
     /// ([`LockEvent::GaveUp`](crate::machine::LockEvent::GaveUp)), never mistaken for success.
-    pub lock_try_once: bool,
-    /// How many consecutive failed monitor reads to bear before declaring the lock lost.
+    /// Go's `LockTryOnce` and `SemaphoreTryOnce`.
+    pub try_once: bool,
+    /// How many consecutive failed monitor reads to bear before declaring the hold lost.
     /// `None` (the default) bears them for as long as the session's renewals succeed, since the
     /// renew deadline already bounds how long a holder can be wrong; `Some(n)` is Go's
     /// `MonitorRetries`.
@@ -139,13 +146,9 @@ pub struct LockOptions {
     pub seed: u64,
 }
 
-impl LockOptions {
-    /// Go's session name for locks.
-    pub const DEFAULT_SESSION_NAME: &'static str = "Consul API Lock";
-    /// Go's session TTL.
-    pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
-    /// Go's lock wait time.
-    pub const DEFAULT_LOCK_WAIT_TIME: Duration = Duration::from_secs(15);
+impl HoldOptions {
+    /// Go's lock and semaphore wait time.
+    pub const DEFAULT_WAIT_TIME: Duration = Duration::from_secs(15);
     /// Go's monitor retry time.
     pub const DEFAULT_MONITOR_RETRY_TIME: Duration = Duration::from_secs(2);
     /// Consul's default (and the largest useful) blocking wait for monitor reads.
@@ -157,25 +160,24 @@ impl LockOptions {
     /// Consul caps a blocking read's wait at 10 minutes.
     pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
-    /// Options for a lock on `key` with Go's defaults.
-    pub fn new(key: &str) -> Result<LockOptions, OptionsError> {
-        Ok(LockOptions {
-            key: Key::new(key)?,
+    /// Go's defaults, creating a session with `session`.
+    pub fn new(session: SessionOptions) -> HoldOptions {
+        HoldOptions {
             value: Vec::new(),
-            session: SessionChoice::Create(SessionOptions::default()),
-            lock_wait_time: Self::DEFAULT_LOCK_WAIT_TIME,
-            lock_try_once: false,
+            session: SessionChoice::Create(session),
+            wait_time: Self::DEFAULT_WAIT_TIME,
+            try_once: false,
             monitor_retries: None,
             monitor_retry_time: Self::DEFAULT_MONITOR_RETRY_TIME,
             monitor_wait: Self::DEFAULT_MONITOR_WAIT,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             namespace: None,
-            acquire_error_budget: Some(LockOptions::DEFAULT_ACQUIRE_ERROR_BUDGET),
+            acquire_error_budget: Some(Self::DEFAULT_ACQUIRE_ERROR_BUDGET),
             seed: 0,
-        })
+        }
     }
 
-    /// The session options, when the lock creates its session.
+    /// The session options, when the hold creates its session.
     pub fn session_options_mut(&mut self) -> Option<&mut SessionOptions> {
         match &mut self.session {
             SessionChoice::Create(o) => Some(o),
@@ -188,51 +190,85 @@ impl LockOptions {
         if let SessionChoice::Create(session) = &self.session {
             session.validate()?;
         }
-        validate_common(self.common())
+        for (name, value) in [("wait_time", self.wait_time), ("monitor_wait", self.monitor_wait)] {
+            if value.is_zero() || value > Self::MAX_WAIT {
+                return Err(OptionsError::Wait { name, value });
+            }
+        }
+        for (name, value) in [
+            ("monitor_retry_time", self.monitor_retry_time),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3600) {
+                return Err(OptionsError::Pause { name, value });
+            }
+        }
+        if self.value.len() > 512 * 1024 {
+            return Err(OptionsError::ValueTooLarge {
+                len: self.value.len(),
+            });
+        }
+        match self.namespace.as_deref().map(str::len) {
+            Some(0) => Err(OptionsError::EmptyNamespace),
+            Some(len) if len > crate::api::ClientConfig::MAX_NAME_LEN => {
+                Err(OptionsError::NamespaceTooLong {
+                    len,
+                    limit: crate::api::ClientConfig::MAX_NAME_LEN,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
-/// The options every kind of holder has, whatever each calls them: checked here, and acted on
-/// by the holder, in one place each.
-#[derive(Clone, Copy, Debug)]
-pub struct Common<'a> {
-    /// The wait of each blocking read while acquiring, with its option's name.
-    pub(crate) wait: (&'static str, Duration),
-    pub(crate) try_once: bool,
-    pub(crate) monitor_wait: Duration,
-    pub(crate) monitor_retries: Option<u32>,
-    pub(crate) monitor_retry_time: Duration,
-    pub(crate) request_timeout: Duration,
-    pub(crate) acquire_error_budget: Option<Duration>,
-    pub(crate) value: &'a [u8],
-    pub(crate) namespace: Option<&'a String>,
-    pub(crate) session: &'a SessionChoice,
-    pub(crate) seed: u64,
+/// Everything a [`LockMachine`](crate::machine::LockMachine) needs to know about its lock.
+///
+/// ```
+/// # use consul_lock_core::machine::LockOptions;
+/// # use std::time::Duration;
+/// let mut options = LockOptions::new("service/leader").unwrap();
+/// options.hold.value = b"node-1".to_vec();
+/// options.hold.try_once = true;
+/// options.hold.seed = 7;
+/// assert_eq!(options.hold.wait_time, Duration::from_secs(15));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockOptions {
+    /// The lock key.
+    pub key: Key,
+    /// How the lock is held (its value is written on acquire and on release).
+    pub hold: HoldOptions,
+}
+
+impl LockOptions {
+    /// Go's session name for locks.
+    pub const DEFAULT_SESSION_NAME: &'static str = "Consul API Lock";
+
+    /// Options for a lock on `key` with Go's defaults.
+    pub fn new(key: &str) -> Result<LockOptions, OptionsError> {
+        Ok(LockOptions {
+            key: Key::new(key)?,
+            hold: HoldOptions::new(SessionOptions::default()),
+        })
+    }
+
+    /// Checks every option against what Consul accepts and what the machine needs.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        self.hold.validate()
+    }
 }
 
 /// What a holder needs of its options, whatever its kind.
-pub trait HoldOptions: std::fmt::Debug + Send + 'static {
+pub trait KindOptions: std::fmt::Debug + Send + 'static {
     /// The options every kind has.
-    fn common(&self) -> Common<'_>;
+    fn hold(&self) -> &HoldOptions;
     /// Checks every option.
     fn check(&self) -> Result<(), OptionsError>;
 }
 
-impl HoldOptions for LockOptions {
-    fn common(&self) -> Common<'_> {
-        Common {
-            wait: ("lock_wait_time", self.lock_wait_time),
-            try_once: self.lock_try_once,
-            monitor_wait: self.monitor_wait,
-            monitor_retries: self.monitor_retries,
-            monitor_retry_time: self.monitor_retry_time,
-            request_timeout: self.request_timeout,
-            acquire_error_budget: self.acquire_error_budget,
-            value: &self.value,
-            namespace: self.namespace.as_ref(),
-            session: &self.session,
-            seed: self.seed,
-        }
+impl KindOptions for LockOptions {
+    fn hold(&self) -> &HoldOptions {
+        &self.hold
     }
 
     fn check(&self) -> Result<(), OptionsError> {
@@ -240,59 +276,14 @@ impl HoldOptions for LockOptions {
     }
 }
 
-impl HoldOptions for SemaphoreOptions {
-    fn common(&self) -> Common<'_> {
-        Common {
-            wait: ("wait_time", self.wait_time),
-            try_once: self.try_once,
-            monitor_wait: self.monitor_wait,
-            monitor_retries: self.monitor_retries,
-            monitor_retry_time: self.monitor_retry_time,
-            request_timeout: self.request_timeout,
-            acquire_error_budget: self.acquire_error_budget,
-            value: &self.value,
-            namespace: self.namespace.as_ref(),
-            session: &self.session,
-            seed: self.seed,
-        }
+impl KindOptions for SemaphoreOptions {
+    fn hold(&self) -> &HoldOptions {
+        &self.hold
     }
 
     fn check(&self) -> Result<(), OptionsError> {
         self.validate()
     }
-}
-
-fn validate_common(o: Common<'_>) -> Result<(), OptionsError> {
-    for (name, value) in [o.wait, ("monitor_wait", o.monitor_wait)] {
-        if value.is_zero() || value > LockOptions::MAX_WAIT {
-            return Err(OptionsError::Wait { name, value });
-        }
-    }
-    for (name, value) in [
-        ("monitor_retry_time", o.monitor_retry_time),
-        ("request_timeout", o.request_timeout),
-    ] {
-        if value.is_zero() || value > Duration::from_secs(3600) {
-            return Err(OptionsError::Pause { name, value });
-        }
-    }
-    if o.value.len() > 512 * 1024 {
-        return Err(OptionsError::ValueTooLarge { len: o.value.len() });
-    }
-    if o.namespace.is_some_and(String::is_empty) {
-        return Err(OptionsError::EmptyNamespace);
-    }
-    if let Some(len) = o
-        .namespace
-        .map(String::len)
-        .filter(|&len| len > crate::api::ClientConfig::MAX_NAME_LEN)
-    {
-        return Err(OptionsError::NamespaceTooLong {
-            len,
-            limit: crate::api::ClientConfig::MAX_NAME_LEN,
-        });
-    }
-    Ok(())
 }
 
 /// An option Consul or the machine can't work with.
@@ -378,9 +369,9 @@ impl SessionOptions {
 /// # use consul_lock_core::machine::{OptionsError, SemaphoreOptions};
 /// # use std::time::Duration;
 /// let mut options = SemaphoreOptions::new("service/workers", 3).unwrap();
-/// options.value = b"node-1".to_vec();
+/// options.hold.value = b"node-1".to_vec();
 /// assert_eq!(options.lock_key().as_str(), "service/workers/.lock");
-/// assert_eq!(options.wait_time, Duration::from_secs(15));
+/// assert_eq!(options.hold.wait_time, Duration::from_secs(15));
 /// assert_eq!(SemaphoreOptions::new("service/workers", 0).err(), Some(OptionsError::Limit));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,37 +380,14 @@ pub struct SemaphoreOptions {
     pub prefix: Key,
     /// How many may hold at once (1 or more); every contender must agree on it.
     pub limit: u32,
-    /// Written to the contender key.
-    pub value: Vec<u8>,
-    /// Create a session (default: [`SessionOptions::semaphore`]), or use the caller's.
-    pub session: SessionChoice,
-    /// The `wait` of each blocking read while waiting for a slot (default 15 s, at most Consul's
-    /// 10 min). With `try_once`, the whole time to wait.
-    pub wait_time: Duration,
-    /// Give up once `wait_time` has passed without a slot
-    /// ([`LockEvent::GaveUp`](crate::machine::LockEvent::GaveUp)).
-    pub try_once: bool,
-    /// As [`LockOptions::monitor_retries`] (default `None`).
-    pub monitor_retries: Option<u32>,
-    /// As [`LockOptions::monitor_retry_time`] (default 2 s).
-    pub monitor_retry_time: Duration,
-    /// As [`LockOptions::monitor_wait`] (default 5 min).
-    pub monitor_wait: Duration,
-    /// As [`LockOptions::request_timeout`] (default 10 s).
-    pub request_timeout: Duration,
-    /// As [`LockOptions::namespace`].
-    pub namespace: Option<String>,
-    /// As [`LockOptions::acquire_error_budget`] (default 60 s).
-    pub acquire_error_budget: Option<Duration>,
-    /// As [`LockOptions::seed`]: drivers override it; an embedder must vary it.
-    pub seed: u64,
+    /// How a slot is held (the value is written to the contender key; the session defaults to
+    /// [`SessionOptions::semaphore`]).
+    pub hold: HoldOptions,
 }
 
 impl SemaphoreOptions {
     /// Go's session name for semaphores.
     pub const DEFAULT_SESSION_NAME: &'static str = "Consul API Semaphore";
-    /// Go's semaphore wait time.
-    pub const DEFAULT_WAIT_TIME: Duration = Duration::from_secs(15);
     /// The key under the prefix that lists the holders (Go's `DefaultSemaphoreKey`).
     pub const LOCK_KEY: &'static str = ".lock";
 
@@ -431,26 +399,8 @@ impl SemaphoreOptions {
         Ok(SemaphoreOptions {
             prefix: Key::new(prefix)?,
             limit,
-            value: Vec::new(),
-            session: SessionChoice::Create(SessionOptions::semaphore()),
-            wait_time: Self::DEFAULT_WAIT_TIME,
-            try_once: false,
-            monitor_retries: None,
-            monitor_retry_time: LockOptions::DEFAULT_MONITOR_RETRY_TIME,
-            monitor_wait: LockOptions::DEFAULT_MONITOR_WAIT,
-            request_timeout: LockOptions::DEFAULT_REQUEST_TIMEOUT,
-            namespace: None,
-            acquire_error_budget: Some(LockOptions::DEFAULT_ACQUIRE_ERROR_BUDGET),
-            seed: 0,
+            hold: HoldOptions::new(SessionOptions::semaphore()),
         })
-    }
-
-    /// The session options, when the semaphore creates its session.
-    pub fn session_options_mut(&mut self) -> Option<&mut SessionOptions> {
-        match &mut self.session {
-            SessionChoice::Create(o) => Some(o),
-            SessionChoice::Existing(_) => None,
-        }
     }
 
     /// `<prefix>/.lock`, the key that lists the holders.
@@ -474,13 +424,11 @@ impl SemaphoreOptions {
         if self.limit == 0 {
             return Err(OptionsError::Limit);
         }
-        match &self.session {
-            SessionChoice::Create(session) => session.validate()?,
-            SessionChoice::Existing(id) => {
-                self.contender_key(id)?;
-            }
+        // The caller's session must make a usable contender key.
+        if let SessionChoice::Existing(id) = &self.hold.session {
+            self.contender_key(id)?;
         }
-        validate_common(self.common())
+        self.hold.validate()
     }
 }
 
@@ -499,8 +447,8 @@ mod tests {
     fn defaults_are_gos_and_valid() {
         let o = options();
         assert_eq!(o.validate(), Ok(()));
-        assert_eq!(o.lock_wait_time, Duration::from_secs(15));
-        let SessionChoice::Create(s) = &o.session else {
+        assert_eq!(o.hold.wait_time, Duration::from_secs(15));
+        let SessionChoice::Create(s) = &o.hold.session else {
             panic!("creates a session")
         };
         assert_eq!(
@@ -512,32 +460,32 @@ mod tests {
     #[test]
     fn bad_options_are_named() {
         let mut o = options();
-        if let Some(s) = o.session_options_mut() {
+        if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(5);
         }
         let err = o.validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("session TTL") && err.contains("10s"), "{err}");
 
         let mut o = options();
-        if let Some(s) = o.session_options_mut() {
+        if let Some(s) = o.hold.session_options_mut() {
             s.lock_delay = Some(Duration::from_secs(61));
         }
         assert!(matches!(o.validate(), Err(OptionsError::LockDelay { .. })));
 
         let mut o = options();
-        o.lock_wait_time = Duration::ZERO;
+        o.hold.wait_time = Duration::ZERO;
         assert!(matches!(
             o.validate(),
             Err(OptionsError::Wait {
-                name: "lock_wait_time",
+                name: "wait_time",
                 ..
             })
         ));
-        o.lock_wait_time = Duration::from_secs(601);
+        o.hold.wait_time = Duration::from_secs(601);
         assert!(matches!(o.validate(), Err(OptionsError::Wait { .. })));
 
         let mut o = options();
-        o.monitor_retry_time = Duration::ZERO;
+        o.hold.monitor_retry_time = Duration::ZERO;
         assert!(matches!(
             o.validate(),
             Err(OptionsError::Pause {
@@ -555,11 +503,11 @@ mod tests {
     #[test]
     fn zero_lock_delay_is_kept() {
         let mut o = options();
-        if let Some(s) = o.session_options_mut() {
+        if let Some(s) = o.hold.session_options_mut() {
             s.lock_delay = Some(Duration::ZERO);
         }
         assert_eq!(o.validate(), Ok(()));
-        let SessionChoice::Create(s) = &o.session else {
+        let SessionChoice::Create(s) = &o.hold.session else {
             panic!("creates a session")
         };
         assert_eq!(s.to_request().lock_delay, Some(Duration::ZERO));
@@ -572,9 +520,9 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(o.validate(), Ok(()));
-        assert_eq!(o.wait_time, Duration::from_secs(15));
+        assert_eq!(o.hold.wait_time, Duration::from_secs(15));
         assert_eq!(o.lock_key().as_str(), "a/b/.lock");
-        let SessionChoice::Create(s) = &o.session else {
+        let SessionChoice::Create(s) = &o.hold.session else {
             panic!("creates a session")
         };
         assert_eq!(
@@ -604,7 +552,7 @@ mod tests {
         o.limit = 0;
         assert_eq!(o.validate(), Err(OptionsError::Limit));
         o.limit = 1;
-        o.wait_time = Duration::ZERO;
+        o.hold.wait_time = Duration::ZERO;
         assert!(matches!(
             o.validate(),
             Err(OptionsError::Wait {
@@ -612,14 +560,14 @@ mod tests {
                 ..
             })
         ));
-        o.wait_time = Duration::from_secs(1);
-        if let Some(s) = o.session_options_mut() {
+        o.hold.wait_time = Duration::from_secs(1);
+        if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(5);
         }
         assert!(matches!(o.validate(), Err(OptionsError::SessionTtl { .. })));
         // The caller's session must make a usable contender key.
         if let Ok(id) = SessionId::new("..") {
-            o.session = SessionChoice::Existing(id);
+            o.hold.session = SessionChoice::Existing(id);
         }
         assert!(matches!(o.validate(), Err(OptionsError::Key(_))));
     }

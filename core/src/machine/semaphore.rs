@@ -302,7 +302,7 @@ impl Holder<SemaphoreKind> {
 
     /// Deletes the contender key of the caller's session.
     fn clean_up(&mut self, now: Instant) -> Option<(Chore, Pending)> {
-        let SessionChoice::Existing(session) = &self.options.session else {
+        let SessionChoice::Existing(session) = &self.options.hold.session else {
             return None;
         };
         let key = self.options.contender_key(session).ok()?;
@@ -334,7 +334,7 @@ impl Holder<SemaphoreKind> {
             key,
             session,
             flags: SEMAPHORE_FLAG_VALUE,
-            value: self.options.value.clone(),
+            value: self.options.hold.value.clone(),
         };
         self.send_ask(now, Ask::Contend, &acquire, None);
         if let Some(a) = self.acquiring() {
@@ -746,7 +746,7 @@ impl Kind for SemaphoreKind {
         h.phase = Phase::Releasing(Releasing {
             step: ReleaseStep::Session,
             attempts: 0,
-            give_up_at: now + h.options.request_timeout,
+            give_up_at: now + h.options.hold.request_timeout,
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             leave: Leave {
                 session: held.token.session,

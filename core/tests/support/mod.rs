@@ -35,14 +35,14 @@ pub(crate) fn secs(n: u64) -> Duration {
 /// Go's defaults for a lock on [`KEY`], with a fixed seed.
 pub(crate) fn options() -> LockOptions {
     let mut o = LockOptions::new(KEY).unwrap();
-    o.seed = 7;
+    o.hold.seed = 7;
     o
 }
 
 /// Options using the caller's session `session`.
 pub(crate) fn existing(session: &str) -> LockOptions {
     let mut o = options();
-    o.session = SessionChoice::Existing(SessionId::new(session).unwrap());
+    o.hold.session = SessionChoice::Existing(SessionId::new(session).unwrap());
     o
 }
 

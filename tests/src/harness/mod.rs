@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, FencingToken, HoldMachine, LockEvent, LockMachine, LockOptions, LockStatus, LossReason, Reply,
-    RequestId, SemaphoreMachine, SemaphoreOptions, SemaphoreState, TransportError, TransportErrorKind,
+    Action, FencingToken, HoldMachine, HoldOptions, LockEvent, LockMachine, LockOptions, LockStatus,
+    LossReason, Reply, RequestId, SemaphoreMachine, SemaphoreOptions, SemaphoreState, TransportError,
+    TransportErrorKind,
 };
 pub use scenario::{ClientSpec, Fault, FaultKind, Scenario, Target};
 
@@ -214,41 +215,31 @@ fn semaphore_options(scenario: &Scenario, limit: u32) -> SemaphoreOptions {
 fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn HoldMachine> {
     let spec = &scenario.clients[i];
     let config = ClientConfig::default();
-    let value = format!("client-{i}").into_bytes();
-    let session = |s: &mut consul_lock_core::machine::SessionOptions| {
-        s.ttl = spec.ttl;
-        s.lock_delay = spec.lock_delay;
-        s.name = format!("client-{i}");
+    let tune = |hold: &mut HoldOptions| {
+        hold.seed = seed;
+        hold.value = format!("client-{i}").into_bytes();
+        hold.monitor_retries = spec.monitor_retries;
+        if let Some(wait) = spec.try_once {
+            hold.try_once = true;
+            hold.wait_time = wait;
+        }
+        if let Some(s) = hold.session_options_mut() {
+            s.ttl = spec.ttl;
+            s.lock_delay = spec.lock_delay;
+            s.name = format!("client-{i}");
+        }
     };
     match target {
         Target::Lock => {
             let mut options = LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
-            options.seed = seed;
-            options.value = value;
-            options.monitor_retries = spec.monitor_retries;
-            if let Some(wait) = spec.try_once {
-                options.lock_try_once = true;
-                options.lock_wait_time = wait;
-            }
-            if let Some(s) = options.session_options_mut() {
-                session(s);
-            }
+            tune(&mut options.hold);
             let machine =
                 LockMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
             Box::new(machine)
         }
         Target::Semaphore { limit } => {
             let mut options = semaphore_options(scenario, limit);
-            options.seed = seed;
-            options.value = value;
-            options.monitor_retries = spec.monitor_retries;
-            if let Some(wait) = spec.try_once {
-                options.try_once = true;
-                options.wait_time = wait;
-            }
-            if let Some(s) = options.session_options_mut() {
-                session(s);
-            }
+            tune(&mut options.hold);
             let machine =
                 SemaphoreMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
             Box::new(machine)
