@@ -498,18 +498,41 @@ impl<T: Model> Driver<T> {
     }
 }
 
-/// Runs the operations of `u` (up to `max_ops`) on `driver`, then winds it down.
-pub fn run_ops<T: Model>(driver: &mut Driver<T>, u: &mut Unstructured<'_>, max_ops: usize) {
+/// One machine's fuzz target: what a run varies of its options, and the driver they make.
+pub trait Target {
+    /// The options a run varies, read first from the input.
+    type Setup: for<'a> Arbitrary<'a>;
+    /// The machine's agent.
+    type Model: Model;
+    /// The target's name, its seeds' and corpus' folder (`lock_machine`).
+    const NAME: &'static str;
+    /// A driver for a machine with `setup`'s options.
+    fn driver(setup: &Self::Setup) -> Driver<Self::Model>;
+}
+
+/// Runs a whole input: the setup, up to `max_ops` operations, the wind-down.
+pub fn run<T: Target>(data: &[u8], max_ops: usize) {
+    let _ = events_of::<T>(data, max_ops);
+}
+
+/// Runs a whole input as [`run`] does, and returns the events of its operations (before the
+/// wind-down); `None` when the input has no setup.
+pub fn events_of<T: Target>(data: &[u8], max_ops: usize) -> Option<Vec<LockEvent>> {
+    let mut u = Unstructured::new(data);
+    let setup = T::Setup::arbitrary(&mut u).ok()?;
+    let mut driver = T::driver(&setup);
     for _ in 0..max_ops {
         if u.is_empty() {
             break;
         }
-        let Ok(op) = Op::arbitrary(u) else {
+        let Ok(op) = Op::arbitrary(&mut u) else {
             break;
         };
         driver.step(&op);
     }
+    let events = driver.events();
     driver.wind_down();
+    Some(events)
 }
 
 /// SplitMix64 bytes, for random inputs without a fuzzer (the harness's tests, the seeds).
@@ -616,5 +639,58 @@ pub fn corpus_outcomes(dir: &str, events: impl Fn(&[u8]) -> Option<Vec<LockEvent
     eprintln!("{inputs} inputs in {dir}; inputs whose run saw each event:");
     for (k, v) in counts {
         eprintln!("  {v:>6}  {k}");
+    }
+}
+
+/// What each target's tests run, written once: random inputs without a fuzzer, replays, seeds
+/// and a corpus' outcomes.
+#[cfg(test)]
+pub(crate) mod target_tests {
+    use super::{Target, corpus_outcomes, events_of, run, splitmix_bytes, write_seeds};
+
+    fn env<N: std::str::FromStr>(name: &str, default: N) -> N {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// `FUZZ_SEEDS` (default 300) random inputs of 2 KiB keep the invariants.
+    pub(crate) fn random_runs<T: Target>() {
+        for seed in 0..env("FUZZ_SEEDS", 300u64) {
+            let data = splitmix_bytes(seed, 2048);
+            if std::panic::catch_unwind(|| run::<T>(&data, 400)).is_err() {
+                panic!("seed {seed} fails");
+            }
+        }
+    }
+
+    /// Replays the random input `FUZZ_SEED`.
+    pub(crate) fn replay_seed<T: Target>() {
+        run::<T>(&splitmix_bytes(env("FUZZ_SEED", 0), 2048), 400);
+    }
+
+    /// Replays the file `FUZZ_INPUT` (a crash, a corpus input).
+    pub(crate) fn replay_input<T: Target>() {
+        let path = std::env::var("FUZZ_INPUT").unwrap_or_default();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        run::<T>(&data, 512);
+    }
+
+    /// Writes the target's seeds, inputs of `len` bytes (see [`write_seeds`]).
+    pub(crate) fn seeds<T: Target>(len: usize) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("seeds")
+            .join(T::NAME);
+        let missing = write_seeds(&dir, len, 20_000, |data| {
+            events_of::<T>(data, 512).unwrap_or_default()
+        });
+        assert!(missing.is_empty(), "no input found for {missing:?}");
+    }
+
+    /// Prints what the inputs of `FUZZ_CORPUS` (default `corpus/<target>`) reach.
+    pub(crate) fn corpus<T: Target>() {
+        let dir = std::env::var("FUZZ_CORPUS").unwrap_or_else(|_| format!("corpus/{}", T::NAME));
+        corpus_outcomes(&dir, |data| events_of::<T>(data, 512));
     }
 }

@@ -75,7 +75,8 @@ impl Setup {
             Err(e) => panic!("fuzz harness bug: {e}"),
         };
         if self.existing {
-            o.hold.session = SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
+            o.hold.session =
+                SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
         } else if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(u64::from(self.ttl_secs));
             s.lock_delay = self.lock_delay_secs.map(|d| Duration::from_secs(u64::from(d)));
@@ -330,43 +331,42 @@ impl Model for LockModel {
 /// The lock's driver.
 pub type Driver = crate::driver::Driver<LockModel>;
 
+/// The `lock_machine` target.
+pub struct LockTarget;
+
+impl crate::driver::Target for LockTarget {
+    type Setup = Setup;
+    type Model = LockModel;
+    const NAME: &'static str = "lock_machine";
+
+    fn driver(setup: &Setup) -> Driver {
+        let m = match LockMachine::new(ClientConfig::default(), setup.options()) {
+            Ok(m) => m,
+            Err(e) => panic!("fuzz harness bug: invalid options: {e}"),
+        };
+        Driver::new(m, LockModel::default())
+    }
+}
+
 /// A driver for a machine with `setup`'s options.
 pub fn driver(setup: &Setup) -> Driver {
-    let m = match LockMachine::new(ClientConfig::default(), setup.options()) {
-        Ok(m) => m,
-        Err(e) => panic!("fuzz harness bug: invalid options: {e}"),
-    };
-    Driver::new(m, LockModel::default())
+    <LockTarget as crate::driver::Target>::driver(setup)
 }
 
 /// Runs a whole input: the setup, up to `max_ops` operations, the wind-down.
 pub fn run(data: &[u8], max_ops: usize) {
-    let mut u = Unstructured::new(data);
-    let Ok(setup) = Setup::arbitrary(&mut u) else {
-        return;
-    };
-    let mut driver = driver(&setup);
-    crate::driver::run_ops(&mut driver, &mut u, max_ops);
+    crate::driver::run::<LockTarget>(data, max_ops);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::splitmix_bytes as bytes;
+    use crate::driver::target_tests;
     use consul_lock_core::machine::LockEvent;
 
     #[test]
     fn random_runs_keep_the_invariants() {
-        let seeds = std::env::var("FUZZ_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(300u64);
-        for seed in 0..seeds {
-            let data = bytes(seed, 2048);
-            if std::panic::catch_unwind(|| run(&data, 400)).is_err() {
-                panic!("seed {seed} fails");
-            }
-        }
+        target_tests::random_runs::<LockTarget>();
     }
 
     /// Writes seeds for the `lock_machine` target: the first random inputs (SplitMix64 bytes,
@@ -374,31 +374,21 @@ mod tests {
     #[test]
     #[ignore = "writes fuzz/seeds/lock_machine"]
     fn write_seeds() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/lock_machine");
-        let missing = crate::driver::write_seeds(&dir, 1024, 20_000, |data| {
-            let mut u = Unstructured::new(data);
-            let setup = Setup::arbitrary(&mut u).unwrap();
-            let mut d = driver(&setup);
-            while !u.is_empty() {
-                let Ok(op) = Op::arbitrary(&mut u) else { break };
-                d.step(&op);
-            }
-            let events = d.events();
-            d.wind_down();
-            events
-        });
-        assert!(missing.is_empty(), "no input found for {missing:?}");
+        target_tests::seeds::<LockTarget>(1024);
     }
 
     /// Replays one seed of `random_runs_keep_the_invariants`: `FUZZ_SEED=n FUZZ_TRACE=1`.
     #[test]
     #[ignore = "replays FUZZ_SEED"]
     fn replay_seed() {
-        let seed = std::env::var("FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        run(&bytes(seed, 2048), 400);
+        target_tests::replay_seed::<LockTarget>();
+    }
+
+    /// Replays a file (a crash, a corpus input): `FUZZ_INPUT=path FUZZ_TRACE=1`.
+    #[test]
+    #[ignore = "replays FUZZ_INPUT"]
+    fn replay_input() {
+        target_tests::replay_input::<LockTarget>();
     }
 
     #[test]
@@ -437,30 +427,16 @@ mod tests {
     }
 }
 
-/// What the inputs of a corpus reach: `FUZZ_CORPUS=fuzz/corpus/lock_machine cargo test --release
+/// What the inputs of a corpus reach: `FUZZ_CORPUS=corpus/lock_machine cargo test --release
 /// --lib -- --ignored corpus_outcomes --nocapture`.
 #[cfg(test)]
 mod corpus {
-    use super::*;
+    use super::LockTarget;
+    use crate::driver::target_tests;
 
     #[test]
     #[ignore = "reads FUZZ_CORPUS"]
     fn corpus_outcomes() {
-        let dir = std::env::var("FUZZ_CORPUS").unwrap_or_else(|_| "corpus/lock_machine".to_owned());
-        crate::driver::corpus_outcomes(&dir, |data| {
-            let mut u = Unstructured::new(data);
-            let setup = Setup::arbitrary(&mut u).ok()?;
-            let mut d = driver(&setup);
-            for _ in 0..512 {
-                if u.is_empty() {
-                    break;
-                }
-                let Ok(op) = Op::arbitrary(&mut u) else { break };
-                d.step(&op);
-            }
-            let events = d.events();
-            d.wind_down();
-            Some(events)
-        });
+        target_tests::corpus::<LockTarget>();
     }
 }

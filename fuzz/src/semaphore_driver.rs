@@ -79,7 +79,8 @@ impl Setup {
             Err(e) => panic!("fuzz harness bug: {e}"),
         };
         if self.existing {
-            o.hold.session = SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
+            o.hold.session =
+                SessionChoice::Existing(SessionId::new(EXISTING).unwrap_or_else(|e| panic!("{e}")));
         } else if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(u64::from(self.ttl_secs));
         }
@@ -338,61 +339,42 @@ impl Model for SemaphoreModel {
 /// The semaphore's driver.
 pub type Driver = crate::driver::Driver<SemaphoreModel>;
 
+/// The `semaphore_machine` target.
+pub struct SemaphoreTarget;
+
+impl crate::driver::Target for SemaphoreTarget {
+    type Setup = Setup;
+    type Model = SemaphoreModel;
+    const NAME: &'static str = "semaphore_machine";
+
+    fn driver(setup: &Setup) -> Driver {
+        let m = match SemaphoreMachine::new(ClientConfig::default(), setup.options()) {
+            Ok(m) => m,
+            Err(e) => panic!("fuzz harness bug: invalid options: {e}"),
+        };
+        Driver::new(m, SemaphoreModel::new(u32::from(setup.limit)))
+    }
+}
+
 /// A driver for a machine with `setup`'s options.
 pub fn driver(setup: &Setup) -> Driver {
-    let m = match SemaphoreMachine::new(ClientConfig::default(), setup.options()) {
-        Ok(m) => m,
-        Err(e) => panic!("fuzz harness bug: invalid options: {e}"),
-    };
-    Driver::new(m, SemaphoreModel::new(u32::from(setup.limit)))
+    <SemaphoreTarget as crate::driver::Target>::driver(setup)
 }
 
 /// Runs a whole input: the setup, up to `max_ops` operations, the wind-down.
 pub fn run(data: &[u8], max_ops: usize) {
-    let mut u = Unstructured::new(data);
-    let Ok(setup) = Setup::arbitrary(&mut u) else {
-        return;
-    };
-    let mut driver = driver(&setup);
-    crate::driver::run_ops(&mut driver, &mut u, max_ops);
-}
-
-/// The events of an input's operations (all of them), before the wind-down, which follows.
-#[cfg(test)]
-fn events_of(data: &[u8], max_ops: usize) -> Option<Vec<consul_lock_core::machine::LockEvent>> {
-    let mut u = Unstructured::new(data);
-    let setup = Setup::arbitrary(&mut u).ok()?;
-    let mut d = driver(&setup);
-    for _ in 0..max_ops {
-        if u.is_empty() {
-            break;
-        }
-        let Ok(op) = Op::arbitrary(&mut u) else { break };
-        d.step(&op);
-    }
-    let events = d.events();
-    d.wind_down();
-    Some(events)
+    crate::driver::run::<SemaphoreTarget>(data, max_ops);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::splitmix_bytes as bytes;
+    use crate::driver::target_tests;
     use consul_lock_core::machine::LockEvent;
 
     #[test]
     fn random_runs_keep_the_invariants() {
-        let seeds = std::env::var("FUZZ_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(300u64);
-        for seed in 0..seeds {
-            let data = bytes(seed, 2048);
-            if std::panic::catch_unwind(|| run(&data, 400)).is_err() {
-                panic!("seed {seed} fails");
-            }
-        }
+        target_tests::random_runs::<SemaphoreTarget>();
     }
 
     /// Writes seeds for the `semaphore_machine` target: the first random inputs (SplitMix64
@@ -401,31 +383,21 @@ mod tests {
     #[test]
     #[ignore = "writes fuzz/seeds/semaphore_machine"]
     fn write_semaphore_seeds() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/semaphore_machine");
-        let missing = crate::driver::write_seeds(&dir, 4096, 20_000, |data| {
-            events_of(data, 512).unwrap_or_default()
-        });
-        assert!(missing.is_empty(), "no input found for {missing:?}");
+        target_tests::seeds::<SemaphoreTarget>(4096);
     }
 
     /// Replays one seed of `random_runs_keep_the_invariants`: `FUZZ_SEED=n FUZZ_TRACE=1`.
     #[test]
     #[ignore = "replays FUZZ_SEED"]
     fn replay_semaphore_seed() {
-        let seed = std::env::var("FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        run(&bytes(seed, 2048), 400);
+        target_tests::replay_seed::<SemaphoreTarget>();
     }
 
     /// Replays a file (a crash, a corpus input): `FUZZ_INPUT=path FUZZ_TRACE=1`.
     #[test]
     #[ignore = "replays FUZZ_INPUT"]
     fn replay_semaphore_input() {
-        let path = std::env::var("FUZZ_INPUT").unwrap_or_default();
-        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        run(&data, 512);
+        target_tests::replay_input::<SemaphoreTarget>();
     }
 
     #[test]
@@ -472,10 +444,12 @@ mod tests {
 /// --lib -- --ignored semaphore_corpus_outcomes --nocapture`.
 #[cfg(test)]
 mod corpus {
+    use super::SemaphoreTarget;
+    use crate::driver::target_tests;
+
     #[test]
     #[ignore = "reads FUZZ_CORPUS"]
     fn semaphore_corpus_outcomes() {
-        let dir = std::env::var("FUZZ_CORPUS").unwrap_or_else(|_| "corpus/semaphore_machine".to_owned());
-        crate::driver::corpus_outcomes(&dir, |data| super::events_of(data, 512));
+        target_tests::corpus::<SemaphoreTarget>();
     }
 }
