@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use consul_lock_testkit::harness::strategies::{cases, client_spec, fault};
+use consul_lock_testkit::harness::strategies::{cases, client_spec, fault, shrink_iters};
 use consul_lock_testkit::harness::{ClientSpec, Fault, FaultKind, Outcome, Scenario, run};
 use proptest::prelude::*;
 
@@ -53,7 +53,10 @@ fn liveness_bound(scenario: &Scenario) -> Duration {
 fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
     let healed = scenario.last_heal();
     let bound = liveness_bound(scenario);
-    if healed + bound <= scenario.duration {
+    // Callers that all give up early (`cancel_after`) may never hold: liveness is owed to a
+    // patient one.
+    let patient = scenario.clients.iter().any(|c| c.cancel_after.is_none());
+    if patient && healed + bound <= scenario.duration {
         let first = outcome.first_acquire_after(healed);
         assert!(
             first.is_some_and(|t| t <= healed + bound),
@@ -175,7 +178,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
 
     #[test]
     fn safety_fencing_liveness_and_cleanup(scenario in scenario()) {

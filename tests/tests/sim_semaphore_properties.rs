@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use consul_lock_core::machine::LossReason;
-use consul_lock_testkit::harness::strategies::{cases, client_spec, fault};
+use consul_lock_testkit::harness::strategies::{cases, client_spec, fault, shrink_iters};
 use consul_lock_testkit::harness::{
     ClientSpec, Fault, FaultKind, Hold, Outcome, Scenario, Target, run_target,
 };
@@ -84,7 +84,10 @@ fn liveness_bound(scenario: &Scenario) -> Duration {
 fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
     let healed = last_heal(scenario);
     let bound = liveness_bound(scenario);
-    if healed + bound <= scenario.duration {
+    // Callers that all give up early (`cancel_after`) may never hold: liveness is owed to a
+    // patient one.
+    let patient = scenario.clients.iter().any(|c| c.cancel_after.is_none());
+    if patient && healed + bound <= scenario.duration {
         let first = outcome.first_acquire_after(healed);
         assert!(
             first.is_some_and(|t| t <= healed + bound),
@@ -250,7 +253,7 @@ fn scenario() -> impl Strategy<Value = (Scenario, u32)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
 
     #[test]
     fn at_most_limit_holders_fencing_liveness_and_cleanup((scenario, limit) in scenario()) {
@@ -261,10 +264,13 @@ proptest! {
             outcome.violations,
             outcome.trace_tail(80)
         );
-        // The harness counts holders at each grant (excusing only holders an operator acted on);
-        // the holds say the same where no operator acted.
-        let operator = scenario.faults.iter().any(|f| f.kind.is_operator());
-        if !operator {
+        // The harness counts holders at each grant (excusing only holders an operator acted on,
+        // or paused); the holds say the same where neither happened.
+        let excusable = scenario
+            .faults
+            .iter()
+            .any(|f| f.kind.is_operator() || matches!(f.kind, FaultKind::Pause { .. }));
+        if !excusable {
             prop_assert!(most_at_once(&outcome.holds) <= limit as usize);
         }
         check_liveness(&scenario, &outcome);

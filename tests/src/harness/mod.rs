@@ -23,10 +23,11 @@
 //!
 //! Liveness is measured ([`Outcome::first_acquire_after`]) for the caller to bound.
 
+mod checks;
 mod scenario;
 pub mod strategies;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,8 @@ enum Delivery {
 enum Op {
     Lock,
     Unlock,
+    /// The caller gives up on an attempt (its future dropped).
+    Cancel,
 }
 
 struct Client {
@@ -151,6 +154,10 @@ struct Client {
     next_op: Option<(Instant, Op)>,
     /// Requests sent and not yet answered, with their path and deadline.
     outstanding: BTreeMap<RequestId, (String, Instant)>,
+    /// When it last called `lock`.
+    attempt_from: Duration,
+    /// What [`checks`] follows of it.
+    checks: checks::ClientChecks,
 }
 
 /// An operator action: when, and on whose hold.
@@ -202,6 +209,9 @@ struct Harness<'s> {
     /// Overwrites to undo (by deleting the key) at these offsets.
     restores: Vec<Duration>,
     done_faults: Vec<bool>,
+    /// When the agent's index moved (recent ones), for the request budget.
+    index_changes: VecDeque<Duration>,
+    last_index: u64,
 }
 
 const MAX_STEPS: usize = 2_000_000;
@@ -265,6 +275,8 @@ impl<'s> Harness<'s> {
                     releasing: false,
                     next_op: Some((base + spec.start, Op::Lock)),
                     outstanding: BTreeMap::new(),
+                    attempt_from: Duration::ZERO,
+                    checks: checks::ClientChecks::default(),
                 }
             })
             .collect();
@@ -297,6 +309,8 @@ impl<'s> Harness<'s> {
             leader: true,
             restores: Vec::new(),
             done_faults: vec![false; scenario.faults.len()],
+            index_changes: VecDeque::new(),
+            last_index: 0,
         }
     }
 
@@ -361,6 +375,16 @@ impl<'s> Harness<'s> {
             })
     }
 
+    /// When client `i`'s pause ends, if it is paused at `at`.
+    fn paused_until(&self, client: usize, at: Duration) -> Option<Duration> {
+        self.scenario
+            .faults
+            .iter()
+            .filter(|f| f.active(at) && f.kind == FaultKind::Pause { client })
+            .map(|f| f.from + f.lasting)
+            .max()
+    }
+
     fn schedule(&mut self, at: Instant, delivery: Delivery) {
         self.seq += 1;
         self.queue.insert((at, self.seq), delivery);
@@ -377,7 +401,12 @@ impl<'s> Harness<'s> {
         let mut due: Vec<Instant> = Vec::new();
         due.extend(self.queue.keys().next().map(|(t, _)| *t));
         due.extend(self.sim.poll_timeout());
-        due.extend(self.clients.iter().filter_map(|c| c.machine.poll_timeout()));
+        let t = self.t();
+        due.extend(
+            (0..self.clients.len())
+                .filter(|i| self.paused_until(*i, t).is_none())
+                .filter_map(|i| self.clients[i].machine.poll_timeout()),
+        );
         let due = due.into_iter().filter(|t| *t >= self.now).min();
         let mut candidates: Vec<Instant> = Vec::new();
         candidates.extend(self.clients.iter().filter_map(|c| c.next_op.map(|(t, _)| t)));
@@ -449,6 +478,9 @@ impl<'s> Harness<'s> {
         self.apply_faults(t);
         // Client operations.
         for i in 0..self.clients.len() {
+            if self.paused_until(i, t).is_some() {
+                continue;
+            }
             if let Some((at, op)) = self.clients[i].next_op {
                 if at <= now && !self.stopped {
                     self.clients[i].next_op = None;
@@ -456,9 +488,19 @@ impl<'s> Harness<'s> {
                         Op::Lock => {
                             self.clients[i].first_cas = None;
                             self.clients[i].acquire_sent = None;
-                            self.clients[i].machine.lock(now)
+                            self.clients[i].attempt_from = t;
+                            let result = self.clients[i].machine.lock(now);
+                            if let Some(after) = self.clients[i].spec.cancel_after.filter(|_| result.is_ok())
+                            {
+                                self.clients[i].next_op = Some((now + after, Op::Cancel));
+                            }
+                            result
                         }
                         Op::Unlock => self.clients[i].machine.unlock(now),
+                        Op::Cancel => {
+                            self.clients[i].machine.cancel(now);
+                            Ok(())
+                        }
                     };
                     self.log(format!("client {i} {op:?} -> {result:?}"));
                     if op == Op::Unlock && result.is_ok() {
@@ -478,6 +520,9 @@ impl<'s> Harness<'s> {
             self.deliver(delivery);
         }
         for i in 0..self.clients.len() {
+            if self.paused_until(i, t).is_some() {
+                continue;
+            }
             if self.clients[i].machine.poll_timeout().is_some_and(|at| at <= now) {
                 let quiet = self.clients[i].machine.is_quiescent();
                 self.clients[i].machine.handle_timeout(now);
@@ -489,9 +534,24 @@ impl<'s> Harness<'s> {
                 .retain(|_, (_, deadline)| *deadline > now);
         }
         for i in 0..self.clients.len() {
-            self.drain(i, false);
-            self.check_machine(i);
+            if self.paused_until(i, t).is_none() {
+                self.drain(i, false);
+                self.check_machine(i);
+            }
         }
+        let index = self.sim.index();
+        for _ in self.last_index..index {
+            self.index_changes.push_back(t);
+        }
+        self.last_index = self.last_index.max(index);
+        while self
+            .index_changes
+            .front()
+            .is_some_and(|c| *c + 2 * checks::WINDOW < t)
+        {
+            self.index_changes.pop_front();
+        }
+        self.checks_each_step();
     }
 
     fn apply_faults(&mut self, t: Duration) {
@@ -561,6 +621,7 @@ impl<'s> Harness<'s> {
     }
 
     fn act(&mut self, at: Duration, session: Option<String>) {
+        self.checks_on_operator(at, session.as_deref());
         self.operator_actions.push(OperatorAction { at, session });
     }
 
@@ -607,6 +668,7 @@ impl<'s> Harness<'s> {
                     self.log(format!("client {client} {id} lost on the way (partition)"));
                     return;
                 }
+                self.checks_on_arrival(client, &request);
                 match self.sim.handle(self.now, &request) {
                     SimReply::Now(response) => {
                         let latency = self.latency(client);
@@ -627,6 +689,11 @@ impl<'s> Harness<'s> {
                 self.route_woken(woken);
             }
             Delivery::ToClient { client, id, reply } => {
+                // A paused process reads its replies when it resumes, before its timers.
+                if let Some(until) = self.paused_until(client, t) {
+                    self.schedule(self.base + until, Delivery::ToClient { client, id, reply });
+                    return;
+                }
                 if matches!(
                     self.fault_on(client, t),
                     Some(FaultKind::Partition { .. } | FaultKind::Hang { .. })
@@ -644,6 +711,7 @@ impl<'s> Harness<'s> {
                 };
                 self.log(line);
                 self.clients[client].outstanding.remove(&id);
+                self.checks_on_reply(client, id, &reply);
                 let quiet = self.clients[client].machine.is_quiescent();
                 self.clients[client].machine.handle_response(self.now, id, reply);
                 self.drain(client, quiet);
@@ -694,6 +762,7 @@ impl<'s> Harness<'s> {
                     if acquire && matches!(self.target, Target::Lock) {
                         self.clients[i].acquire_sent = Some(t);
                     }
+                    self.checks_on_send(i, transmit.id, &path);
                     self.clients[i]
                         .outstanding
                         .insert(transmit.id, (path, transmit.deadline));
@@ -784,11 +853,20 @@ impl<'s> Harness<'s> {
                     .collect();
                 // (client, hold) pairs.
                 type Holders = Vec<(usize, usize)>;
-                let (excused, unexcused): (Holders, Holders) = others.iter().partition(|(_, h)| {
+                // A holder paused during its hold believes on while it cannot hear: that overlap
+                // is the pause's, which only the fencing token answers.
+                let (excused, unexcused): (Holders, Holders) = others.iter().partition(|(j, h)| {
                     let (hold, since) = (&self.holds[*h], self.exposed[*h]);
-                    self.operator_actions
-                        .iter()
-                        .any(|a| a.at >= since && a.touches(hold))
+                    let paused = self.scenario.faults.iter().any(|f| {
+                        f.kind == FaultKind::Pause { client: *j }
+                            && f.from <= t
+                            && f.from + f.lasting >= hold.from
+                    });
+                    paused
+                        || self
+                            .operator_actions
+                            .iter()
+                            .any(|a| a.at >= since && a.touches(hold))
                 });
                 let limit = usize::try_from(self.target.limit()).unwrap_or(usize::MAX);
                 let h = self.holds.len();
@@ -830,10 +908,11 @@ impl<'s> Harness<'s> {
                 self.clients[i].next_op = Some((now + hold, Op::Unlock));
             }
             LockEvent::Lost(reason) => {
-                if self.clients[i].holding.is_none() {
+                let Some(h) = self.clients[i].holding else {
                     return self.violation(format!("client {i}: Lost without a hold"));
-                }
+                };
                 self.end_hold(i, Some(reason.clone()));
+                self.checks_on_loss(i, h);
                 self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
             }
             LockEvent::Released | LockEvent::ReleaseFailed(_) => {

@@ -20,6 +20,9 @@ pub struct ClientSpec {
     pub pause: Duration,
     /// Try-once with this wait time.
     pub try_once: Option<Duration>,
+    /// Cancel an attempt not granted within this long (a caller's timeout, a dropped future),
+    /// whatever is in flight at that moment.
+    pub cancel_after: Option<Duration>,
 }
 
 impl ClientSpec {
@@ -33,6 +36,7 @@ impl ClientSpec {
             hold,
             pause: Duration::from_secs(1),
             try_once: None,
+            cancel_after: None,
         }
     }
 }
@@ -70,6 +74,13 @@ pub enum FaultKind {
     },
     /// The servers lose their leader: every request answers 500 "No cluster leader".
     LeaderElection,
+    /// One client's process stops (a GC pause, SIGSTOP, a starved runtime): its machine is not
+    /// called at all, so its timers go unserved and the replies that come meanwhile reach it
+    /// only when it resumes, late, before its timers.
+    Pause {
+        /// Which client.
+        client: usize,
+    },
     /// An operator destroys the session of whoever holds the key (at the window's start). For a
     /// semaphore: the session of one of the holders the `.lock` lists (drawn from the seed).
     DestroyHolderSession,
@@ -82,6 +93,20 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Whether the fault fails or cuts off `client`'s requests while it lasts.
+    pub fn touches(&self, client: usize) -> bool {
+        match self {
+            FaultKind::Latency { client: c, .. }
+            | FaultKind::Hang { client: c }
+            | FaultKind::Refuse { client: c }
+            | FaultKind::Error500 { client: c }
+            | FaultKind::Partition { client: c }
+            | FaultKind::Pause { client: c } => *c == client,
+            FaultKind::LeaderElection => true,
+            FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey => false,
+        }
+    }
+
     /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a
     /// condition that lasts a window.
     pub fn is_operator(&self) -> bool {

@@ -9,7 +9,8 @@ use super::{ClientSpec, Fault, FaultKind};
 
 /// A contender: TTL 10, 15 or 20 s; lock-delay the server's default, 0, 1 or 2 s; sometimes
 /// Go's `MonitorRetries`; a start within 5 s; holds of 0.5 to 20 s; pauses of 0.1 to 3 s between
-/// attempts; sometimes try-once with a wait of 1 to 9 s.
+/// attempts; sometimes try-once with a wait of 1 to 9 s; sometimes a cancel of an attempt not
+/// granted within 1 ms to 5 s (at any point of the acquisition, requests in flight included).
 pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
     (
         prop_oneof![Just(10u64), Just(15), Just(20)],
@@ -19,20 +20,24 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
         500u64..20_000,
         100u64..3_000,
         prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
+        prop_oneof![3 => Just(None), 1 => (1u64..5_000).prop_map(Some)],
     )
-        .prop_map(|(ttl, delay, retries, start, hold, pause, try_once)| ClientSpec {
-            ttl: Duration::from_secs(ttl),
-            lock_delay: delay.map(Duration::from_millis),
-            monitor_retries: retries,
-            start: Duration::from_millis(start),
-            hold: Duration::from_millis(hold),
-            pause: Duration::from_millis(pause),
-            try_once: try_once.map(Duration::from_secs),
-        })
+        .prop_map(
+            |(ttl, delay, retries, start, hold, pause, try_once, cancel)| ClientSpec {
+                ttl: Duration::from_secs(ttl),
+                lock_delay: delay.map(Duration::from_millis),
+                monitor_retries: retries,
+                start: Duration::from_millis(start),
+                hold: Duration::from_millis(hold),
+                pause: Duration::from_millis(pause),
+                try_once: try_once.map(Duration::from_secs),
+                cancel_after: cancel.map(Duration::from_millis),
+            },
+        )
 }
 
 /// A fault of any kind against one of `clients` contenders (or all), starting within the first
-/// 60 s and lasting 0.1 to 30 s.
+/// 60 s and lasting 0.1 to 30 s (a pause at most 9 s).
 pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
     let c = 0..clients;
     let kind = prop_oneof![
@@ -43,16 +48,26 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
         c.clone().prop_map(|client| FaultKind::Hang { client }),
         c.clone().prop_map(|client| FaultKind::Refuse { client }),
         c.clone().prop_map(|client| FaultKind::Error500 { client }),
-        c.prop_map(|client| FaultKind::Partition { client }),
+        c.clone().prop_map(|client| FaultKind::Partition { client }),
+        c.prop_map(|client| FaultKind::Pause { client }),
         Just(FaultKind::LeaderElection),
         Just(FaultKind::DestroyHolderSession),
         Just(FaultKind::DeleteKey),
         Just(FaultKind::OverwriteKey),
     ];
-    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| Fault {
-        kind,
-        from: Duration::from_millis(from),
-        lasting: Duration::from_millis(lasting),
+    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| {
+        // A pause shorter than the shortest TTL: long enough to outlast a renew deadline, too
+        // short for the agent to expire the session, so that a holder that wakes and believes
+        // on is a bug rather than the pause itself (which only fencing tokens can answer).
+        let lasting = match kind {
+            FaultKind::Pause { .. } => lasting.min(9_000),
+            _ => lasting,
+        };
+        Fault {
+            kind,
+            from: Duration::from_millis(from),
+            lasting: Duration::from_millis(lasting),
+        }
     })
 }
 
@@ -66,4 +81,13 @@ pub fn cases() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300)
+}
+
+/// How many shrinking steps a failing property takes: `PROPTEST_MAX_SHRINK_ITERS` if set (the
+/// mutation runs set 0: they need the verdict, not the smallest case), 2,000 by default.
+pub fn shrink_iters() -> u32 {
+    std::env::var("PROPTEST_MAX_SHRINK_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
 }

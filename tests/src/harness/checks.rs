@@ -1,0 +1,271 @@
+//! The properties a run checks beyond safety and fencing: what real deployments hit when a lock
+//! is merely slow, chatty or careless rather than unsafe.
+//!
+//! - **Belief within the lease.** A client believes it holds only while a renewal (or the
+//!   create) it *sent* less than a TTL ago has been acknowledged: Consul counts the TTL from
+//!   when it got the renewal, so a holder counting from the acknowledgement, renewing too late,
+//!   or taking a renewal acknowledged after its lease ran out believes longer than Consul
+//!   promises.
+//! - **No loss without a cause.** A hold ends in `Lost` only when something in the run can
+//!   explain it: an operator's action on it, a fault that cuts the client off (hang,
+//!   partition), latency too long for its renewals, or failing answers (500s, refusals, a
+//!   leader election) for longer than the renewals or `monitor_retries` bear.
+//! - **Prompt loss after an operator's action.** A holder whose key or session an operator
+//!   touches reports it within [`REACTION`], by its monitor, not by its TTL.
+//! - **A request budget.** In any [`WINDOW`] a client without faults sends at most
+//!   [`BUDGET_BASE`] requests plus [`BUDGET_PER_CHANGE`] per change of the agent's index in that
+//!   window: waiting, holding and idle cost little, and a crowd's cost follows the handoffs.
+//! - **No needless lock-delay.** A client never destroys its session while that session still
+//!   holds a key (which imposes the lock-delay on everyone) unless a fault or an operator
+//!   explains it: releases and cancels, at any moment, give the key back first.
+//! - **Nothing held without a holder.** A key held by the session of a client whose machine is
+//!   idle (it believes nothing, does nothing) is an orphan.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use consul_lock_core::machine::{LockStatus, Reply, RequestId};
+
+use super::{FaultKind, Harness, Target};
+
+/// How soon a holder must report an operator's action on its hold, unless faulted around it.
+pub(super) const REACTION: Duration = Duration::from_millis(1_500);
+/// The sliding window of the request budget.
+pub(super) const WINDOW: Duration = Duration::from_secs(10);
+/// Requests per window that any client may send, whatever happens.
+pub(super) const BUDGET_BASE: usize = 40;
+/// Further requests per window for each change of the agent's index in it (a handoff wakes
+/// every waiter, which reads again and may try).
+pub(super) const BUDGET_PER_CHANGE: usize = 4;
+
+/// What the checks follow of one client.
+#[derive(Debug, Default)]
+pub(super) struct ClientChecks {
+    /// Until when Consul is bound to keep the session, as the client can know it: the send
+    /// time of the last acknowledged renewal (or create), plus the TTL.
+    lease_expiry: Option<Instant>,
+    /// Renewals and creates in flight, with their send times (and whether a create).
+    session_sends: Vec<(RequestId, Instant, bool)>,
+    /// Send times of recent requests (within [`WINDOW`]).
+    recent: VecDeque<Duration>,
+    /// The operator's action on the current hold that it must report, and when.
+    reaction_due: Option<Duration>,
+}
+
+impl Harness<'_> {
+    /// Whether a fault that fails or cuts off `client`'s requests was active at any time in
+    /// `[from, to]`, or an operator acted then.
+    pub(super) fn disturbed(&self, client: usize, from: Duration, to: Duration) -> bool {
+        self.faulted(client, from, to) || self.operator_actions.iter().any(|a| a.at >= from && a.at <= to)
+    }
+
+    /// Whether a window fault touched `client` at any time in `[from, to]`.
+    fn faulted(&self, client: usize, from: Duration, to: Duration) -> bool {
+        self.scenario.faults.iter().any(|f| {
+            !f.kind.is_operator() && f.from <= to && f.from + f.lasting >= from && f.kind.touches(client)
+        })
+    }
+
+    /// A request client `i` sends now.
+    pub(super) fn checks_on_send(&mut self, i: usize, id: RequestId, path: &str) {
+        let (now, t) = (self.now, self.t());
+        let create = path == "/v1/session/create";
+        if create || path.starts_with("/v1/session/renew/") {
+            self.clients[i].checks.session_sends.push((id, now, create));
+        }
+        let recent = &mut self.clients[i].checks.recent;
+        recent.push_back(t);
+        while recent.front().is_some_and(|s| *s + WINDOW < t) {
+            recent.pop_front();
+        }
+        let sent = recent.len();
+        let from = t.saturating_sub(WINDOW);
+        let changes = self
+            .index_changes
+            .iter()
+            .rev()
+            .take_while(|c| **c >= from)
+            .count();
+        let budget = BUDGET_BASE + BUDGET_PER_CHANGE * changes;
+        if sent > budget && !self.disturbed(i, from.saturating_sub(WINDOW), t) {
+            self.clients[i].checks.recent.clear();
+            self.violation(format!(
+                "request budget: client {i} sent {sent} requests in {WINDOW:?} with {changes} index changes (budget {budget})"
+            ));
+        }
+    }
+
+    /// A reply reaches client `i`: a renewal or create acknowledged extends the lease it can
+    /// count on, unless the lease had already run out (a late acknowledgement revives nothing).
+    pub(super) fn checks_on_reply(&mut self, i: usize, id: RequestId, reply: &Reply) {
+        let now = self.now;
+        let ttl = self.clients[i].spec.ttl;
+        let c = &mut self.clients[i].checks;
+        let Some(k) = c.session_sends.iter().position(|(r, ..)| *r == id) else {
+            return;
+        };
+        let (_, sent, create) = c.session_sends.swap_remove(k);
+        let ok = reply
+            .as_ref()
+            .is_ok_and(|r| r.status().is_success() && r.body().as_slice() != b"null");
+        if ok && create {
+            c.lease_expiry = Some(sent + ttl);
+        } else if ok && c.lease_expiry.is_some_and(|e| now < e) {
+            c.lease_expiry = c.lease_expiry.map(|e| e.max(sent + ttl));
+        }
+    }
+
+    /// A request of client `i` reaches the agent: a destroy of a session that still holds a key
+    /// imposes the lock-delay, which a clean release or cancel never does.
+    pub(super) fn checks_on_arrival(&mut self, i: usize, request: &http::Request<Vec<u8>>) {
+        let path = request.uri().path();
+        let Some(session) = path.strip_prefix("/v1/session/destroy/") else {
+            return;
+        };
+        // Only the lock's key is shared: a semaphore's contender keys are its session's own
+        // (and go with it), and its `.lock` is held by no session.
+        let held = matches!(self.target, Target::Lock)
+            && self
+                .sim
+                .kv(&self.lock_key)
+                .is_some_and(|e| e.session.as_deref() == Some(session));
+        if !held {
+            return;
+        }
+        let (t, ttl) = (self.t(), self.clients[i].spec.ttl);
+        let since = self.clients[i].attempt_from.saturating_sub(2 * ttl);
+        if !self.disturbed(i, since, t) {
+            self.violation(format!(
+                "lock-delay: client {i} destroyed its session while it held the lock, with no fault to explain it"
+            ));
+        }
+    }
+
+    /// Client `i`'s hold `h` ended in a loss: something must explain it.
+    pub(super) fn checks_on_loss(&mut self, i: usize, h: usize) {
+        let t = self.t();
+        let hold = &self.holds[h];
+        let spec = &self.clients[i].spec;
+        let (ttl, retries) = (spec.ttl, spec.monitor_retries);
+        let since = hold.from.saturating_sub(ttl);
+        let operator = self
+            .operator_actions
+            .iter()
+            .any(|a| a.at >= self.exposed[h] && a.at <= t && a.touches(hold));
+        if operator {
+            return;
+        }
+        // Failing answers bear merging: back-to-back windows fail as one.
+        let mut failing: Vec<(Duration, Duration)> = Vec::new();
+        for f in &self.scenario.faults {
+            let (from, until) = (f.from, f.from + f.lasting);
+            if f.kind.is_operator() || !f.kind.touches(i) || until < since || from > t {
+                continue;
+            }
+            match f.kind {
+                FaultKind::Hang { .. } | FaultKind::Partition { .. } => return,
+                // The renewal's round trip must fit in the half TTL between renewals.
+                FaultKind::Latency { extra, .. } if 2 * extra + Duration::from_millis(100) >= ttl / 2 => {
+                    return;
+                }
+                FaultKind::Latency { .. } => {}
+                _ => failing.push((from, until)),
+            }
+        }
+        failing.sort();
+        let mut longest = Duration::ZERO;
+        let mut run: Option<(Duration, Duration)> = None;
+        for (from, until) in failing {
+            run = match run {
+                Some((start, end)) if from <= end + Duration::from_millis(10) => {
+                    Some((start, end.max(until)))
+                }
+                _ => Some((from, until)),
+            };
+            if let Some((start, end)) = run {
+                longest = longest.max(end - start);
+            }
+        }
+        // Renewals retry every second until the deadline, half a TTL after the last one due;
+        // `monitor_retries: Some(n)` gives up after n + 1 failed reads, 2 s apart.
+        let renewals_bear = longest + Duration::from_millis(1_200) < ttl / 2;
+        let monitor_bears =
+            retries.is_none_or(|n| longest + Duration::from_millis(100) < Duration::from_secs(2) * n);
+        if renewals_bear && monitor_bears {
+            let why = format!("{:?}", self.holds[h].lost);
+            self.violation(format!(
+                "loss without a cause: client {i}'s hold since {:?} ended {why} (longest failing window {longest:?})",
+                self.holds[h].from
+            ));
+        }
+    }
+
+    /// An operator acted on the holds `touched` at `at`: each holder must report it soon.
+    pub(super) fn checks_on_operator(&mut self, at: Duration, session: Option<&str>) {
+        for c in &mut self.clients {
+            if let Some(h) = c.holding {
+                if session.is_none_or(|s| s == self.holds[h].token.session.as_str()) {
+                    c.checks.reaction_due = Some(at + REACTION);
+                }
+            }
+        }
+    }
+
+    /// What holds at every step: beliefs within their lease, operator actions reported in time,
+    /// no orphaned key.
+    pub(super) fn checks_each_step(&mut self) {
+        let (now, t) = (self.now, self.t());
+        for i in 0..self.clients.len() {
+            if self.clients[i].holding.is_none() {
+                self.clients[i].checks.reaction_due = None;
+                continue;
+            }
+            // A paused process believes what it believed; it is judged when it wakes.
+            if self.paused_until(i, t).is_some() {
+                continue;
+            }
+            if let Some(expiry) = self.clients[i].checks.lease_expiry.filter(|e| now >= *e) {
+                self.violation(format!(
+                    "lease: client {i} still believes it holds {:?} after its lease ran out",
+                    now - expiry
+                ));
+                self.clients[i].checks.lease_expiry = None;
+            }
+            if let Some(due) = self.clients[i].checks.reaction_due.filter(|d| t > *d) {
+                self.clients[i].checks.reaction_due = None;
+                let acted = due - REACTION;
+                // A fault during the hold may have cost the monitor its read (a lost blocking
+                // read is only noticed at its deadline, minutes on): the renewals, every half
+                // TTL, then find the loss. Operator actions aside: the one reacted to is one.
+                let since = self.clients[i].holding.map_or(acted, |h| self.holds[h].from);
+                if !self.faulted(i, since.saturating_sub(self.clients[i].spec.ttl), t) {
+                    self.violation(format!(
+                        "reaction: client {i} still holds {:?} after an operator's action on its hold",
+                        t - acted
+                    ));
+                }
+            }
+        }
+        for i in 0..self.clients.len() {
+            let m = &self.clients[i].machine;
+            let ttl = self.clients[i].spec.ttl;
+            // A session whose destroy could not get through stays until Consul expires it.
+            if m.status() != LockStatus::Idle
+                || !m.is_quiescent()
+                || self.disturbed(i, t.saturating_sub(3 * ttl), t)
+            {
+                continue;
+            }
+            let name = format!("client-{i}");
+            let orphan = self.sim.kv_entries().find_map(|e| {
+                let session = e.session.as_deref()?;
+                (self.sim.session(session)?.name == name).then(|| e.key.clone())
+            });
+            if let Some(key) = orphan {
+                self.violation(format!(
+                    "orphan: {key} is held by client {i}'s session, and client {i} is idle"
+                ));
+            }
+        }
+    }
+}
