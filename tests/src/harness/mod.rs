@@ -128,6 +128,8 @@ enum Delivery {
         client: usize,
         id: RequestId,
         reply: Reply,
+        /// Already held back for a lagging driver (or a duplicate): handed over as it is.
+        late: bool,
     },
 }
 
@@ -212,6 +214,14 @@ struct Harness<'s> {
     /// When the agent's index moved (recent ones), for the request budget.
     index_changes: VecDeque<Duration>,
     last_index: u64,
+    /// Agent restarts so far (each seeds the new agent apart).
+    restarts: u64,
+    /// When the lock's key was last freed, until someone holds it again.
+    freed_at: Option<Duration>,
+    /// The session holding the lock's key, as the agent last said.
+    key_session: Option<String>,
+    /// When the agent last restarted with nothing (tokens compare only within an epoch).
+    epoch: Duration,
 }
 
 const MAX_STEPS: usize = 2_000_000;
@@ -229,6 +239,7 @@ fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn 
         hold.seed = seed;
         hold.value = format!("client-{i}").into_bytes();
         hold.monitor_retries = spec.monitor_retries;
+        hold.acquire_error_budget = Some(spec.error_budget);
         if let Some(wait) = spec.try_once {
             hold.try_once = true;
             hold.wait_time = wait;
@@ -311,6 +322,10 @@ impl<'s> Harness<'s> {
             done_faults: vec![false; scenario.faults.len()],
             index_changes: VecDeque::new(),
             last_index: 0,
+            restarts: 0,
+            freed_at: None,
+            key_session: None,
+            epoch: Duration::ZERO,
         }
     }
 
@@ -354,7 +369,20 @@ impl<'s> Harness<'s> {
                 _ => None,
             })
             .sum();
-        base + extra
+        let reorder = self
+            .scenario
+            .faults
+            .iter()
+            .filter(|f| f.active(t))
+            .find_map(|f| match f.kind {
+                FaultKind::Reorder { client: c, up_to } if c == client => Some(up_to),
+                _ => None,
+            });
+        let jitter = match reorder {
+            Some(up_to) => Duration::from_micros(self.random() % (up_to.as_micros().max(1) as u64)),
+            None => Duration::ZERO,
+        };
+        base + extra + jitter
     }
 
     fn fault_on(&self, client: usize, at: Duration) -> Option<FaultKind> {
@@ -366,6 +394,7 @@ impl<'s> Harness<'s> {
                 FaultKind::Hang { client: c }
                 | FaultKind::Refuse { client: c }
                 | FaultKind::Error500 { client: c }
+                | FaultKind::TooManyRequests { client: c }
                 | FaultKind::Partition { client: c }
                     if c == client =>
                 {
@@ -383,6 +412,59 @@ impl<'s> Harness<'s> {
             .filter(|f| f.active(at) && f.kind == FaultKind::Pause { client })
             .map(|f| f.from + f.lasting)
             .max()
+    }
+
+    /// How late client `i`'s driver runs at `at` (zero when it keeps up).
+    fn lag_of(&self, client: usize, at: Duration) -> Duration {
+        self.scenario
+            .faults
+            .iter()
+            .filter(|f| f.active(at))
+            .filter_map(|f| match f.kind {
+                FaultKind::Lag { client: c, lag } if c == client => Some(lag),
+                _ => None,
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Whether a window fault of a kind `is` is active on `client` at `at`.
+    fn active_on(&self, client: usize, at: Duration, is: impl Fn(&FaultKind) -> bool) -> bool {
+        self.scenario
+            .faults
+            .iter()
+            .any(|f| f.active(at) && f.kind.touches(client) && is(&f.kind))
+    }
+
+    /// Resets client `client`'s connections (every client's, `None`): its parked reads and the
+    /// replies on their way to it fail as a reset connection does.
+    fn reset_connections(&mut self, client: Option<usize>) {
+        let hit = |c: usize| client.is_none_or(|x| x == c);
+        let parked: Vec<(QueryId, usize, RequestId)> = self
+            .parked
+            .iter()
+            .filter(|(_, (c, _))| hit(*c))
+            .map(|(q, (c, id))| (*q, *c, *id))
+            .collect();
+        for (query, c, id) in parked {
+            self.parked.remove(&query);
+            self.sim.abandon(query);
+            let reset = Err(TransportError::new(
+                TransportErrorKind::Io,
+                "connection reset by peer",
+            ));
+            self.schedule(self.now + Duration::from_millis(1), to_client(c, id, reset));
+        }
+        for delivery in self.queue.values_mut() {
+            if let Delivery::ToClient { client: c, reply, .. } = delivery {
+                if hit(*c) {
+                    *reply = Err(TransportError::new(
+                        TransportErrorKind::Io,
+                        "connection reset by peer",
+                    ));
+                }
+            }
+        }
     }
 
     fn schedule(&mut self, at: Instant, delivery: Delivery) {
@@ -405,7 +487,7 @@ impl<'s> Harness<'s> {
         due.extend(
             (0..self.clients.len())
                 .filter(|i| self.paused_until(*i, t).is_none())
-                .filter_map(|i| self.clients[i].machine.poll_timeout()),
+                .filter_map(|i| Some(self.clients[i].machine.poll_timeout()? + self.lag_of(i, t))),
         );
         let due = due.into_iter().filter(|t| *t >= self.now).min();
         let mut candidates: Vec<Instant> = Vec::new();
@@ -484,6 +566,7 @@ impl<'s> Harness<'s> {
             if let Some((at, op)) = self.clients[i].next_op {
                 if at <= now && !self.stopped {
                     self.clients[i].next_op = None;
+                    self.clients[i].checks.calls.push_back(t);
                     let result = match op {
                         Op::Lock => {
                             self.clients[i].first_cas = None;
@@ -523,7 +606,12 @@ impl<'s> Harness<'s> {
             if self.paused_until(i, t).is_some() {
                 continue;
             }
-            if self.clients[i].machine.poll_timeout().is_some_and(|at| at <= now) {
+            let lag = self.lag_of(i, t);
+            if self.clients[i]
+                .machine
+                .poll_timeout()
+                .is_some_and(|at| at + lag <= now)
+            {
                 let quiet = self.clients[i].machine.is_quiescent();
                 self.clients[i].machine.handle_timeout(now);
                 self.drain(i, quiet);
@@ -552,6 +640,7 @@ impl<'s> Harness<'s> {
             self.index_changes.pop_front();
         }
         self.checks_each_step();
+        self.checks_handoff();
     }
 
     fn apply_faults(&mut self, t: Duration) {
@@ -588,6 +677,26 @@ impl<'s> Harness<'s> {
                     }
                     FaultKind::DeleteKey if self.sim.delete_key(now, &self.scenario.key) => {
                         self.act(t, None);
+                    }
+                    FaultKind::ConnReset { client } => {
+                        self.log(format!("client {client}'s connections reset"));
+                        self.reset_connections(Some(client));
+                    }
+                    FaultKind::AgentRestart => {
+                        self.log("the agent restarts with nothing: sessions, keys and indexes gone");
+                        self.reset_connections(None);
+                        self.restarts += 1;
+                        self.sim =
+                            SimConsul::new(self.scenario.seed ^ self.restarts.wrapping_mul(0x5851_f42d), now);
+                        self.leader = true;
+                        self.last_index = self.sim.index();
+                        // Every hold is gone with the agent's state: as an operator's action on
+                        // each, until its holder hears. Fencing starts again: the indexes that
+                        // make the tokens are gone too (Consul keeps them across a server
+                        // restart, in its snapshot; a `-dev` agent does not).
+                        self.act(t, None);
+                        self.last_token = None;
+                        self.epoch = t;
                     }
                     FaultKind::OverwriteKey => {
                         let key = self.lock_key.clone();
@@ -654,6 +763,7 @@ impl<'s> Harness<'s> {
                         client,
                         id,
                         reply: Ok(response),
+                        late: false,
                     },
                 );
             }
@@ -669,6 +779,18 @@ impl<'s> Harness<'s> {
                     return;
                 }
                 self.checks_on_arrival(client, &request);
+                let acquire = request.method() == http::Method::PUT
+                    && request
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p.starts_with("acquire=")));
+                if acquire && self.active_on(client, t, |k| matches!(k, FaultKind::RefuseAcquire { .. })) {
+                    self.log(format!("client {client} {id} acquire answered false (refused)"));
+                    let latency = self.latency(client);
+                    let refused = http::Response::new(b"false".to_vec());
+                    self.schedule(self.now + latency, to_client(client, id, Ok(refused)));
+                    return;
+                }
                 match self.sim.handle(self.now, &request) {
                     SimReply::Now(response) => {
                         let latency = self.latency(client);
@@ -678,6 +800,7 @@ impl<'s> Harness<'s> {
                                 client,
                                 id,
                                 reply: Ok(response),
+                                late: false,
                             },
                         );
                     }
@@ -688,11 +811,44 @@ impl<'s> Harness<'s> {
                 let woken = self.sim.advance(self.now);
                 self.route_woken(woken);
             }
-            Delivery::ToClient { client, id, reply } => {
+            Delivery::ToClient {
+                client,
+                id,
+                reply,
+                late,
+            } => {
                 // A paused process reads its replies when it resumes, before its timers.
                 if let Some(until) = self.paused_until(client, t) {
-                    self.schedule(self.base + until, Delivery::ToClient { client, id, reply });
+                    let late = Delivery::ToClient {
+                        client,
+                        id,
+                        reply,
+                        late,
+                    };
+                    self.schedule(self.base + until, late);
                     return;
+                }
+                // A lagging driver hands replies over late.
+                let lag = self.lag_of(client, t);
+                if !late && !lag.is_zero() {
+                    let later = Delivery::ToClient {
+                        client,
+                        id,
+                        reply,
+                        late: true,
+                    };
+                    self.schedule(self.now + lag, later);
+                    return;
+                }
+                if !late && self.active_on(client, t, |k| matches!(k, FaultKind::Duplicate { .. })) {
+                    let gap = Duration::from_millis(1 + self.random() % 50);
+                    let copy = Delivery::ToClient {
+                        client,
+                        id,
+                        reply: copy_reply(&reply),
+                        late: true,
+                    };
+                    self.schedule(self.now + gap, copy);
                 }
                 if matches!(
                     self.fault_on(client, t),
@@ -770,19 +926,23 @@ impl<'s> Harness<'s> {
                     match self.fault_on(i, t) {
                         Some(FaultKind::Refuse { .. }) => self.schedule(
                             now + Duration::from_millis(1),
-                            Delivery::ToClient {
-                                client: i,
-                                id: transmit.id,
-                                reply: Err(TransportError::new(
+                            to_client(
+                                i,
+                                transmit.id,
+                                Err(TransportError::new(
                                     TransportErrorKind::Connect,
                                     "connection refused",
                                 )),
-                            },
+                            ),
                         ),
-                        Some(FaultKind::Error500 { .. }) => {
+                        Some(kind @ (FaultKind::Error500 { .. } | FaultKind::TooManyRequests { .. })) => {
+                            let (status, body) = match kind {
+                                FaultKind::TooManyRequests { .. } => (429, "rate limit exceeded"),
+                                _ => (500, "injected failure"),
+                            };
                             let response = http::Response::builder()
-                                .status(500)
-                                .body(b"injected failure".to_vec())
+                                .status(status)
+                                .body(body.as_bytes().to_vec())
                                 .unwrap_or_default();
                             self.schedule(
                                 now + latency,
@@ -790,6 +950,7 @@ impl<'s> Harness<'s> {
                                     client: i,
                                     id: transmit.id,
                                     reply: Ok(response),
+                                    late: false,
                                 },
                             );
                         }
@@ -822,6 +983,7 @@ impl<'s> Harness<'s> {
             )),
             event => self.log(format!("client {i} EVENT {event:?}")),
         }
+        self.checks_on_event(i, &event);
         let pause = self.clients[i].spec.pause;
         match &event {
             LockEvent::Acquired(token) => {
@@ -988,10 +1150,11 @@ impl<'s> Harness<'s> {
                 let Some(cas) = self.clients[i].first_cas else {
                     return self.violation(format!("client {i}: a slot without a check-and-set"));
                 };
+                let epoch = self.epoch;
                 let before = self
                     .holds
                     .iter()
-                    .filter(|h| h.from < cas)
+                    .filter(|h| h.from < cas && h.from >= epoch)
                     .max_by_key(|h| h.token.sequence())
                     .map(|h| h.token.clone());
                 if let Some(before) = before {
@@ -1012,8 +1175,10 @@ impl<'s> Harness<'s> {
         // The user's view: held from `Acquired` until `Lost` or the call to `unlock`.
         let machine_held = m.status() == LockStatus::Held;
         let timeout = m.poll_timeout();
+        // A lagging driver serves its timers late, by design.
+        let lag = self.lag_of(i, self.t());
         if let Some(at) = timeout {
-            if at < now {
+            if at + lag < now {
                 let what = format!(
                     "client {i}: poll_timeout {:?} before now",
                     at.duration_since(self.base)
@@ -1090,5 +1255,28 @@ impl<'s> Harness<'s> {
             ended: t,
             requests: self.requests,
         }
+    }
+}
+
+/// A delivery of `reply` to `client`, on time.
+fn to_client(client: usize, id: RequestId, reply: Reply) -> Delivery {
+    Delivery::ToClient {
+        client,
+        id,
+        reply,
+        late: false,
+    }
+}
+
+/// A second copy of a reply (`http::Response` is not `Clone`).
+fn copy_reply(reply: &Reply) -> Reply {
+    match reply {
+        Ok(r) => {
+            let mut copy = http::Response::new(r.body().clone());
+            *copy.status_mut() = r.status();
+            *copy.headers_mut() = r.headers().clone();
+            Ok(copy)
+        }
+        Err(e) => Err(e.clone()),
     }
 }

@@ -23,6 +23,8 @@ pub struct ClientSpec {
     /// Cancel an attempt not granted within this long (a caller's timeout, a dropped future),
     /// whatever is in flight at that moment.
     pub cancel_after: Option<Duration>,
+    /// How long failed tries may go on before an attempt ends (`acquire_error_budget`).
+    pub error_budget: Duration,
 }
 
 impl ClientSpec {
@@ -37,6 +39,7 @@ impl ClientSpec {
             pause: Duration::from_secs(1),
             try_once: None,
             cancel_after: None,
+            error_budget: Duration::from_secs(60),
         }
     }
 }
@@ -81,6 +84,48 @@ pub enum FaultKind {
         /// Which client.
         client: usize,
     },
+    /// One client's driver runs late (a busy event loop): its timers are served, and the replies
+    /// that reach it handed over, `lag` after they are due.
+    Lag {
+        /// Which client.
+        client: usize,
+        /// How late.
+        lag: Duration,
+    },
+    /// Every connection of one client is reset at once (an agent or a middlebox dropping them):
+    /// its requests in flight, blocking reads included, fail. Instantaneous.
+    ConnReset {
+        /// Which client.
+        client: usize,
+    },
+    /// The agent restarts with nothing (a dev agent, or a server restored from an old snapshot):
+    /// sessions, keys and lock-delays are gone, indexes start again low (backwards), and every
+    /// connection is reset. Instantaneous.
+    AgentRestart,
+    /// The agent answers one client's KV acquires (`?acquire=`) with `false` without applying
+    /// them, as for a key under a lock-delay.
+    RefuseAcquire {
+        /// Which client.
+        client: usize,
+    },
+    /// Every reply to one client comes twice (a retrying intermediary).
+    Duplicate {
+        /// Which client.
+        client: usize,
+    },
+    /// One client's messages each take a random extra latency up to `up_to`, so that replies
+    /// overtake each other.
+    Reorder {
+        /// Which client.
+        client: usize,
+        /// The most added each way.
+        up_to: Duration,
+    },
+    /// One client's requests are answered 429 (Consul's rate limit).
+    TooManyRequests {
+        /// Which client.
+        client: usize,
+    },
     /// An operator destroys the session of whoever holds the key (at the window's start). For a
     /// semaphore: the session of one of the holders the `.lock` lists (drawn from the seed).
     DestroyHolderSession,
@@ -101,10 +146,22 @@ impl FaultKind {
             | FaultKind::Refuse { client: c }
             | FaultKind::Error500 { client: c }
             | FaultKind::Partition { client: c }
-            | FaultKind::Pause { client: c } => *c == client,
-            FaultKind::LeaderElection => true,
+            | FaultKind::Pause { client: c }
+            | FaultKind::Lag { client: c, .. }
+            | FaultKind::ConnReset { client: c }
+            | FaultKind::RefuseAcquire { client: c }
+            | FaultKind::Duplicate { client: c }
+            | FaultKind::Reorder { client: c, .. }
+            | FaultKind::TooManyRequests { client: c } => *c == client,
+            FaultKind::LeaderElection | FaultKind::AgentRestart => true,
             FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey => false,
         }
+    }
+
+    /// Whether the fault happens at one instant (an operator's action, a reset, a restart)
+    /// rather than lasting a window.
+    pub fn is_instant(&self) -> bool {
+        self.is_operator() || matches!(self, FaultKind::ConnReset { .. } | FaultKind::AgentRestart)
     }
 
     /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a
@@ -131,7 +188,7 @@ pub struct Fault {
 impl Fault {
     /// When it heals.
     pub fn until(&self) -> Duration {
-        if self.kind.is_operator() {
+        if self.kind.is_instant() {
             self.from
         } else {
             self.from + self.lasting
@@ -140,7 +197,7 @@ impl Fault {
 
     /// Whether it applies to `client` at `t`.
     pub(crate) fn active(&self, t: Duration) -> bool {
-        !self.kind.is_operator() && t >= self.from && t < self.from + self.lasting
+        !self.kind.is_instant() && t >= self.from && t < self.from + self.lasting
     }
 }
 

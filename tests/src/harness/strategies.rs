@@ -10,7 +10,8 @@ use super::{ClientSpec, Fault, FaultKind};
 /// A contender: TTL 10, 15 or 20 s; lock-delay the server's default, 0, 1 or 2 s; sometimes
 /// Go's `MonitorRetries`; a start within 5 s; holds of 0.5 to 20 s; pauses of 0.1 to 3 s between
 /// attempts; sometimes try-once with a wait of 1 to 9 s; sometimes a cancel of an attempt not
-/// granted within 1 ms to 5 s (at any point of the acquisition, requests in flight included).
+/// granted within 1 ms to 5 s (at any point of the acquisition, requests in flight included);
+/// sometimes an acquire error budget of 3 to 20 s rather than the default minute.
 pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
     (
         prop_oneof![Just(10u64), Just(15), Just(20)],
@@ -20,10 +21,13 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
         500u64..20_000,
         100u64..3_000,
         prop_oneof![4 => Just(None), 1 => (1u64..10).prop_map(Some)],
-        prop_oneof![3 => Just(None), 1 => (1u64..5_000).prop_map(Some)],
+        // Cancels come at any moment of an acquisition: its first milliseconds (a request in
+        // flight) as often as later.
+        prop_oneof![6 => Just(None), 1 => (1u64..40).prop_map(Some), 1 => (1u64..5_000).prop_map(Some)],
+        prop_oneof![4 => Just(60u64), 1 => 3u64..20],
     )
         .prop_map(
-            |(ttl, delay, retries, start, hold, pause, try_once, cancel)| ClientSpec {
+            |(ttl, delay, retries, start, hold, pause, try_once, cancel, budget)| ClientSpec {
                 ttl: Duration::from_secs(ttl),
                 lock_delay: delay.map(Duration::from_millis),
                 monitor_retries: retries,
@@ -32,6 +36,7 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
                 pause: Duration::from_millis(pause),
                 try_once: try_once.map(Duration::from_secs),
                 cancel_after: cancel.map(Duration::from_millis),
+                error_budget: Duration::from_secs(budget),
             },
         )
 }
@@ -40,7 +45,7 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
 /// 60 s and lasting 0.1 to 30 s (a pause at most 9 s).
 pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
     let c = 0..clients;
-    let kind = prop_oneof![
+    let one_client = prop_oneof![
         (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
             client,
             extra: Duration::from_millis(ms)
@@ -48,13 +53,29 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
         c.clone().prop_map(|client| FaultKind::Hang { client }),
         c.clone().prop_map(|client| FaultKind::Refuse { client }),
         c.clone().prop_map(|client| FaultKind::Error500 { client }),
+        c.clone().prop_map(|client| FaultKind::TooManyRequests { client }),
         c.clone().prop_map(|client| FaultKind::Partition { client }),
-        c.prop_map(|client| FaultKind::Pause { client }),
+        c.clone().prop_map(|client| FaultKind::Pause { client }),
+        (c.clone(), 500u64..8_000).prop_map(|(client, ms)| FaultKind::Lag {
+            client,
+            lag: Duration::from_millis(ms)
+        }),
+        c.clone().prop_map(|client| FaultKind::Duplicate { client }),
+        (c.clone(), 1u64..200).prop_map(|(client, ms)| FaultKind::Reorder {
+            client,
+            up_to: Duration::from_millis(ms)
+        }),
+    ];
+    let others = prop_oneof![
+        c.clone().prop_map(|client| FaultKind::RefuseAcquire { client }),
+        c.prop_map(|client| FaultKind::ConnReset { client }),
         Just(FaultKind::LeaderElection),
+        Just(FaultKind::AgentRestart),
         Just(FaultKind::DestroyHolderSession),
         Just(FaultKind::DeleteKey),
         Just(FaultKind::OverwriteKey),
     ];
+    let kind = prop_oneof![10 => one_client, 7 => others];
     (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| {
         // A pause shorter than the shortest TTL: long enough to outlast a renew deadline, too
         // short for the agent to expire the session, so that a holder that wakes and believes
