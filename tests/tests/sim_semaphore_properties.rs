@@ -265,11 +265,11 @@ proptest! {
             outcome.trace_tail(80)
         );
         // The harness counts holders at each grant (excusing only holders an operator acted on,
-        // paused, or whose agent restarted); the holds say the same where none of that happened.
+        // stalled, or whose agent restarted); the holds say the same where none of that happened.
         let excusable = scenario
             .faults
             .iter()
-            .any(|f| f.kind.is_operator() || matches!(f.kind, FaultKind::Pause { .. } | FaultKind::AgentRestart));
+            .any(|f| f.kind.is_operator() || matches!(f.kind, FaultKind::Pause { .. } | FaultKind::Lag { .. } | FaultKind::AgentRestart));
         if !excusable {
             prop_assert!(most_at_once(&outcome.holds) <= limit as usize);
         }

@@ -74,7 +74,8 @@ impl Harness<'_> {
     /// Whether a window fault touched `client` at any time in `[from, to]`.
     fn faulted(&self, client: usize, from: Duration, to: Duration) -> bool {
         self.scenario.faults.iter().any(|f| {
-            !f.kind.is_operator() && f.from <= to && f.from + f.lasting >= from && f.kind.touches(client)
+            // Operator actions touch no client: they act on holds.
+            f.kind.touches(client) && f.from <= to && f.until() >= from
         })
     }
 
@@ -180,20 +181,25 @@ impl Harness<'_> {
         // Failing answers bear merging: back-to-back windows fail as one.
         let mut failing: Vec<(Duration, Duration)> = Vec::new();
         for f in &self.scenario.faults {
-            let (from, until) = (f.from, f.from + f.lasting);
-            if f.kind.is_operator() || !f.kind.touches(i) || until < since || from > t {
+            // An instant fault (a reset) fails what is in flight: a window of no length.
+            let (from, until) = (f.from, f.until());
+            if !f.kind.touches(i) || until < since || from > t {
                 continue;
             }
             match f.kind {
-                FaultKind::Hang { .. } | FaultKind::Partition { .. } | FaultKind::AgentRestart => return,
+                // A late driver serves the renewal late and hands its answer over late, and the
+                // next renewal is timed from the late one: any lag may cost the lease.
+                FaultKind::Hang { .. }
+                | FaultKind::Partition { .. }
+                | FaultKind::AgentRestart
+                | FaultKind::Lag { .. } => {
+                    return;
+                }
                 // The renewal's round trip must fit in the half TTL between renewals.
-                FaultKind::Latency { extra: lag, .. } | FaultKind::Lag { lag, .. }
-                    if 2 * lag + Duration::from_millis(100) >= ttl / 2 =>
-                {
+                FaultKind::Latency { extra, .. } if 2 * extra + Duration::from_millis(100) >= ttl / 2 => {
                     return;
                 }
                 FaultKind::Latency { .. }
-                | FaultKind::Lag { .. }
                 | FaultKind::RefuseAcquire { .. }
                 | FaultKind::Duplicate { .. }
                 | FaultKind::Reorder { .. } => {}
@@ -339,6 +345,26 @@ impl Harness<'_> {
                 } else if failing > budget + Duration::from_millis(1) {
                     self.violation(format!(
                         "error budget: client {i} retries after {failing:?} of failures (budget {budget:?})"
+                    ));
+                }
+            }
+            // A semaphore's slot stands on its contender key (held by our session): without it
+            // the others prune the slot away.
+            LockEvent::Acquired(token) if matches!(self.target, Target::Semaphore { .. }) => {
+                let key = format!(
+                    "{}/{}",
+                    self.scenario.key.trim_end_matches('/'),
+                    token.session.as_str()
+                );
+                let ours = self
+                    .sim
+                    .kv(&key)
+                    .is_some_and(|e| e.session.as_deref() == Some(token.session.as_str()));
+                let since = self.clients[i].attempt_from;
+                let excused = self.operator_actions.iter().any(|a| a.at >= since);
+                if !ours && !excused {
+                    self.violation(format!(
+                        "semaphore: client {i} holds a slot without its contender key {key}"
                     ));
                 }
             }

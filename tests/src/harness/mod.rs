@@ -697,6 +697,12 @@ impl<'s> Harness<'s> {
                         self.act(t, None);
                         self.last_token = None;
                         self.epoch = t;
+                        // What an attempt wrote before is gone: only its writes to the new
+                        // agent can grant it anything.
+                        for c in &mut self.clients {
+                            c.first_cas = None;
+                            c.acquire_sent = None;
+                        }
                     }
                     FaultKind::OverwriteKey => {
                         let key = self.lock_key.clone();
@@ -1015,12 +1021,12 @@ impl<'s> Harness<'s> {
                     .collect();
                 // (client, hold) pairs.
                 type Holders = Vec<(usize, usize)>;
-                // A holder paused during its hold believes on while it cannot hear: that overlap
-                // is the pause's, which only the fencing token answers.
+                // A holder paused, or whose driver ran late, during its hold believes on while it
+                // cannot hear: that overlap is the stall's, which only the fencing token answers.
                 let (excused, unexcused): (Holders, Holders) = others.iter().partition(|(j, h)| {
                     let (hold, since) = (&self.holds[*h], self.exposed[*h]);
                     let paused = self.scenario.faults.iter().any(|f| {
-                        f.kind == FaultKind::Pause { client: *j }
+                        matches!(f.kind, FaultKind::Pause { client } | FaultKind::Lag { client, .. } if client == *j)
                             && f.from <= t
                             && f.from + f.lasting >= hold.from
                     });
@@ -1118,9 +1124,16 @@ impl<'s> Harness<'s> {
             })
             .map(|(_, (later, _))| (later.client, t - later.from))
             .collect();
+        // A holder that was stalled (paused, its driver late) meanwhile hears only when it
+        // wakes: its overlap is the stall's, not bounded by its TTL.
+        let stalled = self.scenario.faults.iter().any(|f| {
+            matches!(f.kind, FaultKind::Pause { client } | FaultKind::Lag { client, .. } if client == i)
+                && f.from <= t
+                && f.from + f.lasting >= from
+        });
         for (other, overlap) in overlaps {
             self.max_operator_overlap = self.max_operator_overlap.max(overlap);
-            if overlap > ttl {
+            if overlap > ttl && !stalled {
                 self.violation(format!(
                     "overlap {overlap:?} of client {i} (held since {from:?}) with client {other} beyond its TTL"
                 ));
