@@ -49,8 +49,9 @@ def parse(path):
     return mutations
 
 
-def run(commands, timeout, log):
-    env = dict(os.environ, PROPTEST_MAX_SHRINK_ITERS="0", CONSUL_LOCK_MUTANTS="1")
+def run(commands, timeout, log, cases, seed):
+    # A fixed seed: the same scenarios for every mutation and every run, so verdicts repeat.
+    env = dict(os.environ, PROPTEST_MAX_SHRINK_ITERS="0", PROPTEST_CASES=str(cases), PROPTEST_RNG_SEED=str(seed))
     for command in commands:
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -68,6 +69,8 @@ def main():
     parser.add_argument("--only", action="append", help="run only these mutations (by name)")
     parser.add_argument("--list", action="store_true", help="check and list the mutations")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per test command")
+    parser.add_argument("--cases", type=int, default=300, help="cases per generated property")
+    parser.add_argument("--seed", type=int, default=1, help="the generated properties' seed")
     parser.add_argument("--log", default=str(ROOT / "target" / "mutants.log"))
     args = parser.parse_args()
 
@@ -105,7 +108,7 @@ def main():
                 log.write(f"\n===== {m.name}\n")
                 log.flush()
                 built = subprocess.run(BUILD, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-                verdict = "unviable" if built.returncode != 0 else run(suite, args.timeout, log)
+                verdict = "unviable" if built.returncode != 0 else run(suite, args.timeout, log, args.cases, args.seed)
             finally:
                 path.write_text(original)
                 for p, content in regressions.items():

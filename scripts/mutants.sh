@@ -8,6 +8,7 @@
 #   bash scripts/mutants.sh --suite props    # the generated properties alone
 #   bash scripts/mutants.sh --only renew-at-ttl --only poll-index-zero
 #   bash scripts/mutants.sh --list           # check that every mutation still applies, and list
+#   bash scripts/mutants.sh --cases 3000 --seed 7   # more generated cases, another (fixed) seed
 #
 # Do not edit the tree while it runs: it rewrites files under core/src/machine.
 set -euo pipefail

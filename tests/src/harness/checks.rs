@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::machine::{LockEvent, LockStatus, Reply, RequestId};
 
+use consul_lock_core::machine::SemaphoreState;
+
 use super::{FaultKind, Harness, Target};
 
 /// How soon a holder must report an operator's action on its hold, unless faulted around it.
@@ -141,6 +143,7 @@ impl Harness<'_> {
     /// A request of client `i` reaches the agent: a destroy of a session that still holds a key
     /// imposes the lock-delay, which a clean release or cancel never does.
     pub(super) fn checks_on_arrival(&mut self, i: usize, request: &http::Request<Vec<u8>>) {
+        self.check_semaphore_write(i, request);
         let path = request.uri().path();
         let Some(session) = path.strip_prefix("/v1/session/destroy/") else {
             return;
@@ -420,6 +423,43 @@ impl Harness<'_> {
             self.violation(format!(
                 "handoff: the lock was released at {freed:?} and client {i}, waiting, does not hold it {:?} later",
                 t - freed
+            ));
+        }
+    }
+
+    /// A semaphore contender lists itself in the `.lock` only while it holds its contender key
+    /// (Go's protocol: the others prune a holder whose key is gone, so a slot without one is
+    /// taken from under it).
+    fn check_semaphore_write(&mut self, i: usize, request: &http::Request<Vec<u8>>) {
+        let Target::Semaphore { limit } = self.target else {
+            return;
+        };
+        if request.method() != http::Method::PUT
+            || request.uri().path() != format!("/v1/kv/{}", self.lock_key)
+        {
+            return;
+        }
+        let Some(session) = self.clients[i]
+            .machine
+            .session_id()
+            .map(|s| s.as_str().to_owned())
+        else {
+            return;
+        };
+        let listed =
+            SemaphoreState::decode(request.body(), limit).is_ok_and(|s| s.holders.contains_key(&session));
+        let key = format!("{}/{session}", self.scenario.key.trim_end_matches('/'));
+        let held = self
+            .sim
+            .kv(&key)
+            .is_some_and(|e| e.session.as_deref() == Some(session.as_str()));
+        let t = self.t();
+        let since = self.clients[i]
+            .attempt_from
+            .saturating_sub(2 * self.clients[i].spec.ttl);
+        if listed && !held && !self.disturbed(i, since, t) {
+            self.violation(format!(
+                "semaphore: client {i} lists itself in the .lock without its contender key {key}"
             ));
         }
     }
