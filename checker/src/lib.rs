@@ -113,6 +113,8 @@ pub enum Cause<F> {
     Unlock,
     /// `destroy()`.
     Destroy,
+    /// `proclaim()`.
+    Proclaim,
     /// `cancel()`, in that state.
     Cancel(Expect),
     /// A reply, and what it said (`None`: to a request never sent).
@@ -208,6 +210,19 @@ impl<M: Holder> Checker<M> {
             (r, e) => panic!("unlock() answered {r:?} while {e:?}"),
         }
         self.after(now, &Cause::Unlock);
+        self.settle(now);
+        r
+    }
+
+    /// `proclaim(now, value)`, checked: taken only while held.
+    pub fn proclaim(&mut self, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        let r = self.m.proclaim(now, value);
+        match (&r, &self.expect) {
+            (Ok(()) | Err(Misuse::Busy | Misuse::NotALock), Expect::Held(_)) => {}
+            (Err(Misuse::NotHeld | Misuse::NotALock), e) if !matches!(e, Expect::Held(_)) => {}
+            (r, e) => panic!("proclaim() answered {r:?} while {e:?}"),
+        }
+        self.after(now, &Cause::Proclaim);
         self.settle(now);
         r
     }
@@ -450,6 +465,11 @@ impl<M: Holder> Checker<M> {
                 Expect::Held(token.clone())
             }
             (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
+            // A proclaim's outcome comes while held; one the hold's end overtook, as it ends.
+            (LockEvent::Proclaimed { .. } | LockEvent::ProclaimFailed(_), Expect::Held(token)) => {
+                Expect::Held(token.clone())
+            }
+            (LockEvent::ProclaimFailed(_), Expect::Releasing) => Expect::Releasing,
             (LockEvent::GaveUp, Expect::Acquiring) => {
                 assert!(self.m.try_once(), "GaveUp without try-once");
                 Expect::Idle
