@@ -87,6 +87,9 @@ struct Run {
     faults: Vec<Fault>,
 }
 
+/// A request on its way to the server.
+type Outgoing = (RequestId, http::Request<Vec<u8>>);
+
 /// The key's state as the observer reports it: holder session and value, or nobody.
 type State = Option<(String, u64, Vec<u8>)>;
 
@@ -101,7 +104,7 @@ struct World {
     /// Deliveries to the observer, by time.
     queue: BTreeMap<(Instant, u64), (RequestId, Reply)>,
     /// Requests reaching the server, by time.
-    to_server: BTreeMap<(Instant, u64), (RequestId, http::Request<Vec<u8>>)>,
+    to_server: BTreeMap<(Instant, u64), Outgoing>,
     seq: u64,
     parked: HashMap<QueryId, RequestId>,
     sessions: Vec<Option<SessionId>>,
