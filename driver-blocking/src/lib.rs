@@ -712,10 +712,10 @@ impl Election {
     }
 }
 
-/// Leading an [`Election`]: the lock's guard, with [`proclaim`](Leadership::proclaim) and
-/// [`resign`](Leadership::resign). Leading ends with a reason as a lock's hold does
-/// ([`wait_lost`](Leadership::wait_lost), [`watch`](Leadership::watch)). Dropping it resigns
-/// in the background.
+/// Leading an [`Election`] (the tokio driver's `Leadership`, blocking): a [`LockGuard`] on the
+/// election's key with [`proclaim`](Leadership::proclaim) and [`resign`](Leadership::resign),
+/// ending with a reason as a hold does ([`wait_lost`](Leadership::wait_lost),
+/// [`watch`](Leadership::watch)). Dropping it resigns in the background.
 #[derive(Debug)]
 pub struct Leadership {
     // Dropped first: its release goes out before the lock's task sees its handle gone.
@@ -724,12 +724,12 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// The fencing token of this term; a proclaim does not change it.
+    /// The term's fencing token ([`LockGuard::token`]), which proclaims leave as it is.
     pub fn token(&self) -> &FencingToken {
         self.guard.token()
     }
 
-    /// Whether this candidate still leads, as far as it knows right now.
+    /// [`LockGuard::is_held`]: leading still, as far as this process knows.
     pub fn is_leading(&self) -> bool {
         self.guard.is_held()
     }

@@ -127,13 +127,7 @@ async fn run(
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::Send(t) => {
-                    let (http, config) = (http.clone(), config.clone());
-                    inflight.push(async move {
-                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
-                        (t.id, reply)
-                    });
-                }
+                Action::Send(t) => inflight.push(crate::transport::transmit(http.clone(), config.clone(), t)),
                 Action::Event(event) => {
                     current.send_replace(machine.current().cloned());
                     if events.send(event).is_err() {

@@ -111,13 +111,7 @@ pub(crate) async fn run<M: HoldMachine>(
         }
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::Send(t) => {
-                    let (http, config) = (http.clone(), config.clone());
-                    inflight.push(async move {
-                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
-                        (t.id, reply)
-                    });
-                }
+                Action::Send(t) => inflight.push(crate::transport::transmit(http.clone(), config.clone(), t)),
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
             }
         }

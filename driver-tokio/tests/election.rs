@@ -74,6 +74,21 @@ impl Seen {
         }
     }
 
+    /// A handoff to `session_name`: its leadership next, after no leader or none (a waiter may
+    /// take the key before an observer's read sees it free).
+    async fn handed_to(&mut self, session_name: &str) -> Leader {
+        loop {
+            match self.next().await {
+                ObserveEvent::NoLeader { .. } => {}
+                ObserveEvent::Leader(l) if l.session_name.as_deref() == Some(session_name) => return l,
+                other => panic!(
+                    "expected {session_name} to lead next, saw {other:?}; log {:#?}",
+                    self.log
+                ),
+            }
+        }
+    }
+
     async fn no_leader(&mut self) {
         match self.next().await {
             ObserveEvent::NoLeader { .. } => {}
@@ -143,14 +158,7 @@ async fn run_scenario(agent: &'static ConsulAgent) {
     let b_campaign = tokio::spawn(async move { b_election.campaign("b-1").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     go.release();
-    let b_leader = loop {
-        match seen.next().await {
-            ObserveEvent::NoLeader { .. } => {}
-            ObserveEvent::Leader(l) => break l,
-            other => panic!("expected cand-b to follow Go, saw {other:?}"),
-        }
-    };
-    assert_eq!(b_leader.session_name.as_deref(), Some("cand-b"));
+    let b_leader = seen.handed_to("cand-b").await;
     assert!(b_leader.sequence > go_leader.sequence);
     tokio::task::block_in_place(|| go.finish());
     let mut b = b_campaign.await.unwrap().unwrap();
@@ -181,14 +189,7 @@ async fn run_scenario(agent: &'static ConsulAgent) {
     let mut go2 = GoLock::spawn(agent, &scratch, &prefix, "go-cand-2", true);
     tokio::task::block_in_place(|| go2.wait_attempting());
     c.resign().await.unwrap();
-    let go2_leader = loop {
-        match seen.next().await {
-            ObserveEvent::NoLeader { .. } => {}
-            ObserveEvent::Leader(l) => break l,
-            other => panic!("expected Go to follow cand-c, saw {other:?}"),
-        }
-    };
-    assert_eq!(go2_leader.session_name.as_deref(), Some("go-cand-2"));
+    seen.handed_to("go-cand-2").await;
     go2.release();
     tokio::task::block_in_place(|| go2.finish());
     seen.no_leader().await;

@@ -262,24 +262,31 @@ impl World {
                     });
                 }
             }
-            Op::Proclaim(c) => {
+            Op::Proclaim(c) | Op::Resign(c) => {
+                // Only a candidate with a session can write as one.
                 if let Some(session) = self.sessions[c].clone() {
-                    let _ = self.call(&KvProclaimTxn(KvLockTxn {
+                    let write = KvLockTxn {
                         key,
                         session,
                         flags: LOCK_FLAG_VALUE,
                         value,
-                    }));
-                }
-            }
-            Op::Resign(c) => {
-                if let Some(session) = self.sessions[c].clone() {
-                    let _ = self.call(&KvRelease {
-                        key,
-                        session,
-                        flags: LOCK_FLAG_VALUE,
-                        value,
-                    });
+                    };
+                    if matches!(op, Op::Proclaim(_)) {
+                        let _ = self.call(&KvProclaimTxn(write));
+                    } else {
+                        let KvLockTxn {
+                            key,
+                            session,
+                            flags,
+                            value,
+                        } = write;
+                        let _ = self.call(&KvRelease {
+                            key,
+                            session,
+                            flags,
+                            value,
+                        });
+                    }
                 }
             }
             Op::Crash(c) => {
