@@ -695,7 +695,7 @@ impl Election {
         stop: Option<&StopHandle>,
     ) -> Result<Leadership, Error> {
         let mut options = self.options.clone();
-        options.value = value.into();
+        options.hold.value = value.into();
         let lock = self.client.lock(options)?;
         let guard = lock.acquire_with(timeout, stop)?;
         Ok(Leadership { guard, lock })

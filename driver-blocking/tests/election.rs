@@ -38,7 +38,7 @@ fn the_blocking_observer_follows_campaigns_proclaims_resigns_go_and_a_crash() {
     assert!(matches!(next(&mut observer), ObserveEvent::NoLeader { .. }));
 
     let mut options = LockOptions::new(&key).unwrap();
-    if let Some(session) = options.session_options_mut() {
+    if let Some(session) = options.hold.session_options_mut() {
         session.name = "blocking-a".to_owned();
         session.lock_delay = Some(Duration::ZERO);
     }
