@@ -499,16 +499,7 @@ async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8
                 }
                 failures += 1;
                 if failures == 1 {
-                    let message = api.failure(&what, &e).message;
-                    if json {
-                        out::event(
-                            "error",
-                            ("unix_ms", out::unix_ms()),
-                            &json!({ "message": message }),
-                        );
-                    } else {
-                        out::info(&format!("{message}; retrying"));
-                    }
+                    retrying(&api.failure(&what, &e).message, json);
                 }
                 tokio::time::sleep(Duration::from_secs(1).min(Duration::from_millis(250) * failures)).await;
                 continue;
@@ -550,6 +541,19 @@ async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8
                 index = 0;
             }
         }
+    }
+}
+
+/// Says that watching failed and goes on: an `error` event, or a line on standard error.
+fn retrying(message: &str, json: bool) {
+    if json {
+        out::event(
+            "error",
+            ("unix_ms", out::unix_ms()),
+            &json!({ "message": message }),
+        );
+    } else {
+        out::info(&format!("{message}; retrying"));
     }
 }
 
@@ -614,16 +618,10 @@ async fn follow(
                 last: why,
                 ..
             } => {
-                let message = format!("could not see {key} for {}: {why}", out::secs(unseen_for));
-                if json {
-                    out::event(
-                        "error",
-                        ("unix_ms", out::unix_ms()),
-                        &json!({ "message": message }),
-                    );
-                } else {
-                    out::info(&format!("{message}; retrying"));
-                }
+                retrying(
+                    &format!("could not see {key} for {}: {why}", out::secs(unseen_for)),
+                    json,
+                );
             }
             ObserveEvent::Resumed { .. } => {
                 if !json {
