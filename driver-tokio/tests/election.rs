@@ -286,3 +286,48 @@ async fn an_observer_sees_a_key_go_holds_from_its_first_read() {
     tokio::task::block_in_place(|| go.finish());
     seen.no_leader().await;
 }
+
+/// An observer cut off from the agent (connections refused by a proxy in between) says so once
+/// reads have failed for `blind_after`, keeps trying, and when it sees again says so and reports
+/// the leader that took over meanwhile, with a larger sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_cut_off_says_so_and_catches_up() {
+    use consul_lock_testkit::proxy::{FaultProxy, Mode};
+    use consul_lock_tokio::ObserveOptions;
+
+    let Some(agent) = require_agent() else { return };
+    let key = format!("tokio/election/cut-off/{}/.lock", std::process::id());
+    let client = Client::new(agent.config().unwrap()).unwrap();
+    let proxy = FaultProxy::start(agent.addr()).unwrap();
+    let through_proxy = Client::new(proxy.config()).unwrap();
+    let mut options = ObserveOptions::new(&key).unwrap();
+    options.blind_after = Duration::from_secs(1);
+    options.retry_time = Duration::from_millis(200);
+    let mut seen = Seen {
+        observer: through_proxy.observe_with(options).unwrap(),
+        log: Vec::new(),
+    };
+    seen.no_leader().await;
+    let a = election(&client, &key, "cut-a").campaign("a").await.unwrap();
+    let first = seen.leader("cut-a", b"a").await;
+
+    proxy.set_mode(Mode::Refuse);
+    match seen.next().await {
+        ObserveEvent::Blind { unseen_for, .. } => assert!(unseen_for >= Duration::from_secs(1)),
+        other => panic!("expected Blind, saw {other:?}"),
+    }
+    // Meanwhile the leader changes, unseen.
+    a.resign().await.unwrap();
+    let b = election(&client, &key, "cut-b").campaign("b").await.unwrap();
+    proxy.set_mode(Mode::Pass);
+    match seen.next().await {
+        ObserveEvent::Resumed { unseen_for } => assert!(unseen_for >= Duration::from_secs(1)),
+        other => panic!("expected Resumed, saw {other:?}"),
+    }
+    let next = seen.leader("cut-b", b"b").await;
+    assert!(next.sequence > first.sequence);
+    assert_eq!(next.session, b.token().session);
+    b.resign().await.unwrap();
+    seen.no_leader().await;
+    client.shutdown(Duration::from_secs(10)).await.unwrap();
+}
