@@ -8,7 +8,8 @@
 //! `handle_*`) and the work an ended attempt leaves behind. A [`Kind`] supplies only what
 //! differs: which requests an acquisition sends and what their answers mean, how a hold is
 //! watched, how it is given up and destroyed. A new kind of holder (many keys on one session, a
-//! queued lock, an election) plugs in as a new `Kind`.
+//! queued lock) plugs in as a new `Kind`; an election's candidate is the lock itself, with its
+//! proclaim (a request of the hold: [`Kind::proclaim`]).
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
