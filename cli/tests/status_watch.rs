@@ -149,7 +149,7 @@ fn first_watch_line(
     prefix: &str,
     scratch: &Scratch,
 ) -> String {
-    let mut watch = start_watch(agent, &["watch", prefix], &scratch);
+    let mut watch = start_watch(agent, &["watch", prefix], scratch);
     watch.signal("INT");
     let (status, _, stderr) = watch.finish(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
