@@ -27,11 +27,14 @@
 //! the hold up, the try-once option, the key names) is its [`Holder`] impl: [`lock`] and
 //! [`semaphore`].
 //!
+//! An observer holds nothing: what its reports keep is [`observe::check_reports`].
+//!
 //! It is a crate of its own, depending only on the core, so that the core's integration tests (as
 //! a dev-dependency: they link the same core library this crate does) and the fuzz crate (by
 //! path) use the one copy.
 
 pub mod lock;
+pub mod observe;
 pub mod request;
 pub mod semaphore;
 

@@ -211,44 +211,6 @@ impl Run {
     }
 }
 
-fn check_reports(events: &[ObserveEvent]) -> Result<(), TestCaseError> {
-    let mut last_sequence = 0;
-    let mut leader: Option<u64> = None;
-    let mut blind = false;
-    let mut previous: Option<&ObserveEvent> = None;
-    for e in events {
-        match e {
-            ObserveEvent::Leader(l) => {
-                prop_assert!(
-                    l.sequence > last_sequence,
-                    "sequence {} after {last_sequence}",
-                    l.sequence
-                );
-                last_sequence = l.sequence;
-                leader = Some(l.sequence);
-            }
-            ObserveEvent::Value(l) => prop_assert_eq!(leader, Some(l.sequence)),
-            ObserveEvent::NoLeader { .. } => leader = None,
-            ObserveEvent::Blind { .. } => {
-                prop_assert!(!blind, "Blind twice");
-                blind = true;
-                continue;
-            }
-            ObserveEvent::Resumed { .. } => {
-                prop_assert!(blind, "Resumed without Blind");
-                blind = false;
-                continue;
-            }
-            ObserveEvent::Failed(e) => return Err(TestCaseError::fail(format!("failed: {e}"))),
-        }
-        if let Some(p) = previous {
-            prop_assert!(p != e, "reported twice: {e:?}");
-        }
-        previous = Some(e);
-    }
-    Ok(())
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -262,6 +224,6 @@ proptest! {
         }
         // Past any pause or deadline the script left, then a healthy agent.
         prop_assert!(run.settle_on_final(20), "not settled: {:?}; events {:#?}", run.m.current(), run.events);
-        check_reports(&run.events)?;
+        consul_lock_checker::observe::check_reports(&run.events).map_err(TestCaseError::fail)?;
     }
 }

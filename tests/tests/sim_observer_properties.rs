@@ -439,54 +439,25 @@ fn check(run: Run) -> Result<(), TestCaseError> {
         world.events
     );
 
-    // Order: the reported states are a subsequence of the key's states, and none twice in a row.
-    let mut reported: Vec<State> = Vec::new();
-    let mut last_sequence = 0;
-    let mut current: Option<(String, u64, u64)> = None;
-    let mut blind = false;
-    for (t, e) in &world.events {
-        let state = match e {
-            ObserveEvent::Leader(l) => {
-                prop_assert!(
-                    l.sequence > last_sequence,
-                    "at {t:?}: leader sequence {} after {last_sequence}",
-                    l.sequence
-                );
-                last_sequence = l.sequence;
-                current = Some((l.session.to_string(), l.lock_index, l.sequence));
-                Some((l.session.to_string(), l.lock_index, l.value.clone()))
+    // Order: the reports keep their rules, and the states they show are a subsequence of the
+    // key's states.
+    let events: Vec<ObserveEvent> = world.events.iter().map(|(_, e)| e.clone()).collect();
+    consul_lock_checker::observe::check_reports(&events).map_err(|e| {
+        TestCaseError::fail(format!(
+            "{e}; history {:?}; events {:#?}",
+            world.history, world.events
+        ))
+    })?;
+    let reported: Vec<State> = events
+        .iter()
+        .filter_map(|e| match e {
+            ObserveEvent::Leader(l) | ObserveEvent::Value(l) => {
+                Some(Some((l.session.to_string(), l.lock_index, l.value.clone())))
             }
-            ObserveEvent::Value(l) => {
-                prop_assert_eq!(
-                    current.clone(),
-                    Some((l.session.to_string(), l.lock_index, l.sequence)),
-                    "at {:?}: a value of another leader",
-                    t
-                );
-                Some((l.session.to_string(), l.lock_index, l.value.clone()))
-            }
-            ObserveEvent::NoLeader { .. } => {
-                current = None;
-                None
-            }
-            ObserveEvent::Blind { .. } => {
-                prop_assert!(!blind, "at {t:?}: Blind twice");
-                blind = true;
-                continue;
-            }
-            ObserveEvent::Resumed { .. } => {
-                prop_assert!(blind, "at {t:?}: Resumed without Blind");
-                blind = false;
-                continue;
-            }
-            ObserveEvent::Failed(e) => return Err(TestCaseError::fail(format!("at {t:?}: failed: {e}"))),
-        };
-        prop_assert!(
-            reported.last() != Some(&state),
-            "at {t:?}: {state:?} reported twice"
-        );
-        reported.push(state);
-    }
+            ObserveEvent::NoLeader { .. } => Some(None),
+            _ => None,
+        })
+        .collect();
     let mut history = world.history.iter();
     for state in &reported {
         prop_assert!(
