@@ -27,11 +27,14 @@
 //! the hold up, the try-once option, the key names) is its [`Holder`] impl: [`lock`] and
 //! [`semaphore`].
 //!
+//! An observer holds nothing: what its reports keep is [`observe::check_reports`].
+//!
 //! It is a crate of its own, depending only on the core, so that the core's integration tests (as
 //! a dev-dependency: they link the same core library this crate does) and the fuzz crate (by
 //! path) use the one copy.
 
 pub mod lock;
+pub mod observe;
 pub mod request;
 pub mod semaphore;
 
@@ -113,6 +116,8 @@ pub enum Cause<F> {
     Unlock,
     /// `destroy()`.
     Destroy,
+    /// `proclaim()`.
+    Proclaim,
     /// `cancel()`, in that state.
     Cancel(Expect),
     /// A reply, and what it said (`None`: to a request never sent).
@@ -208,6 +213,19 @@ impl<M: Holder> Checker<M> {
             (r, e) => panic!("unlock() answered {r:?} while {e:?}"),
         }
         self.after(now, &Cause::Unlock);
+        self.settle(now);
+        r
+    }
+
+    /// `proclaim(now, value)`, checked: taken only while held.
+    pub fn proclaim(&mut self, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        let r = self.m.proclaim(now, value);
+        match (&r, &self.expect) {
+            (Ok(()) | Err(Misuse::Busy | Misuse::NotALock), Expect::Held(_)) => {}
+            (Err(Misuse::NotHeld | Misuse::NotALock), e) if !matches!(e, Expect::Held(_)) => {}
+            (r, e) => panic!("proclaim() answered {r:?} while {e:?}"),
+        }
+        self.after(now, &Cause::Proclaim);
         self.settle(now);
         r
     }
@@ -450,6 +468,11 @@ impl<M: Holder> Checker<M> {
                 Expect::Held(token.clone())
             }
             (LockEvent::Retrying(_), Expect::Acquiring) => Expect::Acquiring,
+            // A proclaim's outcome comes while held; one the hold's end overtook, as it ends.
+            (LockEvent::Proclaimed { .. } | LockEvent::ProclaimFailed(_), Expect::Held(token)) => {
+                Expect::Held(token.clone())
+            }
+            (LockEvent::ProclaimFailed(_), Expect::Releasing) => Expect::Releasing,
             (LockEvent::GaveUp, Expect::Acquiring) => {
                 assert!(self.m.try_once(), "GaveUp without try-once");
                 Expect::Idle

@@ -83,6 +83,7 @@ impl Holder for LockMachine {
                 | Kind::Info(_)
                 | Kind::Get { .. }
                 | Kind::LockTxn { .. }
+                | Kind::ProclaimTxn { .. }
                 | Kind::Release { .. }
                 | Kind::Delete { .. }
         );
@@ -106,7 +107,10 @@ impl Holder for LockMachine {
                     assert_eq!(session, id.as_str(), "{}: not the caller's session", what());
                 }
             }
-            Kind::Get { key, .. } | Kind::Release { key, .. } | Kind::Delete { key, .. } => {
+            Kind::Get { key, .. }
+            | Kind::Release { key, .. }
+            | Kind::Delete { key, .. }
+            | Kind::ProclaimTxn { key, .. } => {
                 assert_eq!(key, options.key.as_str(), "{}: another key", s.describe());
             }
             _ => {}

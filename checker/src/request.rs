@@ -51,6 +51,16 @@ pub enum Kind {
         /// The value it writes (base64-decoded).
         value: Vec<u8>,
     },
+    /// `PUT /v1/txn` with a KV `check-session` then a `lock` of the same key by the same
+    /// session: a lock's proclaim (core's `KvProclaimTxn`).
+    ProclaimTxn {
+        /// The key.
+        key: String,
+        /// The holding session.
+        session: String,
+        /// The value it writes (base64-decoded).
+        value: Vec<u8>,
+    },
     /// `PUT /v1/kv/<key>?release=<session>`
     Release {
         /// The key.
@@ -171,7 +181,7 @@ impl Sent {
     /// body.
     pub fn value(&self) -> &[u8] {
         match &self.kind {
-            Kind::LockTxn { value, .. } => value,
+            Kind::LockTxn { value, .. } | Kind::ProclaimTxn { value, .. } => value,
             _ => &self.body,
         }
     }
@@ -294,7 +304,9 @@ impl Sent {
         if (m, p) == ("PUT", "/v1/session/create") {
             Kind::Create
         } else if (m, p) == ("PUT", "/v1/txn") {
-            lock_txn(&self.body).unwrap_or(Kind::Other)
+            lock_txn(&self.body)
+                .or_else(|| proclaim_txn(&self.body))
+                .unwrap_or(Kind::Other)
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
             Kind::Renew(id.to_owned())
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/destroy/"), m) {
@@ -312,11 +324,39 @@ impl Sent {
 /// missing or of the wrong type, a value that is not base64), which the checks then refuse as an
 /// unrecognised request: the machine must send exactly what Consul's `lock` verb takes.
 fn lock_txn(body: &[u8]) -> Option<Kind> {
-    use base64::Engine as _;
     let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
     let [op] = ops.as_array()?.as_slice() else {
         return None;
     };
+    lock_op(op)
+}
+
+/// A transaction body of a `check-session` and a `lock` of the same key by the same session,
+/// as its [`Kind::ProclaimTxn`].
+fn proclaim_txn(body: &[u8]) -> Option<Kind> {
+    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let [check, lock] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    let check = check
+        .as_object()
+        .filter(|o| o.len() == 1)?
+        .get("KV")?
+        .as_object()?;
+    let text = |name: &str| check.get(name)?.as_str().map(str::to_owned);
+    let Some(Kind::LockTxn {
+        key, session, value, ..
+    }) = lock_op(lock)
+    else {
+        return None;
+    };
+    let same = text("Verb")? == "check-session" && text("Key")? == key && text("Session")? == session;
+    same.then_some(Kind::ProclaimTxn { key, session, value })
+}
+
+/// One KV `lock` operation with every field the lock writes.
+fn lock_op(op: &serde_json::Value) -> Option<Kind> {
+    use base64::Engine as _;
     let kv = op.as_object().filter(|o| o.len() == 1)?.get("KV")?.as_object()?;
     let text = |name: &str| kv.get(name)?.as_str().map(str::to_owned);
     if text("Verb")? != "lock" {

@@ -68,6 +68,18 @@ impl Api {
         })
     }
 
+    /// Follows who leads on the lock key `key` (the driver's observer).
+    pub(crate) fn observe(&self, key: &str) -> Result<consul_lock_tokio::Observer, Failure> {
+        self.client
+            .observe(key)
+            .map_err(|e| self.driver_failure(&format!("watching {key}"), &e))
+    }
+
+    /// The failure to report for the driver's `error`, met while doing `what`.
+    pub(crate) fn driver_failure(&self, what: &str, error: &consul_lock_tokio::Error) -> Failure {
+        driver_failure(&self.resolved, what, error)
+    }
+
     /// The failure to report for `error`, met while doing `what` (e.g. "reading service/x").
     pub(crate) fn failure(&self, what: &str, error: &CallError) -> Failure {
         Failure::of(call_kind(error), explain_call(&self.resolved, what, error))

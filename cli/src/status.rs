@@ -1,7 +1,11 @@
 //! `consul-lock status` and `consul-lock watch`: what a lock's or a semaphore's keys say, read
 //! with one list of the prefix (`GET /v1/kv/<base>?recurse`), plus `/v1/session/info` for the
 //! holders' names and nodes. `watch` repeats the list as a blocking read and prints a line when
-//! the leadership it shows changes.
+//! the leadership it shows changes; while someone holds a lock it follows the lock key with the
+//! driver's observer instead (core's `ObserverMachine`: each change of leader or of its value,
+//! once and in order, and a line when it could not see for a while), and lists again once
+//! nobody leads (a deleted key, a semaphore there next). A lock's value is shown, so a leader's
+//! proclaim is a change.
 //!
 //! `<KEY_OR_PREFIX>` names a *base*: a lock key held with Go's `api.Lock` (`service/leader`),
 //! or a `consul lock` prefix, whose lock is `<base>/.lock` and whose semaphore keys are
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 use consul_lock_core::api::{
     Blocking, Consistency, Key, KvGet, KvList, KvPair, SessionEntry, SessionId, SessionInfo,
 };
-use consul_lock_core::machine::{LOCK_FLAG_VALUE, SEMAPHORE_FLAG_VALUE, SemaphoreState};
+use consul_lock_core::machine::{LOCK_FLAG_VALUE, ObserveEvent, SEMAPHORE_FLAG_VALUE, SemaphoreState};
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -159,11 +163,13 @@ pub(crate) fn view(base: &str, pairs: &[KvPair]) -> View {
 fn identity(view: &View) -> String {
     match view {
         View::Absent { .. } => "absent".to_owned(),
+        // The value too: a leader proclaiming a new one is a change to show.
         View::Lock { pair } => format!(
-            "lock {} {:?} {}",
+            "lock {} {:?} {} {:?}",
             pair.key,
             pair.session.as_ref().map(SessionId::as_str),
-            pair.lock_index
+            pair.lock_index,
+            pair.value
         ),
         View::Semaphore(s) => {
             let holders: Vec<&str> = s.live_holders().map(|(h, _)| h.as_str()).collect();
@@ -217,6 +223,15 @@ fn session_text(id: &str, entry: Option<&SessionEntry>) -> String {
     }
 }
 
+/// A key's value for a line of text: quoted, cut at 80 characters.
+fn value_text(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{:?}…", &text[..cut]),
+        None => format!("{text:?}"),
+    }
+}
+
 /// The view as a JSON object, and as lines of text.
 async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<String>) {
     match view {
@@ -263,10 +278,14 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
                  (holders so far, what Go exposes)",
                 pair.modify_index, pair.lock_index
             ));
+            if !pair.value.is_empty() {
+                lines.push(format!("  value     {}", value_text(&pair.value)));
+            }
             (
                 json!({
                     "kind": "lock",
                     "key": pair.key,
+                    "value": String::from_utf8_lossy(&pair.value),
                     "held": pair.session.is_some(),
                     "holder": holder,
                     "lock_index": pair.lock_index,
@@ -480,16 +499,7 @@ async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8
                 }
                 failures += 1;
                 if failures == 1 {
-                    let message = api.failure(&what, &e).message;
-                    if json {
-                        out::event(
-                            "error",
-                            ("unix_ms", out::unix_ms()),
-                            &json!({ "message": message }),
-                        );
-                    } else {
-                        out::info(&format!("{message}; retrying"));
-                    }
+                    retrying(&api.failure(&what, &e).message, json);
                 }
                 tokio::time::sleep(Duration::from_secs(1).min(Duration::from_millis(250) * failures)).await;
                 continue;
@@ -520,28 +530,115 @@ async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8
         } else {
             view
         };
-        let id = identity(&view);
-        if last.as_ref().is_some_and(|(previous, _)| *previous == id) {
-            continue;
-        }
-        let now = Instant::now();
-        let after = last.as_ref().map(|(_, at)| now.duration_since(*at));
-        let (mut value, lines) = render(&view, api, &mut sessions).await;
-        if json {
-            if let Value::Object(object) = &mut value {
-                object.insert("first".into(), after.is_none().into());
-                object.insert("index".into(), index.into());
+        show(&view, index, json, api, &mut sessions, &mut last).await;
+        if let View::Lock { pair } = &view {
+            // (`--stale` asks for reads any server may answer; the observer's are consistent.)
+            if pair.session.is_some() && !stale {
+                // Someone leads: follow the lock key with the driver's observer (every change of
+                // leader or value, once, in order; blindness reported) until nobody leads, then
+                // list the base again for whatever comes next (a deleted key, a semaphore).
+                follow(api, &pair.key, json, &mut sessions, &mut last).await?;
+                index = 0;
             }
-            out::event("change", ("unix_ms", out::unix_ms()), &value);
-        } else {
-            let head = match after {
-                None => format!("{} now:", out::clock()),
-                Some(d) => format!("{} changed after {}:", out::clock(), out::secs(d)),
-            };
-            out::line(&format!("{head} {}", one_line(&view, &lines)));
         }
-        last = Some((id, now));
     }
+}
+
+/// Says that watching failed and goes on: an `error` event, or a line on standard error.
+fn retrying(message: &str, json: bool) {
+    if json {
+        out::event(
+            "error",
+            ("unix_ms", out::unix_ms()),
+            &json!({ "message": message }),
+        );
+    } else {
+        out::info(&format!("{message}; retrying"));
+    }
+}
+
+/// Prints `view` if it shows another leadership than the last line did.
+async fn show(
+    view: &View,
+    index: u64,
+    json: bool,
+    api: &Api,
+    sessions: &mut Sessions,
+    last: &mut Option<(String, Instant)>,
+) {
+    let id = identity(view);
+    if last.as_ref().is_some_and(|(previous, _)| *previous == id) {
+        return;
+    }
+    let now = Instant::now();
+    let after = last.as_ref().map(|(_, at)| now.duration_since(*at));
+    let (mut value, lines) = render(view, api, sessions).await;
+    if json {
+        if let Value::Object(object) = &mut value {
+            object.insert("first".into(), after.is_none().into());
+            object.insert("index".into(), index.into());
+        }
+        out::event("change", ("unix_ms", out::unix_ms()), &value);
+    } else {
+        let head = match after {
+            None => format!("{} now:", out::clock()),
+            Some(d) => format!("{} changed after {}:", out::clock(), out::secs(d)),
+        };
+        out::line(&format!("{head} {}", one_line(view, &lines)));
+    }
+    *last = Some((id, now));
+}
+
+/// Follows the lock key `key` with the observer while someone leads; returns when nobody does.
+async fn follow(
+    api: &Api,
+    key: &str,
+    json: bool,
+    sessions: &mut Sessions,
+    last: &mut Option<(String, Instant)>,
+) -> Result<(), Failure> {
+    let mut observer = api.observe(key)?;
+    while let Some(event) = observer.recv().await {
+        match event {
+            ObserveEvent::Leader(leader) | ObserveEvent::Value(leader) => {
+                let pair = KvPair {
+                    key: leader.key.as_str().to_owned(),
+                    create_index: 0,
+                    modify_index: leader.sequence,
+                    lock_index: leader.lock_index,
+                    flags: LOCK_FLAG_VALUE,
+                    value: leader.value,
+                    session: Some(leader.session),
+                };
+                show(&View::Lock { pair }, leader.sequence, json, api, sessions, last).await;
+            }
+            ObserveEvent::NoLeader { .. } => return Ok(()),
+            ObserveEvent::Blind {
+                unseen_for,
+                last: why,
+                ..
+            } => {
+                retrying(
+                    &format!("could not see {key} for {}: {why}", out::secs(unseen_for)),
+                    json,
+                );
+            }
+            ObserveEvent::Resumed { .. } => {
+                if !json {
+                    out::info("in contact with Consul again");
+                }
+            }
+            ObserveEvent::Failed(e) => {
+                return Err(
+                    api.driver_failure(&format!("watching {key}"), &consul_lock_tokio::Error::Lock(e))
+                );
+            }
+        }
+    }
+    Err(api.driver_failure(
+        &format!("watching {key}"),
+        &consul_lock_tokio::Error::DriverStopped,
+    ))
 }
 
 /// The view in one line: the first line of its rendering, plus the holder's.

@@ -88,14 +88,8 @@ fn watch_prints_each_leadership_change_live() {
     let Some(agent) = require_agent() else { return };
     let prefix = unique_prefix("watch");
     let scratch = Scratch::new("watch");
-    let out = scratch.path("watch.out");
-    let mut watch = Running::spawn_to_file(consul_lock(agent, &["watch", "--json", &prefix]), &out);
     // The first line is the state before anything happened.
-    let deadline = Instant::now() + EXIT;
-    while !scratch.read("watch.out").contains('\n') {
-        assert!(Instant::now() < deadline, "watch printed nothing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut watch = start_watch(agent, &["watch", "--json", &prefix], &scratch);
 
     let mut sessions = Vec::new();
     for round in 0..2 {
@@ -136,19 +130,26 @@ fn watch_prints_each_leadership_change_live() {
     }
 }
 
+/// `consul-lock <args>` (a watch) writing to `watch.out` in `scratch`, once it printed its
+/// first line.
+fn start_watch(agent: &consul_lock_testkit::agent::ConsulAgent, args: &[&str], scratch: &Scratch) -> Running {
+    let out = scratch.path("watch.out");
+    let watch = Running::spawn_to_file(consul_lock(agent, args), &out);
+    let deadline = Instant::now() + EXIT;
+    while !scratch.read("watch.out").contains('\n') {
+        assert!(Instant::now() < deadline, "watch printed nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    watch
+}
+
 /// The first line `watch` prints for `prefix`, in text.
 fn first_watch_line(
     agent: &consul_lock_testkit::agent::ConsulAgent,
     prefix: &str,
     scratch: &Scratch,
 ) -> String {
-    let out = scratch.path("watch.out");
-    let mut watch = Running::spawn_to_file(consul_lock(agent, &["watch", prefix]), &out);
-    let deadline = Instant::now() + EXIT;
-    while !scratch.read("watch.out").contains('\n') {
-        assert!(Instant::now() < deadline, "watch printed nothing");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut watch = start_watch(agent, &["watch", prefix], scratch);
     watch.signal("INT");
     let (status, _, stderr) = watch.finish(EXIT);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -208,4 +209,81 @@ fn watch_says_a_semaphore_plainly_with_its_sequence() {
         "{line}"
     );
     assert!(!line.contains("[]"), "{line}");
+}
+
+/// While someone leads, `watch` follows the lock key with the observer: a leader proclaiming new
+/// values shows as one change each, in order, then nobody leading.
+#[test]
+fn watch_shows_a_leaders_proclaimed_values_in_order() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("watch-proclaim");
+    let key = format!("{prefix}/.lock");
+    let scratch = Scratch::new("watch-proclaim");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime
+        .block_on(async { consul_lock_tokio::Client::new(agent.config().unwrap()) })
+        .unwrap();
+    let election = client.election(&key).unwrap();
+    let leading = runtime.block_on(election.campaign("v1")).unwrap();
+    let session = leading.token().session.to_string();
+    let mut watch = start_watch(agent, &["watch", "--json", &prefix], &scratch);
+    for value in ["v2", "v3"] {
+        runtime.block_on(leading.proclaim(value)).unwrap();
+        // Each proclaim seen before the next, so that none is folded into the next.
+        let deadline = Instant::now() + EXIT;
+        while !scratch
+            .read("watch.out")
+            .contains(&format!("\"value\":\"{value}\""))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{value} not shown: {}",
+                scratch.read("watch.out")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    runtime.block_on(leading.resign()).unwrap();
+    let deadline = Instant::now() + EXIT;
+    while !events(&scratch.read("watch.out"))
+        .last()
+        .is_some_and(|c| c["held"] == false || c["kind"] == "absent")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no end of leadership shown: {}",
+            scratch.read("watch.out")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    watch.signal("INT");
+    let (status, _, stderr) = watch.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let stdout = scratch.read("watch.out");
+    let changes = events(&stdout);
+    let held: Vec<(&str, &str)> = changes
+        .iter()
+        .filter(|c| c["held"] == true)
+        .map(|c| {
+            (
+                c["holder"]["session"].as_str().unwrap(),
+                c["value"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        held,
+        [
+            (session.as_str(), "v1"),
+            (session.as_str(), "v2"),
+            (session.as_str(), "v3")
+        ],
+        "{stdout}"
+    );
+    for pair in changes.windows(2) {
+        assert_ne!(pair[0], pair[1], "one line per change, no repeats: {stdout}");
+    }
+    runtime
+        .block_on(client.shutdown(Duration::from_secs(10)))
+        .unwrap();
 }

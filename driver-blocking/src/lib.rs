@@ -53,7 +53,8 @@ use std::time::Duration;
 
 pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{
-    FencingToken, LockError, LockOptions, LossReason, Misuse, Retry, SemaphoreOptions,
+    FencingToken, Leader, LockError, LockOptions, LossReason, Misuse, Observation, ObserveEvent,
+    ObserveOptions, Retry, SemaphoreOptions,
 };
 pub use consul_lock_tokio::{CallError, Error, HoldEnd, ShutdownError, TlsFileError};
 use tokio::sync::watch;
@@ -228,6 +229,52 @@ impl Client {
         Ok(Lock {
             inner: Arc::new(self.inner.lock(options)?.into()),
             runtime: self.runtime.clone(),
+        })
+    }
+
+    /// Follows who leads on the lock key `key` (ours, Go's `api.Lock`'s, `consul lock`'s
+    /// `<prefix>/.lock`): every change of leader or of its value, in order (see [`Observer`]).
+    pub fn observe(&self, key: &str) -> Result<Observer, Error> {
+        self.observe_with(ObserveOptions::new(key)?)
+    }
+
+    /// [`observe`](Client::observe) with `options`.
+    pub fn observe_with(&self, options: ObserveOptions) -> Result<Observer, Error> {
+        let _entered = self.runtime.handle()?.enter();
+        Ok(Observer {
+            inner: self.inner.observe_with(options)?,
+            runtime: self.runtime.clone(),
+        })
+    }
+
+    /// Who leads on the lock key `key` now: the leader (session, node, session name, value,
+    /// fencing sequence), or `None` when nobody does (see the tokio driver's `Client::leader`).
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), consul_lock_blocking::Error> {
+    /// let client = consul_lock_blocking::Client::from_env()?;
+    /// if let Some(l) = client.leader("service/leader")? {
+    ///     println!("{} leads", String::from_utf8_lossy(&l.value));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn leader(&self, key: &str) -> Result<Option<Leader>, Error> {
+        let runtime = self.runtime.handle()?;
+        runtime.block_on(self.inner.leader(key))
+    }
+
+    /// Leader election on `key`, with a lock with Go's defaults (see [`Election`]).
+    pub fn election(&self, key: &str) -> Result<Election, Error> {
+        self.election_with(LockOptions::new(key)?)
+    }
+
+    /// Leader election with the lock `options` (its `value` is each campaign's).
+    pub fn election_with(&self, options: LockOptions) -> Result<Election, Error> {
+        options.validate()?;
+        Ok(Election {
+            client: self.clone(),
+            options,
         })
     }
 
@@ -546,11 +593,168 @@ impl LockGuard {
         }
     }
 
+    /// Writes `value` to the lock key while this hold lasts, checking that it does (an
+    /// election's proclaim; see [`Leadership::proclaim`]).
+    pub fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let guard = self.inner.as_ref().ok_or(Error::Misuse(Misuse::NotHeld))?;
+        self.runtime.handle()?.block_on(guard.proclaim(value.into()))
+    }
+
     /// Releases the lock (the slot) and destroys its session, blocking until both are done.
     pub fn release(mut self) -> Result<(), Error> {
         let Some(guard) = self.inner.take() else {
             return Ok(());
         };
         self.runtime.handle()?.block_on(guard.release())
+    }
+}
+
+/// Who leads on a key, and every change of leader, as they happen ([`Client::observe`]): an
+/// iterator of [`ObserveEvent`]s, blocking for the next (a new leader, a new value of the leader,
+/// no leader, could not see for a while, seeing again), in order, each once, the leader's
+/// sequence never going backwards. It ends only after [`ObserveEvent::Failed`] or when the
+/// client's runtime is gone. Dropping it stops the observation.
+///
+/// ```no_run
+/// # fn run() -> Result<(), consul_lock_blocking::Error> {
+/// let client = consul_lock_blocking::Client::from_env()?;
+/// for event in client.observe("service/leader")? {
+///     println!("{event:?}");
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Observer {
+    inner: consul_lock_tokio::Observer,
+    runtime: Arc<Runtime>,
+}
+
+impl Observer {
+    /// Waits up to `timeout` (`None`: as long as it takes) for the next change: `Ok(None)` when
+    /// the time ran out; [`Error::DriverStopped`] once the observation is over.
+    pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<ObserveEvent>, Error> {
+        let inner = &mut self.inner;
+        self.runtime.block_on_within(
+            timeout,
+            async move { inner.recv().await.ok_or(Error::DriverStopped) },
+        )
+    }
+
+    /// What the key showed at the last answer (`None` before the first), without waiting.
+    pub fn current(&self) -> Option<Observation> {
+        self.inner.current()
+    }
+
+    /// The leader as of the last answer.
+    pub fn leader(&self) -> Option<Leader> {
+        self.inner.leader()
+    }
+}
+
+impl Iterator for Observer {
+    type Item = ObserveEvent;
+
+    fn next(&mut self) -> Option<ObserveEvent> {
+        self.recv_timeout(None).ok().flatten()
+    }
+}
+
+/// Leader election on one key ([`Client::election`]): campaign with a value for everyone to see
+/// (stored in the key, as Go's lock stores its value), follow who leads with
+/// [`observe`](Election::observe) and [`leader`](Election::leader).
+///
+/// ```no_run
+/// # fn run() -> Result<(), consul_lock_blocking::Error> {
+/// let client = consul_lock_blocking::Client::from_env()?;
+/// let election = client.election("service/leader")?;
+/// let leading = election.campaign("10.0.0.7:8080")?;
+/// // ... lead, until done or leading.wait_lost(..) says it ended ...
+/// leading.resign()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Election {
+    client: Client,
+    options: LockOptions,
+}
+
+impl Election {
+    /// Blocks until leading, with `value` in the key.
+    pub fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership, Error> {
+        self.campaign_with(value, None, None)
+    }
+
+    /// [`campaign`](Election::campaign) for at most `timeout` ([`Error::GaveUp`] after it), or
+    /// until `stop` is stopped ([`Error::Cancelled`]), as [`Lock::acquire_with`].
+    pub fn campaign_with(
+        &self,
+        value: impl Into<Vec<u8>>,
+        timeout: Option<Duration>,
+        stop: Option<&StopHandle>,
+    ) -> Result<Leadership, Error> {
+        let mut options = self.options.clone();
+        options.hold.value = value.into();
+        let lock = self.client.lock(options)?;
+        let guard = lock.acquire_with(timeout, stop)?;
+        Ok(Leadership { guard, lock })
+    }
+
+    /// Who leads now.
+    pub fn leader(&self) -> Result<Option<Leader>, Error> {
+        self.client.leader(self.options.key.as_str())
+    }
+
+    /// Every change of leader on the election's key.
+    pub fn observe(&self) -> Result<Observer, Error> {
+        self.client.observe(self.options.key.as_str())
+    }
+}
+
+/// Leading an [`Election`] (the tokio driver's `Leadership`, blocking): a [`LockGuard`] on the
+/// election's key with [`proclaim`](Leadership::proclaim) and [`resign`](Leadership::resign),
+/// ending with a reason as a hold does ([`wait_lost`](Leadership::wait_lost),
+/// [`watch`](Leadership::watch)). Dropping it resigns in the background.
+#[derive(Debug)]
+pub struct Leadership {
+    // Dropped first: its release goes out before the lock's task sees its handle gone.
+    guard: LockGuard,
+    lock: Lock,
+}
+
+impl Leadership {
+    /// The term's fencing token ([`LockGuard::token`]), which proclaims leave as it is.
+    pub fn token(&self) -> &FencingToken {
+        self.guard.token()
+    }
+
+    /// [`LockGuard::is_held`]: leading still, as far as this process knows.
+    pub fn is_leading(&self) -> bool {
+        self.guard.is_held()
+    }
+
+    /// Writes a new `value` to the key, provided this candidate still leads (see the tokio
+    /// driver's `Leadership::proclaim` for the errors).
+    pub fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
+        self.guard.proclaim(value)
+    }
+
+    /// Stops leading: releases the key and destroys the session, blocking until both are done.
+    pub fn resign(self) -> Result<(), Error> {
+        let Leadership { guard, lock } = self;
+        let released = guard.release();
+        lock.close();
+        released
+    }
+
+    /// Waits up to `timeout` for leading to be lost: `Some(reason)` if it was.
+    pub fn wait_lost(&self, timeout: Duration) -> Result<Option<LossReason>, Error> {
+        self.guard.wait_lost(timeout)
+    }
+
+    /// A watch on this term for another thread (see [`LockGuard::watch`]).
+    pub fn watch(&self) -> LossWatch {
+        self.guard.watch()
     }
 }

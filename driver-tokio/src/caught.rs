@@ -88,6 +88,9 @@ impl<M: HoldMachine> HoldMachine for Caught<M> {
     fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
         self.call(Err(Misuse::Busy), |m| m.destroy(now))
     }
+    fn proclaim(&mut self, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        self.call(Err(Misuse::NotHeld), |m| m.proclaim(now, value))
+    }
     fn status(&self) -> LockStatus {
         self.look(LockStatus::Idle, HoldMachine::status)
     }

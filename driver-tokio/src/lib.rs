@@ -53,6 +53,7 @@
 
 mod caught;
 mod error;
+mod observe;
 mod seed;
 mod task;
 mod transport;
@@ -65,10 +66,12 @@ use std::time::Duration;
 pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{
-    FencingToken, LockError, LockOptions, LossReason, Misuse, Retry, SemaphoreOptions,
+    FencingToken, Leader, LockError, LockOptions, LossReason, Misuse, Observation, ObserveEvent,
+    ObserveOptions, Retry, SemaphoreOptions,
 };
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
 pub use error::{CallError, Error, ShutdownError, TlsFileError};
+pub use observe::{Election, Leadership, Observer};
 pub use task::HoldEnd;
 use task::{Command, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -163,6 +166,49 @@ impl Client {
     pub(crate) fn lock_machine(&self, mut options: LockOptions) -> Result<LockMachine, Error> {
         options.hold.seed = seed::fresh();
         Ok(LockMachine::new((*self.config).clone(), options)?)
+    }
+
+    /// Follows who leads on the lock key `key`, with the default [`ObserveOptions`]: every
+    /// change of leader or of its value, in order (see [`Observer`]). Works on any lock key:
+    /// ours, Go's `api.Lock`'s, `consul lock <prefix>`'s (`<prefix>/.lock`). Must be called inside
+    /// a tokio runtime: the observer's task starts here.
+    pub fn observe(&self, key: &str) -> Result<Observer, Error> {
+        self.observe_with(ObserveOptions::new(key)?)
+    }
+
+    /// [`observe`](Client::observe) with `options` (its `seed` is replaced by one from entropy).
+    pub fn observe_with(&self, options: ObserveOptions) -> Result<Observer, Error> {
+        Observer::start(self, options)
+    }
+
+    /// Who leads on the lock key `key` now: the leader (session, node, session name, value,
+    /// fencing sequence), or `None` when nobody does. One consistent read of the key, and one
+    /// lookup of the leader's session. Errors: [`Error::Lock`] with the refusal (ACLs), or
+    /// [`LockError::Unavailable`] when reads kept failing for the default `blind_after` (10 s).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), consul_lock_tokio::Error> {
+    /// let client = consul_lock_tokio::Client::from_env()?;
+    /// match client.leader("service/leader").await? {
+    ///     Some(l) => println!("{} leads on {:?}", String::from_utf8_lossy(&l.value), l.node),
+    ///     None => println!("nobody leads"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn leader(&self, key: &str) -> Result<Option<Leader>, Error> {
+        self.observe(key)?.first().await
+    }
+
+    /// Leader election on `key`, with a lock with Go's defaults (see [`Election`]).
+    pub fn election(&self, key: &str) -> Result<Election, Error> {
+        self.election_with(LockOptions::new(key)?)
+    }
+
+    /// Leader election with the lock `options` (its `value` is each campaign's).
+    pub fn election_with(&self, options: LockOptions) -> Result<Election, Error> {
+        options.validate()?;
+        Ok(Election::new(self.clone(), options))
     }
 
     /// A semaphore of `limit` slots under `prefix`, with Go's defaults (Go's `SemaphorePrefix`).
@@ -618,6 +664,21 @@ impl LockGuard {
     /// A watcher of this hold's loss, to hand to other tasks.
     pub fn watch(&self) -> LossWatch {
         self.watch.clone()
+    }
+
+    /// Writes `value` to the lock key while this hold lasts, checking that it does (an
+    /// election's proclaim; see [`Leadership::proclaim`]). The fencing token does not change.
+    /// [`Misuse::NotALock`] for a semaphore slot.
+    pub async fn proclaim(&self, value: Vec<u8>) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Proclaim {
+                generation: self.generation,
+                value,
+                reply,
+            })
+            .map_err(|_| Error::DriverStopped)?;
+        answer.await.map_err(|_| Error::DriverStopped)?
     }
 
     /// Releases the lock (writing the lock's value) and destroys its session, waiting for both.

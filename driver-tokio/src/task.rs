@@ -52,6 +52,12 @@ pub(crate) enum Command {
     Destroy {
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Write `value` to the key while the hold of `generation` lasts (an election's proclaim).
+    Proclaim {
+        generation: Generation,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// End the lock: cancel or release, finish the cleanup, then answer and stop.
     Close { reply: oneshot::Sender<()> },
 }
@@ -64,6 +70,8 @@ struct Waiters {
     hold: Option<watch::Sender<HoldState>>,
     release: Vec<oneshot::Sender<Result<(), Error>>>,
     destroy: Option<oneshot::Sender<Result<(), Error>>>,
+    /// The proclaim in flight.
+    proclaim: Option<oneshot::Sender<Result<(), Error>>>,
     /// An acquire that came while the last hold was still being released (a guard dropped, or
     /// an acquire future dropped after its grant, just before): it starts once the release is
     /// done, rather than fail with `Busy` for a release the caller never waits for.
@@ -90,6 +98,7 @@ pub(crate) async fn run<M: HoldMachine>(
         hold: None,
         release: Vec::new(),
         destroy: None,
+        proclaim: None,
         queued: None,
     };
     let mut handles_gone = false;
@@ -102,13 +111,7 @@ pub(crate) async fn run<M: HoldMachine>(
         }
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::Send(t) => {
-                    let (http, config) = (http.clone(), config.clone());
-                    inflight.push(async move {
-                        let reply = crate::transport::exchange(http, &config, t.request, t.deadline).await;
-                        (t.id, reply)
-                    });
-                }
+                Action::Send(t) => inflight.push(crate::transport::transmit(http.clone(), config.clone(), t)),
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
             }
         }
@@ -185,6 +188,9 @@ async fn end_after_panic(
     if let Some(reply) = waiters.destroy.take() {
         let _ = reply.send(Err(error()));
     }
+    if let Some(reply) = waiters.proclaim.take() {
+        let _ = reply.send(Err(error()));
+    }
     if let Some(id) = session {
         use consul_lock_core::api::{Endpoint as _, SessionDestroy};
         let request = SessionDestroy { id: id.clone() }.encode(config);
@@ -212,7 +218,7 @@ async fn end_after_panic(
                     let _ = reply.send(Err(error()));
                 }
             }
-            Command::Destroy { reply } => {
+            Command::Destroy { reply } | Command::Proclaim { reply, .. } => {
                 let _ = reply.send(Err(error()));
             }
             Command::Close { reply } => {
@@ -240,7 +246,7 @@ fn start_queued(machine: &mut impl HoldMachine, w: &mut Waiters) {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
     }
@@ -304,6 +310,24 @@ fn on_command(machine: &mut impl HoldMachine, w: &mut Waiters, command: Command)
         // Handled by the loop, which stops reading commands.
         Command::Close { reply } => {
             let _ = reply.send(());
+        }
+        Command::Proclaim {
+            generation,
+            value,
+            reply,
+        } => {
+            // A guard of an earlier hold proclaims nothing on a later one.
+            let outcome = if generation == w.generation {
+                machine.proclaim(now, value)
+            } else {
+                Err(Misuse::NotHeld)
+            };
+            match outcome {
+                Ok(()) => w.proclaim = Some(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(Error::Misuse(e)));
+                }
+            }
         }
         Command::Destroy { reply } => match machine.destroy(now) {
             Ok(()) => w.destroy = Some(reply),
@@ -377,6 +401,16 @@ fn on_event(machine: &mut impl HoldMachine, w: &mut Waiters, event: LockEvent) {
         LockEvent::Destroyed => {
             if let Some(reply) = w.destroy.take() {
                 let _ = reply.send(Ok(()));
+            }
+        }
+        LockEvent::Proclaimed { .. } => {
+            if let Some(reply) = w.proclaim.take() {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        LockEvent::ProclaimFailed(e) => {
+            if let Some(reply) = w.proclaim.take() {
+                let _ = reply.send(Err(Error::Lock(e)));
             }
         }
     }

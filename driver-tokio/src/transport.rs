@@ -129,6 +129,17 @@ pub(crate) fn rewrite_for_server_name(config: &ClientConfig, request: &mut http:
 }
 
 /// Sends one request, giving up at `deadline`.
+/// Sends a machine's request `t` with [`exchange`]; the reply comes back with its id, for the
+/// machine that sent it.
+pub(crate) async fn transmit(
+    client: reqwest::Client,
+    config: std::sync::Arc<ClientConfig>,
+    t: consul_lock_core::machine::Transmit,
+) -> (consul_lock_core::machine::RequestId, Reply) {
+    let reply = exchange(client, &config, t.request, t.deadline).await;
+    (t.id, reply)
+}
+
 pub(crate) async fn exchange(
     client: reqwest::Client,
     config: &ClientConfig,

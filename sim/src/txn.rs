@@ -272,14 +272,14 @@ impl SimConsul {
                     ));
                 }
                 Op::Kv(kv) => {
-                    let modelled = matches!(kv.verb.as_str(), "lock" | "unlock");
+                    let modelled = matches!(kv.verb.as_str(), "lock" | "unlock" | "check-session");
                     let known =
                         WRITE_VERBS.contains(&kv.verb.as_str()) || READ_VERBS.contains(&kv.verb.as_str());
                     if known && !modelled {
                         return Err(Reply::text(
                             500,
                             format!(
-                                "SimConsul does not model the KV verb {} in transactions (only lock and unlock)",
+                                "SimConsul does not model the KV verb {} in transactions (only lock, unlock and check-session)",
                                 wire::go_quote(&kv.verb)
                             ),
                         ));
@@ -407,6 +407,17 @@ impl SimConsul {
                             )
                         })
                     }),
+                // Consul's `kvsCheckSessionTxn`, as an election's proclaim uses it: the write that
+                // follows goes through only while the session still holds the key.
+                "check-session" => match self.kv.get(&op.key) {
+                    None => Err(format!("failed to check session, key {quoted} doesn't exist")),
+                    Some(e) if e.session.as_deref().unwrap_or("") != op.session => Err(format!(
+                        "failed session check for key {quoted}, current session {} != {}",
+                        wire::go_quote(e.session.as_deref().unwrap_or("")),
+                        wire::go_quote(&op.session)
+                    )),
+                    Some(_) => Ok(()),
+                },
                 verb => Err(format!("unknown KV verb {}", wire::go_quote(verb))),
             };
             match outcome {

@@ -438,6 +438,62 @@ fn txn_lock_is_an_acquire_that_answers_the_entry() {
     assert_eq!(sim.consul.kv("l").unwrap().value, b"x");
 }
 
+/// A proclaim (`check-session` then `lock` by the same session), as Consul 1.8.7 answers it:
+/// the holder's write keeps LockIndex and the session; anyone else's, or one on a free or
+/// missing key, is refused by the check and writes nothing.
+#[test]
+fn txn_check_session_guards_a_write_as_consuls() {
+    let mut sim = Sim::new(31);
+    let s1 = sim.session("{}");
+    let s2 = sim.session("{}");
+    let proclaim = |s: &str, value: &str| {
+        [
+            txn_op("check-session", "p", s, 0, ""),
+            txn_op("lock", "p", s, 7, value),
+        ]
+    };
+    assert_eq!(
+        sim.txn_refused(&proclaim(&s1, "aGk=")),
+        vec![(0, r#"failed to check session, key "p" doesn't exist"#.to_owned())]
+    );
+    assert_eq!(sim.entry("p"), None, "a refused check writes nothing");
+    let (status, _) = sim.txn(&[txn_op("lock", "p", &s1, 7, "aGk=")]);
+    assert_eq!(status, 200);
+    let (status, body) = sim.txn(&proclaim(&s1, "aG8="));
+    assert_eq!(status, 200, "{body}");
+    let entry = sim.entry("p").unwrap();
+    assert_eq!(
+        (entry["LockIndex"].as_u64(), entry["Value"].as_str()),
+        (Some(1), Some("aG8="))
+    );
+    assert_eq!(entry["Session"].as_str(), Some(s1.as_str()));
+    assert_eq!(body["Results"][1]["KV"]["LockIndex"], 1);
+    assert_eq!(
+        sim.txn_refused(&proclaim(&s2, "eA==")),
+        vec![
+            (
+                0,
+                format!(r#"failed session check for key "p", current session "{s1}" != "{s2}""#)
+            ),
+            // Consul goes on through the operations and reports every failure.
+            (1, r#"failed to lock key "p", lock is already held"#.to_owned()),
+        ]
+    );
+    assert!(is_true(&sim.put(&format!("/v1/kv/p?release={s1}"), b"")));
+    assert_eq!(
+        sim.txn_refused(&proclaim(&s1, "eA==")),
+        vec![(
+            0,
+            format!(r#"failed session check for key "p", current session "" != "{s1}""#)
+        )]
+    );
+    assert_eq!(
+        sim.entry("p").unwrap()["Session"],
+        Value::Null,
+        "the check kept the key free"
+    );
+}
+
 #[test]
 fn txn_is_all_or_nothing_and_wakes_watchers() {
     let mut sim = Sim::new(31);
@@ -535,7 +591,7 @@ fn txn_reads_errors_and_faults() {
         (
             &format!("[{}]", txn_op("set", "k", "", 0, "")),
             500,
-            r#"SimConsul does not model the KV verb "set" in transactions (only lock and unlock)"#.to_owned(),
+            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock and check-session)"#.to_owned(),
         ),
         (r#"[{"Node":{}}]"#, 500, "SimConsul does not model Node operations in transactions".to_owned()),
     ] {

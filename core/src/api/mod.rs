@@ -22,4 +22,4 @@ pub use session::{
     InvalidSessionId, SessionBehavior, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionInfo,
     SessionRenew,
 };
-pub use txn::{KvLockTxn, LockRefusal, LockTxnOutcome};
+pub use txn::{KvLockTxn, KvProclaimTxn, LockRefusal, LockTxnOutcome};

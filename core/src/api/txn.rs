@@ -62,6 +62,9 @@ pub enum LockRefusal {
     LockDelay,
     /// The session is unknown (expired or destroyed).
     InvalidSession,
+    /// A proclaim's `check-session` failed: the key is gone, or held by another session or by
+    /// none ([`KvProclaimTxn`]).
+    NotHeld,
     /// The token may not write the key (ACLs): Consul answers the transaction `409` with
     /// `What: "Permission denied"` where a plain acquire would answer `403`.
     PermissionDenied,
@@ -113,14 +116,12 @@ struct WireError {
     what: String,
 }
 
-impl Endpoint for KvLockTxn {
-    /// The entry, or why the lock was refused.
-    type Output = LockTxnOutcome;
-
-    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
-        let ops = [WireOp {
+impl KvLockTxn {
+    /// The transaction's `lock` operation.
+    fn op<'a>(&'a self, config: &'a ClientConfig, verb: &'static str) -> WireOp<'a> {
+        WireOp {
             kv: WireKvOp {
-                verb: "lock",
+                verb,
                 key: self.key.as_str(),
                 value: base64::engine::general_purpose::STANDARD.encode(&self.value),
                 flags: self.flags,
@@ -128,50 +129,103 @@ impl Endpoint for KvLockTxn {
                 namespace: config.namespace.as_deref(),
                 partition: config.partition.as_deref(),
             },
-        }];
+        }
+    }
+}
+
+impl Endpoint for KvLockTxn {
+    /// The entry, or why the lock was refused.
+    type Output = LockTxnOutcome;
+
+    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
+        let ops = [self.op(config, "lock")];
         // Serializing strings and integers cannot fail.
         let body = serde_json::to_vec(&ops).unwrap_or_default();
         Target::new(Method::PUT, "txn", "").build(config, body)
     }
 
     fn decode(response: &http::Response<Vec<u8>>) -> Result<LockTxnOutcome, ApiError> {
-        const WHAT: &str = "a lock transaction";
-        check_len(WHAT, response)?;
-        let status = response.status();
-        if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
-            return Err(status_error(response));
-        }
-        let wire: WireResponse = json_body(WHAT, response.body())?;
-        let malformed = |problem: &str| ApiError::Malformed {
-            what: WHAT,
-            problem: problem.to_owned(),
-        };
-        if status == http::StatusCode::CONFLICT {
-            let what = wire
-                .errors
-                .and_then(|errors| errors.into_iter().next())
-                .ok_or_else(|| malformed("a 409 without an error"))?
-                .what;
-            return Ok(LockTxnOutcome::Refused(refusal(&what)));
-        }
-        let pair = wire
-            .results
-            .and_then(|results| results.into_iter().next())
-            .and_then(|result| result.kv)
-            .ok_or_else(|| malformed("a success reply without the entry"))?
-            .into_pair(WHAT)?;
-        Ok(LockTxnOutcome::Locked(pair))
+        decode_outcome("a lock transaction", response)
     }
+}
+
+/// `PUT /v1/txn` `[check-session, lock]`: an election's proclaim. Writes `value` to a key the
+/// session holds, and only while it holds it.
+///
+/// Neither a plain `?acquire=` nor a lone `lock` operation will do: by the same session they
+/// take the key again if it was lost meanwhile (released by someone, its holder's session gone
+/// and the key free), so a leader that lost could proclaim itself back without knowing. A
+/// `set` after the `check-session` keeps the session but resets the key's `LockIndex` to 0
+/// (seen on Consul 1.8.7), which would read to observers as another hold; a `lock` by the
+/// holding session keeps `LockIndex` and `CreateIndex` and writes the value. The check fails
+/// the whole transaction, with "failed session check", when the session no longer holds the
+/// key ([`LockRefusal::NotHeld`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvProclaimTxn(pub KvLockTxn);
+
+impl Endpoint for KvProclaimTxn {
+    /// The entry as written, or why the write was refused.
+    type Output = LockTxnOutcome;
+
+    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
+        let mut check = self.0.op(config, "check-session");
+        check.kv.value = String::new();
+        check.kv.flags = 0;
+        let ops = [check, self.0.op(config, "lock")];
+        let body = serde_json::to_vec(&ops).unwrap_or_default();
+        Target::new(Method::PUT, "txn", "").build(config, body)
+    }
+
+    fn decode(response: &http::Response<Vec<u8>>) -> Result<LockTxnOutcome, ApiError> {
+        decode_outcome("a proclaim transaction", response)
+    }
+}
+
+/// Decodes the answer to a transaction whose last operation is a `lock`: its entry, or the
+/// first refusal.
+fn decode_outcome(
+    what: &'static str,
+    response: &http::Response<Vec<u8>>,
+) -> Result<LockTxnOutcome, ApiError> {
+    check_len(what, response)?;
+    let status = response.status();
+    if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
+        return Err(status_error(response));
+    }
+    let wire: WireResponse = json_body(what, response.body())?;
+    let malformed = |problem: &str| ApiError::Malformed {
+        what,
+        problem: problem.to_owned(),
+    };
+    if status == http::StatusCode::CONFLICT {
+        let refused = wire
+            .errors
+            .and_then(|errors| errors.into_iter().next())
+            .ok_or_else(|| malformed("a 409 without an error"))?
+            .what;
+        return Ok(LockTxnOutcome::Refused(refusal(&refused)));
+    }
+    let pair = wire
+        .results
+        .and_then(|results| results.into_iter().last())
+        .and_then(|result| result.kv)
+        .ok_or_else(|| malformed("a success reply without the entry"))?
+        .into_pair(what)?;
+    Ok(LockTxnOutcome::Locked(pair))
 }
 
 /// Consul's wording (`state/txn.go` and `txn_endpoint.go`, the same from 0.7 to 1.x): "failed to
 /// lock key \"k\", lock is already held", "failed to lock key \"k\" due to lock delay",
-/// "invalid session \"id\"", "Permission denied" (ACLs). Anything else is passed on as it came.
+/// "invalid session \"id\"", "Permission denied" (ACLs); a `check-session`'s "failed session check
+/// for key \"k\", current session \"\" != \"id\"" and "failed to check session, key \"k\" doesn't
+/// exist". Anything else is passed on as it came.
 fn refusal(what: &str) -> LockRefusal {
     if what.contains("lock is already held") {
         LockRefusal::Held
     } else if what.contains("lock delay") {
         LockRefusal::LockDelay
+    } else if what.contains("failed session check") || what.contains("failed to check session") {
+        LockRefusal::NotHeld
     } else if what.contains("invalid session") {
         LockRefusal::InvalidSession
     } else if what.contains("Permission denied") {

@@ -86,9 +86,13 @@ pub enum Misuse {
     /// `unlock` without holding.
     #[error("not held: there is nothing to release")]
     NotHeld,
-    /// `lock` or `destroy` while a release or a destroy is under way.
+    /// `lock` or `destroy` while a release or a destroy is under way; `proclaim` while a
+    /// proclaim is in flight.
     #[error("another operation is under way: wait for its event, or cancel it")]
     Busy,
+    /// `proclaim` on a semaphore: only a lock's key carries a leader's value.
+    #[error("only a lock can proclaim: a semaphore slot carries no leader's value")]
+    NotALock,
 }
 
 /// Why an attempt (acquire, release, destroy) ended without what it was for: the reason
@@ -157,6 +161,10 @@ pub enum LockError {
         /// The last failure.
         last: String,
     },
+    /// A proclaim found the key no longer held by this session (the hold is lost), or the hold
+    /// ended before Consul answered it.
+    #[error("not held: the key is no longer this session's, or the hold ended before the write was answered")]
+    NotHeld,
     /// `destroy` could not reach a verdict.
     #[error("could not destroy the lock: {0}")]
     Unavailable(String),
@@ -232,6 +240,14 @@ pub enum LockEvent {
     Failed(LockError),
     /// `destroy` deleted the key (or found it absent).
     Destroyed,
+    /// A proclaim wrote its value: the key's new `ModifyIndex` (the fencing token is unchanged).
+    Proclaimed {
+        /// The key's `ModifyIndex` after the write.
+        modify_index: u64,
+    },
+    /// A proclaim did not write its value, or may not have ([`LockError::Unavailable`]: asking
+    /// again is harmless). The hold goes on unless a [`LockEvent::Lost`] follows.
+    ProclaimFailed(LockError),
 }
 
 /// Where the lock stands.

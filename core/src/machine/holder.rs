@@ -8,7 +8,8 @@
 //! `handle_*`) and the work an ended attempt leaves behind. A [`Kind`] supplies only what
 //! differs: which requests an acquisition sends and what their answers mean, how a hold is
 //! watched, how it is given up and destroyed. A new kind of holder (many keys on one session, a
-//! queued lock, an election) plugs in as a new `Kind`.
+//! queued lock) plugs in as a new `Kind`; an election's candidate is the lock itself, with its
+//! proclaim (a request of the hold: [`Kind::proclaim`]).
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -72,6 +73,18 @@ pub trait Kind: Sized + Debug + Send + 'static {
     fn wait_timeout(_h: &mut Holder<Self>, _now: Instant) {}
     /// A reply to one of the acquisition's own requests: false when `id` is none of them.
     fn on_wait_reply(_h: &mut Holder<Self>, _now: Instant, _id: RequestId, _reply: &Reply) -> bool {
+        false
+    }
+
+    /// Writes `value` to what is held, checking that it still is (an election's proclaim):
+    /// only a lock has a value to proclaim.
+    fn proclaim(_h: &mut Holder<Self>, _now: Instant, _value: Vec<u8>) -> Result<(), Misuse> {
+        Err(Misuse::NotALock)
+    }
+    /// The hold's own requests besides its watch's.
+    fn hold_pendings(_hold: &Self::Hold, _into: &mut Pendings) {}
+    /// A reply to one of the hold's own requests: false when `id` is none of them.
+    fn on_hold_reply(_h: &mut Holder<Self>, _now: Instant, _id: RequestId, _reply: &Reply) -> bool {
         false
     }
 
@@ -327,6 +340,19 @@ impl<K: Kind> Holder<K> {
         }
     }
 
+    /// Leading, writes `value` to the key, in a write that checks the hold is still ours (a
+    /// transaction: `check-session`, then `lock` by the holding session, which keeps the key's
+    /// `LockIndex`): an election's proclaim. Ends with [`LockEvent::Proclaimed`], or
+    /// [`LockEvent::ProclaimFailed`]; a key Consul shows not ours any more is also
+    /// [`LockEvent::Lost`] at once. The fencing token does not change.
+    ///
+    /// [`Misuse::NotHeld`] when not holding, [`Misuse::Busy`] while a proclaim is in flight,
+    /// [`Misuse::NotALock`] for a semaphore.
+    pub fn proclaim(&mut self, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        self.base.observe(now);
+        K::proclaim(self, now, value)
+    }
+
     /// Deletes the key(s), if nobody holds them (Go's `Destroy`). Ends with
     /// [`LockEvent::Destroyed`] or [`LockEvent::Failed`] ([`LockError::InUse`],
     /// [`LockError::Conflict`]).
@@ -423,6 +449,9 @@ impl<K: Kind> HoldMachine for Holder<K> {
     }
     fn destroy(&mut self, now: Instant) -> Result<(), Misuse> {
         Holder::destroy(self, now)
+    }
+    fn proclaim(&mut self, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        Holder::proclaim(self, now, value)
     }
     fn status(&self) -> LockStatus {
         Holder::status(self)
@@ -830,7 +859,10 @@ impl<K: Kind> Holder<K> {
                 }
                 K::wait_pendings(&a.wait, &mut all);
             }
-            Phase::Held(h) => all.extend(h.watch.pending()),
+            Phase::Held(h) => {
+                all.extend(h.watch.pending());
+                K::hold_pendings(&h.hold, &mut all);
+            }
             Phase::Releasing(Releasing {
                 step: ReleaseStep::Sent(_, p),
                 ..
@@ -907,6 +939,9 @@ impl<K: Kind> Holder<K> {
             return;
         }
         if matches!(self.phase, Phase::Acquiring(_)) && K::on_wait_reply(self, now, id, reply) {
+            return;
+        }
+        if matches!(self.phase, Phase::Held(_)) && K::on_hold_reply(self, now, id, reply) {
             return;
         }
         match &self.phase {

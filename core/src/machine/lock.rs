@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    ApiError, Blocking, Consistency, KvGet, KvLockTxn, KvPair, KvRelease, LockRefusal, LockTxnOutcome,
-    QueryReply, SessionId, SessionInfo,
+    ApiError, Blocking, Consistency, KvGet, KvLockTxn, KvPair, KvProclaimTxn, KvRelease, LockRefusal,
+    LockTxnOutcome, QueryReply, SessionId, SessionInfo,
 };
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
@@ -17,8 +17,8 @@ use crate::machine::hold::Watch;
 use crate::machine::holder::{Held, Holder, Kind, Phase, ReleaseStep, Releasing, Step};
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::{
-    FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockOptions, LossReason, OptionsError, Reply,
-    RequestId,
+    FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockOptions, LossReason, Misuse, OptionsError,
+    Reply, RequestId,
 };
 
 /// Margin past the holder's lock-delay before acquiring again, for clock granularity.
@@ -123,6 +123,13 @@ pub enum Chore {
     Release,
 }
 
+/// A proclaim in flight: a new value written to the key while it is held (see
+/// [`Holder::proclaim`]).
+#[derive(Clone, Debug)]
+pub struct Proclaim {
+    pending: Pending,
+}
+
 impl Holder<LockKind> {
     /// A machine for `options`, sending requests for the agent `config` describes. The options
     /// are validated here.
@@ -223,7 +230,8 @@ impl Holder<LockKind> {
         match outcome {
             Ok(LockTxnOutcome::Locked(pair)) => self.on_granted(now, pair),
             // Someone else holds it: read the key to find out whom to wait for.
-            Ok(LockTxnOutcome::Refused(LockRefusal::Held)) => self.recheck(now),
+            // (`NotHeld` is a proclaim's refusal; a lone lock operation does not give it.)
+            Ok(LockTxnOutcome::Refused(LockRefusal::Held | LockRefusal::NotHeld)) => self.recheck(now),
             Ok(LockTxnOutcome::Refused(LockRefusal::PermissionDenied)) => self.fail(
                 now,
                 LockError::PermissionDenied(ApiError::Status {
@@ -356,13 +364,67 @@ impl Holder<LockKind> {
                     token,
                     // The monitor's first read blocks until the key changes from this write.
                     watch: Watch::new(pair.modify_index, now),
-                    hold: (),
+                    hold: None,
                 });
                 self.monitor(now);
             }
             // An agent that grants and shows someone else's entry: wait again, after a pause, so
             // that it can't make us spin.
             _ => self.retry(now, Ask::Read, "the lock transaction answered with another entry"),
+        }
+    }
+
+    // ----- leading ------------------------------------------------------------------------
+
+    /// The answer to a proclaim: the value is the key's, or why not. A key the check finds not
+    /// ours is lost, at once: Consul said so in a consistent write.
+    fn on_proclaimed(&mut self, now: Instant, reply: &Reply) {
+        if let Some(h) = self.held() {
+            h.hold = None;
+        }
+        match decode::<KvProclaimTxn>(reply) {
+            Ok(LockTxnOutcome::Locked(pair)) if self.is_ours(&pair) => {
+                tracing::info!(key = %pair.key, modify_index = pair.modify_index, "proclaimed");
+                self.base.out.event(LockEvent::Proclaimed {
+                    modify_index: pair.modify_index,
+                });
+            }
+            Ok(LockTxnOutcome::Locked(_) | LockTxnOutcome::Refused(LockRefusal::NotHeld)) => {
+                self.base.out.event(LockEvent::ProclaimFailed(LockError::NotHeld));
+                self.lose(now, LossReason::NotHeld);
+            }
+            Ok(LockTxnOutcome::Refused(LockRefusal::InvalidSession)) => {
+                self.base.out.event(LockEvent::ProclaimFailed(LockError::NotHeld));
+                self.lose(now, LossReason::SessionInvalidated);
+            }
+            Ok(LockTxnOutcome::Refused(LockRefusal::PermissionDenied)) => {
+                let e = ApiError::Status {
+                    status: 409,
+                    body: "Permission denied (a proclaim needs key write)".to_owned(),
+                };
+                self.base
+                    .out
+                    .event(LockEvent::ProclaimFailed(LockError::PermissionDenied(e)));
+            }
+            Ok(LockTxnOutcome::Refused(other)) => {
+                let e = ApiError::Status {
+                    status: 409,
+                    body: format!("{other:?}"),
+                };
+                self.base
+                    .out
+                    .event(LockEvent::ProclaimFailed(LockError::Refused(e)));
+            }
+            Err(Failure::Fatal(e)) => self
+                .base
+                .out
+                .event(LockEvent::ProclaimFailed(LockError::refused(e))),
+            // The write may or may not have been made: the caller may proclaim again (the same
+            // value twice is harmless), and the monitor tells whether the key is still ours.
+            Err(Failure::Transient(why)) => self
+                .base
+                .out
+                .event(LockEvent::ProclaimFailed(LockError::Unavailable(why))),
         }
     }
 
@@ -395,7 +457,7 @@ impl Kind for LockKind {
     type Options = LockOptions;
     type Ask = Ask;
     type Wait = Wait;
-    type Hold = ();
+    type Hold = Option<Proclaim>;
     type Give = Give;
     type Leave = SessionId;
     type Chore = Chore;
@@ -494,7 +556,44 @@ impl Kind for LockKind {
         })
     }
 
+    fn proclaim(h: &mut LockMachine, now: Instant, value: Vec<u8>) -> Result<(), Misuse> {
+        let Phase::Held(held) = &h.phase else {
+            return Err(Misuse::NotHeld);
+        };
+        if held.hold.is_some() {
+            return Err(Misuse::Busy);
+        }
+        let write = KvProclaimTxn(KvLockTxn {
+            key: h.options.key.clone(),
+            session: held.token.session.clone(),
+            flags: LOCK_FLAG_VALUE,
+            value,
+        });
+        let pending = h.base.send(now, &write, None);
+        if let Some(held) = h.held() {
+            held.hold = Some(Proclaim { pending });
+        }
+        Ok(())
+    }
+
+    fn hold_pendings(hold: &Option<Proclaim>, into: &mut Pendings) {
+        into.extend(hold.as_ref().map(|p| p.pending));
+    }
+
+    fn on_hold_reply(h: &mut LockMachine, now: Instant, id: RequestId, reply: &Reply) -> bool {
+        let ours = matches!(&h.phase, Phase::Held(Held { hold: Some(p), .. }) if p.pending.is(id));
+        if ours {
+            h.on_proclaimed(now, reply);
+        }
+        ours
+    }
+
     fn release(h: &mut LockMachine, now: Instant, held: Held<LockKind>) {
+        if held.hold.is_some() {
+            // Its answer will find no hold to report to: the check it carries keeps it from
+            // taking the key back once released, but whether it landed first is unknown.
+            h.base.out.event(LockEvent::ProclaimFailed(LockError::NotHeld));
+        }
         let session = held.token.session;
         let pending = h.send_release(now, session.clone());
         // Tried for as long as the session lives on its own, at least a request's time.
@@ -537,6 +636,9 @@ impl Kind for LockKind {
     }
 
     fn on_end(h: &mut LockMachine, _now: Instant, ended: &Phase<LockKind>) {
+        if let Phase::Held(Held { hold: Some(_), .. }) = ended {
+            h.base.out.event(LockEvent::ProclaimFailed(LockError::NotHeld));
+        }
         if let (
             Phase::Acquiring(crate::machine::holder::Acquiring {
                 step: Step::Sent(Ask::Acquire, pending),

@@ -1,5 +1,6 @@
 //! The sans-IO state machines: [`SessionMachine`] keeps a Consul session alive, [`LockMachine`]
-//! takes, holds and gives up one lock key on such a session.
+//! takes, holds and gives up one lock key on such a session (and, leading, proclaims new
+//! values), [`ObserverMachine`] follows who holds a lock key.
 //!
 //! Every machine has the same surface, after quinn-proto and str0m: operations and replies go in
 //! with the current time (`handle_response(now, id, reply)`, `handle_timeout(now)`), and what the
@@ -13,6 +14,7 @@ mod event;
 mod hold;
 mod holder;
 mod lock;
+mod observe;
 mod options;
 mod outbox;
 mod read;
@@ -22,6 +24,7 @@ mod session;
 pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Misuse, Retry};
 pub use holder::Holder;
 pub use lock::LockMachine;
+pub use observe::{Leader, Observation, ObserveEvent, ObserveOptions, ObserverMachine};
 pub use options::{HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use semaphore::{SemaphoreMachine, SemaphoreState};
@@ -47,6 +50,10 @@ pub trait HoldMachine: Send + 'static {
     fn cancel(&mut self, now: std::time::Instant);
     /// Deletes the key(s), if nobody holds them.
     fn destroy(&mut self, now: std::time::Instant) -> Result<(), Misuse>;
+    /// Leading, writes a new value to the key (a lock's; see [`LockMachine::proclaim`](Holder::proclaim)).
+    fn proclaim(&mut self, _now: std::time::Instant, _value: Vec<u8>) -> Result<(), Misuse> {
+        Err(Misuse::NotALock)
+    }
     /// Where the machine stands.
     fn status(&self) -> LockStatus;
     /// Handles the reply to request `id`.

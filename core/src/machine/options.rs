@@ -190,34 +190,19 @@ impl HoldOptions {
         if let SessionChoice::Create(session) = &self.session {
             session.validate()?;
         }
-        for (name, value) in [("wait_time", self.wait_time), ("monitor_wait", self.monitor_wait)] {
-            if value.is_zero() || value > Self::MAX_WAIT {
-                return Err(OptionsError::Wait { name, value });
-            }
-        }
-        for (name, value) in [
-            ("monitor_retry_time", self.monitor_retry_time),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() || value > Duration::from_secs(3600) {
-                return Err(OptionsError::Pause { name, value });
-            }
-        }
+        check_durations(
+            &[("wait_time", self.wait_time), ("monitor_wait", self.monitor_wait)],
+            &[
+                ("monitor_retry_time", self.monitor_retry_time),
+                ("request_timeout", self.request_timeout),
+            ],
+        )?;
         if self.value.len() > 512 * 1024 {
             return Err(OptionsError::ValueTooLarge {
                 len: self.value.len(),
             });
         }
-        match self.namespace.as_deref().map(str::len) {
-            Some(0) => Err(OptionsError::EmptyNamespace),
-            Some(len) if len > crate::api::ClientConfig::MAX_NAME_LEN => {
-                Err(OptionsError::NamespaceTooLong {
-                    len,
-                    limit: crate::api::ClientConfig::MAX_NAME_LEN,
-                })
-            }
-            _ => Ok(()),
-        }
+        check_namespace(self.namespace.as_ref())
     }
 }
 
@@ -284,6 +269,42 @@ impl KindOptions for SemaphoreOptions {
     fn check(&self) -> Result<(), OptionsError> {
         self.validate()
     }
+}
+
+/// Checks blocking `waits` (more than 0, at most Consul's 10 minutes) and `pauses` (more than 0,
+/// at most an hour), each with its option's name.
+pub(crate) fn check_durations(
+    waits: &[(&'static str, Duration)],
+    pauses: &[(&'static str, Duration)],
+) -> Result<(), OptionsError> {
+    for &(name, value) in waits {
+        if value.is_zero() || value > HoldOptions::MAX_WAIT {
+            return Err(OptionsError::Wait { name, value });
+        }
+    }
+    for &(name, value) in pauses {
+        if value.is_zero() || value > Duration::from_secs(3600) {
+            return Err(OptionsError::Pause { name, value });
+        }
+    }
+    Ok(())
+}
+
+/// A namespace that can travel as `ns=`.
+pub(crate) fn check_namespace(namespace: Option<&String>) -> Result<(), OptionsError> {
+    if namespace.is_some_and(String::is_empty) {
+        return Err(OptionsError::EmptyNamespace);
+    }
+    if let Some(len) = namespace
+        .map(String::len)
+        .filter(|&len| len > crate::api::ClientConfig::MAX_NAME_LEN)
+    {
+        return Err(OptionsError::NamespaceTooLong {
+            len,
+            limit: crate::api::ClientConfig::MAX_NAME_LEN,
+        });
+    }
+    Ok(())
 }
 
 /// An option Consul or the machine can't work with.

@@ -1093,7 +1093,10 @@ impl<'s> Harness<'s> {
             LockEvent::GaveUp | LockEvent::Failed(_) | LockEvent::Cancelled => {
                 self.clients[i].next_op = (!self.stopped).then_some((now + pause, Op::Lock));
             }
-            LockEvent::Destroyed | LockEvent::Retrying(_) => {}
+            LockEvent::Destroyed
+            | LockEvent::Retrying(_)
+            | LockEvent::Proclaimed { .. }
+            | LockEvent::ProclaimFailed(_) => {}
         }
     }
 
