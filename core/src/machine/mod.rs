@@ -24,6 +24,7 @@ pub use holder::Holder;
 pub use lock::LockMachine;
 pub use options::{LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
+pub use read::QUICK_ANSWER;
 pub use semaphore::{SemaphoreMachine, SemaphoreState};
 pub use session::{SessionEvent, SessionMachine, SessionStatus};
 
