@@ -153,6 +153,11 @@ impl Gate {
         self.budget
     }
 
+    /// The requests in flight within the budget now (those waiting for room not counted).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.budget.connections - self.all.available_permits()
+    }
+
     /// Waits for room for a request of `class` due by `deadline`. `None` only if the gate was
     /// closed, which never happens while a client exists.
     pub(crate) async fn enter(&self, class: RequestClass, deadline: Instant) -> Option<Pass> {

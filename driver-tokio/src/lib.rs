@@ -143,6 +143,13 @@ impl Client {
         self.transport.budget()
     }
 
+    /// How many of this client's requests are in flight now, each holding a place in the budget
+    /// (at most [`ConnectionBudget::connections`]); requests waiting for room are not counted.
+    /// Zero once every lock has ended and its requests are answered or dropped.
+    pub fn requests_in_flight(&self) -> usize {
+        self.transport.in_flight()
+    }
+
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.config

@@ -29,6 +29,10 @@ impl Transport {
     pub(crate) fn budget(&self) -> ConnectionBudget {
         self.gate.budget()
     }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.gate.in_flight()
+    }
 }
 
 /// Builds the reqwest client for `config`: unix socket or TCP, and TLS from its settings. The
