@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use consul_lock_core::api::RequestClass;
 use consul_lock_core::machine::{RequestId, Transmit};
 
 /// A request's kind.
@@ -100,6 +101,8 @@ pub struct Sent {
     pub query: Vec<(String, Option<String>)>,
     /// The body, as sent.
     pub body: Vec<u8>,
+    /// Whether the machine says the agent may hold it (a blocking read).
+    pub class: RequestClass,
     /// What it asks (worked out once).
     kind: Kind,
 }
@@ -147,6 +150,7 @@ impl Sent {
             path: percent_decode(uri.path()),
             query,
             body: t.request.body().clone(),
+            class: t.class,
             kind: Kind::Other,
         };
         sent.kind = sent.recognise();

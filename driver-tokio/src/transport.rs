@@ -204,6 +204,11 @@ pub(crate) async fn exchange(
             }
             body.extend_from_slice(&chunk);
         }
+        // hyper hands the connection back to its pool on a task of its own once the body is
+        // read; a request let in before that finds no idle connection and opens a spare one.
+        // One yield lets that task run first, most of the time (spares are harmless, only
+        // wasteful: see ARCHITECTURE.md, the budget).
+        tokio::task::yield_now().await;
         drop(pass);
         reply
             .body(body)

@@ -52,10 +52,16 @@ pub enum RequestClass {
 
 impl RequestClass {
     /// The class of a read with `blocking`: a blocking read only when the index is above 0
-    /// (a read on index 0 is encoded as a plain read, see [`Blocking`]).
+    /// (a read on index 0 is encoded as a plain read, see [`Blocking`]), with its wait as sent
+    /// (in whole milliseconds, rounded up).
     pub fn of_read(blocking: Option<Blocking>) -> RequestClass {
         match blocking {
-            Some(b) if b.index > 0 => RequestClass::BlockingRead { wait: b.wait },
+            Some(b) if b.index > 0 => {
+                let millis = u64::try_from(crate::duration::wait_millis(b.wait)).unwrap_or(u64::MAX);
+                RequestClass::BlockingRead {
+                    wait: Duration::from_millis(millis),
+                }
+            }
             _ => RequestClass::Prompt,
         }
     }
