@@ -3,7 +3,7 @@
 //! connections within the budget, renewals going on while blocking reads take turns, an
 //! operator's delete still seen, and every place in the budget given back by requests dropped
 //! mid-flight.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,7 @@ async fn with_the_blocking_share_full_renewals_go_on_and_deleted_keys_are_still_
     // last saw, so a change made between turns is not missed).
     let started = Instant::now();
     for i in 0..guards.len() {
-        let key = Key::new(&format!("budget/turns/{i}")).unwrap();
+        let key = Key::new(format!("budget/turns/{i}")).unwrap();
         client
             .call(&KvDelete { key }, Duration::from_secs(10))
             .await
