@@ -12,7 +12,8 @@ pub mod core_cycle;
 pub mod error;
 pub mod host;
 pub mod operator;
-pub mod procfs;
+/// What `/proc` tells about a contender process (in the test kit, which the tests share).
+pub use consul_lock_testkit::procfs;
 pub mod protocol;
 pub mod report;
 pub mod scenarios;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use consul_lock_bench::contender;
 use consul_lock_bench::error::BenchError;
@@ -17,12 +17,17 @@ const USAGE: &str = "\
 consul-lock-bench: the tokio and blocking drivers side by side with HashiCorp's Go client
 
 usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [--go-bin FILE]
+                         [--scale-sizes LIST] [--scale-window SECS] [--scale-default-only]
 
   --smoke         every scenario, small: proves the suite runs (CI); its figures mean little
   --only LIST     scenarios, comma-separated: handoff,failover,partition,contention,idle,core,scale
   --clients LIST  clients, comma-separated: tokio,blocking,go (default: all three)
   --out FILE      where the JSON goes (default: target/consul-lock-bench/<plan>.json)
   --go-bin FILE   the Go contender (default: $GO_CONTENDER_BIN, else scripts/ensure-go-contender.sh builds it)
+  --scale-sizes LIST     lock counts of the scale scenario, comma-separated (default: 100,1000);
+                         the largest also runs at Consul's default connection limit
+  --scale-window SECS    how long the scale scenario holds the locks idle, counting losses (default: 20)
+  --scale-default-only   the scale scenario only at Consul's default connection limit
 
 The agent: consul from $CONSUL_BIN, else PATH, else scripts/ensure-consul.sh (Consul 1.8.7).
 ";
@@ -89,6 +94,25 @@ fn parse_args(args: &[String]) -> Result<Args, BenchError> {
                     })
                     .collect::<Result<_, _>>()?;
             }
+            "--scale-sizes" => {
+                let list = value("--scale-sizes")?;
+                parsed.plan.scale_sizes = list
+                    .split(',')
+                    .map(|n| {
+                        n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                            BenchError::Usage(format!("--scale-sizes: {n:?} is not a lock count"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--scale-window" => {
+                let secs = value("--scale-window")?;
+                let secs = secs.parse::<u64>().ok().filter(|&s| s > 0).ok_or_else(|| {
+                    BenchError::Usage(format!("--scale-window: {secs:?} is not a number of seconds"))
+                })?;
+                parsed.plan.scale_window = Duration::from_secs(secs);
+            }
+            "--scale-default-only" => parsed.plan.scale_raised = false,
             "--out" => parsed.out = Some(PathBuf::from(value("--out")?)),
             "--go-bin" => parsed.go_bin = Some(PathBuf::from(value("--go-bin")?)),
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use consul_lock_core::api::{
-    Blocking, ClientConfig, Endpoint, Key, KvAcquire, KvGet, KvLockTxn, KvRelease, LockTxnOutcome,
+    Blocking, ClientConfig, Endpoint, Key, KvAcquire, KvDelete, KvGet, KvLockTxn, KvRelease, LockTxnOutcome,
     SessionCreate, SessionDestroy, SessionId,
 };
 use consul_lock_core::machine::LOCK_FLAG_VALUE;
@@ -69,6 +69,16 @@ impl Operator {
         })?;
         self.call("destroying a session", &SessionDestroy { id })
             .map(|_| ())
+    }
+
+    /// Deletes a key, held or not (an operator's `consul kv delete`): its holder's monitor
+    /// should report the lock lost.
+    pub fn delete_key(&self, key: &str) -> Result<(), BenchError> {
+        let key = Key::new(key).map_err(|e| BenchError::Request {
+            what: "deleting a key",
+            msg: e.to_string(),
+        })?;
+        self.call("deleting a key", &KvDelete { key }).map(|_| ())
     }
 
     /// The protocol floor of a handoff: two sessions pass `key` back and forth with the fewest

@@ -262,9 +262,12 @@ impl Results {
                     let per_lock = r
                         .kib_per_lock
                         .map_or_else(|| "-".to_owned(), |k| format!("{k:.1}"));
+                    let reaction = r
+                        .reaction()
+                        .map_or_else(|| "-".to_owned(), |s| format!("{:.1}/{:.1} s", s.p50, s.max));
                     let _ = writeln!(
                         t,
-                        "   {:<9} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns  idle CPU {:>5.1}%  lost {} errors {}",
+                        "   {:<9} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns (max {:>5})  idle CPU {:>5.1}%  lost {} errors {}  deletes {} reported {} p50/max {}",
                         kind.name(),
                         r.conn_limit,
                         r.locks,
@@ -272,9 +275,13 @@ impl Results {
                         r.seconds_to_hold,
                         per_lock,
                         r.connections,
+                        r.connections_max,
                         r.idle_cpu_percent,
                         r.lost,
-                        r.errors
+                        r.errors,
+                        r.deletes,
+                        r.delete_reaction_s.len(),
+                        reaction
                     );
                     for e in &r.error_samples {
                         let _ = writeln!(t, "             error: {e}");

@@ -42,6 +42,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
+use consul_lock_core::api::RequestClass;
 use consul_lock_core::machine::{
     Action, FencingToken, HoldMachine, LockEvent, LockStatus, Misuse, Reply, RequestId, SessionMachine,
 };
@@ -567,6 +568,20 @@ pub fn check_send(s: &Sent, now: Instant) {
         assert!(
             s.deadline > now + wait + wait / 16,
             "{}: a blocking read's deadline must cover wait + wait/16 + a margin",
+            s.describe()
+        );
+        // A driver budgeting its connections keeps prompt requests apart by this class.
+        assert_eq!(
+            s.class,
+            RequestClass::BlockingRead { wait },
+            "{}: a blocking read must say so",
+            s.describe()
+        );
+    } else {
+        assert_eq!(
+            s.class,
+            RequestClass::Prompt,
+            "{}: not a blocking read",
             s.describe()
         );
     }

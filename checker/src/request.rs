@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use consul_lock_core::api::RequestClass;
 use consul_lock_core::machine::{RequestId, Transmit};
 
 /// A request's kind.
@@ -110,6 +111,8 @@ pub struct Sent {
     pub query: Vec<(String, Option<String>)>,
     /// The body, as sent.
     pub body: Vec<u8>,
+    /// Whether the machine says the agent may hold it (a blocking read).
+    pub class: RequestClass,
     /// What it asks (worked out once).
     kind: Kind,
 }
@@ -157,6 +160,7 @@ impl Sent {
             path: percent_decode(uri.path()),
             query,
             body: t.request.body().clone(),
+            class: t.class,
             kind: Kind::Other,
         };
         sent.kind = sent.recognise();

@@ -423,9 +423,14 @@ fn split_frac(v: u64, prec: u32) -> (u64, String) {
 /// ```
 #[must_use]
 pub fn format_millis_wait(d: Duration) -> String {
+    format!("{}ms", wait_millis(d))
+}
+
+/// The whole milliseconds a wait of `d` is sent as: rounded up, so that a wait is never sent
+/// shorter than asked.
+pub(crate) fn wait_millis(d: Duration) -> u128 {
     let partial = d.subsec_nanos() % 1_000_000 != 0;
-    let millis = d.as_millis() + u128::from(partial);
-    format!("{millis}ms")
+    d.as_millis() + u128::from(partial)
 }
 
 #[cfg(test)]

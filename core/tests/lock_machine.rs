@@ -1290,6 +1290,39 @@ fn pacing_while_holding() {
     }
 }
 
+/// A blocking read whose wait a driver cut to a turn of a couple of seconds (its connections
+/// taken in turns, `shorten_wait`) and that came back without news is an ordinary answer, not an
+/// agent answering at once: the waiter reads again at once with no failed try reported, and the
+/// holder's monitor reads again at once, without a pause.
+#[test]
+fn a_read_answered_after_a_turn_without_news_is_not_spinning() {
+    let mut r = Rig::new(options());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer(
+        "GET /v1/kv/k?!index&!wait",
+        reply::kv(10, &held_by("other").modified(10)),
+    );
+    for _ in 0..3 {
+        let read = r.expect("GET /v1/kv/k?index=10&wait=15000ms");
+        r.advance(secs(2));
+        r.reply(read.id, reply::kv(10, &held_by("other").modified(10)));
+        assert!(r.events().is_empty(), "no failed try reported");
+    }
+    r.expect("GET /v1/kv/k?index=10&wait=15000ms");
+
+    let mut r = Rig::new(options());
+    r.acquire("s1", 1);
+    for _ in 0..3 {
+        let read = r.expect("GET /v1/kv/k?consistent&index=6&wait=300000ms");
+        r.advance(secs(2));
+        r.reply(read.id, reply::kv(6, &held_by("s1")));
+        assert!(r.events().is_empty());
+    }
+    r.expect("GET /v1/kv/k?consistent&index=6&wait=300000ms");
+    assert_eq!(r.m().status(), LockStatus::Held);
+}
+
 // ================================================================================================
 // The driving contract
 // ================================================================================================

@@ -56,7 +56,9 @@ pub use consul_lock_core::machine::{
     FencingToken, Leader, LockError, LockOptions, LossReason, Misuse, Observation, ObserveEvent,
     ObserveOptions, Retry, SemaphoreOptions,
 };
-pub use consul_lock_tokio::{CallError, Error, HoldEnd, ShutdownError, TlsFileError};
+pub use consul_lock_tokio::{
+    BudgetError, CallError, ConnectionBudget, Error, HoldEnd, ShutdownError, TlsFileError,
+};
 use tokio::sync::watch;
 
 /// The private runtime: one thread, shut down when the last handle using it is dropped.
@@ -128,9 +130,31 @@ impl Client {
         Client::with(consul_lock_tokio::Client::from_env)
     }
 
-    /// A client for `config`.
+    /// A client for `config`, with the default [`ConnectionBudget`] (64 connections, 16 of them
+    /// kept for renewals and other prompt requests).
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
         Client::with(|| consul_lock_tokio::Client::new(config))
+    }
+
+    /// A client for `config` whose requests stay within `budget`: see
+    /// [`consul_lock_tokio::Client::with_budget`].
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use consul_lock_blocking::{Client, ClientConfig, ConnectionBudget};
+    ///
+    /// let client = Client::with_budget(ClientConfig::http("127.0.0.1:8500")?, ConnectionBudget::new(40, 8)?)?;
+    /// assert_eq!(client.budget().blocking_share(), 32);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_budget(config: ClientConfig, budget: ConnectionBudget) -> Result<Client, Error> {
+        Client::with(|| consul_lock_tokio::Client::with_budget(config, budget))
+    }
+
+    /// The connection budget in use.
+    pub fn budget(&self) -> ConnectionBudget {
+        self.inner.budget()
     }
 
     fn with(make: impl FnOnce() -> Result<consul_lock_tokio::Client, Error>) -> Result<Client, Error> {

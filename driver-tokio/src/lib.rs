@@ -51,6 +51,7 @@
 //!   waits, within a timeout, for that to reach Consul. Background work still under way when the
 //!   runtime stops is cut short, and Consul then keeps the key until the session's TTL runs out.
 
+mod budget;
 mod caught;
 mod error;
 mod observe;
@@ -63,6 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+pub use budget::{BudgetError, ConnectionBudget};
 pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{
@@ -77,13 +79,14 @@ use task::{Command, Generation};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// A connection to one Consul agent: one HTTP client (connection pool) shared by every lock and
-/// semaphore.
+/// semaphore, within one [`ConnectionBudget`] (by default 64 connections, 16 of them kept for
+/// renewals and other prompt requests; see [`Client::with_budget`]).
 ///
-/// Clones share the connection pool and the set of locks that [`shutdown`](Client::shutdown)
-/// ends.
+/// Clones share the connection pool, the budget and the set of locks that
+/// [`shutdown`](Client::shutdown) ends.
 #[derive(Clone, Debug)]
 pub struct Client {
-    http: reqwest::Client,
+    transport: Arc<transport::Transport>,
     config: Arc<ClientConfig>,
     tasks: Arc<Mutex<Vec<Registered>>>,
 }
@@ -107,14 +110,47 @@ impl Client {
         Client::new(config)
     }
 
-    /// A client for `config`.
+    /// A client for `config`, with the default [`ConnectionBudget`].
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        Client::with_budget(config, ConnectionBudget::default())
+    }
+
+    /// A client for `config` whose requests stay within `budget`: at most
+    /// `budget.connections()` in flight (so HTTP/1.1 connections to the agent), of which
+    /// blocking reads may take at most `budget.blocking_share()`, so that session renewals,
+    /// acquires and releases always find room. With more locks held than the blocking share,
+    /// their monitor reads take turns: each lock still learns of a change to its key, later
+    /// (see ARCHITECTURE.md, Drivers).
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use consul_lock_tokio::{Client, ClientConfig, ConnectionBudget};
+    ///
+    /// // Four processes share this host's 200 connections to the agent: 40 each, 8 reserved.
+    /// let budget = ConnectionBudget::new(40, 8)?;
+    /// let client = Client::with_budget(ClientConfig::http("127.0.0.1:8500")?, budget)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_budget(config: ClientConfig, budget: ConnectionBudget) -> Result<Client, Error> {
         config.check()?;
         Ok(Client {
-            http: transport::build_client(&config)?,
+            transport: Arc::new(transport::Transport::new(&config, budget)?),
             config: Arc::new(config),
             tasks: Arc::default(),
         })
+    }
+
+    /// The connection budget in use.
+    pub fn budget(&self) -> ConnectionBudget {
+        self.transport.budget()
+    }
+
+    /// How many of this client's requests are in flight now, each holding a place in the budget
+    /// (at most [`ConnectionBudget::connections`]); requests waiting for room are not counted.
+    /// Zero once every lock has ended and its requests are answered or dropped.
+    pub fn requests_in_flight(&self) -> usize {
+        self.transport.in_flight()
     }
 
     /// The configuration in use.
@@ -140,7 +176,8 @@ impl Client {
     pub async fn call<E: Endpoint>(&self, endpoint: &E, timeout: Duration) -> Result<E::Output, CallError> {
         let request = endpoint.encode(&self.config);
         let deadline = std::time::Instant::now() + timeout;
-        let reply = transport::exchange(self.http.clone(), &self.config, request, deadline).await;
+        let reply =
+            transport::exchange(&self.transport, &self.config, request, endpoint.class(), deadline).await;
         let response = reply.map_err(CallError::Transport)?;
         E::decode(&response).map_err(CallError::Api)
     }
@@ -308,7 +345,7 @@ impl Client {
         let (retries, retry_watch) = watch::channel(None);
         let task = runtime.spawn(task::run(
             machine,
-            self.http.clone(),
+            self.transport.clone(),
             (*self.config).clone(),
             rx,
             retries,

@@ -60,7 +60,7 @@ impl Observer {
         let (current_tx, current) = watch::channel(None);
         runtime.spawn(run(
             machine,
-            client.http.clone(),
+            client.transport.clone(),
             (*client.config).clone(),
             tx,
             current_tx,
@@ -117,7 +117,7 @@ impl Stream for Observer {
 /// to the [`Observer`], until the observer is dropped or the observation is over.
 async fn run(
     mut machine: ObserverMachine,
-    http: reqwest::Client,
+    transport: std::sync::Arc<crate::transport::Transport>,
     config: ClientConfig,
     events: mpsc::UnboundedSender<ObserveEvent>,
     current: watch::Sender<Option<Observation>>,
@@ -127,7 +127,9 @@ async fn run(
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::Send(t) => inflight.push(crate::transport::transmit(http.clone(), config.clone(), t)),
+                Action::Send(t) => {
+                    inflight.push(crate::transport::transmit(transport.clone(), config.clone(), t))
+                }
                 Action::Event(event) => {
                     current.send_replace(machine.current().cloned());
                     if events.send(event).is_err() {

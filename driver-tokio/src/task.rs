@@ -1,6 +1,7 @@
 //! The task that owns a lock or semaphore machine ([`HoldMachine`]): it feeds the machine replies and timeouts, sends what it
 //! asks for, and turns its events into answers for the lock handle and its guards.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use consul_lock_core::api::ClientConfig;
@@ -12,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Error;
 use crate::caught::Caught;
+use crate::transport::{Transport, exchange};
 
 /// Each acquisition gets a generation, so that a guard or a cancel from an earlier one can't act
 /// on a later one.
@@ -80,12 +82,12 @@ struct Waiters {
 
 pub(crate) async fn run<M: HoldMachine>(
     machine: M,
-    http: reqwest::Client,
+    transport: Arc<Transport>,
     config: ClientConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
     retries: watch::Sender<Option<Retry>>,
 ) {
-    let config = std::sync::Arc::new(config);
+    let config = Arc::new(config);
     let mut machine = Caught::new(machine);
     // The requests in flight are polled by this task itself rather than spawned: a reply then
     // reaches the machine without a hop between tasks (the handoff benchmark's path crosses
@@ -107,11 +109,13 @@ pub(crate) async fn run<M: HoldMachine>(
         if let Some(why) = machine.panicked().map(str::to_owned) {
             drop(inflight);
             let session = machine.orphaned_session();
-            return end_after_panic(&why, session, waiters, commands, closed, &http, &config).await;
+            return end_after_panic(&why, session, waiters, commands, closed, &transport, &config).await;
         }
         while let Some(action) = machine.poll_action() {
             match action {
-                Action::Send(t) => inflight.push(crate::transport::transmit(http.clone(), config.clone(), t)),
+                Action::Send(t) => {
+                    inflight.push(crate::transport::transmit(transport.clone(), config.clone(), t))
+                }
                 Action::Event(event) => on_event(&mut machine, &mut waiters, event),
             }
         }
@@ -171,7 +175,7 @@ async fn end_after_panic(
     mut waiters: Waiters,
     mut commands: mpsc::UnboundedReceiver<Command>,
     closed: Option<oneshot::Sender<()>>,
-    http: &reqwest::Client,
+    transport: &Transport,
     config: &ClientConfig,
 ) {
     let error = || Error::DriverPanicked(why.to_owned());
@@ -193,9 +197,16 @@ async fn end_after_panic(
     }
     if let Some(id) = session {
         use consul_lock_core::api::{Endpoint as _, SessionDestroy};
-        let request = SessionDestroy { id: id.clone() }.encode(config);
+        let destroy = SessionDestroy { id: id.clone() };
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let reply = crate::transport::exchange(http.clone(), config, request, deadline).await;
+        let reply = exchange(
+            transport,
+            config,
+            destroy.encode(config),
+            destroy.class(),
+            deadline,
+        )
+        .await;
         match reply {
             Ok(r) if r.status().is_success() => {
                 tracing::warn!(session = %id, "destroyed the session of a panicked lock")
@@ -487,14 +498,14 @@ mod tests {
     async fn a_panicking_machine_ends_the_lock_with_its_message_and_destroys_its_session() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = ClientConfig::http(&listener.local_addr().unwrap().to_string()).unwrap();
-        let http = crate::transport::build_client(&config).unwrap();
+        let transport = Arc::new(Transport::new(&config, crate::ConnectionBudget::default()).unwrap());
         let (commands, rx) = mpsc::unbounded_channel();
         let (retries, _) = watch::channel(None);
         let machine = Planted {
             locked: false,
             session: SessionId::new("s-planted").unwrap(),
         };
-        let task = tokio::spawn(run(machine, http, config, rx, retries));
+        let task = tokio::spawn(run(machine, transport, config, rx, retries));
         let (reply, answer) = oneshot::channel();
         commands.send(Command::Acquire { generation: 1, reply }).unwrap();
         match answer.await.unwrap() {

@@ -3,13 +3,42 @@
 
 use std::time::Instant;
 
-use consul_lock_core::api::{Address, ClientConfig, MAX_REPLY_BYTES};
+use consul_lock_core::api::{Address, ClientConfig, MAX_REPLY_BYTES, RequestClass};
 use consul_lock_core::machine::{Reply, TransportError, TransportErrorKind};
 
+use crate::budget::{ConnectionBudget, Gate};
 use crate::{Error, TlsFileError};
 
-/// Builds the reqwest client for `config`: unix socket or TCP, and TLS from its settings.
-pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Error> {
+/// What a client's requests go through: its HTTP client (connection pool) and the budget that
+/// bounds its connections. Shared by every lock of the client.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    http: reqwest::Client,
+    gate: Gate,
+}
+
+impl Transport {
+    /// The transport for `config`, within `budget`.
+    pub(crate) fn new(config: &ClientConfig, budget: ConnectionBudget) -> Result<Transport, Error> {
+        Ok(Transport {
+            http: build_client(config, budget)?,
+            gate: Gate::new(budget),
+        })
+    }
+
+    pub(crate) fn budget(&self) -> ConnectionBudget {
+        self.gate.budget()
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.gate.in_flight()
+    }
+}
+
+/// Builds the reqwest client for `config`: unix socket or TCP, and TLS from its settings. The
+/// pool keeps no more idle connections than the budget allows in flight, so that idle ones do not
+/// pile up above it.
+fn build_client(config: &ClientConfig, budget: ConnectionBudget) -> Result<reqwest::Client, Error> {
     // reqwest is built without a default crypto provider (to keep aws-lc's C build out of the
     // tree); ring is installed once per process unless the application installed one already.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -19,6 +48,7 @@ pub(crate) fn build_client(config: &ClientConfig) -> Result<reqwest::Client, Err
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .pool_idle_timeout(None)
+        .pool_max_idle_per_host(budget.connections())
         .redirect(reqwest::redirect::Policy::none());
     if let Address::Unix { path } = &config.address {
         builder = builder.unix_socket(path.as_path());
@@ -128,22 +158,24 @@ pub(crate) fn rewrite_for_server_name(config: &ClientConfig, request: &mut http:
     }
 }
 
-/// Sends one request, giving up at `deadline`.
 /// Sends a machine's request `t` with [`exchange`]; the reply comes back with its id, for the
 /// machine that sent it.
 pub(crate) async fn transmit(
-    client: reqwest::Client,
+    transport: std::sync::Arc<Transport>,
     config: std::sync::Arc<ClientConfig>,
     t: consul_lock_core::machine::Transmit,
 ) -> (consul_lock_core::machine::RequestId, Reply) {
-    let reply = exchange(client, &config, t.request, t.deadline).await;
+    let reply = exchange(&transport, &config, t.request, t.class, t.deadline).await;
     (t.id, reply)
 }
 
+/// Sends one request of `class` through the client's budget (waiting for room in it), giving up
+/// at `deadline`, time spent waiting included.
 pub(crate) async fn exchange(
-    client: reqwest::Client,
+    transport: &Transport,
     config: &ClientConfig,
     mut request: http::Request<Vec<u8>>,
+    class: RequestClass,
     deadline: Instant,
 ) -> Reply {
     rewrite_for_server_name(config, &mut request);
@@ -155,8 +187,20 @@ pub(crate) async fn exchange(
         ));
     }
     let exchange = async {
+        // Held until the reply is read (or this future is dropped): the request's place in
+        // the budget.
+        let pass = transport.gate.enter(class, deadline).await.ok_or_else(|| {
+            TransportError::new(TransportErrorKind::Io, "the client's connection budget is closed")
+        })?;
+        if let Some(wait) = pass.cut_wait {
+            consul_lock_core::api::shorten_wait(&mut request, wait);
+        }
         let request = reqwest::Request::try_from(request).map_err(|e| transport_error(&e))?;
-        let mut response = client.execute(request).await.map_err(|e| transport_error(&e))?;
+        let mut response = transport
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| transport_error(&e))?;
         let mut reply = http::Response::builder().status(response.status());
         if let Some(headers) = reply.headers_mut() {
             *headers = std::mem::take(response.headers_mut());
@@ -171,6 +215,12 @@ pub(crate) async fn exchange(
             }
             body.extend_from_slice(&chunk);
         }
+        // hyper hands the connection back to its pool on a task of its own once the body is
+        // read; a request let in before that finds no idle connection and opens a spare one.
+        // One yield lets that task run first, most of the time (spares are harmless, only
+        // wasteful: see ARCHITECTURE.md, the budget).
+        tokio::task::yield_now().await;
+        drop(pass);
         reply
             .body(body)
             .map_err(|e| TransportError::new(TransportErrorKind::Io, e.to_string()))

@@ -12,6 +12,9 @@ pub use agent::{AgentError, ConsulAgent};
 #[cfg(unix)]
 pub mod golock;
 
+#[cfg(target_os = "linux")]
+pub mod procfs;
+
 pub mod transport;
 pub use transport::TestTransport;
 pub mod drive;

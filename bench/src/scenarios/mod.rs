@@ -42,6 +42,9 @@ pub struct Plan {
     pub scale_sizes: Vec<usize>,
     /// How long the scale scenario watches the held locks idle.
     pub scale_window: Duration,
+    /// Whether the scale scenario also runs against an agent with the connection limit raised
+    /// (else only at Consul's default limit).
+    pub scale_raised: bool,
     /// How long the core benchmark runs.
     pub core_budget: Duration,
 }
@@ -60,6 +63,7 @@ impl Plan {
             idle_window: Duration::from_secs(60),
             scale_sizes: vec![100, 1000],
             scale_window: Duration::from_secs(20),
+            scale_raised: true,
             core_budget: Duration::from_secs(3),
         }
     }
@@ -77,6 +81,7 @@ impl Plan {
             idle_window: Duration::from_secs(5),
             scale_sizes: vec![20],
             scale_window: Duration::from_secs(3),
+            scale_raised: true,
             core_budget: Duration::from_millis(300),
         }
     }

@@ -3,6 +3,11 @@
 //! idle. Run against an agent whose `http_max_conns_per_client` is raised out of the way, and
 //! against one at Consul's default (200), to show where that limit stops each client: every held
 //! lock keeps a blocking read open, and an HTTP/1.1 connection carries one request at a time.
+//!
+//! After the idle window, an operator deletes a few of the held keys, and the time until each
+//! holder reports the loss is the monitors' reaction: at once while every monitor read is parked
+//! on the agent, later when more locks are held than the client's blocking reads may take
+//! connections and the monitors take turns (our clients' connection budget).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -13,8 +18,10 @@ use serde::Serialize;
 use super::{Ctx, DEFAULT_TTL};
 use crate::error::BenchError;
 use crate::host::{ClientKind, Contenders};
+use crate::operator::Operator;
 use crate::procfs;
 use crate::protocol::{Command, Event, now_ns};
+use crate::stats;
 
 /// The raised connection limit.
 const RAISED_LIMIT: u32 = 8192;
@@ -26,6 +33,13 @@ const NO_PROGRESS: Duration = Duration::from_secs(20);
 const SETTLE: Duration = Duration::from_secs(2);
 /// How many distinct error messages a run keeps.
 const ERRORS_KEPT: usize = 3;
+/// How many held keys the operator deletes after the window, spread over the locks.
+const DELETES: usize = 10;
+/// How long the deletes' losses are waited for: longer than any monitor read's deadline (5 min
+/// wait + its margin), so that a monitor that never sees its delete shows as unreported.
+const REACTION_WAIT: Duration = Duration::from_secs(360);
+/// How often connections are counted during the window.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// One client holding `locks` locks on one agent.
 #[derive(Clone, Debug, Serialize)]
@@ -48,6 +62,8 @@ pub struct ScaleRun {
     pub kib_per_lock: Option<f64>,
     /// Established TCP connections from the process to the agent, with the locks held.
     pub connections: usize,
+    /// The most established connections counted during the window (once a second).
+    pub connections_max: usize,
     /// CPU use over the idle window, in percent of one core.
     pub idle_cpu_percent: f64,
     /// Locks reported lost (from the first hold to the end of the window).
@@ -56,6 +72,10 @@ pub struct ScaleRun {
     pub errors: usize,
     /// The first distinct error messages.
     pub error_samples: Vec<String>,
+    /// Held keys the operator deleted after the window.
+    pub deletes: usize,
+    /// Seconds from each delete to its holder's `lost`, for those reported within the wait.
+    pub delete_reaction_s: Vec<f64>,
 }
 
 /// The scale figures.
@@ -63,6 +83,8 @@ pub struct ScaleRun {
 pub struct Scale {
     /// The idle window, in milliseconds.
     pub window_ms: u64,
+    /// Whether the runs against the raised limit were made.
+    pub raised: bool,
     /// Every run.
     pub runs: Vec<ScaleRun>,
 }
@@ -70,23 +92,33 @@ pub struct Scale {
 /// Every size against an agent with the limit raised; the largest size against one at the
 /// default limit as well.
 pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
-    let raised = ConsulAgent::start_with(
-        AgentOptions::default().hcl(format!("limits {{ http_max_conns_per_client = {RAISED_LIMIT} }}")),
-    )?;
     let mut runs = Vec::new();
-    for &n in &ctx.plan.scale_sizes {
-        for &kind in ctx.clients {
-            runs.push(client(ctx, &raised, RAISED_LIMIT, kind, n)?);
+    if ctx.plan.scale_raised {
+        let raised = ConsulAgent::start_with(
+            AgentOptions::default().hcl(format!("limits {{ http_max_conns_per_client = {RAISED_LIMIT} }}")),
+        )?;
+        let operator = Operator::new(raised.config()?)?;
+        for &n in &ctx.plan.scale_sizes {
+            for &kind in ctx.clients {
+                runs.push(client(ctx, &raised, &operator, RAISED_LIMIT, kind, n)?);
+            }
         }
     }
-    drop(raised);
     if let Some(&largest) = ctx.plan.scale_sizes.iter().max() {
         for &kind in ctx.clients {
-            runs.push(client(ctx, ctx.agent, DEFAULT_LIMIT, kind, largest)?);
+            runs.push(client(
+                ctx,
+                ctx.agent,
+                ctx.operator,
+                DEFAULT_LIMIT,
+                kind,
+                largest,
+            )?);
         }
     }
     Ok(Scale {
         window_ms: u64::try_from(ctx.plan.scale_window.as_millis()).unwrap_or(u64::MAX),
+        raised: ctx.plan.scale_raised,
         runs,
     })
 }
@@ -94,6 +126,7 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
 fn client(
     ctx: &Ctx<'_>,
     agent: &ConsulAgent,
+    operator: &Operator,
     limit: u32,
     kind: ClientKind,
     n: usize,
@@ -109,11 +142,12 @@ fn client(
     let rss_before_kib = procfs::rss_kib(pid).map_err(io("reading memory use"))?;
     let addr = agent.addr().to_string();
     let started = now_ns();
+    let key = |id: u64| format!("{}-{limit}-{n}/{id}", ctx.key("scale", kind));
     for id in 0..n as u64 {
         p.send(&Command::Lock {
             id,
             addr: addr.clone(),
-            key: format!("{}-{limit}-{n}/{id}", ctx.key("scale", kind)),
+            key: key(id),
             ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             lock_delay_ms: None,
             shared_client: true,
@@ -132,22 +166,31 @@ fn client(
     let seconds_to_hold = (tally.last_hold.saturating_sub(started)) as f64 / 1e9;
     std::thread::sleep(SETTLE);
     let rss_held_kib = procfs::rss_kib(pid).map_err(io("reading memory use"))?;
-    let connections = procfs::connections_to(pid, agent.addr().port()).map_err(io("counting connections"))?;
+    let port = agent.addr().port();
+    let count = || procfs::connections_to(pid, port).map_err(io("counting connections"));
+    let connections = count()?;
+    let mut connections_max = connections;
     let cpu0 = procfs::cpu_seconds(pid).map_err(io("reading CPU time"))?;
     let window_end = Instant::now() + ctx.plan.scale_window;
+    let mut next_sample = Instant::now() + SAMPLE_EVERY;
     while let Some(left) = window_end
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
     {
-        if let Some(event) = p.next(left)? {
+        if let Some(event) = p.next(left.min(SAMPLE_EVERY))? {
             tally.observe(event);
+        }
+        if Instant::now() >= next_sample {
+            connections_max = connections_max.max(count()?);
+            next_sample += SAMPLE_EVERY;
         }
     }
     let idle_cpu_percent = (procfs::cpu_seconds(pid).map_err(io("reading CPU time"))? - cpu0)
         / ctx.plan.scale_window.as_secs_f64()
         * 100.0;
-    p.quit(Duration::from_secs(60));
     let held = tally.held.len();
+    let delete_reaction_s = deletes(operator, &mut p, &mut tally, &key)?;
+    p.quit(Duration::from_secs(60));
     let kib_per_lock = (held > 0).then(|| (rss_held_kib as f64 - rss_before_kib as f64) / held as f64);
     Ok(ScaleRun {
         client: kind,
@@ -159,18 +202,53 @@ fn client(
         rss_held_kib,
         kib_per_lock,
         connections,
+        connections_max,
         idle_cpu_percent,
         lost: tally.lost,
         errors: tally.errors,
         error_samples: tally.error_samples,
+        deletes: tally.deleted.len(),
+        delete_reaction_s,
     })
+}
+
+/// The operator deletes up to [`DELETES`] held keys, spread over the locks, one after the other;
+/// the seconds from each delete to its holder's `lost`, for those reported within
+/// [`REACTION_WAIT`].
+fn deletes(
+    operator: &Operator,
+    p: &mut Contenders,
+    tally: &mut Tally,
+    key: &impl Fn(u64) -> String,
+) -> Result<Vec<f64>, BenchError> {
+    let held: Vec<u64> = tally.held.iter().copied().collect();
+    let step = (held.len() / DELETES).max(1);
+    for &id in held.iter().step_by(step).take(DELETES) {
+        tally.deleted.insert(id, now_ns());
+        operator.delete_key(&key(id))?;
+    }
+    let until = Instant::now() + REACTION_WAIT;
+    while tally.reactions.len() < tally.deleted.len() {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        if let Some(event) = p.next(left)? {
+            tally.observe(event);
+        }
+    }
+    Ok(tally.reactions.clone())
 }
 
 /// What the events of one run added up to.
 struct Tally {
     held: BTreeSet<u64>,
     last_hold: u64,
+    /// Losses other than the operator's deletes.
     lost: usize,
+    /// The keys the operator deleted, and when.
+    deleted: BTreeMap<u64, u64>,
+    /// Seconds from a delete to its `lost`.
+    reactions: Vec<f64>,
     errors: usize,
     error_samples: Vec<String>,
 }
@@ -181,6 +259,8 @@ impl Tally {
             held: BTreeSet::new(),
             last_hold: started,
             lost: 0,
+            deleted: BTreeMap::new(),
+            reactions: Vec::new(),
             errors: 0,
             error_samples: Vec::new(),
         }
@@ -192,9 +272,12 @@ impl Tally {
                 self.held.insert(id);
                 self.last_hold = self.last_hold.max(t_ns);
             }
-            Event::Lost { id, .. } => {
+            Event::Lost { id, t_ns } => {
                 self.held.remove(&id);
-                self.lost += 1;
+                match self.deleted.get(&id) {
+                    Some(&at) => self.reactions.push(t_ns.saturating_sub(at) as f64 / 1e9),
+                    None => self.lost += 1,
+                }
             }
             Event::Error { msg, .. } => {
                 self.errors += 1;
@@ -204,6 +287,13 @@ impl Tally {
             }
             _ => {}
         }
+    }
+}
+
+impl ScaleRun {
+    /// The delete-to-`lost` times, in seconds.
+    pub fn reaction(&self) -> Option<stats::Summary> {
+        stats::Summary::of(&self.delete_reaction_s)
     }
 }
 

@@ -6,7 +6,9 @@ use serde::Deserialize;
 
 use crate::api::reply::{bool_body, check_len, json_body, query_meta, success_body};
 use crate::api::request::Target;
-use crate::api::{ApiError, Blocking, ClientConfig, Consistency, Endpoint, Key, QueryReply, SessionId};
+use crate::api::{
+    ApiError, Blocking, ClientConfig, Consistency, Endpoint, Key, QueryReply, RequestClass, SessionId,
+};
 
 /// A stored KV entry as Consul reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +136,10 @@ impl Endpoint for KvGet {
             .build(config, Vec::new())
     }
 
+    fn class(&self) -> RequestClass {
+        RequestClass::of_read(self.blocking)
+    }
+
     fn decode(response: &http::Response<Vec<u8>>) -> Result<Self::Output, ApiError> {
         let QueryReply { value, meta } = decode_pairs("a KV read", response)?;
         if value.len() > 1 {
@@ -181,6 +187,10 @@ impl Endpoint for KvList {
             .consistency(self.consistency)
             .blocking(self.blocking)
             .build(config, Vec::new())
+    }
+
+    fn class(&self) -> RequestClass {
+        RequestClass::of_read(self.blocking)
     }
 
     fn decode(response: &http::Response<Vec<u8>>) -> Result<Self::Output, ApiError> {

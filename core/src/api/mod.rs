@@ -17,7 +17,7 @@ pub use env::ConfigError;
 pub use key::{Key, KeyError};
 pub use kv::{KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvGet, KvList, KvPair, KvRelease};
 pub use reply::{ApiError, MAX_REPLY_BYTES, QueryMeta, QueryReply};
-pub use request::{Blocking, Consistency, Endpoint};
+pub use request::{Blocking, Consistency, Endpoint, RequestClass, shorten_wait};
 pub use session::{
     InvalidSessionId, SessionBehavior, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionInfo,
     SessionRenew,

@@ -24,6 +24,106 @@ pub trait Endpoint {
     fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>>;
     /// Decodes a reply to this kind of request. Never panics, whatever the reply holds.
     fn decode(response: &http::Response<Vec<u8>>) -> Result<Self::Output, ApiError>;
+    /// How the agent will treat the request: [`RequestClass::Prompt`] unless it is a blocking
+    /// read (a read with a [`Blocking`] index above 0), which the agent may hold for its wait.
+    /// A driver that shares a bounded set of connections uses it to keep room for prompt
+    /// requests (session renewals above all) that blocking reads can't take.
+    fn class(&self) -> RequestClass {
+        RequestClass::Prompt
+    }
+}
+
+/// How the agent treats a request, for a driver that budgets its connections: a blocking read
+/// can hold a connection for minutes, anything else is answered promptly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestClass {
+    /// Answered at once: session create, renew and destroy, lock transactions, releases,
+    /// deletes, plain reads. A lock's safety depends on these (a renewal that can't go out in
+    /// time loses the lock), so they must never wait behind blocking reads.
+    Prompt,
+    /// A blocking read, which the agent may hold for up to `wait` (plus its jitter of up to
+    /// `wait/16`) before answering without news.
+    BlockingRead {
+        /// The read's `wait`.
+        wait: Duration,
+    },
+}
+
+impl RequestClass {
+    /// The class of a read with `blocking`: a blocking read only when the index is above 0
+    /// (a read on index 0 is encoded as a plain read, see [`Blocking`]), with its wait as sent
+    /// (in whole milliseconds, rounded up).
+    pub fn of_read(blocking: Option<Blocking>) -> RequestClass {
+        match blocking {
+            Some(b) if b.index > 0 => {
+                let millis = u64::try_from(crate::duration::wait_millis(b.wait)).unwrap_or(u64::MAX);
+                RequestClass::BlockingRead {
+                    wait: Duration::from_millis(millis),
+                }
+            }
+            _ => RequestClass::Prompt,
+        }
+    }
+}
+
+/// Shortens the `wait` of a blocking read that `Endpoint::encode` made to `wait`, if that is
+/// shorter than the one it has: for a driver whose blocking reads take turns on a bounded set of
+/// connections. Answers whether the request was changed; a request without a `wait` parameter
+/// (not a blocking read) is left alone.
+///
+/// The reply is then a blocking read's reply like any other: Consul answers when the index moves
+/// or the shorter wait has passed.
+///
+/// ```
+/// # use consul_lock_core::api::{shorten_wait, Blocking, ClientConfig, Endpoint, Key, KvGet};
+/// # use std::time::Duration;
+/// let mut read = KvGet::new(Key::new("service/leader").unwrap());
+/// read.blocking = Some(Blocking { index: 7, wait: Duration::from_secs(300) });
+/// let mut request = read.encode(&ClientConfig::default());
+/// assert!(shorten_wait(&mut request, Duration::from_secs(2)));
+/// assert_eq!(request.uri(), "http://127.0.0.1:8500/v1/kv/service/leader?index=7&wait=2000ms");
+/// ```
+pub fn shorten_wait(request: &mut http::Request<Vec<u8>>, wait: Duration) -> bool {
+    let Some(query) = request.uri().query() else {
+        return false;
+    };
+    let mut found = None;
+    let mut rebuilt = String::with_capacity(query.len());
+    for param in query.split('&') {
+        if !rebuilt.is_empty() {
+            rebuilt.push('&');
+        }
+        match param.strip_prefix("wait=") {
+            Some(old) => {
+                found = Some(crate::duration::parse(old));
+                rebuilt.push_str("wait=");
+                rebuilt.push_str(&crate::duration::format_millis_wait(wait));
+            }
+            None => rebuilt.push_str(param),
+        }
+    }
+    // A wait that does not parse was not written by this crate: leave the request as it is.
+    match found {
+        Some(Ok(old)) if wait < old => {}
+        _ => return false,
+    }
+    let mut parts = request.uri().clone().into_parts();
+    let path = parts
+        .path_and_query
+        .as_ref()
+        .map_or("/", http::uri::PathAndQuery::path);
+    let Ok(path_and_query) = format!("{path}?{rebuilt}").parse() else {
+        return false;
+    };
+    parts.path_and_query = Some(path_and_query);
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// How fresh a read must be.

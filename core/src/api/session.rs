@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::api::reply::{bool_body, check_len, json_body, query_meta, success_body, truncate};
 use crate::api::request::Target;
-use crate::api::{ApiError, Blocking, ClientConfig, Consistency, Endpoint, QueryReply};
+use crate::api::{ApiError, Blocking, ClientConfig, Consistency, Endpoint, QueryReply, RequestClass};
 
 /// A session's ID, as Consul issued it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -353,6 +353,10 @@ impl Endpoint for SessionInfo {
             .consistency(self.consistency)
             .blocking(self.blocking)
             .build(config, Vec::new())
+    }
+
+    fn class(&self) -> RequestClass {
+        RequestClass::of_read(self.blocking)
     }
 
     fn decode(response: &http::Response<Vec<u8>>) -> Result<Self::Output, ApiError> {

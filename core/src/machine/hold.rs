@@ -198,7 +198,7 @@ impl Watch {
     ) -> bool {
         self.failures = 0;
         let (index, moved) = read::next_index(self.index, got);
-        let quick = now.saturating_duration_since(sent.sent_at) < wait / 2;
+        let quick = read::quick(now.saturating_duration_since(sent.sent_at), wait);
         let blocked = self.index > 0;
         // No progress, at once: index 0 included (a reply without X-Consul-Index).
         let spinning = !moved && quick;

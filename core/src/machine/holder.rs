@@ -606,7 +606,7 @@ impl<K: Kind> Holder<K> {
             return Pace::default();
         };
         let (index, moved) = read::next_index(a.index, got);
-        let quick = now.saturating_duration_since(sent.sent_at) < wait_time / 2;
+        let quick = read::quick(now.saturating_duration_since(sent.sent_at), wait_time);
         // A read on index 0 answers at once by design; only a blocking one says anything about
         // the agent's pace.
         let blocked = a.index > 0;

@@ -27,6 +27,7 @@ pub use lock::LockMachine;
 pub use observe::{Leader, Observation, ObserveEvent, ObserveOptions, ObserverMachine};
 pub use options::{HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
+pub use read::QUICK_ANSWER;
 pub use semaphore::{SemaphoreMachine, SemaphoreState};
 pub use session::{SessionEvent, SessionMachine, SessionStatus};
 

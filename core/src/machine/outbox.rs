@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Instant;
 
-use crate::api::{ClientConfig, Endpoint};
+use crate::api::{ClientConfig, Endpoint, RequestClass};
 
 /// Names one request a machine sent, so that its reply finds its way back.
 ///
@@ -30,6 +30,13 @@ pub struct Transmit {
     /// If the driver reports nothing by then, the machine treats the request as timed out
     /// itself, so a driver that loses a request can't wedge the machine.
     pub deadline: Instant,
+    /// Whether the agent may hold the request (a blocking read) or answers it at once: a driver
+    /// that bounds its connections keeps room for prompt requests, which the hold's safety
+    /// depends on (renewals), that blocking reads can't take. A driver may shorten a blocking
+    /// read's wait ([`shorten_wait`](crate::api::shorten_wait)) so that reads take turns; the
+    /// machine takes a read answered without news after at least
+    /// [`QUICK_ANSWER`](crate::machine::QUICK_ANSWER) as a normal one.
+    pub class: RequestClass,
 }
 
 /// What a machine asks of its driver.
@@ -113,6 +120,7 @@ impl<E> Outbox<E> {
             id,
             request,
             deadline,
+            class: endpoint.class(),
         }));
         id
     }

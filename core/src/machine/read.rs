@@ -11,6 +11,19 @@ use crate::machine::{Reply, TransportError, TransportErrorKind};
 /// server.
 pub(crate) const READ_MARGIN: Duration = Duration::from_secs(5);
 
+/// A blocking read answered without news sooner than this (or than half its wait, if that is
+/// shorter) came back "at once": an agent doing that must not make a machine spin, so the next
+/// read waits (and, while acquiring, the try counts as failed). Answered later, it is an ordinary
+/// answer: so a driver may shorten a blocking read's wait to no less than this without the
+/// machine taking it for a misbehaving agent, whatever time the read spent in the driver's queue.
+pub const QUICK_ANSWER: Duration = Duration::from_secs(1);
+
+/// Whether a blocking read of `wait` answered `elapsed` after it was sent came back at once
+/// (see [`QUICK_ANSWER`]).
+pub(crate) fn quick(elapsed: Duration, wait: Duration) -> bool {
+    elapsed < (wait / 2).min(QUICK_ANSWER)
+}
+
 /// Sends `endpoint` with a deadline fit for it: a blocking read (`wait` given) gets its wait plus
 /// Consul's jitter (wait/16) plus [`READ_MARGIN`]; anything else `request_timeout`.
 pub(crate) fn send<E>(
@@ -69,5 +82,15 @@ mod tests {
         assert_eq!(next_index(5, 5), (5, false));
         assert_eq!(next_index(5, 3), (0, false));
         assert_eq!(next_index(0, 0), (0, false));
+    }
+
+    #[test]
+    fn an_answer_is_quick_below_a_second_or_half_the_wait() {
+        let s = Duration::from_secs;
+        assert!(quick(Duration::from_millis(999), s(300)));
+        assert!(!quick(s(1), s(300)));
+        assert!(!quick(s(2), s(15)));
+        assert!(quick(Duration::from_millis(49), Duration::from_millis(100)));
+        assert!(!quick(Duration::from_millis(50), Duration::from_millis(100)));
     }
 }

@@ -1,5 +1,5 @@
-//! What `/proc` tells about a contender process: resident memory, CPU time, and its TCP
-//! connections to the agent.
+//! What `/proc` tells about a process (a benchmark's contender, or a test itself): resident
+//! memory, CPU time, and its TCP connections to the agent.
 
 use std::collections::HashSet;
 use std::fs;
