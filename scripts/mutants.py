@@ -13,8 +13,10 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# The generated properties alone: no hand-written machine test.
+# The generated properties alone: no hand-written machine test (the core's random drives of
+# one machine against a plausible or impatient agent, and the simulator's scenarios).
 PROPS = [
+    ["cargo", "test", "-q", "-p", "consul-lock-core", "--test", "lock_machine_props"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties", "--",
      "--exact", "safety_fencing_liveness_and_cleanup"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_semaphore_properties", "--",

@@ -457,7 +457,22 @@ impl Harness<'_> {
         let since = self.clients[i]
             .attempt_from
             .saturating_sub(2 * self.clients[i].spec.ttl);
-        if listed && !held && !self.disturbed(i, since, t) {
+        // What can take a correct contender's key away: its session's end (a fault that costs
+        // it renewals), an operator, a restart. Not a refused acquire: that one only tempts a
+        // contender to write itself in without a key.
+        let lost_key = self.operator_actions.iter().any(|a| a.at >= since && a.at <= t)
+            || self.scenario.faults.iter().any(|f| {
+                f.kind.touches(i)
+                    && f.from <= t
+                    && f.until() >= since
+                    && !matches!(
+                        f.kind,
+                        FaultKind::RefuseAcquire { .. }
+                            | FaultKind::Duplicate { .. }
+                            | FaultKind::Reorder { .. }
+                    )
+            });
+        if listed && !held && !lost_key {
             self.violation(format!(
                 "semaphore: client {i} lists itself in the .lock without its contender key {key}"
             ));
