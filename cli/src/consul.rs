@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use consul_lock_core::api::{ApiError, Endpoint};
-use consul_lock_core::machine::TransportErrorKind;
+use consul_lock_core::machine::{Leader, TransportErrorKind};
 use consul_lock_tokio::LockError;
 
 use crate::flags::Resolved;
@@ -73,6 +73,15 @@ impl Api {
         self.client
             .observe(key)
             .map_err(|e| self.driver_failure(&format!("watching {key}"), &e))
+    }
+
+    /// Who leads on the lock key `key` now: the driver's `Client::leader` (one consistent read
+    /// of the key, and a lookup of the leader's session), the answer `watch` and the library give.
+    pub(crate) async fn leader(&self, key: &str) -> Result<Option<Leader>, Failure> {
+        self.client
+            .leader(key)
+            .await
+            .map_err(|e| self.driver_failure(&format!("reading {key}"), &e))
     }
 
     /// The failure to report for the driver's `error`, met while doing `what`.

@@ -1,6 +1,10 @@
 //! `consul-lock status` and `consul-lock watch`: what a lock's or a semaphore's keys say, read
 //! with one list of the prefix (`GET /v1/kv/<base>?recurse`), plus `/v1/session/info` for the
-//! holders' names and nodes. `watch` repeats the list as a blocking read and prints a line when
+//! holders' names and nodes. When the list shows a lock, `status` asks the driver who leads it
+//! (`Client::leader`: one consistent read of the key, and the leader's session), so that
+//! `status`, `watch` and the library give one description of the leader (session, node, session
+//! name, value, sequence); `--stale` keeps the listing's answer, as the observer reads
+//! consistently. `watch` repeats the list as a blocking read and prints a line when
 //! the leadership it shows changes; while someone holds a lock it follows the lock key with the
 //! driver's observer instead (core's `ObserverMachine`: each change of leader or of its value,
 //! once and in order, and a line when it could not see for a while), and lists again once
@@ -18,7 +22,9 @@ use std::time::{Duration, Instant};
 use consul_lock_core::api::{
     Blocking, Consistency, Key, KvGet, KvList, KvPair, SessionEntry, SessionId, SessionInfo,
 };
-use consul_lock_core::machine::{LOCK_FLAG_VALUE, ObserveEvent, SEMAPHORE_FLAG_VALUE, SemaphoreState};
+use consul_lock_core::machine::{
+    LOCK_FLAG_VALUE, Leader, ObserveEvent, SEMAPHORE_FLAG_VALUE, SemaphoreState,
+};
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -217,10 +223,41 @@ fn session_json(id: &str, entry: Option<&SessionEntry>) -> Value {
 }
 
 fn session_text(id: &str, entry: Option<&SessionEntry>) -> String {
-    match entry {
-        Some(e) => format!("session {id} ({:?} on node {})", e.name, e.node),
+    holder_text(id, entry.map(|e| (e.name.as_str(), e.node.as_str())))
+}
+
+/// A holder for a line of text: its session, and its session's name and node when known.
+fn holder_text(id: &str, known: Option<(&str, &str)>) -> String {
+    match known {
+        Some((name, node)) => format!("session {id} ({name:?} on node {node})"),
         None => format!("session {id} (no longer known to Consul)"),
     }
+}
+
+/// The lock key as the observer's `leader` shows it: the key's fields the observer reports.
+fn leader_pair(leader: &Leader) -> KvPair {
+    KvPair {
+        key: leader.key.as_str().to_owned(),
+        create_index: 0,
+        modify_index: leader.sequence,
+        lock_index: leader.lock_index,
+        flags: LOCK_FLAG_VALUE,
+        value: leader.value.clone(),
+        session: Some(leader.session.clone()),
+    }
+}
+
+/// The leader as JSON, with the field names of the observer's `Leader` (all but `since`, an instant
+/// of this process).
+fn leader_json(session: &str, node: Option<&str>, name: Option<&str>, pair: &KvPair) -> Value {
+    json!({
+        "session": session,
+        "node": node,
+        "session_name": name,
+        "value": String::from_utf8_lossy(&pair.value),
+        "lock_index": pair.lock_index,
+        "sequence": pair.modify_index,
+    })
 }
 
 /// A key's value for a line of text: quoted, cut at 80 characters.
@@ -232,8 +269,20 @@ fn value_text(value: &[u8]) -> String {
     }
 }
 
-/// The view as a JSON object, and as lines of text.
-async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<String>) {
+/// Where the leader of a lock view comes from.
+#[derive(Clone, Copy, Debug)]
+enum Source<'a> {
+    /// The listing of the base (and `/v1/session/info` for the holder): a semaphore, `--stale`,
+    /// and `watch` between leaders.
+    Listing,
+    /// The driver's observer: its leader, or `None` when it saw nobody lead. The view's pair
+    /// is then the observer's (see [`leader_pair`]).
+    Observer(Option<&'a Leader>),
+}
+
+/// The view as a JSON object, and as lines of text. With [`Source::Observer`], a lock's holder
+/// (session name and node) is the observer's.
+async fn render(view: &View, api: &Api, sessions: &mut Sessions, source: Source<'_>) -> (Value, Vec<String>) {
     match view {
         View::Absent { base } => (
             json!({ "kind": "absent", "key": base }),
@@ -250,13 +299,26 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
         ),
         View::Lock { pair } => {
             let mut lines = vec![format!("lock {}", pair.key)];
+            let observed = match source {
+                Source::Observer(Some(l)) if pair.session.as_ref() == Some(&l.session) => Some(l),
+                _ => None,
+            };
+            let mut leader_value = Value::Null;
             let holder = match &pair.session {
                 Some(s) => {
+                    // The session's create index and lock delay: details the observer does not
+                    // report, looked up even when it named the holder.
                     let entry = sessions.get(api, s.as_str()).await;
-                    lines.push(format!(
-                        "  held by   {}",
-                        session_text(s.as_str(), entry.as_ref())
-                    ));
+                    let (name, node) = match observed {
+                        Some(l) => (l.session_name.clone(), l.node.clone()),
+                        None => (
+                            entry.as_ref().map(|e| e.name.clone()),
+                            entry.as_ref().map(|e| e.node.clone()),
+                        ),
+                    };
+                    let known = name.as_deref().zip(node.as_deref());
+                    lines.push(format!("  held by   {}", holder_text(s.as_str(), known)));
+                    leader_value = leader_json(s.as_str(), node.as_deref(), name.as_deref(), pair);
                     lines.push(format!(
                         "  since     Raft index {} (the acquiring write, unless the holder wrote the key \
                          again){}; Consul keeps no wall-clock time",
@@ -266,7 +328,10 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
                             .map(|e| format!("; session created at index {}", e.create_index))
                             .unwrap_or_default()
                     ));
-                    session_json(s.as_str(), entry.as_ref())
+                    let mut holder = session_json(s.as_str(), entry.as_ref());
+                    holder["name"] = name.into();
+                    holder["node"] = node.into();
+                    holder
                 }
                 None => {
                     lines.push("  free      (nobody holds it)".to_owned());
@@ -291,6 +356,11 @@ async fn render(view: &View, api: &Api, sessions: &mut Sessions) -> (Value, Vec<
                     "lock_index": pair.lock_index,
                     "modify_index": pair.modify_index,
                     "sequence": pair.modify_index,
+                    "leader": leader_value,
+                    "source": match source {
+                        Source::Listing => "listing",
+                        Source::Observer(_) => "observer",
+                    },
                 }),
                 lines,
             )
@@ -389,7 +459,29 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, Failure> {
         .await
         .map_err(|e| api.failure(&what, &e))?;
     let view = unhide(&api, &base, view(base.as_str(), &listed.value), args.http.stale).await?;
-    let (value, lines) = render(&view, &api, &mut Sessions::default()).await;
+    let (view, leader) = match view {
+        // The listing told a lock from a semaphore; who leads it is the driver's answer, the one
+        // `watch` and the library give. Not with `--stale`: the observer reads consistently,
+        // and `--stale` asks for an answer any server may give, so the listing's stays.
+        View::Lock { pair } if !args.http.stale => {
+            let leader = api.leader(&pair.key).await?;
+            let pair = match &leader {
+                Some(l) => leader_pair(l),
+                // Freed (or deleted) since the listing: the key as listed, without a holder.
+                None => KvPair {
+                    session: None,
+                    ..pair
+                },
+            };
+            (View::Lock { pair }, Some(leader))
+        }
+        view => (view, None),
+    };
+    let source = match &leader {
+        Some(l) => Source::Observer(l.as_ref()),
+        None => Source::Listing,
+    };
+    let (value, lines) = render(&view, &api, &mut Sessions::default(), source).await;
     if args.json {
         out::json(&value);
     } else {
@@ -530,7 +622,7 @@ async fn watch_loop(api: &Api, base: &Key, json: bool, stale: bool) -> Result<u8
         } else {
             view
         };
-        show(&view, index, json, api, &mut sessions, &mut last).await;
+        show(&view, Source::Listing, index, json, api, &mut sessions, &mut last).await;
         if let View::Lock { pair } = &view {
             // (`--stale` asks for reads any server may answer; the observer's are consistent.)
             if pair.session.is_some() && !stale {
@@ -560,6 +652,7 @@ fn retrying(message: &str, json: bool) {
 /// Prints `view` if it shows another leadership than the last line did.
 async fn show(
     view: &View,
+    source: Source<'_>,
     index: u64,
     json: bool,
     api: &Api,
@@ -572,7 +665,7 @@ async fn show(
     }
     let now = Instant::now();
     let after = last.as_ref().map(|(_, at)| now.duration_since(*at));
-    let (mut value, lines) = render(view, api, sessions).await;
+    let (mut value, lines) = render(view, api, sessions, source).await;
     if json {
         if let Value::Object(object) = &mut value {
             object.insert("first".into(), after.is_none().into());
@@ -601,16 +694,11 @@ async fn follow(
     while let Some(event) = observer.recv().await {
         match event {
             ObserveEvent::Leader(leader) | ObserveEvent::Value(leader) => {
-                let pair = KvPair {
-                    key: leader.key.as_str().to_owned(),
-                    create_index: 0,
-                    modify_index: leader.sequence,
-                    lock_index: leader.lock_index,
-                    flags: LOCK_FLAG_VALUE,
-                    value: leader.value,
-                    session: Some(leader.session),
+                let view = View::Lock {
+                    pair: leader_pair(&leader),
                 };
-                show(&View::Lock { pair }, leader.sequence, json, api, sessions, last).await;
+                let source = Source::Observer(Some(&leader));
+                show(&view, source, leader.sequence, json, api, sessions, last).await;
             }
             ObserveEvent::NoLeader { .. } => return Ok(()),
             ObserveEvent::Blind {

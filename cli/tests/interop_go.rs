@@ -5,26 +5,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Running, Scratch, consul_lock, nanos, scrub, unique_prefix, wait_for_file};
-use consul_lock_testkit::agent::{ConsulAgent, require_agent};
+use common::{Running, Scratch, consul_lock, go_lock, nanos, unique_prefix, wait_for_file};
+use consul_lock_testkit::agent::require_agent;
 
 const EXIT: Duration = Duration::from_secs(30);
-
-/// `consul lock <args>` (Go) aimed at `agent`.
-fn go_lock(agent: &ConsulAgent, args: &[&str]) -> Command {
-    let mut command = Command::new(agent.binary());
-    scrub(&mut command);
-    command
-        .arg("lock")
-        .env("CONSUL_HTTP_ADDR", agent.http_addr())
-        .env("SHELL", "/bin/sh")
-        .args(args)
-        .stdin(Stdio::null());
-    command
-}
 
 /// A child that records its start and end and holds until `release` appears.
 fn holder(scratch: &Scratch, who: &str) -> String {

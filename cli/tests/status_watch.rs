@@ -287,3 +287,114 @@ fn watch_shows_a_leaders_proclaimed_values_in_order() {
         .block_on(client.shutdown(Duration::from_secs(10)))
         .unwrap();
 }
+
+/// `status` names a lock's leader as the library's `Client::leader` does (session, node,
+/// session name, value, sequence), whoever holds it: Go's `consul lock`, `consul-lock run`, or
+/// a library election with a value. `--stale` still answers from the listing.
+#[test]
+fn status_names_the_leader_the_library_names() {
+    let Some(agent) = require_agent() else { return };
+    let scratch = Scratch::new("status-leader");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime
+        .block_on(async { consul_lock_tokio::Client::new(agent.config().unwrap()) })
+        .unwrap();
+    for who in ["go", "rust", "election"] {
+        let prefix = unique_prefix(&format!("status-leader-{who}"));
+        let key = format!("{prefix}/.lock");
+        let child = format!(
+            "touch '{}'; {}",
+            scratch.path(&format!("{who}_held")).display(),
+            scratch.wait_for(&format!("{who}_release"))
+        );
+        let mut holder = None;
+        let mut leading = None;
+        match who {
+            "go" => holder = Some(Running::spawn(common::go_lock(agent, &[&prefix, &child]))),
+            "rust" => {
+                holder = Some(Running::spawn(consul_lock(
+                    agent,
+                    &["run", "--name", "status leader", &prefix, "--", &child],
+                )))
+            }
+            _ => {
+                let election = client.election(&key).unwrap();
+                leading = Some(runtime.block_on(election.campaign("10.0.0.7:8080")).unwrap());
+                scratch.touch(&format!("{who}_held"));
+            }
+        }
+        wait_for_file(&scratch.path(&format!("{who}_held")), EXIT);
+        let leader = runtime
+            .block_on(client.leader(&key))
+            .unwrap()
+            .expect("someone leads");
+
+        let (status, stdout, stderr) =
+            Running::spawn(consul_lock(agent, &["status", "--json", &prefix])).finish(EXIT);
+        assert_eq!(status.code(), Some(0), "{who}: {stderr}");
+        let state: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let expected = serde_json::json!({
+            "session": leader.session.as_str(),
+            "node": leader.node,
+            "session_name": leader.session_name,
+            "value": String::from_utf8_lossy(&leader.value),
+            "lock_index": leader.lock_index,
+            "sequence": leader.sequence,
+        });
+        assert_eq!(state["leader"], expected, "{who}: {stdout}");
+        assert!(state["leader"]["node"].is_string(), "{who}: {stdout}");
+        assert_eq!(state["source"], "observer", "{who}: {stdout}");
+        assert_eq!(state["holder"]["session"], expected["session"], "{who}: {stdout}");
+        assert_eq!(
+            state["holder"]["name"], expected["session_name"],
+            "{who}: {stdout}"
+        );
+        assert_eq!(state["holder"]["node"], expected["node"], "{who}: {stdout}");
+        assert_eq!(state["value"], expected["value"], "{who}: {stdout}");
+        assert_eq!(state["sequence"], leader.sequence, "{who}: {stdout}");
+        if who == "election" {
+            assert_eq!(state["value"], "10.0.0.7:8080", "{stdout}");
+        } else if who == "go" {
+            // `consul lock` names its session after the command and the prefix.
+            let name = state["leader"]["session_name"].as_str().unwrap();
+            assert!(name.starts_with("Consul lock for '"), "{stdout}");
+            assert!(name.ends_with(&format!("at '{prefix}'")), "{stdout}");
+        } else {
+            assert_eq!(state["leader"]["session_name"], "status leader", "{stdout}");
+        }
+
+        let (_, text, _) = Running::spawn(consul_lock(agent, &["status", &prefix])).finish(EXIT);
+        let held_by = format!(
+            "held by   session {} ({:?} on node {})",
+            leader.session,
+            leader.session_name.as_deref().unwrap(),
+            leader.node.as_deref().unwrap()
+        );
+        assert!(text.contains(&held_by), "{who}: {text}");
+        assert!(
+            text.contains(&format!("fencing token {} ", leader.sequence)),
+            "{who}: {text}"
+        );
+
+        // `--stale` reads the listing, any server's: the same holder, from another source.
+        let (status, stdout, stderr) =
+            Running::spawn(consul_lock(agent, &["status", "--stale", "--json", &prefix])).finish(EXIT);
+        assert_eq!(status.code(), Some(0), "{who}: {stderr}");
+        let stale: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(stale["source"], "listing", "{who}: {stdout}");
+        assert_eq!(stale["leader"], expected, "{who}: {stdout}");
+
+        match (holder, leading) {
+            (Some(holder), _) => {
+                scratch.touch(&format!("{who}_release"));
+                let (status, _, stderr) = holder.finish(EXIT);
+                assert_eq!(status.code(), Some(0), "{who}: {stderr}");
+            }
+            (None, Some(leading)) => runtime.block_on(leading.resign()).unwrap(),
+            (None, None) => unreachable!(),
+        }
+    }
+    runtime
+        .block_on(client.shutdown(Duration::from_secs(10)))
+        .unwrap();
+}

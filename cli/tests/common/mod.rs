@@ -30,6 +30,19 @@ pub fn consul_lock(agent: &ConsulAgent, args: &[&str]) -> Command {
     command
 }
 
+/// `consul lock <args>` (Go's, the binary the test agent runs) aimed at `agent`.
+pub fn go_lock(agent: &ConsulAgent, args: &[&str]) -> Command {
+    let mut command = Command::new(agent.binary());
+    scrub(&mut command);
+    command
+        .arg("lock")
+        .env("CONSUL_HTTP_ADDR", agent.http_addr())
+        .env("SHELL", "/bin/sh")
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
 /// Removes the caller's `CONSUL_*` variables from `command`'s environment.
 pub fn scrub(command: &mut Command) {
     for (name, _) in std::env::vars_os() {
