@@ -689,7 +689,9 @@ impl Txn {
         // `What` is a defaulted string: absent is "", `null` or a number fails.
         let errors = self.errors.expected(|e| e.what.text().defaulted())?;
         Some(BodyExpect::Txn {
-            locked: results.into_iter().next().flatten(),
+            // The lock is a transaction's last operation (the only one of an acquire; after a
+            // `check-session` in a proclaim): its entry is the last result.
+            locked: results.into_iter().last().flatten(),
             refused: errors.into_iter().next(),
         })
     }
