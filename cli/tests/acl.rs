@@ -10,22 +10,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Running, Scratch, acl_token, consul_lock, unique_prefix, wait_for_file};
-use consul_lock_testkit::agent::{AgentOptions, ConsulAgent, require_new_agent_with};
+use consul_lock_testkit::agent::{ConsulAgent, require_acl_agent};
 
 const EXIT: Duration = Duration::from_secs(30);
-
-/// An agent with ACLs on (allowing by default), whose master token is `root`.
-fn acl_agent() -> Option<&'static ConsulAgent> {
-    static AGENT: OnceLock<Option<ConsulAgent>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            require_new_agent_with(
-                AgentOptions::default()
-                    .hcl(r#"acl { enabled = true, default_policy = "allow", tokens { master = "root" } }"#),
-            )
-        })
-        .as_ref()
-}
 
 /// A token that may not read anything under `cli-test/hidden/`.
 fn blind_token(agent: &ConsulAgent) -> &'static str {
@@ -41,7 +28,7 @@ fn blind_token(agent: &ConsulAgent) -> &'static str {
 
 #[test]
 fn status_and_watch_report_a_denial_instead_of_a_free_lock() {
-    let Some(agent) = acl_agent() else { return };
+    let Some(agent) = require_acl_agent() else { return };
     let blind = blind_token(agent);
     let prefix = format!("cli-test/hidden/{}", unique_prefix("acl"));
     let scratch = Scratch::new("acl-status");
@@ -84,7 +71,7 @@ fn status_and_watch_report_a_denial_instead_of_a_free_lock() {
 
 #[test]
 fn an_unknown_token_is_told_it_is_unknown() {
-    let Some(agent) = acl_agent() else { return };
+    let Some(agent) = require_acl_agent() else { return };
     let prefix = unique_prefix("acl-unknown");
     let unknown = "11111111-2222-3333-4444-555555555555";
     for args in [

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use consul_lock_core::api::{ClientConfig, KvGet, Token};
 use consul_lock_testkit::TestTransport;
-use consul_lock_testkit::agent::{AgentOptions, ConsulAgent, require_agent, require_new_agent_with};
+use consul_lock_testkit::agent::{require_acl_agent, require_agent};
 use consul_lock_testkit::proxy::{FaultProxy, Mode};
 use consul_lock_tokio::{Client, Error, LockError, LockOptions};
 
@@ -174,24 +174,11 @@ async fn a_release_that_fails_is_retried_and_one_never_confirmed_is_an_error() {
     lock.close().await;
 }
 
-/// An agent with ACLs on (allowing by default), whose master token is `root`.
-fn acl_agent() -> Option<&'static ConsulAgent> {
-    static AGENT: OnceLock<Option<ConsulAgent>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            require_new_agent_with(
-                AgentOptions::default()
-                    .hcl(r#"acl { enabled = true, default_policy = "allow", tokens { master = "root" } }"#),
-            )
-        })
-        .as_ref()
-}
-
 /// Item 4: a token that may read the key but not write it gets a typed permission error at once,
 /// rather than a retry every few seconds for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_can_read_but_not_write_the_key_fails_at_once() {
-    let Some(agent) = acl_agent() else { return };
+    let Some(agent) = require_acl_agent() else { return };
     let config = agent.config().unwrap();
     let policy =
         serde_json::json!({ "Name": "read-only-keys", "Rules": r#"key_prefix "" { policy = "read" }"# });

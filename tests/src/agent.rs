@@ -328,6 +328,25 @@ pub fn require_new_agent() -> Option<ConsulAgent> {
     apply_policy(ConsulAgent::start())
 }
 
+/// The test binary's agent with ACLs on (allowing by default, master token `root`), started
+/// once and shared by the binary's tests; `None` (the test skips) only when no agent can be had
+/// outside CI.
+///
+/// # Panics
+///
+/// When no agent can be had and `CI` is set.
+pub fn require_acl_agent() -> Option<&'static ConsulAgent> {
+    static AGENT: OnceLock<Option<ConsulAgent>> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            require_new_agent_with(
+                AgentOptions::default()
+                    .hcl(r#"acl { enabled = true, default_policy = "allow", tokens { master = "root" } }"#),
+            )
+        })
+        .as_ref()
+}
+
 /// Like [`require_new_agent`], for an agent started with `options` (see
 /// [`ConsulAgent::start_with`]).
 ///

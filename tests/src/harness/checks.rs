@@ -75,9 +75,29 @@ impl Harness<'_> {
 
     /// Whether a window fault touched `client` at any time in `[from, to]`.
     fn faulted(&self, client: usize, from: Duration, to: Duration) -> bool {
-        self.scenario.faults.iter().any(|f| {
-            // Operator actions touch no client: they act on holds.
-            f.kind.touches(client) && f.from <= to && f.until() >= from
+        self.faulted_by(client, from, to, |_| true)
+    }
+
+    /// Whether a fault of a kind `which` touched `client` at any time in `[from, to]`
+    /// (operator actions touch no client: they act on holds).
+    pub(super) fn faulted_by(
+        &self,
+        client: usize,
+        from: Duration,
+        to: Duration,
+        which: impl Fn(&FaultKind) -> bool,
+    ) -> bool {
+        self.scenario
+            .faults
+            .iter()
+            .any(|f| f.kind.touches(client) && f.from <= to && f.until() >= from && which(&f.kind))
+    }
+
+    /// Whether `client` was stalled (paused, or its driver late) at any time in `[from, to]`:
+    /// it believes on meanwhile, and only the fencing token answers that.
+    pub(super) fn stalled(&self, client: usize, from: Duration, to: Duration) -> bool {
+        self.faulted_by(client, from, to, |k| {
+            matches!(k, FaultKind::Pause { .. } | FaultKind::Lag { .. })
         })
     }
 
@@ -461,16 +481,11 @@ impl Harness<'_> {
         // it renewals), an operator, a restart. Not a refused acquire: that one only tempts a
         // contender to write itself in without a key.
         let lost_key = self.operator_actions.iter().any(|a| a.at >= since && a.at <= t)
-            || self.scenario.faults.iter().any(|f| {
-                f.kind.touches(i)
-                    && f.from <= t
-                    && f.until() >= since
-                    && !matches!(
-                        f.kind,
-                        FaultKind::RefuseAcquire { .. }
-                            | FaultKind::Duplicate { .. }
-                            | FaultKind::Reorder { .. }
-                    )
+            || self.faulted_by(i, since, t, |k| {
+                !matches!(
+                    k,
+                    FaultKind::RefuseAcquire { .. } | FaultKind::Duplicate { .. } | FaultKind::Reorder { .. }
+                )
             });
         if listed && !held && !lost_key {
             self.violation(format!(

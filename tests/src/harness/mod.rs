@@ -1025,11 +1025,7 @@ impl<'s> Harness<'s> {
                 // cannot hear: that overlap is the stall's, which only the fencing token answers.
                 let (excused, unexcused): (Holders, Holders) = others.iter().partition(|(j, h)| {
                     let (hold, since) = (&self.holds[*h], self.exposed[*h]);
-                    let paused = self.scenario.faults.iter().any(|f| {
-                        matches!(f.kind, FaultKind::Pause { client } | FaultKind::Lag { client, .. } if client == *j)
-                            && f.from <= t
-                            && f.from + f.lasting >= hold.from
-                    });
+                    let paused = self.stalled(*j, hold.from, t);
                     paused
                         || self
                             .operator_actions
@@ -1129,11 +1125,7 @@ impl<'s> Harness<'s> {
             .collect();
         // A holder that was stalled (paused, its driver late) meanwhile hears only when it
         // wakes: its overlap is the stall's, not bounded by its TTL.
-        let stalled = self.scenario.faults.iter().any(|f| {
-            matches!(f.kind, FaultKind::Pause { client } | FaultKind::Lag { client, .. } if client == i)
-                && f.from <= t
-                && f.from + f.lasting >= from
-        });
+        let stalled = self.stalled(i, from, t);
         for (other, overlap) in overlaps {
             self.max_operator_overlap = self.max_operator_overlap.max(overlap);
             if overlap > ttl && !stalled {
