@@ -458,6 +458,25 @@ impl SimConsul {
         self.wake_changed();
     }
 
+    /// Operator action: in one transaction, deletes `key` (whoever holds it) and locks it anew,
+    /// with the same flags and value, by the live session `session`, as a `consul txn` of a
+    /// `delete` and a `lock` would: the key never shows free, so its holder learns it lost only
+    /// by reading who holds it. Returns whether the lock took (`false` for a missing key or a
+    /// session that is not live).
+    pub fn take_over(&mut self, now: Instant, key: &str, session: &str) -> bool {
+        self.run_until(now);
+        let known = session::uuid16(session).is_some_and(|id| self.sessions.contains_key(&id));
+        let Some(entry) = self.kv.get(key).filter(|_| known) else {
+            return false;
+        };
+        let (flags, value) = (entry.flags, entry.value.clone());
+        let idx = self.raft();
+        self.kvs_delete(idx, key);
+        let took = self.kvs_lock(idx, key, session, flags, value) == Ok(true);
+        self.wake_changed();
+        took
+    }
+
     /// Fault injection: loses (`false`) or regains (`true`) the cluster leader at `now`.
     ///
     /// Without a leader every request that Consul forwards to the leader (writes, session

@@ -54,19 +54,6 @@ fn contenders(seed: u64, n: usize, faults: Vec<Fault>) -> Scenario {
     }
 }
 
-/// When the last fault is over: an overwritten `.lock` stays so until the operator deletes it.
-fn last_heal(scenario: &Scenario) -> Duration {
-    scenario
-        .faults
-        .iter()
-        .map(|f| match f.kind {
-            FaultKind::OverwriteKey => f.from + f.lasting,
-            _ => f.until(),
-        })
-        .max()
-        .unwrap_or(Duration::ZERO)
-}
-
 /// The liveness bound after the last fault heals: two TTLs (the server deletes a lost holder's
 /// contender key, so that it is pruned, within 2×TTL), the retry backoff cap plus a wait, and a
 /// hold and a pause. (A contender key is named by its session, so no lock-delay applies.)
@@ -82,7 +69,7 @@ fn liveness_bound(scenario: &Scenario) -> Duration {
 }
 
 fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
-    let healed = last_heal(scenario);
+    let healed = scenario.last_heal();
     let bound = liveness_bound(scenario);
     // Callers that all give up early (`cancel_after`) may never hold: liveness is owed to a
     // patient one.

@@ -20,6 +20,10 @@
 //!   explains it: releases and cancels, at any moment, give the key back first.
 //! - **Nothing held without a holder.** A key held by the session of a client whose machine is
 //!   idle (it believes nothing, does nothing) is an orphan.
+//! - **A refusal is reported when it comes.** A semaphore contender's own key (named by its
+//!   session) can be refused only by a lock-delay or an agent gone wrong, never by contention:
+//!   the machine reports it (`Retrying`, or the attempt's end) before it sends anything else,
+//!   rather than carrying on as though it had the key.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -64,6 +68,10 @@ pub(super) struct ClientChecks {
     reaction_due: Option<Duration>,
     /// When the caller called `lock`, `unlock` or `cancel` (within [`WINDOW`]).
     pub(super) calls: VecDeque<Duration>,
+    /// Semaphore: acquires of the client's own contender key in flight.
+    contends: Vec<RequestId>,
+    /// Semaphore: its own contender key was just refused, and nothing reported yet.
+    report_due: bool,
 }
 
 impl Harness<'_> {
@@ -102,8 +110,29 @@ impl Harness<'_> {
     }
 
     /// A request client `i` sends now.
-    pub(super) fn checks_on_send(&mut self, i: usize, id: RequestId, path: &str) {
+    pub(super) fn checks_on_send(&mut self, i: usize, id: RequestId, request: &http::Request<Vec<u8>>) {
         let (now, t) = (self.now, self.t());
+        let path = request.uri().path();
+        if std::mem::take(&mut self.clients[i].checks.report_due) {
+            self.violation(format!(
+                "refusal: client {i} sent {} {path} without reporting that its own contender key was refused",
+                request.method()
+            ));
+        }
+        let own_key = matches!(self.target, Target::Semaphore { .. })
+            && request.method() == http::Method::PUT
+            && path != format!("/v1/kv/{}", self.lock_key)
+            && path
+                .strip_prefix("/v1/kv/")
+                .and_then(|k| k.strip_prefix(self.scenario.key.trim_end_matches('/')))
+                .is_some_and(|rest| rest.len() > 1)
+            && request
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p.starts_with("acquire=")));
+        if own_key {
+            self.clients[i].checks.contends.push(id);
+        }
         let create = path == "/v1/session/create";
         if create || path.starts_with("/v1/session/renew/") {
             self.clients[i].checks.session_sends.push((id, now, create));
@@ -140,12 +169,32 @@ impl Harness<'_> {
         }
     }
 
+    /// Client `i`'s machine has said all it had to say for now: a refusal of its own key still
+    /// unreported is a silent retry.
+    pub(super) fn checks_after_drain(&mut self, i: usize) {
+        if std::mem::take(&mut self.clients[i].checks.report_due) {
+            self.violation(format!(
+                "refusal: client {i} said nothing of its own contender key's refusal"
+            ));
+        }
+    }
+
     /// A reply reaches client `i`: a renewal or create acknowledged extends the lease it can
     /// count on, unless the lease had already run out (a late acknowledgement revives nothing).
-    pub(super) fn checks_on_reply(&mut self, i: usize, id: RequestId, reply: &Reply) {
+    ///
+    /// `live`: the machine still waits for it (not past its deadline, not a duplicate).
+    pub(super) fn checks_on_reply(&mut self, i: usize, id: RequestId, reply: &Reply, live: bool) {
         let now = self.now;
         let ttl = self.clients[i].spec.ttl;
+        let acquiring = self.clients[i].machine.status() == LockStatus::Acquiring;
         let c = &mut self.clients[i].checks;
+        if let Some(k) = c.contends.iter().position(|r| *r == id) {
+            c.contends.swap_remove(k);
+            let refused = reply
+                .as_ref()
+                .is_ok_and(|r| r.status() == 200 && r.body().trim_ascii() == b"false");
+            c.report_due = live && acquiring && refused;
+        }
         let Some(k) = c.session_sends.iter().position(|(r, ..)| *r == id) else {
             return;
         };
@@ -345,6 +394,7 @@ impl Harness<'_> {
     /// An event of client `i`'s: retries paced by a growing, capped backoff; a try-once that
     /// waits its time; an error budget that ends the attempt.
     pub(super) fn checks_on_event(&mut self, i: usize, event: &LockEvent) {
+        self.clients[i].checks.report_due = false;
         let (now, t) = (self.now, self.t());
         let spec = &self.clients[i].spec;
         match event {

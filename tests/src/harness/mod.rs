@@ -117,6 +117,15 @@ pub fn run_target(scenario: &Scenario, target: Target) -> Outcome {
     h.finish()
 }
 
+/// What undoes an operator's action at the end of its window.
+#[derive(Debug)]
+enum Undo {
+    /// Delete the key an operator overwrote.
+    DeleteKey,
+    /// Destroy the operator's session that took the key over.
+    DestroySession(String),
+}
+
 #[derive(Debug)]
 enum Delivery {
     ToServer {
@@ -208,8 +217,8 @@ struct Harness<'s> {
     stopped: bool,
     requests: usize,
     leader: bool,
-    /// Overwrites to undo (by deleting the key) at these offsets.
-    restores: Vec<Duration>,
+    /// Operator actions to undo at these offsets.
+    restores: Vec<(Duration, Undo)>,
     done_faults: Vec<bool>,
     /// When the agent's index moved (recent ones), for the request budget.
     index_changes: VecDeque<Duration>,
@@ -503,7 +512,7 @@ impl<'s> Harness<'s> {
                 candidates.push(self.base + f.from + f.lasting);
             }
         }
-        candidates.extend(self.restores.iter().map(|d| self.base + *d));
+        candidates.extend(self.restores.iter().map(|(d, _)| self.base + *d));
         let later = candidates.into_iter().filter(|t| *t > self.now).min();
         due.into_iter().chain(later).min()
     }
@@ -708,20 +717,42 @@ impl<'s> Harness<'s> {
                         let key = self.lock_key.clone();
                         self.sim.put_key(now, &key, 0, b"operator");
                         self.act(t, None);
-                        self.restores.push(fault.from + fault.lasting);
+                        self.restores.push((fault.from + fault.lasting, Undo::DeleteKey));
                     }
+                    FaultKind::TakeOver if !semaphore => match self.operator_session() {
+                        Some(session) => {
+                            let key = self.scenario.key.clone();
+                            if self.sim.take_over(now, &key, &session) {
+                                self.log(format!("operator takes the key over for session {session}"));
+                                self.act(t, None);
+                            }
+                            self.restores
+                                .push((fault.from + fault.lasting, Undo::DestroySession(session)));
+                        }
+                        None => self.log("operator could not create a session"),
+                    },
                     _ => {}
                 }
             }
         }
-        // Undo overwrites: the operator deletes the plain key again.
-        let (due, later): (Vec<Duration>, Vec<Duration>) = self.restores.iter().partition(|d| **d <= t);
+        let (due, later) = std::mem::take(&mut self.restores)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(d, _)| *d <= t);
         self.restores = later;
-        for _ in due {
-            self.log("operator deletes the overwritten key");
-            let key = self.lock_key.clone();
-            self.sim.delete_key(now, &key);
-            self.act(t, None);
+        for (_, undo) in due {
+            match undo {
+                Undo::DeleteKey => {
+                    self.log("operator deletes the overwritten key");
+                    let key = self.lock_key.clone();
+                    self.sim.delete_key(now, &key);
+                    self.act(t, None);
+                }
+                // No lock-delay: the key is free at once.
+                Undo::DestroySession(session) => {
+                    self.log(format!("operator destroys its session {session}"));
+                    self.sim.destroy_session(now, &session);
+                }
+            }
         }
         let electing = self
             .scenario
@@ -733,6 +764,21 @@ impl<'s> Harness<'s> {
             self.log(format!("leader: {}", self.leader));
             self.sim.set_leader(now, self.leader);
         }
+    }
+
+    /// A session of the operator's (no TTL, no lock-delay), as `consul` commands create one;
+    /// `None` when the agent refuses (no leader).
+    fn operator_session(&mut self) -> Option<String> {
+        let request = http::Request::builder()
+            .method(http::Method::PUT)
+            .uri("/v1/session/create")
+            .body(br#"{"Name":"operator","LockDelay":"0s"}"#.to_vec())
+            .ok()?;
+        let SimReply::Now(reply) = self.sim.handle(self.now, &request) else {
+            return None;
+        };
+        let created: serde_json::Value = serde_json::from_slice(reply.body()).ok()?;
+        Some(created.get("ID")?.as_str()?.to_owned())
     }
 
     fn act(&mut self, at: Duration, session: Option<String>) {
@@ -872,8 +918,8 @@ impl<'s> Harness<'s> {
                     Err(e) => format!("client {client} <- {id} {e}"),
                 };
                 self.log(line);
-                self.clients[client].outstanding.remove(&id);
-                self.checks_on_reply(client, id, &reply);
+                let live = self.clients[client].outstanding.remove(&id).is_some();
+                self.checks_on_reply(client, id, &reply, live);
                 let quiet = self.clients[client].machine.is_quiescent();
                 self.clients[client].machine.handle_response(self.now, id, reply);
                 self.drain(client, quiet);
@@ -924,7 +970,7 @@ impl<'s> Harness<'s> {
                     if acquire && matches!(self.target, Target::Lock) {
                         self.clients[i].acquire_sent = Some(t);
                     }
-                    self.checks_on_send(i, transmit.id, &path);
+                    self.checks_on_send(i, transmit.id, &transmit.request);
                     self.clients[i]
                         .outstanding
                         .insert(transmit.id, (path, transmit.deadline));
@@ -973,6 +1019,7 @@ impl<'s> Harness<'s> {
                 Action::Event(event) => self.on_event(i, event),
             }
         }
+        self.checks_after_drain(i);
     }
 
     fn on_event(&mut self, i: usize, event: LockEvent) {

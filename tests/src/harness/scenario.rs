@@ -135,6 +135,12 @@ pub enum FaultKind {
     /// An operator overwrites the lock key with a plain value (at the window's start), and
     /// deletes it at the window's end. For a semaphore: its `.lock`.
     OverwriteKey,
+    /// An operator hands the lock key, if there is one, to a session of its own in one
+    /// transaction (a `delete` and a `lock` of the same flags and value, at the window's start),
+    /// so that the key never shows free: its holder learns it lost only by reading who holds it. The operator's session (no TTL, no lock-delay) is
+    /// destroyed at the window's end, freeing the key. Lock only: a semaphore's slots are not
+    /// keys to take.
+    TakeOver,
 }
 
 impl FaultKind {
@@ -154,22 +160,35 @@ impl FaultKind {
             | FaultKind::Reorder { client: c, .. }
             | FaultKind::TooManyRequests { client: c } => *c == client,
             FaultKind::LeaderElection | FaultKind::AgentRestart => true,
-            FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey => false,
+            FaultKind::DestroyHolderSession
+            | FaultKind::DeleteKey
+            | FaultKind::OverwriteKey
+            | FaultKind::TakeOver => false,
         }
     }
 
     /// Whether the fault happens at one instant (an operator's action, a reset, a restart)
-    /// rather than lasting a window.
+    /// rather than lasting a window. An overwrite and a take-over are undone at the window's
+    /// end, so they last.
     pub fn is_instant(&self) -> bool {
-        self.is_operator() || matches!(self, FaultKind::ConnReset { .. } | FaultKind::AgentRestart)
+        matches!(
+            self,
+            FaultKind::DestroyHolderSession
+                | FaultKind::DeleteKey
+                | FaultKind::ConnReset { .. }
+                | FaultKind::AgentRestart
+        )
     }
 
-    /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a
-    /// condition that lasts a window.
+    /// Whether the fault is an operator's action (authoritative, on the key or a session)
+    /// rather than a condition of the network, the agent or a client.
     pub fn is_operator(&self) -> bool {
         matches!(
             self,
-            FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey
+            FaultKind::DestroyHolderSession
+                | FaultKind::DeleteKey
+                | FaultKind::OverwriteKey
+                | FaultKind::TakeOver
         )
     }
 }
@@ -181,7 +200,7 @@ pub struct Fault {
     pub kind: FaultKind,
     /// When it starts, from the start.
     pub from: Duration,
-    /// How long it lasts (ignored for operator actions).
+    /// How long it lasts (ignored for instant faults: see [`FaultKind::is_instant`]).
     pub lasting: Duration,
 }
 

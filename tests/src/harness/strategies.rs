@@ -74,6 +74,7 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
         Just(FaultKind::DestroyHolderSession),
         Just(FaultKind::DeleteKey),
         Just(FaultKind::OverwriteKey),
+        Just(FaultKind::TakeOver),
     ];
     let kind = prop_oneof![10 => one_client, 7 => others];
     (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| {
