@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, SessionId};
 use consul_lock_core::machine::{
@@ -859,7 +859,8 @@ fn short_holds_are_not_asked_about() {
 }
 
 /// Without the holder's lock-delay, refused acquires on a free key back off: jittered, doubling
-/// from 250 ms, capped at 5 s.
+/// from 250 ms, capped at 5 s; each pause is a blocking read of the key for that long (nothing
+/// changes here, so each runs out its wait).
 #[test]
 fn retry_with_capped_jittered_backoff_when_the_delay_is_unknown() {
     let mut r = Rig::new(options());
@@ -889,7 +890,7 @@ fn retry_with_capped_jittered_backoff_when_the_delay_is_unknown() {
             r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
         }
         let since = r.now();
-        let found = r.run_until(secs(10), renew_ok, |n| {
+        let found = r.run_until(secs(10), unchanged_when_waited_out, |n| {
             n.find("PUT /v1/txn?verb=lock&session=s1").is_some()
         });
         assert!(found);
@@ -902,6 +903,84 @@ fn retry_with_capped_jittered_backoff_when_the_delay_is_unknown() {
             "pause {i}: {pause:?} (cap {cap:?})"
         );
     }
+}
+
+/// Renews every session; answers a blocking read of the key, when its wait runs out, with the
+/// free key unchanged at index 11.
+fn unchanged_when_waited_out(sent: &Sent, now: Instant) -> Option<Reply> {
+    let waited_out = sent.path == "/v1/kv/k" && sent.wait().is_some_and(|w| now >= sent.at + w);
+    if waited_out {
+        return Some(reply::kv(11, &entry().free().modified(11)));
+    }
+    renew_ok(sent, now)
+}
+
+/// A lock-delay of unknown end is waited out watching the key: a contender who takes the key
+/// meanwhile is seen at once and waited for, and its release wakes us, instead of a blind pause
+/// that misses both (found by the scale run: a release 4 s before the pause's end went unseen).
+#[test]
+fn a_lock_delay_of_unknown_end_is_waited_out_on_the_key() {
+    let mut r = Rig::new(options());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
+    for _ in 0..4 {
+        r.answer(&acquire_pattern("s1"), reply::lock_delayed());
+        r.run_until(secs(10), unchanged_when_waited_out, |n| {
+            n.find("PUT /v1/txn?verb=lock&session=s1").is_some()
+        });
+    }
+    // The fifth refusal: the backoff is at seconds now, and the key is watched meanwhile.
+    r.answer(&acquire_pattern("s1"), reply::lock_delayed());
+    r.advance(ms(300));
+    // Another contender takes the key: seen at once, and waited for on its new index.
+    r.answer(
+        "GET /v1/kv/k?index=11",
+        reply::kv(12, &held_by("other").modified(12)),
+    );
+    r.advance(ms(300));
+    // It lets go: the waiter tries at once, not at the end of its backoff.
+    r.answer(
+        "GET /v1/kv/k?index=12",
+        reply::kv(13, &entry().free().modified(13)),
+    );
+    let at = r.now();
+    assert!(
+        r.find("PUT /v1/txn?verb=lock&session=s1").is_some(),
+        "no acquire at once after the release"
+    );
+    r.answer(&acquire_pattern("s1"), reply::locked(&held_by("s1").modified(14)));
+    assert!(r.now() == at);
+    assert!(
+        matches!(r.events().last(), Some(LockEvent::Acquired(_))),
+        "{:?}",
+        r.events()
+    );
+}
+
+/// The watch read of a lock-delay answered at once without a change (an agent that does not
+/// block) does not make the waiter try again before its backoff's end.
+#[test]
+fn a_lock_delay_watch_answered_at_once_still_waits_its_backoff() {
+    let mut r = Rig::new(options());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    r.answer("GET /v1/kv/k?!index", reply::kv(11, &entry().free().modified(11)));
+    r.answer(&acquire_pattern("s1"), reply::lock_delayed());
+    let refused = r.now();
+    r.answer(
+        "GET /v1/kv/k?index=11",
+        reply::kv(11, &entry().free().modified(11)),
+    );
+    assert!(r.find("PUT /v1/txn?verb=lock&session=s1").is_none());
+    r.run_until(secs(10), renew_ok, |n| {
+        n.find("PUT /v1/txn?verb=lock&session=s1").is_some()
+    });
+    assert!(
+        r.now() - refused >= ms(125),
+        "tried again {:?} after",
+        r.now() - refused
+    );
 }
 
 // ================================================================================================

@@ -63,6 +63,13 @@ pub enum Ask {
     Acquire,
     /// The re-read after a refused acquire: contention, or lock-delay?
     Recheck,
+    /// A lock-delay of unknown end is in force: a blocking read of the key until `until` (the
+    /// backoff's next try), so that a contender taking the key meanwhile, or letting it go, is
+    /// seen at once rather than after a blind pause.
+    DelayWatch {
+        /// When to try again if the key does not change.
+        until: Instant,
+    },
 }
 
 /// What a waiting lock knows of the key's current holder.
@@ -330,10 +337,22 @@ impl Holder<LockKind> {
             Some((delay, freed_at)) => {
                 (freed_at + delay.min(crate::machine::options::MAX_LOCK_DELAY) + LOCK_DELAY_MARGIN).max(now)
             }
-            None => match self.pause(now, Ask::Acquire) {
-                Some(until) => until,
-                None => return,
-            },
+            None => {
+                let Some(until) = self.pause(now, Ask::Acquire) else {
+                    return;
+                };
+                let Some(a) = self.acquiring() else { return };
+                let until = a.give_up_at.map_or(until, |at| until.min(at));
+                let wait = until.saturating_duration_since(now);
+                // On index 0 the read would answer at once: then only the pause paces us.
+                if a.index > 0 && !wait.is_zero() {
+                    let blocking = Blocking { index: a.index, wait };
+                    let read = LockKind::read(self, Consistency::Default, Some(blocking));
+                    tracing::debug!(?wait, "lock-delay in force, end unknown: watching the key");
+                    return self.send_ask(now, Ask::DelayWatch { until }, &read, Some(wait));
+                }
+                until
+            }
         };
         tracing::debug!(wait = ?until.saturating_duration_since(now), "lock-delay in force");
         let Some(a) = self.acquiring() else { return };
@@ -341,6 +360,30 @@ impl Holder<LockKind> {
             until: a.give_up_at.map_or(until, |at| until.min(at)),
             then: Ask::Acquire,
         };
+    }
+
+    /// The answer to the read that waits out a lock-delay of unknown end: a change of the key is
+    /// news like any read's (someone took it: wait for them; it is free: try); no change means
+    /// the delay may be over, so try again, though not before `until` (an agent that answers a
+    /// blocking read at once must not make us spin through refusals).
+    fn on_delay_watch(&mut self, now: Instant, sent: Pending, reply: &Reply, until: Instant) {
+        let read = match decode::<KvGet>(reply) {
+            Ok(read) => read,
+            Err(Failure::Transient(why)) => return self.retry(now, Ask::Read, &why),
+            Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
+        };
+        let Some(a) = self.acquiring() else { return };
+        if crate::machine::read::next_index(a.index, read.meta.index).1 {
+            return self.on_read(now, sent, reply);
+        }
+        if now < until {
+            a.step = Step::Pause {
+                until,
+                then: Ask::Acquire,
+            };
+            return;
+        }
+        self.acquire(now);
     }
 
     /// The lock transaction wrote the key for us and answered with the entry: held, and the
@@ -483,6 +526,8 @@ impl Kind for LockKind {
             Ask::Read => h.read(now),
             Ask::Acquire => h.acquire(now),
             Ask::Recheck => h.recheck(now),
+            // Only ever sent, never scheduled; after a pause, a read does its work.
+            Ask::DelayWatch { .. } => h.read(now),
         }
     }
 
@@ -491,6 +536,7 @@ impl Kind for LockKind {
             Ask::Read => h.on_read(now, sent, reply),
             Ask::Acquire => h.on_acquire(now, reply),
             Ask::Recheck => h.on_recheck(now, reply),
+            Ask::DelayWatch { until } => h.on_delay_watch(now, sent, reply, until),
         }
     }
 
