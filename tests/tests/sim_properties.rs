@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use consul_lock_testkit::harness::strategies::{cases, client_spec, fault, shrink_iters};
-use consul_lock_testkit::harness::{ClientSpec, Fault, FaultKind, Outcome, Scenario, run};
+use consul_lock_testkit::harness::strategies::{Shape, cases, lock_scenario, shrink_iters};
+use consul_lock_testkit::harness::{self, ClientSpec, Fault, FaultKind, Outcome, Scenario, Target, run};
 use proptest::prelude::*;
 
 const KEY: &str = "service/leader/.lock";
@@ -31,38 +31,9 @@ fn two_contenders(seed: u64, faults: Vec<Fault>) -> Scenario {
     }
 }
 
-/// The liveness bound after the last fault heals: two TTLs (the server frees a lost holder's key
-/// within 2×TTL), the lock-delay, and the retry backoff cap plus a lock wait.
-fn liveness_bound(scenario: &Scenario) -> Duration {
-    let ttl = scenario.clients.iter().map(|c| c.ttl).max().unwrap_or_default();
-    let delay = scenario
-        .clients
-        .iter()
-        .map(|c| c.lock_delay.unwrap_or(secs(15)))
-        .max()
-        .unwrap_or_default();
-    let pause = scenario
-        .clients
-        .iter()
-        .map(|c| c.pause + c.hold)
-        .max()
-        .unwrap_or_default();
-    2 * ttl + delay + secs(20) + pause
-}
-
 fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
-    let healed = scenario.last_heal();
-    let bound = liveness_bound(scenario);
-    // Callers that all give up early (`cancel_after`) may never hold: liveness is owed to a
-    // patient one.
-    let patient = scenario.clients.iter().any(|c| c.cancel_after.is_none());
-    if patient && healed + bound <= scenario.duration {
-        let first = outcome.first_acquire_after(healed);
-        assert!(
-            first.is_some_and(|t| t <= healed + bound),
-            "liveness: healed at {healed:?}, first hold after at {first:?}, bound {bound:?}\n{}",
-            outcome.trace_tail(60)
-        );
+    if let Err(e) = harness::check_liveness(scenario, Target::Lock, outcome) {
+        panic!("{e}");
     }
 }
 
@@ -159,36 +130,12 @@ fn leader_election_does_not_lose_a_renewed_lock() {
     );
 }
 
-fn scenario() -> impl Strategy<Value = Scenario> {
-    (2usize..=4)
-        .prop_flat_map(|n| {
-            (
-                any::<u64>(),
-                proptest::collection::vec(client_spec(), n),
-                proptest::collection::vec(fault(n), 0..=3),
-            )
-        })
-        .prop_map(|(seed, clients, faults)| Scenario {
-            seed,
-            clients,
-            faults,
-            duration: secs(150),
-            key: KEY.into(),
-        })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
 
     #[test]
-    fn safety_fencing_liveness_and_cleanup(scenario in scenario()) {
+    fn safety_fencing_liveness_and_cleanup(scenario in lock_scenario(KEY, Shape::QUICK)) {
         let outcome = run(&scenario);
-        prop_assert!(
-            outcome.violations.is_empty(),
-            "violations: {:#?}\n--- trace tail ---\n{}",
-            outcome.violations,
-            outcome.trace_tail(80)
-        );
-        check_liveness(&scenario, &outcome);
+        harness::verdict(&scenario, Target::Lock, &outcome).map_err(TestCaseError::fail)?;
     }
 }

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use consul_lock_core::machine::LossReason;
-use consul_lock_testkit::harness::strategies::{cases, client_spec, fault, shrink_iters};
+use consul_lock_testkit::harness::strategies::{Shape, cases, semaphore_scenario, shrink_iters};
 use consul_lock_testkit::harness::{
-    ClientSpec, Fault, FaultKind, Hold, Outcome, Scenario, Target, run_target,
+    self, ClientSpec, Fault, FaultKind, Hold, Outcome, Scenario, Target, most_at_once, run_target,
 };
 use proptest::prelude::*;
 
@@ -17,22 +17,6 @@ const PREFIX: &str = "service/workers";
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
-}
-
-/// The most holds under way at once (a hold ending when another begins counts as overlapping;
-/// a hold never ended counts until the end).
-fn most_at_once(holds: &[Hold]) -> usize {
-    let mut edges: Vec<(Duration, i32)> = holds
-        .iter()
-        .flat_map(|h| [(h.from, 1), (h.until.unwrap_or(Duration::MAX), -1)])
-        .collect();
-    edges.sort_by_key(|&(at, delta)| (at, -delta));
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, delta) in edges {
-        now += delta;
-        most = most.max(now);
-    }
-    usize::try_from(most).unwrap()
 }
 
 /// `n` contenders that hold for a while each, with short TTLs.
@@ -54,33 +38,10 @@ fn contenders(seed: u64, n: usize, faults: Vec<Fault>) -> Scenario {
     }
 }
 
-/// The liveness bound after the last fault heals: two TTLs (the server deletes a lost holder's
-/// contender key, so that it is pruned, within 2×TTL), the retry backoff cap plus a wait, and a
-/// hold and a pause. (A contender key is named by its session, so no lock-delay applies.)
-fn liveness_bound(scenario: &Scenario) -> Duration {
-    let ttl = scenario.clients.iter().map(|c| c.ttl).max().unwrap_or_default();
-    let pause = scenario
-        .clients
-        .iter()
-        .map(|c| c.pause + c.hold)
-        .max()
-        .unwrap_or_default();
-    2 * ttl + secs(20) + pause
-}
-
 fn check_liveness(scenario: &Scenario, outcome: &Outcome) {
-    let healed = scenario.last_heal();
-    let bound = liveness_bound(scenario);
-    // Callers that all give up early (`cancel_after`) may never hold: liveness is owed to a
-    // patient one.
-    let patient = scenario.clients.iter().any(|c| c.cancel_after.is_none());
-    if patient && healed + bound <= scenario.duration {
-        let first = outcome.first_acquire_after(healed);
-        assert!(
-            first.is_some_and(|t| t <= healed + bound),
-            "liveness: healed at {healed:?}, first hold after at {first:?}, bound {bound:?}\n{}",
-            outcome.trace_tail(60)
-        );
+    let target = Target::Semaphore { limit: 1 };
+    if let Err(e) = harness::check_liveness(scenario, target, outcome) {
+        panic!("{e}");
     }
 }
 
@@ -217,49 +178,12 @@ fn leader_election_does_not_lose_a_renewed_slot() {
     }
 }
 
-fn scenario() -> impl Strategy<Value = (Scenario, u32)> {
-    (2usize..=5, 1u32..=3)
-        .prop_flat_map(|(n, limit)| {
-            (
-                any::<u64>(),
-                proptest::collection::vec(client_spec(), n),
-                proptest::collection::vec(fault(n), 0..=3),
-                Just(limit),
-            )
-        })
-        .prop_map(|(seed, clients, faults, limit)| {
-            let scenario = Scenario {
-                seed,
-                clients,
-                faults,
-                duration: secs(150),
-                key: PREFIX.into(),
-            };
-            (scenario, limit)
-        })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
 
     #[test]
-    fn at_most_limit_holders_fencing_liveness_and_cleanup((scenario, limit) in scenario()) {
-        let outcome = run_target(&scenario, Target::Semaphore { limit });
-        prop_assert!(
-            outcome.violations.is_empty(),
-            "limit {limit}: violations: {:#?}\n--- trace tail ---\n{}",
-            outcome.violations,
-            outcome.trace_tail(80)
-        );
-        // The harness counts holders at each grant (excusing only holders an operator acted on,
-        // stalled, or whose agent restarted); the holds say the same where none of that happened.
-        let excusable = scenario
-            .faults
-            .iter()
-            .any(|f| f.kind.is_operator() || matches!(f.kind, FaultKind::Pause { .. } | FaultKind::Lag { .. } | FaultKind::AgentRestart));
-        if !excusable {
-            prop_assert!(most_at_once(&outcome.holds) <= limit as usize);
-        }
-        check_liveness(&scenario, &outcome);
+    fn at_most_limit_holders_fencing_liveness_and_cleanup((scenario, target) in semaphore_scenario(PREFIX, Shape::QUICK)) {
+        let outcome = run_target(&scenario, target);
+        harness::verdict(&scenario, target, &outcome).map_err(TestCaseError::fail)?;
     }
 }

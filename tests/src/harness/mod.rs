@@ -26,6 +26,7 @@
 mod checks;
 mod scenario;
 pub mod strategies;
+mod verdict;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -38,6 +39,7 @@ use consul_lock_core::machine::{
     TransportErrorKind,
 };
 pub use scenario::{ClientSpec, Fault, FaultKind, Scenario, Target};
+pub use verdict::{check_liveness, liveness_bound, most_at_once, verdict};
 
 use crate::sim::{QueryId, SimConsul, SimReply};
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::{ClientSpec, Fault, FaultKind};
+use super::{ClientSpec, Fault, FaultKind, Scenario, Target};
 
 /// A contender: TTL 10, 15 or 20 s; lock-delay the server's default, 0, 1 or 2 s; sometimes
 /// Go's `MonitorRetries`; a start within 5 s; holds of 0.5 to 20 s; pauses of 0.1 to 3 s between
@@ -44,6 +44,12 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
 /// A fault of any kind against one of `clients` contenders (or all), starting within the first
 /// 60 s and lasting 0.1 to 30 s (a pause at most 9 s).
 pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
+    fault_within(clients, Duration::from_secs(60))
+}
+
+/// [`fault`], starting anywhere within the first `window`.
+pub fn fault_within(clients: usize, window: Duration) -> impl Strategy<Value = Fault> {
+    let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
     let c = 0..clients;
     let one_client = prop_oneof![
         (c.clone(), 1u64..3_000).prop_map(|(client, ms)| FaultKind::Latency {
@@ -77,7 +83,7 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
         Just(FaultKind::TakeOver),
     ];
     let kind = prop_oneof![10 => one_client, 7 => others];
-    (kind, 0u64..60_000, 100u64..30_000).prop_map(|(kind, from, lasting)| {
+    (kind, 0u64..window, 100u64..30_000).prop_map(|(kind, from, lasting)| {
         // A pause shorter than the shortest TTL: long enough to outlast a renew deadline, too
         // short for the agent to expire the session, so that a holder that wakes and believes
         // on is a bug rather than the pause itself (which only fencing tokens can answer).
@@ -91,6 +97,76 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
             lasting: Duration::from_millis(lasting),
         }
     })
+}
+
+/// The size of a generated scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// How long contenders contend.
+    pub duration: Duration,
+    /// Faults start within this much of the start.
+    pub fault_window: Duration,
+    /// The most faults in one scenario.
+    pub max_faults: usize,
+}
+
+impl Shape {
+    /// The quick properties': 150 s, up to 3 faults within the first minute.
+    pub const QUICK: Shape = Shape {
+        duration: Duration::from_secs(150),
+        fault_window: Duration::from_secs(60),
+        max_faults: 3,
+    };
+    /// The scale run's: 600 s, up to 12 faults anywhere in the first 540 s.
+    pub const LONG: Shape = Shape {
+        duration: Duration::from_secs(600),
+        fault_window: Duration::from_secs(540),
+        max_faults: 12,
+    };
+}
+
+/// Lock scenarios on `key`: 2 to 4 contenders of [`client_spec`], faults of [`fault_within`].
+pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario> {
+    let key = key.to_owned();
+    (2usize..=4)
+        .prop_flat_map(move |n| {
+            (
+                any::<u64>(),
+                proptest::collection::vec(client_spec(), n),
+                proptest::collection::vec(fault_within(n, shape.fault_window), 0..=shape.max_faults),
+            )
+        })
+        .prop_map(move |(seed, clients, faults)| Scenario {
+            seed,
+            clients,
+            faults,
+            duration: shape.duration,
+            key: key.clone(),
+        })
+}
+
+/// Semaphore scenarios under `prefix`: 2 to 5 contenders, a limit of 1 to 3.
+pub fn semaphore_scenario(prefix: &str, shape: Shape) -> impl Strategy<Value = (Scenario, Target)> {
+    let prefix = prefix.to_owned();
+    (2usize..=5, 1u32..=3)
+        .prop_flat_map(move |(n, limit)| {
+            (
+                any::<u64>(),
+                proptest::collection::vec(client_spec(), n),
+                proptest::collection::vec(fault_within(n, shape.fault_window), 0..=shape.max_faults),
+                Just(limit),
+            )
+        })
+        .prop_map(move |(seed, clients, faults, limit)| {
+            let scenario = Scenario {
+                seed,
+                clients,
+                faults,
+                duration: shape.duration,
+                key: prefix.clone(),
+            };
+            (scenario, Target::Semaphore { limit })
+        })
 }
 
 /// How many cases a property runs: `PROPTEST_CASES` if set, 300 by default (the CI run), and
