@@ -30,7 +30,11 @@ use std::time::{Duration, Instant};
 
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
+use consul_lock_testkit::harness::strategies::{Shape, lock_scenario, semaphore_scenario};
+use consul_lock_testkit::harness::{Arrival, Scenario, Target, run_recorded};
 use consul_lock_testkit::sim::{QueryId, SimConfig, SimConsul, SimReply, TtlExpiry};
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
 use serde_json::Value;
 
 /// Go's `LockFlagValue`.
@@ -59,6 +63,15 @@ enum Step {
     /// Waits for the background request's reply.
     Join,
     Sleep(Duration),
+    /// A request a machine sent in a harness run ([`replay_script`]), as client `client`: `{IDX}`
+    /// is the `X-Consul-Index` this client last got for this path, `{CAS}` the `ModifyIndex` it
+    /// last saw of this key (the values its machine would have sent in this run).
+    Replay {
+        client: usize,
+        method: &'static str,
+        path: String,
+        body: String,
+    },
 }
 
 fn req(method: &'static str, path: &str, body: &str) -> Step {
@@ -131,6 +144,8 @@ trait Side {
     /// The reply to the request [`Side::start`] sent, and how long after its start it came.
     fn join(&mut self) -> (Response, Duration);
     fn sleep(&mut self, d: Duration);
+    /// Its clock: wall time on the agent, virtual time on the simulator.
+    fn now(&self) -> Instant;
 }
 
 struct Real {
@@ -167,6 +182,10 @@ impl Side for Real {
 
     fn sleep(&mut self, d: Duration) {
         std::thread::sleep(d);
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
     }
 }
 
@@ -227,6 +246,10 @@ impl Side for Simulated {
         self.now += d;
         self.consul.advance(self.now);
     }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
 }
 
 /// What one step gave, before normalisation.
@@ -265,8 +288,43 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
     let mut sessions: Vec<String> = Vec::new();
     let (mut mi, mut index) = (0, 0);
     let mut raws = Vec::new();
-    let mut background: Option<(&'static str, &String)> = None;
+    let mut background: Option<(&'static str, String)> = None;
+    // Replayed clients' views: the last index per (client, path), ModifyIndex per (client, key).
+    let mut seen_index: BTreeMap<(usize, String), u64> = BTreeMap::new();
+    let mut seen_modify: BTreeMap<(usize, String), u64> = BTreeMap::new();
+    let mut replayed: Vec<(usize, String)> = Vec::new();
     for step in steps {
+        let resolved;
+        let step = match step {
+            Step::Replay {
+                client,
+                method,
+                path,
+                body,
+            } => {
+                let bare = path.split('?').next().unwrap_or_default().to_owned();
+                let key = expand(
+                    bare.strip_prefix("/v1/kv/").unwrap_or_default(),
+                    prefix,
+                    &sessions,
+                    0,
+                    0,
+                );
+                let resolved_path = path
+                    .replace(
+                        "{IDX}",
+                        &seen_index.get(&(*client, bare.clone())).unwrap_or(&0).to_string(),
+                    )
+                    .replace(
+                        "{CAS}",
+                        &seen_modify.get(&(*client, key)).unwrap_or(&0).to_string(),
+                    );
+                replayed.push((*client, bare));
+                resolved = req(method, &resolved_path, body);
+                &resolved
+            }
+            other => other,
+        };
         let build = |method: &str, path: &str, body: &str| {
             let uri = expand(path, prefix, &sessions, mi, index);
             http::Request::builder()
@@ -282,7 +340,7 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
             }
             Step::Start { method, path } => {
                 side.start(build(method, path, ""));
-                background = Some((*method, path));
+                background = Some((*method, path.clone()));
                 continue;
             }
             Step::Join => {
@@ -290,11 +348,37 @@ fn run(side: &mut dyn Side, base: &str, prefix: &str, steps: &[Step]) -> Run {
                 let (response, took) = side.join();
                 (method, path, response, Some(took < EARLY))
             }
-            Step::Request { method, path, body } => {
-                (*method, path, side.exchange(build(method, path, body)), None)
-            }
+            Step::Request { method, path, body } => (
+                *method,
+                path.clone(),
+                side.exchange(build(method, path, body)),
+                None,
+            ),
+            Step::Replay { .. } => unreachable!("resolved above"),
         };
         let json: Option<Value> = serde_json::from_slice(response.body()).ok();
+        if let Some((client, bare)) = replayed.pop() {
+            let got = response
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            if let (Some(got), "GET") = (got, method) {
+                seen_index.insert((client, bare), got);
+            }
+            let mut entries: Vec<&Value> = Vec::new();
+            if let Some(list) = json.as_ref().and_then(Value::as_array) {
+                entries.extend(list);
+            }
+            if let Some(results) = json.as_ref().and_then(|v| v.get("Results")?.as_array()) {
+                entries.extend(results.iter().filter_map(|r| r.get("KV")));
+            }
+            for e in entries {
+                if let (Some(k), Some(m)) = (e.get("Key").and_then(Value::as_str), e["ModifyIndex"].as_u64())
+                {
+                    seen_modify.insert((client, k.to_owned()), m);
+                }
+            }
+        }
         if response.status() == 200 && path.starts_with("/v1/session/create") {
             if let Some(id) = json.as_ref().and_then(|v| v["ID"].as_str()) {
                 sessions.push(id.to_owned());
@@ -407,6 +491,11 @@ fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) 
                 items.retain(|i| i["ID"].as_str().is_some_and(|id| id.starts_with("<S")));
                 items.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str()));
             }
+            // KV listings come in key order, and keys named by sessions sort by their random
+            // IDs: in placeholder order instead.
+            if items.iter().all(|i| i.get("Key").is_some()) {
+                items.sort_by(|a, b| a["Key"].as_str().cmp(&b["Key"].as_str()));
+            }
             Value::Array(items)
         }
         Value::Object(map) => Value::Object(
@@ -418,6 +507,13 @@ fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) 
                             "#{}",
                             n.as_u64().and_then(|n| ranks.get(&n)).unwrap_or(&999)
                         )),
+                        // A semaphore's `.lock` names sessions inside its base64 value.
+                        ("Value", Value::String(b64)) => match base64_text(b64) {
+                            Some(text) if sessions.iter().any(|id| text.contains(id.as_str())) => {
+                                Value::String(format!("base64 of {}", replace_ids(&text, sessions)))
+                            }
+                            _ => v.clone(),
+                        },
                         _ => normalize_json(v, sessions, ranks),
                     };
                     (k.clone(), v)
@@ -426,6 +522,29 @@ fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) 
         ),
         other => other.clone(),
     }
+}
+
+/// Standard base64 (padded) decoded to UTF-8 text, if it is that.
+fn base64_text(b64: &str) -> Option<String> {
+    let digit = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut bytes = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in b64.trim_end_matches('=').bytes() {
+        acc = (acc << 6) | u32::from(digit(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            bytes.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// The observable, normalised.
@@ -1303,5 +1422,254 @@ fn txn_lock_wakes_a_blocking_read() {
             txn(&[unlock_op("{P}/k", "{S0}", 0, "")]),
             Step::Join,
         ],
+    );
+}
+
+// ================================================================================================
+// The machines' own request sequences
+// ================================================================================================
+
+/// The key prefix of the recorded runs, replaced by the script's `{P}`.
+const RECORDED: &str = "recorded-prefix";
+/// The wait of every replayed blocking read. Replayed one request at a time, a read that a
+/// later request would have woken runs out its wait instead; both sides see the same sequence,
+/// so they must still agree (long waits and wake-ups are the scripts' business above).
+const REPLAY_WAIT: &str = "100ms";
+
+/// What the machines sent in a harness run, as a script of [`Step::Replay`]s: the run's prefix
+/// and sessions become `{P}` and `{S0}`…, a blocking read's index `{IDX}` and its wait
+/// [`REPLAY_WAIT`], a check-and-set's index `{CAS}`.
+fn replay_script(arrivals: &[Arrival]) -> Vec<Step> {
+    let sessions: Vec<&str> = arrivals.iter().filter_map(|a| a.created.as_deref()).collect();
+    let template = |text: &str| {
+        let mut text = text.replace(RECORDED, "{P}");
+        for (i, id) in sessions.iter().enumerate() {
+            text = text.replace(id, &format!("{{S{i}}}"));
+        }
+        text
+    };
+    arrivals
+        .iter()
+        .map(|a| {
+            let uri = template(&a.uri);
+            let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+            let params: Vec<String> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some(("index", _)) => "index={IDX}".to_owned(),
+                    Some(("wait", _)) => format!("wait={REPLAY_WAIT}"),
+                    Some(("cas", n)) if n != "0" => "cas={CAS}".to_owned(),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            let path = if params.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", params.join("&"))
+            };
+            let method = match a.method.as_str() {
+                "GET" => "GET",
+                "PUT" => "PUT",
+                "DELETE" => "DELETE",
+                other => panic!("a machine sent {other}"),
+            };
+            Step::Replay {
+                client: a.client,
+                method,
+                path,
+                body: template(&String::from_utf8_lossy(&a.body)),
+            }
+        })
+        .collect()
+}
+
+/// Generated scenarios without faults, of `seconds`, with lock-delays of 0 or the default 15 s
+/// only: a replay runs in wall time on the agent and in virtual time on the simulator, so a
+/// lock-delay of a second or two could end on one side and not on the other.
+fn recorded_scenarios(target: &str, seconds: u64, how_many: usize) -> Vec<(Scenario, Target)> {
+    let shape = Shape {
+        duration: Duration::from_secs(seconds),
+        fault_window: Duration::from_secs(1),
+        max_faults: 0,
+    };
+    let mut runner = TestRunner::deterministic();
+    let strategy = match target {
+        "lock" => lock_scenario(&format!("{RECORDED}/.lock"), shape)
+            .prop_map(|s| (s, Target::Lock))
+            .boxed(),
+        _ => semaphore_scenario(RECORDED, shape).boxed(),
+    };
+    (0..how_many)
+        .map(|_| {
+            let (mut scenario, target) = strategy.new_tree(&mut runner).unwrap().current();
+            for c in &mut scenario.clients {
+                c.lock_delay = c.lock_delay.filter(|d| d.is_zero());
+            }
+            (scenario, target)
+        })
+        .collect()
+}
+
+fn replay_recorded(kind: &str) {
+    for (n, (scenario, target)) in recorded_scenarios(kind, 20, 3).into_iter().enumerate() {
+        let (outcome, arrivals) = run_recorded(&scenario, target);
+        outcome.assert_clean();
+        assert!(
+            arrivals
+                .iter()
+                .any(|a| a.uri.contains("acquire=") || a.uri == "/v1/txn"),
+            "the recorded run contended: {scenario:?}"
+        );
+        differential(&format!("recorded_{kind}_{n}"), replay_script(&arrivals));
+    }
+}
+
+/// What lock machines sent in generated harness runs (contention, try-once, cancels), replayed
+/// against the agent and the simulator: they answer alike.
+#[test]
+fn recorded_lock_runs() {
+    replay_recorded("lock");
+}
+
+/// The same for semaphore machines (contender keys, the `.lock`'s check-and-set, prefix reads).
+#[test]
+fn recorded_semaphore_runs() {
+    replay_recorded("semaphore");
+}
+
+// ================================================================================================
+// Timing: session invalidation and lock-delay
+// ================================================================================================
+
+/// How often the timing probes look.
+const PROBE: Duration = Duration::from_millis(100);
+
+fn request(method: &str, uri: &str, body: &str) -> http::Request<Vec<u8>> {
+    http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body.as_bytes().to_vec())
+        .unwrap()
+}
+
+fn created_id(response: &Response) -> String {
+    let v: Value = serde_json::from_slice(response.body()).unwrap();
+    v["ID"].as_str().unwrap().to_owned()
+}
+
+/// On `side`: how long after its create a TTL session that is never renewed is gone, and how
+/// long after a holder's destroy its key's lock-delay refuses another session; probed every
+/// [`PROBE`] (wall time on the agent, virtual time on the simulator).
+fn invalidation_and_lock_delay(
+    side: &mut dyn Side,
+    base: &str,
+    prefix: &str,
+    ttl: u64,
+    delay: u64,
+) -> (Duration, Duration) {
+    let body = format!(r#"{{"TTL":"{ttl}s","LockDelay":"{delay}s"}}"#);
+    // Its TTL counts from its create, a little before `start`: that only makes the measure of
+    // its invalidation shorter, never longer.
+    let holder = created_id(&side.exchange(request("PUT", &format!("{base}/v1/session/create"), &body)));
+    let other = created_id(&side.exchange(request(
+        "PUT",
+        &format!("{base}/v1/session/create"),
+        r#"{"TTL":"60s"}"#,
+    )));
+    let key = format!("{base}/v1/kv/{prefix}/timing");
+    let took = side.exchange(request("PUT", &format!("{key}?acquire={holder}"), "x"));
+    assert_eq!(took.body().trim_ascii(), b"true");
+    // Lock-delay: the holder's session destroyed while it holds the key.
+    let dying = created_id(&side.exchange(request("PUT", &format!("{base}/v1/session/create"), &body)));
+    let key2 = format!("{base}/v1/kv/{prefix}/delayed");
+    side.exchange(request("PUT", &format!("{key2}?acquire={dying}"), "x"));
+    side.exchange(request("PUT", &format!("{base}/v1/session/destroy/{dying}"), ""));
+    let start = side.now();
+    let mut waited = Duration::ZERO;
+    let mut lock_delay = None;
+    let mut invalidated = None;
+    let renew_other = format!("{base}/v1/session/renew/{other}");
+    while invalidated.is_none() || lock_delay.is_none() {
+        assert!(
+            waited < Duration::from_secs(4 * ttl + 4 * delay),
+            "neither came in time"
+        );
+        side.sleep(PROBE);
+        waited = side.now() - start;
+        side.exchange(request("PUT", &renew_other, ""));
+        if lock_delay.is_none() {
+            let r = side.exchange(request("PUT", &format!("{key2}?acquire={other}"), "y"));
+            if r.body().trim_ascii() == b"true" {
+                lock_delay = Some(waited);
+            }
+        }
+        if invalidated.is_none() {
+            let r = side.exchange(request("GET", &format!("{base}/v1/session/info/{holder}"), ""));
+            let gone = serde_json::from_slice::<Value>(r.body())
+                .map(|v| v.as_array().is_none_or(Vec::is_empty))
+                .unwrap_or(false);
+            if gone {
+                invalidated = Some(waited);
+            }
+        }
+    }
+    side.exchange(request("PUT", &format!("{base}/v1/session/destroy/{other}"), ""));
+    (invalidated.unwrap(), lock_delay.unwrap())
+}
+
+/// A 10 s session that is never renewed goes between TTL and 2×TTL (Consul 1.8.7: at 2×TTL, and
+/// so does the simulator set up as the differential tests set it up), and a 2 s lock-delay
+/// refuses other sessions for 2 s: on the agent, in wall time, and on the simulator, in virtual
+/// time, measured the same way. The bounds' slack above is the probe's period plus the agent's
+/// own timer and the machine's scheduling; below there is none: a session gone before its TTL,
+/// or a key free before its lock-delay ends, breaks what a lock relies on.
+#[test]
+#[allow(clippy::print_stdout)] // the figures, for `--nocapture`
+fn session_invalidation_and_lock_delay_timing_agree() {
+    let Some(agent) = consul_lock_testkit::agent::require_new_agent() else {
+        return;
+    };
+    let (ttl, delay) = (10, 2);
+    let mut real = Real {
+        transport: TestTransport::new().unwrap(),
+        base: agent.base_url(),
+        background: None,
+    };
+    let base = real.base.clone();
+    let (real_ttl, real_delay) = invalidation_and_lock_delay(&mut real, &base, "timing", ttl, delay);
+    let config = SimConfig {
+        pretty_json: true,
+        ttl_expiry: TtlExpiry::TwiceTtl,
+        ..SimConfig::default()
+    };
+    let mut sim = Simulated {
+        consul: SimConsul::with_config(0x5eed, Instant::now(), config),
+        now: Instant::now(),
+        background: None,
+        answered: BTreeMap::new(),
+    };
+    let (sim_ttl, sim_delay) =
+        invalidation_and_lock_delay(&mut sim, "http://sim.invalid", "timing", ttl, delay);
+    let (ttl, delay) = (Duration::from_secs(ttl), Duration::from_secs(delay));
+    let slack = Duration::from_secs(2);
+    for (side, invalidated, delayed) in [("agent", real_ttl, real_delay), ("simulator", sim_ttl, sim_delay)] {
+        assert!(
+            invalidated >= ttl && invalidated <= 2 * ttl + slack,
+            "{side}: a {ttl:?} session went after {invalidated:?}"
+        );
+        assert!(
+            delayed >= delay && delayed <= delay + slack,
+            "{side}: a {delay:?} lock-delay ended after {delayed:?}"
+        );
+    }
+    // Consul 1.8.7 expires at 2×TTL; the simulator as configured does too.
+    let gap = real_ttl.abs_diff(sim_ttl);
+    assert!(
+        gap <= slack,
+        "invalidation: the agent after {real_ttl:?}, the simulator after {sim_ttl:?}"
+    );
+    println!(
+        "invalidation of a {ttl:?} session: agent {real_ttl:?}, simulator {sim_ttl:?}; {delay:?} lock-delay: agent {real_delay:?}, simulator {sim_delay:?}"
     );
 }

@@ -69,6 +69,7 @@ fn worker(seed: u64, cases: u32) -> Result<(), String> {
 }
 
 #[test]
+#[allow(clippy::print_stdout)] // the figures, for `--nocapture`
 fn a_million_simulated_seconds_of_faulted_contention_hold_every_property() {
     let (budget, seed) = (budget(), seed());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));

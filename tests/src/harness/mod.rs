@@ -119,6 +119,31 @@ pub fn run_target(scenario: &Scenario, target: Target) -> Outcome {
     h.finish()
 }
 
+/// A request as it reached the simulated agent, for replaying elsewhere (the differential
+/// tests replay what the machines themselves sent against a real agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// Which client sent it.
+    pub client: usize,
+    /// The method.
+    pub method: String,
+    /// The path and query, as sent.
+    pub uri: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// For a session create the agent answered: the session's ID.
+    pub created: Option<String>,
+}
+
+/// [`run_target`], also giving every request that reached the agent, in the order it did.
+pub fn run_recorded(scenario: &Scenario, target: Target) -> (Outcome, Vec<Arrival>) {
+    let mut h = Harness::new(scenario, target);
+    h.arrivals = Some(Vec::new());
+    h.play();
+    let arrivals = h.arrivals.take().unwrap_or_default();
+    (h.finish(), arrivals)
+}
+
 /// What undoes an operator's action at the end of its window.
 #[derive(Debug)]
 enum Undo {
@@ -217,6 +242,8 @@ struct Harness<'s> {
     exposed: Vec<Duration>,
     last_token: Option<FencingToken>,
     stopped: bool,
+    /// What reached the agent, when recording ([`run_recorded`]).
+    arrivals: Option<Vec<Arrival>>,
     requests: usize,
     leader: bool,
     /// Operator actions to undo at these offsets.
@@ -327,6 +354,7 @@ impl<'s> Harness<'s> {
             exposed: Vec::new(),
             last_token: None,
             stopped: false,
+            arrivals: None,
             requests: 0,
             leader: true,
             restores: Vec::new(),
@@ -845,7 +873,28 @@ impl<'s> Harness<'s> {
                     self.schedule(self.now + latency, to_client(client, id, Ok(refused)));
                     return;
                 }
-                match self.sim.handle(self.now, &request) {
+                let handled = self.sim.handle(self.now, &request);
+                if let Some(arrivals) = &mut self.arrivals {
+                    let created = match &handled {
+                        SimReply::Now(r) if request.uri().path() == "/v1/session/create" => {
+                            serde_json::from_slice::<serde_json::Value>(r.body())
+                                .ok()
+                                .and_then(|v| Some(v.get("ID")?.as_str()?.to_owned()))
+                        }
+                        _ => None,
+                    };
+                    arrivals.push(Arrival {
+                        client,
+                        method: request.method().to_string(),
+                        uri: request
+                            .uri()
+                            .path_and_query()
+                            .map_or_else(String::new, ToString::to_string),
+                        body: request.body().clone(),
+                        created,
+                    });
+                }
+                match handled {
                     SimReply::Now(response) => {
                         let latency = self.latency(client);
                         self.schedule(

@@ -126,7 +126,7 @@ impl Shape {
 }
 
 /// Lock scenarios on `key`: 2 to 4 contenders of [`client_spec`], faults of [`fault_within`].
-pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario> {
+pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario> + use<> {
     let key = key.to_owned();
     (2usize..=4)
         .prop_flat_map(move |n| {
@@ -146,7 +146,7 @@ pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario>
 }
 
 /// Semaphore scenarios under `prefix`: 2 to 5 contenders, a limit of 1 to 3.
-pub fn semaphore_scenario(prefix: &str, shape: Shape) -> impl Strategy<Value = (Scenario, Target)> {
+pub fn semaphore_scenario(prefix: &str, shape: Shape) -> impl Strategy<Value = (Scenario, Target)> + use<> {
     let prefix = prefix.to_owned();
     (2usize..=5, 1u32..=3)
         .prop_flat_map(move |(n, limit)| {
