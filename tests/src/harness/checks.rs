@@ -68,8 +68,8 @@ pub(super) struct ClientChecks {
     reaction_due: Option<Duration>,
     /// When the caller called `lock`, `unlock` or `cancel` (within [`WINDOW`]).
     pub(super) calls: VecDeque<Duration>,
-    /// Semaphore: acquires of the client's own contender key in flight.
-    contends: Vec<RequestId>,
+    /// Semaphore: acquires of the client's own contender key in flight, with their session.
+    contends: Vec<(RequestId, String)>,
     /// Semaphore: its own contender key was just refused, and nothing reported yet.
     report_due: bool,
 }
@@ -119,19 +119,26 @@ impl Harness<'_> {
                 request.method()
             ));
         }
-        let own_key = matches!(self.target, Target::Semaphore { .. })
+        let own_key = (matches!(self.target, Target::Semaphore { .. })
             && request.method() == http::Method::PUT
             && path != format!("/v1/kv/{}", self.lock_key)
-            && path
-                .strip_prefix("/v1/kv/")
-                .and_then(|k| k.strip_prefix(self.scenario.key.trim_end_matches('/')))
-                .is_some_and(|rest| rest.len() > 1)
             && request
                 .uri()
                 .query()
-                .is_some_and(|q| q.split('&').any(|p| p.starts_with("acquire=")));
-        if own_key {
-            self.clients[i].checks.contends.push(id);
+                .is_some_and(|q| q.split('&').any(|p| p.starts_with("acquire="))))
+        .then(|| {
+            path.strip_prefix("/v1/kv/")?
+                .strip_prefix(self.scenario.key.trim_end_matches('/'))?
+                .strip_prefix('/')
+                .filter(|session| !session.is_empty())
+        })
+        .flatten();
+        if let Some(session) = own_key {
+            self.clients[i].checks.contends.push((id, session.to_owned()));
+        }
+        // A session let go takes its contender key's answer with it: the machine has moved on.
+        if let Some(gone) = path.strip_prefix("/v1/session/destroy/") {
+            self.clients[i].checks.contends.retain(|(_, s)| s != gone);
         }
         let create = path == "/v1/session/create";
         if create || path.starts_with("/v1/session/renew/") {
@@ -188,7 +195,7 @@ impl Harness<'_> {
         let ttl = self.clients[i].spec.ttl;
         let acquiring = self.clients[i].machine.status() == LockStatus::Acquiring;
         let c = &mut self.clients[i].checks;
-        if let Some(k) = c.contends.iter().position(|r| *r == id) {
+        if let Some(k) = c.contends.iter().position(|(r, _)| *r == id) {
             c.contends.swap_remove(k);
             let refused = reply
                 .as_ref()
@@ -252,6 +259,8 @@ impl Harness<'_> {
         }
         // Failing answers bear merging: back-to-back windows fail as one.
         let mut failing: Vec<(Duration, Duration)> = Vec::new();
+        // The most one-way latency added meanwhile (short of excusing the loss by itself).
+        let mut latency = Duration::ZERO;
         for f in &self.scenario.faults {
             // An instant fault (a reset) fails what is in flight: a window of no length.
             let (from, until) = (f.from, f.until());
@@ -271,14 +280,21 @@ impl Harness<'_> {
                 FaultKind::Latency { extra, .. } if 2 * extra + Duration::from_millis(100) >= ttl / 2 => {
                     return;
                 }
-                FaultKind::Latency { .. }
-                | FaultKind::RefuseAcquire { .. }
-                | FaultKind::Duplicate { .. }
-                | FaultKind::Reorder { .. } => {}
+                FaultKind::Latency { extra, .. } | FaultKind::Reorder { up_to: extra, .. } => {
+                    latency = latency.max(extra);
+                }
+                // Answers that come, early or twice or in another order, cost no lease.
+                FaultKind::RefuseAcquire { .. } | FaultKind::Duplicate { .. } | FaultKind::NoBlock { .. } => {
+                }
                 _ => failing.push((from, until)),
             }
         }
         failing.sort();
+        let round_trips = if failing.is_empty() {
+            Duration::ZERO
+        } else {
+            4 * latency
+        };
         let mut longest = Duration::ZERO;
         let mut run: Option<(Duration, Duration)> = None;
         for (from, until) in failing {
@@ -292,9 +308,11 @@ impl Harness<'_> {
                 longest = longest.max(end - start);
             }
         }
-        // Renewals retry every second until the deadline, half a TTL after the last one due;
+        // Renewals retry every second until the deadline, half a TTL after the last one due; a
+        // renewal that fails costs the wait for its answer (a round trip, 4 one-way latencies
+        // for both round trips) before the retry's own round trip.
         // `monitor_retries: Some(n)` gives up after n + 1 failed reads, 2 s apart.
-        let renewals_bear = longest + Duration::from_millis(1_200) < ttl / 2;
+        let renewals_bear = longest + Duration::from_millis(1_200) + round_trips < ttl / 2;
         let monitor_bears =
             retries.is_none_or(|n| longest + Duration::from_millis(100) < Duration::from_secs(2) * n);
         if renewals_bear && monitor_bears {

@@ -873,6 +873,18 @@ impl<'s> Harness<'s> {
                     self.schedule(self.now + latency, to_client(client, id, Ok(refused)));
                     return;
                 }
+                let blocking = request.method() == http::Method::GET
+                    && request
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p.starts_with("index=")));
+                let request =
+                    if blocking && self.active_on(client, t, |k| matches!(k, FaultKind::NoBlock { .. })) {
+                        self.log(format!("client {client} {id} answered without blocking"));
+                        unblocked(request)
+                    } else {
+                        request
+                    };
                 let handled = self.sim.handle(self.now, &request);
                 if let Some(arrivals) = &mut self.arrivals {
                     let created = match &handled {
@@ -969,7 +981,13 @@ impl<'s> Harness<'s> {
                     Err(e) => format!("client {client} <- {id} {e}"),
                 };
                 self.log(line);
-                let live = self.clients[client].outstanding.remove(&id).is_some();
+                // Past its deadline the machine has given up on it (a late driver serves the
+                // deadline before it hands the reply over).
+                let now = self.now;
+                let live = self.clients[client]
+                    .outstanding
+                    .remove(&id)
+                    .is_some_and(|(_, deadline)| deadline > now);
                 self.checks_on_reply(client, id, &reply, live);
                 let quiet = self.clients[client].machine.is_quiescent();
                 self.clients[client].machine.handle_response(self.now, id, reply);
@@ -1362,6 +1380,28 @@ impl<'s> Harness<'s> {
             requests: self.requests,
         }
     }
+}
+
+/// `request` without `index` and `wait`: what an agent that does not block answers.
+fn unblocked(request: http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query: Vec<&str> = parts
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("index=") && !p.starts_with("wait="))
+        .collect();
+    let uri = if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    if let Ok(uri) = uri.parse() {
+        parts.uri = uri;
+    }
+    http::Request::from_parts(parts, body)
 }
 
 /// A delivery of `reply` to `client`, on time.

@@ -126,6 +126,12 @@ pub enum FaultKind {
         /// Which client.
         client: usize,
     },
+    /// One client's blocking reads are answered at once with the current state, as by a proxy
+    /// or cache that drops `index` and `wait`: a machine that reads again at once spins.
+    NoBlock {
+        /// Which client.
+        client: usize,
+    },
     /// An operator destroys the session of whoever holds the key (at the window's start). For a
     /// semaphore: the session of one of the holders the `.lock` lists (drawn from the seed).
     DestroyHolderSession,
@@ -158,7 +164,8 @@ impl FaultKind {
             | FaultKind::RefuseAcquire { client: c }
             | FaultKind::Duplicate { client: c }
             | FaultKind::Reorder { client: c, .. }
-            | FaultKind::TooManyRequests { client: c } => *c == client,
+            | FaultKind::TooManyRequests { client: c }
+            | FaultKind::NoBlock { client: c } => *c == client,
             FaultKind::LeaderElection | FaultKind::AgentRestart => true,
             FaultKind::DestroyHolderSession
             | FaultKind::DeleteKey

@@ -60,6 +60,7 @@ pub fn fault_within(clients: usize, window: Duration) -> impl Strategy<Value = F
         c.clone().prop_map(|client| FaultKind::Refuse { client }),
         c.clone().prop_map(|client| FaultKind::Error500 { client }),
         c.clone().prop_map(|client| FaultKind::TooManyRequests { client }),
+        c.clone().prop_map(|client| FaultKind::NoBlock { client }),
         c.clone().prop_map(|client| FaultKind::Partition { client }),
         c.clone().prop_map(|client| FaultKind::Pause { client }),
         (c.clone(), 500u64..8_000).prop_map(|(client, ms)| FaultKind::Lag {
