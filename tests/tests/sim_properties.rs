@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use consul_lock_testkit::harness::strategies::{cases, client_spec, fault, shrink_iters};
+use consul_lock_testkit::harness::strategies::{
+    cases, client_spec, fault, mixed_client_spec, queue_fault, shrink_iters,
+};
 use consul_lock_testkit::harness::{ClientSpec, Fault, FaultKind, Outcome, Scenario, run};
 use proptest::prelude::*;
 
@@ -177,8 +179,43 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         })
 }
 
+/// Queued and unqueued contenders on one key (the unqueued wait on the key as Go's client
+/// does), with every fault of [`scenario`] plus an operator deleting the line.
+fn mixed_scenario() -> impl Strategy<Value = Scenario> {
+    (2usize..=4)
+        .prop_flat_map(|n| {
+            (
+                any::<u64>(),
+                proptest::collection::vec(mixed_client_spec(), n),
+                proptest::collection::vec(queue_fault(n), 0..=3),
+            )
+        })
+        .prop_map(|(seed, clients, faults)| Scenario {
+            seed,
+            clients,
+            faults,
+            duration: secs(150),
+            key: KEY.into(),
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
+
+    /// Queued waiting: safety with the line deleted by an operator, FIFO among the queued
+    /// (the harness's `fifo` check), waiters crashing (paused, cut off, their sessions
+    /// destroyed) at any point, no starvation (liveness after the last fault), cleanup.
+    #[test]
+    fn queued_and_unqueued_contenders_keep_safety_order_and_liveness(scenario in mixed_scenario()) {
+        let outcome = run(&scenario);
+        prop_assert!(
+            outcome.violations.is_empty(),
+            "violations: {:#?}\n--- trace tail ---\n{}",
+            outcome.violations,
+            outcome.trace_tail(80)
+        );
+        check_liveness(&scenario, &outcome);
+    }
 
     #[test]
     fn safety_fencing_liveness_and_cleanup(scenario in scenario()) {

@@ -584,7 +584,7 @@ impl<K: Kind> Holder<K> {
 
     /// The blocking part of the acquisition's next read: its index and a wait that no read
     /// outlasts the give-up time with. `None` (having given up) when that time has come.
-    fn next_read(&mut self, now: Instant) -> Option<Blocking> {
+    pub(crate) fn next_read(&mut self, now: Instant) -> Option<Blocking> {
         let wait_time = self.options.hold().wait_time;
         let a = self.acquiring()?;
         if a.give_up_at.is_some_and(|at| now >= at) {
@@ -616,7 +616,11 @@ impl<K: Kind> Holder<K> {
         if !spinning {
             a.failures.progressed();
         }
-        Pace { blocked, spinning }
+        Pace {
+            blocked,
+            spinning,
+            moved,
+        }
     }
 
     /// The hold's monitor read showed it still held: read again, now or after a pause.
@@ -843,6 +847,8 @@ pub(crate) struct Pace {
     pub(crate) blocked: bool,
     /// It came back at once without progress.
     pub(crate) spinning: bool,
+    /// Its index moved past the one it was sent with (without that, it ran out its wait).
+    pub(crate) moved: bool,
 }
 
 // ----- driving --------------------------------------------------------------------------------

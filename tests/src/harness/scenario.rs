@@ -25,6 +25,9 @@ pub struct ClientSpec {
     pub cancel_after: Option<Duration>,
     /// How long failed tries may go on before an attempt ends (`acquire_error_budget`).
     pub error_budget: Duration,
+    /// Waits in line ([`Waiting::Queue`](consul_lock_core::machine::Waiting::Queue)) rather
+    /// than on the key (locks only).
+    pub queued: bool,
 }
 
 impl ClientSpec {
@@ -40,6 +43,7 @@ impl ClientSpec {
             try_once: None,
             cancel_after: None,
             error_budget: Duration::from_secs(60),
+            queued: false,
         }
     }
 }
@@ -135,6 +139,10 @@ pub enum FaultKind {
     /// An operator overwrites the lock key with a plain value (at the window's start), and
     /// deletes it at the window's end. For a semaphore: its `.lock`.
     OverwriteKey,
+    /// An operator deletes every entry of a queued lock's line (`<key>/.queue/`), at the
+    /// window's start: no hold is touched, so safety owes it nothing, and the line must mend
+    /// itself (each waiter takes its entry again within a blocking-read round).
+    DeleteQueue,
 }
 
 impl FaultKind {
@@ -154,14 +162,21 @@ impl FaultKind {
             | FaultKind::Reorder { client: c, .. }
             | FaultKind::TooManyRequests { client: c } => *c == client,
             FaultKind::LeaderElection | FaultKind::AgentRestart => true,
-            FaultKind::DestroyHolderSession | FaultKind::DeleteKey | FaultKind::OverwriteKey => false,
+            FaultKind::DestroyHolderSession
+            | FaultKind::DeleteKey
+            | FaultKind::OverwriteKey
+            | FaultKind::DeleteQueue => false,
         }
     }
 
     /// Whether the fault happens at one instant (an operator's action, a reset, a restart)
     /// rather than lasting a window.
     pub fn is_instant(&self) -> bool {
-        self.is_operator() || matches!(self, FaultKind::ConnReset { .. } | FaultKind::AgentRestart)
+        self.is_operator()
+            || matches!(
+                self,
+                FaultKind::ConnReset { .. } | FaultKind::AgentRestart | FaultKind::DeleteQueue
+            )
     }
 
     /// Whether the fault is an operator's action (instantaneous, authoritative) rather than a

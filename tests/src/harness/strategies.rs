@@ -37,8 +37,15 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
                 try_once: try_once.map(Duration::from_secs),
                 cancel_after: cancel.map(Duration::from_millis),
                 error_budget: Duration::from_secs(budget),
+                queued: false,
             },
         )
+}
+
+/// A lock contender of [`client_spec`] that waits in line (`Waiting::Queue`) half the time: the
+/// mixed runs of queued and unqueued contenders.
+pub fn mixed_client_spec() -> impl Strategy<Value = ClientSpec> {
+    (client_spec(), any::<bool>()).prop_map(|(spec, queued)| ClientSpec { queued, ..spec })
 }
 
 /// A fault of any kind against one of `clients` contenders (or all), starting within the first
@@ -90,6 +97,17 @@ pub fn fault(clients: usize) -> impl Strategy<Value = Fault> {
             lasting: Duration::from_millis(lasting),
         }
     })
+}
+
+/// A fault of [`fault`], or (one time in eight) an operator deleting a queued lock's whole
+/// line within the first 60 s.
+pub fn queue_fault(clients: usize) -> impl Strategy<Value = Fault> {
+    let delete_line = (0u64..60_000).prop_map(|from| Fault {
+        kind: FaultKind::DeleteQueue,
+        from: Duration::from_millis(from),
+        lasting: Duration::ZERO,
+    });
+    prop_oneof![7 => fault(clients), 1 => delete_line]
 }
 
 /// How many cases a property runs: `PROPTEST_CASES` if set, 300 by default (the CI run), and
