@@ -24,7 +24,7 @@ use crate::protocol::{Command, Event, now_ns};
 use crate::stats;
 
 /// The raised connection limit.
-const RAISED_LIMIT: u32 = 8192;
+pub(crate) const RAISED_LIMIT: u32 = 8192;
 /// Consul's default `http_max_conns_per_client`.
 const DEFAULT_LIMIT: u32 = 200;
 /// Waiting for every lock ends once this long passes with no new hold.

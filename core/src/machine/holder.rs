@@ -7,9 +7,10 @@
 //! up; retries and their error budget; the session's events), the driving surface (`poll_*`,
 //! `handle_*`) and the work an ended attempt leaves behind. A [`Kind`] supplies only what
 //! differs: which requests an acquisition sends and what their answers mean, how a hold is
-//! watched, how it is given up and destroyed. A new kind of holder (many keys on one session, a
-//! queued lock) plugs in as a new `Kind`; an election's candidate is the lock itself, with its
-//! proclaim (a request of the hold: [`Kind::proclaim`]).
+//! watched, how it is given up and destroyed. A new kind of holder (many keys on one session)
+//! plugs in as a new `Kind`; a queued lock is the lock kind waiting in line (`queue.rs`), and an
+//! election's candidate is the lock itself, with its proclaim (a request of the hold:
+//! [`Kind::proclaim`]).
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};

@@ -722,12 +722,18 @@ impl Kind for LockKind {
         let Some(session) = h.base.session.id().cloned() else {
             return;
         };
-        h.chore = match a.step {
+        let chore = match a.step {
             Step::Sent(Ask::Acquire, pending) => Some((Chore::Acquire { session }, pending)),
+            // An earlier attempt's work is still going (a queued attempt waits for it before
+            // taking its entry, so it has none yet): it goes on, and leaves the line itself.
+            _ if h.chore.is_some() => None,
             Step::Sent(Ask::Enqueue, pending) if h.queued() => Some((Chore::Enqueue { session }, pending)),
             _ if h.queued() => h.leave(now, &session),
             _ => None,
         };
+        if chore.is_some() {
+            h.chore = chore;
+        }
     }
 
     fn on_chore(h: &mut LockMachine, now: Instant, chore: Chore, reply: &Reply) -> Option<(Chore, Pending)> {
