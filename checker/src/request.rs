@@ -348,19 +348,11 @@ fn lock_txn(body: &[u8]) -> Option<Kind> {
 /// A transaction body of a `check-session` and a `lock` of the same key by the same session,
 /// as its [`Kind::ProclaimTxn`].
 fn proclaim_txn(body: &[u8]) -> Option<Kind> {
-    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let [check, lock] = ops.as_array()?.as_slice() else {
-        return None;
-    };
-    let check = check
-        .as_object()
-        .filter(|o| o.len() == 1)?
-        .get("KV")?
-        .as_object()?;
+    let (check, lock) = two_ops(body)?;
     let text = |name: &str| check.get(name)?.as_str().map(str::to_owned);
     let Some(Kind::LockTxn {
         key, session, value, ..
-    }) = lock_op(lock)
+    }) = lock_op(&lock)
     else {
         return None;
     };
@@ -371,20 +363,12 @@ fn proclaim_txn(body: &[u8]) -> Option<Kind> {
 /// A transaction body of a KV `delete` then a `lock`, as a [`Kind::LockTxn`] that `leaves` the
 /// deleted key.
 fn dequeue_txn(body: &[u8]) -> Option<Kind> {
-    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let [delete, lock] = ops.as_array()?.as_slice() else {
-        return None;
-    };
-    let delete = delete
-        .as_object()
-        .filter(|o| o.len() == 1)?
-        .get("KV")?
-        .as_object()?;
+    let (delete, lock) = two_ops(body)?;
     if delete.get("Verb")?.as_str()? != "delete" {
         return None;
     }
     let entry = delete.get("Key")?.as_str()?.to_owned();
-    match lock_op(lock)? {
+    match lock_op(&lock)? {
         Kind::LockTxn {
             key,
             session,
@@ -400,6 +384,22 @@ fn dequeue_txn(body: &[u8]) -> Option<Kind> {
         }),
         _ => None,
     }
+}
+
+/// A transaction body of exactly two operations: the first's KV operation (an object of that
+/// one field), and the second as it is.
+fn two_ops(body: &[u8]) -> Option<(serde_json::Map<String, serde_json::Value>, serde_json::Value)> {
+    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let [first, second] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    let first = first
+        .as_object()
+        .filter(|o| o.len() == 1)?
+        .get("KV")?
+        .as_object()?
+        .clone();
+    Some((first, second.clone()))
 }
 
 /// One KV `lock` operation with every field the lock writes.

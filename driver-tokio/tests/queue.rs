@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::machine::Waiting;
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_tokio::{Client, LockOptions};
+use consul_lock_tokio::{Client, LockGuard, LockOptions};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -40,15 +40,29 @@ async fn line_of(wire: &Wire, key: &str, n: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiters_take_the_lock_in_the_order_they_lined_up() {
-    let Some(agent) = require_agent() else { return };
+/// The line under `key` is empty: every waiter left it, none left an entry behind.
+async fn no_line(wire: &Wire, key: &str) {
+    line_of(wire, key, 0).await;
+    let left = wire.entries_under(&format!("{key}/.queue/")).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A key for `test`, held by a first queued lock: the wire, the client, the key and the hold.
+async fn held(test: &str) -> Option<(Wire, Client, String, LockGuard)> {
+    let agent = require_agent()?;
     let wire = Wire::new(agent.config().unwrap());
     let client = Client::new(agent.config().unwrap()).unwrap();
-    let key = format!("tokio/queue/fifo/{}", std::process::id());
+    let key = format!("tokio/queue/{test}/{}", std::process::id());
     let first = client.lock(options(&key, "first")).unwrap();
     let held = first.acquire().await.unwrap();
+    Some((wire, client, key, held))
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_take_the_lock_in_the_order_they_lined_up() {
+    let Some((wire, client, key, held)) = held("fifo").await else {
+        return;
+    };
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..4 {
@@ -66,24 +80,14 @@ async fn waiters_take_the_lock_in_the_order_they_lined_up() {
         tokio::time::timeout(PATIENCE, w).await.unwrap().unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
-    line_of(&wire, &key, 0).await;
-    assert!(
-        wire.entries_under(&format!("{key}/.queue/"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    no_line(&wire, &key).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_gives_up_leaves_the_line_and_the_next_goes_on() {
-    let Some(agent) = require_agent() else { return };
-    let wire = Wire::new(agent.config().unwrap());
-    let client = Client::new(agent.config().unwrap()).unwrap();
-    let key = format!("tokio/queue/give-up/{}", std::process::id());
-    let holder = client.lock(options(&key, "holder")).unwrap();
-    let held = holder.acquire().await.unwrap();
-
+    let Some((wire, client, key, held)) = held("give-up").await else {
+        return;
+    };
     let quitter = client.lock(options(&key, "quitter")).unwrap();
     let quitting = tokio::spawn(async move { quitter.acquire().await.map(|_| ()) });
     line_of(&wire, &key, 1).await;
@@ -98,11 +102,5 @@ async fn a_waiter_that_gives_up_leaves_the_line_and_the_next_goes_on() {
     line_of(&wire, &key, 1).await;
     held.release().await.unwrap();
     tokio::time::timeout(PATIENCE, waiting).await.unwrap().unwrap();
-    line_of(&wire, &key, 0).await;
-    assert!(
-        wire.entries_under(&format!("{key}/.queue/"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    no_line(&wire, &key).await;
 }

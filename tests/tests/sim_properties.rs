@@ -162,32 +162,27 @@ fn leader_election_does_not_lose_a_renewed_lock() {
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (2usize..=4)
-        .prop_flat_map(|n| {
-            (
-                any::<u64>(),
-                proptest::collection::vec(client_spec(), n),
-                proptest::collection::vec(fault(n), 0..=3),
-            )
-        })
-        .prop_map(|(seed, clients, faults)| Scenario {
-            seed,
-            clients,
-            faults,
-            duration: secs(150),
-            key: KEY.into(),
-        })
+    scenario_of(client_spec, fault)
 }
 
 /// Queued and unqueued contenders on one key (the unqueued wait on the key as Go's client
 /// does), with every fault of [`scenario`] plus an operator deleting the line.
 fn mixed_scenario() -> impl Strategy<Value = Scenario> {
+    scenario_of(mixed_client_spec, queue_fault)
+}
+
+/// 2-4 contenders of `spec` and up to three faults of `fault`, for 150 s.
+fn scenario_of<C, F>(spec: fn() -> C, fault: fn(usize) -> F) -> impl Strategy<Value = Scenario>
+where
+    C: Strategy<Value = ClientSpec>,
+    F: Strategy<Value = Fault>,
+{
     (2usize..=4)
-        .prop_flat_map(|n| {
+        .prop_flat_map(move |n| {
             (
                 any::<u64>(),
-                proptest::collection::vec(mixed_client_spec(), n),
-                proptest::collection::vec(queue_fault(n), 0..=3),
+                proptest::collection::vec(spec(), n),
+                proptest::collection::vec(fault(n), 0..=3),
             )
         })
         .prop_map(|(seed, clients, faults)| Scenario {
@@ -207,25 +202,24 @@ proptest! {
     /// destroyed) at any point, no starvation (liveness after the last fault), cleanup.
     #[test]
     fn queued_and_unqueued_contenders_keep_safety_order_and_liveness(scenario in mixed_scenario()) {
-        let outcome = run(&scenario);
-        prop_assert!(
-            outcome.violations.is_empty(),
-            "violations: {:#?}\n--- trace tail ---\n{}",
-            outcome.violations,
-            outcome.trace_tail(80)
-        );
-        check_liveness(&scenario, &outcome);
+        every_property(&scenario)?;
     }
 
     #[test]
     fn safety_fencing_liveness_and_cleanup(scenario in scenario()) {
-        let outcome = run(&scenario);
-        prop_assert!(
-            outcome.violations.is_empty(),
-            "violations: {:#?}\n--- trace tail ---\n{}",
-            outcome.violations,
-            outcome.trace_tail(80)
-        );
-        check_liveness(&scenario, &outcome);
+        every_property(&scenario)?;
     }
+}
+
+/// Plays `scenario`: no violation of the harness's checks, and liveness after the last fault.
+fn every_property(scenario: &Scenario) -> Result<(), TestCaseError> {
+    let outcome = run(scenario);
+    prop_assert!(
+        outcome.violations.is_empty(),
+        "violations: {:#?}\n--- trace tail ---\n{}",
+        outcome.violations,
+        outcome.trace_tail(80)
+    );
+    check_liveness(scenario, &outcome);
+    Ok(())
 }

@@ -160,3 +160,31 @@ fn queued_and_unqueued_contenders_mix_safely_and_the_queued_keep_their_order() {
         .collect();
     assert_eq!(queued, vec![0, 2, 4, 6, 8]);
 }
+
+/// Found by the generated runs: a leader election outlasts a waiter's renew deadline, so it
+/// takes a new session and a new entry (keeping its rank), while Consul keeps the old session,
+/// and its entry, alive (a new leader gives every session a new TTL). The waiter must not wait
+/// behind its own old entry (it deletes it) while an unqueued contender takes the key in turns.
+#[test]
+fn a_waiter_whose_session_was_replaced_does_not_wait_behind_its_old_entry() {
+    let mut unqueued = ClientSpec::new(Duration::from_millis(4472));
+    unqueued.ttl = secs(10);
+    unqueued.lock_delay = Some(Duration::ZERO);
+    unqueued.pause = Duration::from_millis(2223);
+    let mut queued = ClientSpec::new(Duration::from_millis(500));
+    queued.ttl = secs(20);
+    queued.pause = Duration::from_millis(342);
+    queued.queued = true;
+    let scenario = Scenario {
+        seed: 4_260_521_974_469_413_280,
+        clients: vec![unqueued, queued],
+        faults: vec![Fault {
+            kind: FaultKind::LeaderElection,
+            from: Duration::from_millis(27_345),
+            lasting: Duration::from_millis(19_982),
+        }],
+        duration: secs(150),
+        key: KEY.into(),
+    };
+    run(&scenario).assert_clean();
+}

@@ -43,8 +43,14 @@ pub(crate) struct Place {
     rank: Option<u64>,
     /// The live entry just ahead of ours, as last listed; `None` at the head.
     ahead: Option<Ahead>,
-    /// The delete of a dead entry just ahead, in flight.
+    /// The delete of a dead entry just ahead (or of one of ours), in flight.
     pub(crate) sweep: Option<Pending>,
+    /// The session our entry was last taken with.
+    session: Option<SessionId>,
+    /// Sessions this attempt had before (declared lost, replaced): their entries are ours, not
+    /// waiters ahead, even while Consul still keeps those sessions (a session declared lost by
+    /// its renew deadline can outlive it on the server for up to a TTL more).
+    former: Vec<SessionId>,
 }
 
 /// The entry just ahead: what a read of it must still show for it to be waited on.
@@ -92,7 +98,16 @@ impl Holder<LockKind> {
             Ok(key) => key,
             Err(e) => return self.fail(now, e),
         };
-        let rank = self.acquiring().and_then(|a| a.wait.place.rank);
+        let Some(a) = self.acquiring() else { return };
+        let place = &mut a.wait.place;
+        if let Some(old) = place
+            .session
+            .replace(session.clone())
+            .filter(|old| *old != session)
+        {
+            place.former.push(old);
+        }
+        let rank = place.rank;
         let txn = KvLockTxn {
             key,
             session,
@@ -175,16 +190,32 @@ impl Holder<LockKind> {
             return self.acquire(now);
         }
         let me = order(me);
+        let former = self
+            .acquiring()
+            .map(|a| a.wait.place.former.clone())
+            .unwrap_or_default();
+        let ours_before = |p: &KvPair| {
+            p.session.as_ref().is_some_and(|s| former.contains(s))
+                && p.key
+                    .strip_prefix(&prefix)
+                    .is_some_and(|n| Some(n) == p.session.as_ref().map(SessionId::as_str))
+        };
         let ahead = entries
             .iter()
-            .filter(|p| p.session.is_some() && order(p) < me)
+            .filter(|p| p.session.is_some() && !ours_before(p) && order(p) < me)
             .max_by(|a, b| order(a).cmp(&order(b)));
         let floor = ahead.map(order);
-        // Dead entries between the one ahead and ours are ours to clear: each has one such
-        // waiter, so each costs one delete.
+        // Our own entries of sessions this attempt had before are ours to clear; so are dead
+        // entries between the one ahead and ours: each has one such waiter, so each costs one
+        // delete.
         let dead = entries
             .iter()
-            .filter(|p| p.session.is_none() && order(p) < me && floor.is_none_or(|f| order(p) > f))
+            .filter(|p| ours_before(p))
+            .chain(
+                entries
+                    .iter()
+                    .filter(|p| p.session.is_none() && order(p) < me && floor.is_none_or(|f| order(p) > f)),
+            )
             .find_map(|p| Some((self.named(&p.key)?, p.modify_index)));
         let ahead = ahead.and_then(|p| {
             Some(Ahead {

@@ -660,6 +660,16 @@ impl<'s> Harness<'s> {
         format!("{}/.queue/", self.scenario.key.trim_end_matches('/'))
     }
 
+    /// The keys of the lock's line, as the agent holds them.
+    fn queue_entries(&self) -> Vec<String> {
+        let prefix = self.queue_prefix();
+        self.sim
+            .kv_entries()
+            .filter(|e| e.key.starts_with(&prefix))
+            .map(|e| e.key.clone())
+            .collect()
+    }
+
     /// Notes each queued waiter's place in line as the agent shows it: its entry's rank (the
     /// value of an entry made again, else its `CreateIndex`), as the machines order the line.
     fn follow_line(&mut self) {
@@ -775,13 +785,7 @@ impl<'s> Harness<'s> {
                         }
                     }
                     FaultKind::DeleteQueue => {
-                        let prefix = self.queue_prefix();
-                        let entries: Vec<String> = self
-                            .sim
-                            .kv_entries()
-                            .filter(|e| e.key.starts_with(&prefix))
-                            .map(|e| e.key.clone())
-                            .collect();
+                        let entries = self.queue_entries();
                         self.log(format!("operator deletes the line: {} entries", entries.len()));
                         for key in entries {
                             self.sim.delete_key(now, &key);
@@ -1318,13 +1322,7 @@ impl<'s> Harness<'s> {
         if self.target == Target::Lock && self.scenario.faults.is_empty() {
             // A queued attempt leaves the line however it ends; only a fault (a client cut off
             // when it left) may leave an entry behind, dead with its session.
-            let prefix = self.queue_prefix();
-            let left: Vec<String> = self
-                .sim
-                .kv_entries()
-                .filter(|e| e.key.starts_with(&prefix))
-                .map(|e| e.key.clone())
-                .collect();
+            let left = self.queue_entries();
             if !left.is_empty() {
                 self.violation(format!("cleanup: queue entries left: {left:?}"));
             }
