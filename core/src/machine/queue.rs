@@ -80,7 +80,7 @@ impl Holder<LockKind> {
     fn entry(&self, session: &SessionId) -> Result<Key, LockError> {
         self.options.queue_entry(session).map_err(|e| {
             LockError::Refused(crate::api::ApiError::Malformed {
-                what: "a queue entry's key",
+                what: "a session ID as a queue entry's key",
                 problem: e.to_string(),
             })
         })
