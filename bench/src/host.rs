@@ -29,11 +29,18 @@ pub enum ClientKind {
     Blocking,
     /// HashiCorp's Go client, `github.com/hashicorp/consul/api` 1.8.7.
     Go,
+    /// `consul-lock-tokio` waiting in line (`Waiting::Queue`).
+    Queued,
 }
 
 impl ClientKind {
     /// Every client, in table order.
-    pub const ALL: [ClientKind; 3] = [ClientKind::Tokio, ClientKind::Blocking, ClientKind::Go];
+    pub const ALL: [ClientKind; 4] = [
+        ClientKind::Tokio,
+        ClientKind::Blocking,
+        ClientKind::Go,
+        ClientKind::Queued,
+    ];
 
     /// The client's name in tables, JSON and the command line.
     pub fn name(self) -> &'static str {
@@ -41,6 +48,7 @@ impl ClientKind {
             ClientKind::Tokio => "tokio",
             ClientKind::Blocking => "blocking",
             ClientKind::Go => "go",
+            ClientKind::Queued => "queued",
         }
     }
 
@@ -65,6 +73,12 @@ impl Launcher {
             ClientKind::Tokio | ClientKind::Blocking => {
                 let mut p = Process::new(&self.own_exe);
                 p.args(["contender", kind.name()]);
+                p
+            }
+            // The tokio contender, told to queue by each `lock` command (see `send`).
+            ClientKind::Queued => {
+                let mut p = Process::new(&self.own_exe);
+                p.args(["contender", ClientKind::Tokio.name()]);
                 p
             }
             ClientKind::Go => match &self.go {
@@ -163,8 +177,12 @@ impl Contenders {
 
     /// Sends a command.
     pub fn send(&mut self, command: &Command) -> Result<(), BenchError> {
+        let mut command = command.clone();
+        if let (ClientKind::Queued, Command::Lock { queued, .. }) = (self.kind, &mut command) {
+            *queued = true;
+        }
         let line =
-            serde_json::to_string(command).map_err(|e| self.failed(format!("encoding a command: {e}")))?;
+            serde_json::to_string(&command).map_err(|e| self.failed(format!("encoding a command: {e}")))?;
         let sent = writeln!(self.stdin, "{line}").and_then(|()| self.stdin.flush());
         sent.map_err(|e| self.failed(format!("writing a command: {e}")))
     }

@@ -18,12 +18,15 @@ consul-lock-bench: the tokio and blocking drivers side by side with HashiCorp's 
 
 usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [--go-bin FILE]
                          [--scale-sizes LIST] [--scale-window SECS] [--scale-default-only]
+                         [--contention-sizes LIST]
 
   --smoke         every scenario, small: proves the suite runs (CI); its figures mean little
   --only LIST     scenarios, comma-separated: handoff,failover,partition,contention,idle,core,scale
-  --clients LIST  clients, comma-separated: tokio,blocking,go (default: all three)
+  --clients LIST  clients, comma-separated: tokio,blocking,go,queued (default: all four;
+                  queued is the tokio driver waiting in line, Waiting::Queue)
   --out FILE      where the JSON goes (default: target/consul-lock-bench/<plan>.json)
   --go-bin FILE   the Go contender (default: $GO_CONTENDER_BIN, else scripts/ensure-go-contender.sh builds it)
+  --contention-sizes LIST  contender counts of the contention scenario, comma-separated (default: 20,50)
   --scale-sizes LIST     lock counts of the scale scenario, comma-separated (default: 100,1000);
                          the largest also runs at Consul's default connection limit
   --scale-window SECS    how long the scale scenario holds the locks idle, counting losses (default: 20)
@@ -94,16 +97,9 @@ fn parse_args(args: &[String]) -> Result<Args, BenchError> {
                     })
                     .collect::<Result<_, _>>()?;
             }
-            "--scale-sizes" => {
-                let list = value("--scale-sizes")?;
-                parsed.plan.scale_sizes = list
-                    .split(',')
-                    .map(|n| {
-                        n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                            BenchError::Usage(format!("--scale-sizes: {n:?} is not a lock count"))
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
+            "--scale-sizes" => parsed.plan.scale_sizes = counts("--scale-sizes", &value("--scale-sizes")?)?,
+            "--contention-sizes" => {
+                parsed.plan.contention_sizes = counts("--contention-sizes", &value("--contention-sizes")?)?;
             }
             "--scale-window" => {
                 let secs = value("--scale-window")?;
@@ -321,4 +317,16 @@ fn machine(agent: &ConsulAgent) -> Machine {
         kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
         consul,
     }
+}
+
+/// A comma-separated list of counts (each above 0) given to `flag`.
+fn counts(flag: &str, list: &str) -> Result<Vec<usize>, BenchError> {
+    list.split(',')
+        .map(|n| {
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| BenchError::Usage(format!("{flag}: {n:?} is not a count")))
+        })
+        .collect()
 }

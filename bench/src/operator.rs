@@ -89,8 +89,11 @@ impl Operator {
             msg: e.to_string(),
         })?;
         let session = || {
+            // Never renewed: a TTL longer than any run (the sessions are destroyed at the end).
+            // With 60 s, a handoff scenario of four clients (six series of 100 rounds) outlived
+            // them and the floor's acquire was refused for an invalid session.
             let create = SessionCreate {
-                ttl: Some(Duration::from_secs(60)),
+                ttl: Some(Duration::from_secs(86_400)),
                 lock_delay: Some(Duration::ZERO),
                 ..SessionCreate::default()
             };

@@ -25,6 +25,10 @@ pub enum Command {
         /// Share one client (connection pool) per address with the other sharing contenders.
         #[serde(default)]
         shared_client: bool,
+        /// Wait in line (`Waiting::Queue`) rather than on the key (Rust contenders only; the
+        /// suite sets it for the `queued` client).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        queued: bool,
     },
     /// Release the lock contender `id` holds.
     Unlock {

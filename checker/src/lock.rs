@@ -1,12 +1,14 @@
 //! The lock's rules: it sends session requests, reads of its key, lock transactions, releases and
-//! check-and-set deletes of its key; `Acquired` comes only on the reply to a lock transaction of
+//! check-and-set deletes of its key (queued, also lists of its key, and reads, enqueues and
+//! deletes of entries of its line); `Acquired` comes only on the reply to a lock transaction of
 //! the current attempt granted to the session it was sent with, and carries that entry's session,
 //! `LockIndex` and `ModifyIndex`; while held, it neither releases its key nor destroys its
 //! session.
 
 use consul_lock_core::api::{Endpoint, KvLockTxn, LockTxnOutcome};
 use consul_lock_core::machine::{
-    FencingToken, LOCK_FLAG_VALUE, LockMachine, Reply, SessionChoice, SessionMachine,
+    FencingToken, LOCK_FLAG_VALUE, LockMachine, QUEUE_FLAG_VALUE, Reply, SessionChoice, SessionMachine,
+    Waiting,
 };
 
 use crate::request::{Kind, Sent};
@@ -56,7 +58,11 @@ impl Holder for LockMachine {
 
     fn facts(&self, sent: &Sent, reply: &Reply) -> Facts {
         let (mut granted, mut entry) = (None, None);
-        if let (Ok(resp), Kind::LockTxn { session, .. }) = (reply, sent.kind()) {
+        // A queued lock's enqueue is a lock transaction too, on its entry: not the lock's.
+        let of_the_key = |key: &str| key == self.options().key.as_str();
+        if let (Ok(resp), Kind::LockTxn { session, key, .. }) = (reply, sent.kind())
+            && of_the_key(&key)
+        {
             // Read with core's decoder: its own expectations are the decode_replies target's.
             if let Ok(LockTxnOutcome::Locked(pair)) = KvLockTxn::decode(resp) {
                 let holder = pair.session.map(|s| s.to_string());
@@ -75,6 +81,8 @@ impl Holder for LockMachine {
     }
 
     fn check_send(&self, _w: &mut Witness, s: &Sent) {
+        let options = self.options();
+        let queued = options.waiting == Waiting::Queue;
         let lock = matches!(
             s.kind(),
             Kind::Create
@@ -86,27 +94,48 @@ impl Holder for LockMachine {
                 | Kind::ProclaimTxn { .. }
                 | Kind::Release { .. }
                 | Kind::Delete { .. }
-        );
+        ) || (queued && matches!(s.kind(), Kind::List { .. } | Kind::Remove { .. }));
         // (A plain `?acquire=` is no longer one: the lock acquires by transaction only.)
         assert!(lock, "a lock sent {}", s.describe());
-        let options = self.options();
+        let line = options.queue_prefix();
+        let in_line = |key: &str| queued && key.strip_prefix(&line).is_some_and(|n| !n.is_empty());
+        let entry_of = |session: &str| format!("{line}{session}");
         match s.kind() {
             Kind::LockTxn {
                 key,
                 session,
                 flags,
                 value,
+                leaves,
             } => {
                 let what = || format!("{} {}", s.describe(), String::from_utf8_lossy(&s.body));
-                assert_eq!(key, options.key.as_str(), "{}", what());
-                assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
-                assert_eq!(value, options.hold.value, "{}: not our value", what());
                 // (The session may be gone by the end of the step: sent, then given up.)
                 assert!(!session.is_empty(), "{}: no session", what());
                 if let SessionChoice::Existing(id) = &options.hold.session {
                     assert_eq!(session, id.as_str(), "{}: not the caller's session", what());
                 }
+                if in_line(&key) {
+                    // An enqueue: our own entry, with the queue's flags.
+                    assert_eq!(key, entry_of(&session), "{}: not our entry", what());
+                    assert_eq!(flags, QUEUE_FLAG_VALUE, "{}: not the queue's flags", what());
+                    assert!(leaves.is_none(), "{}", what());
+                    return;
+                }
+                assert_eq!(key, options.key.as_str(), "{}", what());
+                assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
+                assert_eq!(value, options.hold.value, "{}: not our value", what());
+                match leaves {
+                    Some(entry) => assert!(
+                        queued && entry == entry_of(&session),
+                        "{}: leaves another entry",
+                        what()
+                    ),
+                    None => assert!(!queued, "{}: a queued acquire must leave the line", what()),
+                }
             }
+            Kind::List { prefix, .. } => assert_eq!(prefix, options.key.as_str(), "{}", s.describe()),
+            Kind::Remove { key } => assert!(in_line(&key), "{}: not an entry", s.describe()),
+            Kind::Get { key, .. } | Kind::Delete { key, .. } if in_line(&key) => {}
             Kind::Get { key, .. }
             | Kind::Release { key, .. }
             | Kind::Delete { key, .. }

@@ -41,7 +41,9 @@ pub enum Kind {
         /// The acquiring session.
         session: String,
     },
-    /// `PUT /v1/txn` with one KV `lock` operation: the lock's acquire (core's `KvLockTxn`).
+    /// `PUT /v1/txn` with one KV `lock` operation: the lock's acquire (core's `KvLockTxn`), or a
+    /// queued lock's enqueue (its entry's key); or a `delete` then a `lock`: a queued lock's
+    /// acquire (core's `KvDequeueLockTxn`).
     LockTxn {
         /// The key.
         key: String,
@@ -51,6 +53,8 @@ pub enum Kind {
         flags: u64,
         /// The value it writes (base64-decoded).
         value: Vec<u8>,
+        /// The key the transaction deletes first (a queued acquire's own entry), if any.
+        leaves: Option<String>,
     },
     /// `PUT /v1/txn` with a KV `check-session` then a `lock` of the same key by the same
     /// session: a lock's proclaim (core's `KvProclaimTxn`).
@@ -165,7 +169,11 @@ impl Sent {
         };
         sent.kind = sent.recognise();
         if let Kind::LockTxn {
-            key, session, flags, ..
+            key,
+            session,
+            flags,
+            leaves,
+            ..
         } = &sent.kind
         {
             let fields = [
@@ -175,6 +183,7 @@ impl Sent {
                 ("flags", flags.to_string()),
             ];
             let mut query: Vec<_> = fields.into_iter().map(|(k, v)| (k.to_owned(), Some(v))).collect();
+            query.extend(leaves.iter().map(|l| ("leaves".to_owned(), Some(l.clone()))));
             query.append(&mut sent.query);
             sent.query = query;
         }
@@ -310,6 +319,7 @@ impl Sent {
         } else if (m, p) == ("PUT", "/v1/txn") {
             lock_txn(&self.body)
                 .or_else(|| proclaim_txn(&self.body))
+                .or_else(|| dequeue_txn(&self.body))
                 .unwrap_or(Kind::Other)
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
             Kind::Renew(id.to_owned())
@@ -338,24 +348,58 @@ fn lock_txn(body: &[u8]) -> Option<Kind> {
 /// A transaction body of a `check-session` and a `lock` of the same key by the same session,
 /// as its [`Kind::ProclaimTxn`].
 fn proclaim_txn(body: &[u8]) -> Option<Kind> {
-    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let [check, lock] = ops.as_array()?.as_slice() else {
-        return None;
-    };
-    let check = check
-        .as_object()
-        .filter(|o| o.len() == 1)?
-        .get("KV")?
-        .as_object()?;
+    let (check, lock) = two_ops(body)?;
     let text = |name: &str| check.get(name)?.as_str().map(str::to_owned);
     let Some(Kind::LockTxn {
         key, session, value, ..
-    }) = lock_op(lock)
+    }) = lock_op(&lock)
     else {
         return None;
     };
     let same = text("Verb")? == "check-session" && text("Key")? == key && text("Session")? == session;
     same.then_some(Kind::ProclaimTxn { key, session, value })
+}
+
+/// A transaction body of a KV `delete` then a `lock`, as a [`Kind::LockTxn`] that `leaves` the
+/// deleted key.
+fn dequeue_txn(body: &[u8]) -> Option<Kind> {
+    let (delete, lock) = two_ops(body)?;
+    if delete.get("Verb")?.as_str()? != "delete" {
+        return None;
+    }
+    let entry = delete.get("Key")?.as_str()?.to_owned();
+    match lock_op(&lock)? {
+        Kind::LockTxn {
+            key,
+            session,
+            flags,
+            value,
+            ..
+        } => Some(Kind::LockTxn {
+            key,
+            session,
+            flags,
+            value,
+            leaves: Some(entry),
+        }),
+        _ => None,
+    }
+}
+
+/// A transaction body of exactly two operations: the first's KV operation (an object of that
+/// one field), and the second as it is.
+fn two_ops(body: &[u8]) -> Option<(serde_json::Map<String, serde_json::Value>, serde_json::Value)> {
+    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let [first, second] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    let first = first
+        .as_object()
+        .filter(|o| o.len() == 1)?
+        .get("KV")?
+        .as_object()?
+        .clone();
+    Some((first, second.clone()))
 }
 
 /// One KV `lock` operation with every field the lock writes.
@@ -374,5 +418,6 @@ fn lock_op(op: &serde_json::Value) -> Option<Kind> {
         session: text("Session")?,
         flags: kv.get("Flags")?.as_u64()?,
         value,
+        leaves: None,
     })
 }

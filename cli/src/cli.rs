@@ -159,6 +159,12 @@ pub(crate) struct RunArgs {
     /// passed on, before it gets SIGKILL
     #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) kill_grace: Duration,
+    /// Wait in line: contenders holding with --queue take the lock in the order they came,
+    /// and a handoff wakes only the next in line, not every waiter (entries under
+    /// PREFIX/.lock/.queue/). Go's `consul lock` and unqueued contenders may share the key
+    /// safely, but can overtake. A lock only (-n 1)
+    #[arg(long)]
+    pub(crate) queue: bool,
     /// Say what happens on standard error
     #[arg(short, long)]
     pub(crate) verbose: bool,

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{Key, KvGet, SessionInfo};
-use consul_lock_core::machine::{HoldOptions, LockOptions};
+use consul_lock_core::machine::{HoldOptions, LockOptions, Waiting};
 use consul_lock_tokio::{Client, Error, Hold, LockError, LockGuard, LossReason, SemaphoreOptions};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -151,6 +151,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, Failure> {
 
 async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
     crate::check_key("the prefix", &args.prefix)?;
+    if args.queue && args.limit > 1 {
+        // A semaphore's slots have no line of their own: refusing beats a flag that does nothing.
+        return Err(Failure::usage(format!(
+            "--queue is for a lock (-n 1); -n {} is a semaphore",
+            args.limit
+        )));
+    }
     let resolved = flags::resolve_from_process(&args.http)?;
     let prefix = args
         .prefix
@@ -200,6 +207,9 @@ async fn run_inner(args: &RunArgs, events: Events) -> Result<u8, Failure> {
     let lock = if target.limit == 1 {
         let mut options = LockOptions::new(target.key.as_str()).map_err(|e| usage(&e))?;
         tune(&mut options.hold);
+        if args.queue {
+            options.waiting = Waiting::Queue;
+        }
         client.lock(options).map(Hold::from)
     } else {
         let mut options = SemaphoreOptions::new(prefix, target.limit).map_err(|e| usage(&e))?;

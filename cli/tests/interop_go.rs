@@ -117,3 +117,90 @@ fn go_and_rust_share_a_semaphore() {
         assert_eq!(status.code(), Some(0), "{stderr}");
     }
 }
+
+/// The live entries of the line under `prefix`'s lock key.
+fn line(agent: &consul_lock_testkit::agent::ConsulAgent, prefix: &str) -> usize {
+    let queue = consul_lock_core::api::Key::new(format!("{prefix}/.lock/.queue/")).unwrap();
+    common::call(agent, &consul_lock_core::api::KvList::new(queue))
+        .value
+        .iter()
+        .filter(|p| p.session.is_some())
+        .count()
+}
+
+/// Queued `consul-lock run -queue` contenders take Go's `consul lock` key in the order they
+/// came, while a Go contender waits on the same key (and may overtake them): every child runs
+/// alone, the queued in order, and the line is empty afterwards.
+#[test]
+fn queued_contenders_keep_their_order_beside_go() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("queued");
+    let scratch = Scratch::new("queued");
+    let go = Running::spawn(go_lock(agent, &[&prefix, &holder(&scratch, "go")]));
+    wait_for_file(&scratch.path("go_start"), EXIT);
+    // Each child records its start and end; a short hold, so that overlaps would show.
+    let child = |who: &str| {
+        format!(
+            "date +%s%N > '{start}'; sleep 0.2; date +%s%N > '{end}'",
+            start = scratch.path(&format!("{who}_start")).display(),
+            end = scratch.path(&format!("{who}_end")).display(),
+        )
+    };
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        let who = format!("q{i}");
+        // Go's single-dash spelling, as `consul lock` takes flags.
+        queued.push(Running::spawn(consul_lock(
+            agent,
+            &["run", "-queue", &prefix, &child(&who)],
+        )));
+        let deadline = std::time::Instant::now() + EXIT;
+        while line(agent, &prefix) < i + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "contender {i} never lined up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let go_waiter = Running::spawn(go_lock(agent, &[&prefix, &child("gw")]));
+    std::thread::sleep(Duration::from_millis(300));
+    scratch.touch("go_release");
+    for (i, q) in queued.into_iter().enumerate() {
+        let (status, _, stderr) = q.finish(EXIT);
+        assert_eq!(status.code(), Some(0), "queued {i}: {stderr}");
+    }
+    let (status, _, stderr) = go_waiter.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (status, _, stderr) = go.finish(EXIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    let span = |who: &str| {
+        (
+            nanos(&scratch.read(&format!("{who}_start"))),
+            nanos(&scratch.read(&format!("{who}_end"))),
+        )
+    };
+    let mut spans: Vec<(u128, u128, &str)> = ["go", "q0", "q1", "q2", "gw"]
+        .into_iter()
+        .map(|w| {
+            let (s, e) = span(w);
+            (s, e, w)
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "{} and {} overlap: {spans:?}",
+            pair[0].2,
+            pair[1].2
+        );
+    }
+    let order: Vec<&str> = spans.iter().map(|s| s.2).filter(|w| w.starts_with('q')).collect();
+    assert_eq!(order, ["q0", "q1", "q2"], "{spans:?}");
+    assert_eq!(line(agent, &prefix), 0);
+    let queue = consul_lock_core::api::Key::new(format!("{prefix}/.lock/.queue/")).unwrap();
+    let left = common::call(agent, &consul_lock_core::api::KvList::new(queue)).value;
+    assert!(left.is_empty(), "entries left: {left:?}");
+}

@@ -95,3 +95,15 @@ fn rust_log_shows_the_librarys_tracing() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("lock acquired"), "{stderr}");
 }
+
+/// `--queue` is a lock's: with a semaphore's `-n 2` it is refused as a usage error rather than
+/// ignored, and nothing is run.
+#[test]
+fn queue_with_a_semaphore_is_a_usage_error() {
+    let Some(agent) = require_agent() else { return };
+    let prefix = unique_prefix("queue-n2");
+    let (status, _, stderr) =
+        Running::spawn(consul_lock(agent, &["run", "-queue", "-n", "2", &prefix, "true"])).finish(EXIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--queue is for a lock (-n 1)"), "{stderr}");
+}

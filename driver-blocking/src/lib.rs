@@ -54,7 +54,7 @@ use std::time::Duration;
 pub use consul_lock_core::api::ClientConfig;
 pub use consul_lock_core::machine::{
     FencingToken, Leader, LockError, LockOptions, LossReason, Misuse, Observation, ObserveEvent,
-    ObserveOptions, Retry, SemaphoreOptions,
+    ObserveOptions, Retry, SemaphoreOptions, Waiting,
 };
 pub use consul_lock_tokio::{
     BudgetError, CallError, ConnectionBudget, Error, HoldEnd, ShutdownError, TlsFileError,

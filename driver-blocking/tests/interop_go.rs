@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use consul_lock_blocking::{Client, Lock, LockGuard, LockOptions};
-use consul_lock_core::api::{ClientConfig, Key, KvGet, KvPair};
-use consul_lock_core::machine::LOCK_FLAG_VALUE;
+use consul_lock_core::api::{ClientConfig, Key, KvGet, KvList, KvPair};
+use consul_lock_core::machine::{LOCK_FLAG_VALUE, Waiting};
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::{ConsulAgent, require_agent};
 use consul_lock_testkit::golock::{GoLock, PATIENCE, Scratch, assert_exclusive, at, since, stamp};
@@ -55,10 +55,16 @@ struct Setup {
 }
 
 fn setup(agent: &'static ConsulAgent, name: &str) -> Setup {
+    setup_waiting(agent, name, Waiting::Key)
+}
+
+fn setup_waiting(agent: &'static ConsulAgent, name: &str, waiting: Waiting) -> Setup {
     let prefix = format!("blocking/interop/{name}/{}", std::process::id());
     let key = format!("{prefix}/.lock");
     let client = Client::new(agent.config().unwrap()).unwrap();
-    let lock = client.lock(options(&key)).unwrap();
+    let mut options = options(&key);
+    options.waiting = waiting;
+    let lock = client.lock(options).unwrap();
     Setup {
         agent,
         wire: Wire {
@@ -188,16 +194,36 @@ fn rust_holds_go_waits() {
 #[test]
 fn alternate() {
     let Some(agent) = require_agent() else { return };
-    let s = setup(agent, "alternate");
+    alternate_with(&setup(agent, "alternate"));
+}
+
+/// A queued lock waits in its line while Go's `consul lock` holds the same key, and Go's waits
+/// on the key while we hold: the same exclusion and handoffs as unqueued, and no entry left.
+#[test]
+fn alternate_queued() {
+    let Some(agent) = require_agent() else { return };
+    let s = setup_waiting(agent, "alternate-queued", Waiting::Queue);
+    alternate_with(&s);
+    let queue = KvList::new(Key::new(format!("{}/.queue/", s.key)).unwrap());
+    let left = s
+        .wire
+        .http
+        .call(&s.wire.config, &queue)
+        .expect("the agent answers")
+        .unwrap();
+    assert!(left.value.is_empty(), "queue entries left: {:?}", left.value);
+}
+
+fn alternate_with(s: &Setup) {
     let (mut to_rust, mut to_go, mut lock_indexes) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = 0;
     for round in 1..=3 {
-        let (guard, handoff) = go_to_rust(&s, round);
+        let (guard, handoff) = go_to_rust(s, round);
         assert!(guard.token().sequence() > last);
         last = guard.token().sequence();
         lock_indexes.push(guard.token().lock_index);
         to_rust.push(handoff);
-        to_go.push(rust_to_go(&s, round, guard));
+        to_go.push(rust_to_go(s, round, guard));
     }
     assert_exclusive(&s.scratch.log());
     eprintln!(

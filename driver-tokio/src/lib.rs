@@ -69,7 +69,7 @@ pub use consul_lock_core::api::ClientConfig;
 use consul_lock_core::api::Endpoint;
 pub use consul_lock_core::machine::{
     FencingToken, Leader, LockError, LockOptions, LossReason, Misuse, Observation, ObserveEvent,
-    ObserveOptions, Retry, SemaphoreOptions,
+    ObserveOptions, Retry, SemaphoreOptions, Waiting,
 };
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
 pub use error::{CallError, Error, ShutdownError, TlsFileError};

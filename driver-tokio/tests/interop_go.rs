@@ -11,7 +11,7 @@ use common::Wire;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use consul_lock_core::machine::LOCK_FLAG_VALUE;
+use consul_lock_core::machine::{LOCK_FLAG_VALUE, Waiting};
 use consul_lock_testkit::agent::{ConsulAgent, require_agent};
 use consul_lock_testkit::golock::{GoLock, PATIENCE, Scratch, assert_exclusive, at, since, stamp};
 use consul_lock_tokio::{Client, Lock, LockGuard, LockOptions};
@@ -41,10 +41,16 @@ struct Setup {
 }
 
 fn setup(agent: &'static ConsulAgent, name: &str) -> Setup {
+    setup_waiting(agent, name, Waiting::Key)
+}
+
+fn setup_waiting(agent: &'static ConsulAgent, name: &str, waiting: Waiting) -> Setup {
     let prefix = format!("tokio/interop/{name}/{}", std::process::id());
     let key = format!("{prefix}/.lock");
     let client = Client::new(agent.config().unwrap()).unwrap();
-    let lock = client.lock(options(&key)).unwrap();
+    let mut options = options(&key);
+    options.waiting = waiting;
+    let lock = client.lock(options).unwrap();
     Setup {
         agent,
         wire: Wire::new(agent.config().unwrap()),
@@ -172,7 +178,25 @@ async fn rust_holds_go_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alternate() {
     let Some(agent) = require_agent() else { return };
-    let s = setup(agent, "alternate");
+    alternate_with(setup(agent, "alternate")).await;
+}
+
+/// A queued lock waits in its line while Go's `consul lock` holds the same key, and Go's waits
+/// on the key while we hold: the same exclusion and handoffs as unqueued, and no entry left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternate_queued() {
+    let Some(agent) = require_agent() else { return };
+    let s = setup_waiting(agent, "alternate-queued", Waiting::Queue);
+    let queue = format!("{}/.queue/", s.key);
+    let wire = Wire::new(agent.config().unwrap());
+    alternate_with(s).await;
+    assert!(
+        wire.entries_under(&queue).await.unwrap().is_empty(),
+        "queue entries left"
+    );
+}
+
+async fn alternate_with(s: Setup) {
     let (mut to_rust, mut to_go, mut lock_indexes) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = 0;
     for round in 1..=3 {

@@ -25,8 +25,8 @@
 //!   index from going backwards) and its quirks (a plain or CAS `PUT` resets `LockIndex` to 0 and
 //!   keeps the holder; a write that changes nothing keeps the `ModifyIndex`; a `release` writes
 //!   the value and flags).
-//! - **Transactions**: `PUT /v1/txn` with KV `lock` and `unlock` operations (the same state
-//!   changes as `?acquire` and `?release`), with Consul's pre-checks (lock-delay, missing key)
+//! - **Transactions**: `PUT /v1/txn` with KV `lock`, `unlock`, `check-session` and `delete`
+//!   operations (the same state changes as `?acquire`, `?release` and `DELETE`), with Consul's pre-checks (lock-delay, missing key)
 //!   before Raft, all-or-nothing application under one index, 409 replies naming each failed
 //!   operation, results with `Value` blanked, and its body decoding errors; other verbs and
 //!   operation types answer a 500 saying they are not modelled (see `txn.rs`).

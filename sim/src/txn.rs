@@ -1,5 +1,5 @@
-//! The transaction endpoint (`PUT /v1/txn`) for KV `lock` and `unlock` operations, in the order
-//! Consul 1.8's HTTP handler (`convertOps`), RPC endpoints (`Txn.Apply`, `Txn.Read` and their
+//! The transaction endpoint (`PUT /v1/txn`) for KV `lock`, `unlock`, `check-session` and
+//! `delete` operations, in the order Consul 1.8's HTTP handler (`convertOps`), RPC endpoints (`Txn.Apply`, `Txn.Read` and their
 //! `preCheck`) and state store (`txnDispatch`, `txnKVS`) check things. The state changes are the
 //! KV endpoint's own (`kvs_lock`, `kvs_unlock`).
 //!
@@ -272,14 +272,14 @@ impl SimConsul {
                     ));
                 }
                 Op::Kv(kv) => {
-                    let modelled = matches!(kv.verb.as_str(), "lock" | "unlock" | "check-session");
+                    let modelled = matches!(kv.verb.as_str(), "lock" | "unlock" | "check-session" | "delete");
                     let known =
                         WRITE_VERBS.contains(&kv.verb.as_str()) || READ_VERBS.contains(&kv.verb.as_str());
                     if known && !modelled {
                         return Err(Reply::text(
                             500,
                             format!(
-                                "SimConsul does not model the KV verb {} in transactions (only lock, unlock and check-session)",
+                                "SimConsul does not model the KV verb {} in transactions (only lock, unlock, check-session and delete)",
                                 wire::go_quote(&kv.verb)
                             ),
                         ));
@@ -418,6 +418,12 @@ impl SimConsul {
                     )),
                     Some(_) => Ok(()),
                 },
+                // Consul's `kvsDeleteTxn`: a missing key is no error, and a delete answers no
+                // result (seen on 1.8.7), which the entry being gone gives below.
+                "delete" => {
+                    self.kvs_delete(idx, &op.key);
+                    Ok(())
+                }
                 verb => Err(format!("unknown KV verb {}", wire::go_quote(verb))),
             };
             match outcome {

@@ -549,6 +549,43 @@ fn txn_is_all_or_nothing_and_wakes_watchers() {
     assert_eq!(json_of(&woken[0].1)[0]["Session"], s1.as_str());
 }
 
+/// `delete` then `lock` (a queued lock's acquire), as a 1.8.7 agent answered it: the delete
+/// answers no result; a refused lock undoes the delete.
+#[test]
+fn txn_delete_answers_nothing_and_is_undone_with_the_transaction() {
+    let mut sim = Sim::new(32);
+    let s1 = sim.session(r#"{"LockDelay":"0s"}"#);
+    let s2 = sim.session(r#"{"LockDelay":"0s"}"#);
+    assert!(is_true(
+        &sim.put(&format!("/v1/kv/k/.queue/{s1}?acquire={s1}"), b"")
+    ));
+    assert!(is_true(
+        &sim.put(&format!("/v1/kv/k/.queue/{s2}?acquire={s2}"), b"")
+    ));
+    let entry = |s: &str| format!("k/.queue/{s}");
+    let (status, body) = sim.txn(&[
+        txn_op("delete", &entry(&s1), "", 0, ""),
+        txn_op("lock", "k", &s1, 7, ""),
+    ]);
+    assert_eq!(status, 200, "{body}");
+    let results = body["Results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{body}");
+    assert_eq!(results[0]["KV"]["Key"], "k");
+    assert!(sim.consul.kv(&entry(&s1)).is_none());
+    // Refused: the entry stays.
+    assert_eq!(
+        sim.txn_refused(&[
+            txn_op("delete", &entry(&s2), "", 0, ""),
+            txn_op("lock", "k", &s2, 7, "")
+        ]),
+        [(1, r#"failed to lock key "k", lock is already held"#.to_owned())]
+    );
+    assert!(sim.consul.kv(&entry(&s2)).is_some());
+    // Deleting a key that is not there is no error.
+    let (status, _) = sim.txn(&[txn_op("delete", "nothing", "", 0, "")]);
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn txn_reads_errors_and_faults() {
     let mut sim = Sim::new(32);
@@ -591,7 +628,8 @@ fn txn_reads_errors_and_faults() {
         (
             &format!("[{}]", txn_op("set", "k", "", 0, "")),
             500,
-            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock and check-session)"#.to_owned(),
+            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock, check-session and delete)"#
+                .to_owned(),
         ),
         (r#"[{"Node":{}}]"#, 500, "SimConsul does not model Node operations in transactions".to_owned()),
     ] {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use consul_lock_testkit::TestTransport;
 use consul_lock_testkit::agent::require_agent;
-use consul_lock_testkit::harness::strategies::{Shape, lock_scenario, semaphore_scenario};
+use consul_lock_testkit::harness::strategies::{Shape, mixed_lock_scenario, semaphore_scenario};
 use consul_lock_testkit::harness::{Arrival, Scenario, Target, run_recorded};
 use consul_lock_testkit::sim::{QueryId, SimConfig, SimConsul, SimReply, TtlExpiry};
 use proptest::strategy::{Strategy, ValueTree};
@@ -1495,7 +1495,7 @@ fn recorded_scenarios(target: &str, seconds: u64, how_many: usize) -> Vec<(Scena
     };
     let mut runner = TestRunner::deterministic();
     let strategy = match target {
-        "lock" => lock_scenario(&format!("{RECORDED}/.lock"), shape)
+        "lock" => mixed_lock_scenario(&format!("{RECORDED}/.lock"), shape)
             .prop_map(|s| (s, Target::Lock))
             .boxed(),
         _ => semaphore_scenario(RECORDED, shape).boxed(),
@@ -1525,7 +1525,8 @@ fn replay_recorded(kind: &str) {
     }
 }
 
-/// What lock machines sent in generated harness runs (contention, try-once, cancels), replayed
+/// What lock machines sent in generated harness runs (contention, queued and not, try-once,
+/// cancels), replayed
 /// against the agent and the simulator: they answer alike.
 #[test]
 fn recorded_lock_runs() {

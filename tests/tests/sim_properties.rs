@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use consul_lock_testkit::harness::strategies::{Shape, cases, lock_scenario, shrink_iters};
+use consul_lock_testkit::harness::strategies::{
+    Shape, cases, lock_scenario, mixed_lock_scenario, shrink_iters,
+};
 use consul_lock_testkit::harness::{self, ClientSpec, Fault, FaultKind, Outcome, Scenario, Target, run};
 use proptest::prelude::*;
 
@@ -133,9 +135,22 @@ fn leader_election_does_not_lose_a_renewed_lock() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: shrink_iters(), ..ProptestConfig::default() })]
 
+    /// Queued waiting: safety with the line deleted by an operator, FIFO among the queued
+    /// (the harness's `fifo` check), waiters crashing (paused, cut off, their sessions
+    /// destroyed) at any point, no starvation (liveness after the last fault), cleanup.
+    #[test]
+    fn queued_and_unqueued_contenders_keep_safety_order_and_liveness(scenario in mixed_lock_scenario(KEY, Shape::QUICK)) {
+        every_property(&scenario)?;
+    }
+
     #[test]
     fn safety_fencing_liveness_and_cleanup(scenario in lock_scenario(KEY, Shape::QUICK)) {
-        let outcome = run(&scenario);
-        harness::verdict(&scenario, Target::Lock, &outcome).map_err(TestCaseError::fail)?;
+        every_property(&scenario)?;
     }
+}
+
+/// Plays `scenario`: the generated properties' verdict ([`harness::verdict`]).
+fn every_property(scenario: &Scenario) -> Result<(), TestCaseError> {
+    let outcome = run(scenario);
+    harness::verdict(scenario, Target::Lock, &outcome).map_err(TestCaseError::fail)
 }

@@ -12,7 +12,9 @@
 use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
-use consul_lock_testkit::harness::strategies::{Shape, lock_scenario, semaphore_scenario, shrink_iters};
+use consul_lock_testkit::harness::strategies::{
+    Shape, mixed_lock_scenario, semaphore_scenario, shrink_iters,
+};
 use consul_lock_testkit::harness::{Target, run_target, verdict};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -39,11 +41,11 @@ fn seed() -> u64 {
     }
 }
 
-/// A lock or a semaphore scenario, three to one (a semaphore run costs about three times a
+/// A lock (queued and unqueued contenders mixed) or a semaphore scenario, three to one (a semaphore run costs about three times a
 /// lock run's time per simulated second).
 fn scenario() -> impl Strategy<Value = (consul_lock_testkit::harness::Scenario, Target)> {
     prop_oneof![
-        3 => lock_scenario("service/leader/.lock", Shape::LONG).prop_map(|s| (s, Target::Lock)),
+        3 => mixed_lock_scenario("service/leader/.lock", Shape::LONG).prop_map(|s| (s, Target::Lock)),
         1 => semaphore_scenario("service/workers", Shape::LONG),
     ]
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::LockOptions;
+use consul_lock_core::machine::{LockOptions, Waiting};
 
 use crate::protocol::{Command, Event};
 
@@ -74,19 +74,33 @@ struct LockRequest {
     shared_client: bool,
 }
 
+/// What a `lock` command asks of the lock itself.
+struct Asked {
+    ttl_ms: u64,
+    lock_delay_ms: Option<u64>,
+    queued: bool,
+}
+
 impl LockRequest {
     fn new(
         id: u64,
         addr: String,
         key: &str,
-        ttl_ms: u64,
-        lock_delay_ms: Option<u64>,
+        asked: Asked,
         shared_client: bool,
     ) -> Result<LockRequest, String> {
+        let Asked {
+            ttl_ms,
+            lock_delay_ms,
+            queued,
+        } = asked;
         let config = ClientConfig::http(&addr).map_err(|e| format!("bad addr {addr:?}: {e}"))?;
         let mut options = LockOptions::new(key).map_err(|e| format!("bad key {key:?}: {e}"))?;
         // Each contender its own jitter, as separate processes would have.
         options.hold.seed = id;
+        if queued {
+            options.waiting = Waiting::Queue;
+        }
         if let Some(session) = options.hold.session_options_mut() {
             session.ttl = Duration::from_millis(ttl_ms);
             session.lock_delay = lock_delay_ms.map(Duration::from_millis);
@@ -128,9 +142,15 @@ impl LockRequest {
                 ttl_ms,
                 lock_delay_ms,
                 shared_client,
-            } => Some(
-                LockRequest::new(id, addr, &key, ttl_ms, lock_delay_ms, shared_client).map_err(|e| (id, e)),
-            ),
+                queued,
+            } => {
+                let asked = Asked {
+                    ttl_ms,
+                    lock_delay_ms,
+                    queued,
+                };
+                Some(LockRequest::new(id, addr, &key, asked, shared_client).map_err(|e| (id, e)))
+            }
             Command::Unlock { .. } | Command::Quit => None,
         }
     }

@@ -7,9 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use consul_lock_testkit::agent::{AgentOptions, ConsulAgent};
 use consul_lock_testkit::proxy::FaultProxy;
 use serde::Serialize;
 
+use super::scale::RAISED_LIMIT;
 use super::{Ctx, DEFAULT_TTL, lock};
 use crate::error::BenchError;
 use crate::host::{ClientKind, Contenders};
@@ -68,21 +72,42 @@ pub struct Contention {
     pub sizes: BTreeMap<usize, BTreeMap<ClientKind, ClientContention>>,
 }
 
+/// Crowds larger than this run against an agent of their own with Consul's connection limit per
+/// client address (200) raised out of the way: every contender is a client of its own, with its
+/// own connections, all from 127.0.0.1 (at 200 contenders the agent closed connections, and a
+/// release was never confirmed).
+const OWN_AGENT_ABOVE: usize = 60;
+
 /// Runs every size for every client.
 pub fn run(ctx: &Ctx<'_>) -> Result<Contention, BenchError> {
+    let raised = if ctx.plan.contention_sizes.iter().any(|&n| n > OWN_AGENT_ABOVE) {
+        let limits = format!("limits {{ http_max_conns_per_client = {RAISED_LIMIT} }}");
+        Some(ConsulAgent::start_with(AgentOptions::default().hcl(limits))?)
+    } else {
+        None
+    };
     let mut sizes = BTreeMap::new();
     for &n in &ctx.plan.contention_sizes {
+        let agent = match &raised {
+            Some(raised) if n > OWN_AGENT_ABOVE => raised.addr(),
+            _ => ctx.agent.addr(),
+        };
         let mut clients = BTreeMap::new();
         for &kind in ctx.clients {
-            clients.insert(kind, client(ctx, kind, n)?);
+            clients.insert(kind, client(ctx, agent, kind, n)?);
         }
         sizes.insert(n, clients);
     }
     Ok(Contention { sizes })
 }
 
-fn client(ctx: &Ctx<'_>, kind: ClientKind, n: usize) -> Result<ClientContention, BenchError> {
-    let proxy = FaultProxy::start(ctx.agent.addr()).map_err(|source| BenchError::Io {
+fn client(
+    ctx: &Ctx<'_>,
+    agent: SocketAddr,
+    kind: ClientKind,
+    n: usize,
+) -> Result<ClientContention, BenchError> {
+    let proxy = FaultProxy::start(agent).map_err(|source| BenchError::Io {
         what: "starting the counting proxy".to_owned(),
         source,
     })?;

@@ -24,7 +24,7 @@ use crate::protocol::{Command, Event, now_ns};
 use crate::stats;
 
 /// The raised connection limit.
-const RAISED_LIMIT: u32 = 8192;
+pub(crate) const RAISED_LIMIT: u32 = 8192;
 /// Consul's default `http_max_conns_per_client`.
 const DEFAULT_LIMIT: u32 = 200;
 /// Waiting for every lock ends once this long passes with no new hold.
@@ -99,13 +99,13 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
         )?;
         let operator = Operator::new(raised.config()?)?;
         for &n in &ctx.plan.scale_sizes {
-            for &kind in ctx.clients {
+            for &kind in scaled(ctx) {
                 runs.push(client(ctx, &raised, &operator, RAISED_LIMIT, kind, n)?);
             }
         }
     }
     if let Some(&largest) = ctx.plan.scale_sizes.iter().max() {
-        for &kind in ctx.clients {
+        for &kind in scaled(ctx) {
             runs.push(client(
                 ctx,
                 ctx.agent,
@@ -151,6 +151,7 @@ fn client(
             ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             lock_delay_ms: None,
             shared_client: true,
+            queued: false,
         })?;
     }
     let mut tally = Tally::new(started);
@@ -304,4 +305,10 @@ pub fn by_client(scale: &Scale) -> BTreeMap<ClientKind, Vec<&ScaleRun>> {
         map.entry(run.client).or_default().push(run);
     }
     map
+}
+
+/// The clients the scale scenario runs: a queued lock's line matters only under contention, and
+/// these locks are each alone on their key.
+fn scaled<'c>(ctx: &'c Ctx<'_>) -> impl Iterator<Item = &'c ClientKind> {
+    ctx.clients.iter().filter(|k| **k != ClientKind::Queued)
 }

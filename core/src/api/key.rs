@@ -70,11 +70,12 @@ impl Key {
     /// [module docs](self)).
     pub const MAX_ENCODED_LEN: usize = 32 * 1024;
 
-    /// What a machine's derived key (`<prefix>/<session>` or `<prefix>/.lock`) may add to a
-    /// valid key: `/` and a session ID of at most [`SessionId::MAX_LEN`] bytes, encoded.
+    /// What a machine's derived key (`<prefix>/<session>`, `<prefix>/.lock`, or a queued lock's
+    /// entry `<key>/.queue/<session>`) may add to a valid key: `/.queue`, `/` and a session ID
+    /// of at most [`SessionId::MAX_LEN`] bytes, encoded.
     ///
     /// [`SessionId::MAX_LEN`]: crate::api::SessionId::MAX_LEN
-    pub(crate) const CHILD_ROOM: usize = 1 + 3 * crate::api::SessionId::MAX_LEN;
+    pub(crate) const CHILD_ROOM: usize = "/.queue".len() + 1 + 3 * crate::api::SessionId::MAX_LEN;
 
     /// Validates `key`, dropping one leading `/`.
     pub fn new(key: impl Into<String>) -> Result<Key, KeyError> {

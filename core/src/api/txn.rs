@@ -181,6 +181,38 @@ impl Endpoint for KvProclaimTxn {
     }
 }
 
+/// `PUT /v1/txn` `[delete entry, lock]`: a queued lock's acquire, which takes the lock key and
+/// leaves the queue in one write. The delete comes first so that the lock's entry is the last
+/// result (Consul answers nothing for a delete); a refused lock rolls the delete back, so a
+/// waiter refused keeps its place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvDequeueLockTxn {
+    /// The lock operation.
+    pub lock: KvLockTxn,
+    /// The waiter's queue entry, deleted when the lock is granted.
+    pub entry: Key,
+}
+
+impl Endpoint for KvDequeueLockTxn {
+    /// The lock's entry as written, or why the lock was refused.
+    type Output = LockTxnOutcome;
+
+    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
+        let mut delete = self.lock.op(config, "delete");
+        delete.kv.key = self.entry.as_str();
+        delete.kv.value = String::new();
+        delete.kv.flags = 0;
+        delete.kv.session = "";
+        let ops = [delete, self.lock.op(config, "lock")];
+        let body = serde_json::to_vec(&ops).unwrap_or_default();
+        Target::new(Method::PUT, "txn", "").build(config, body)
+    }
+
+    fn decode(response: &http::Response<Vec<u8>>) -> Result<LockTxnOutcome, ApiError> {
+        decode_outcome("a queued lock transaction", response)
+    }
+}
+
 /// Decodes the answer to a transaction whose last operation is a `lock`: its entry, or the
 /// first refusal.
 fn decode_outcome(
@@ -327,6 +359,39 @@ mod tests {
         assert_eq!(
             refused("something new"),
             LockTxnOutcome::Refused(LockRefusal::Other("something new".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_queued_acquire_deletes_the_entry_then_locks() {
+        let txn = KvDequeueLockTxn {
+            lock: KvLockTxn {
+                key: Key::new("k").expect("key"),
+                session: SessionId::new("s1").expect("session"),
+                flags: 7,
+                value: b"hi".to_vec(),
+            },
+            entry: Key::new("k/.queue/s1").expect("key"),
+        };
+        let request = txn.encode(&ClientConfig::http("127.0.0.1:8500").expect("config"));
+        let body: serde_json::Value = serde_json::from_slice(request.body()).expect("JSON");
+        assert_eq!(
+            body,
+            serde_json::json!([
+                {"KV": {"Verb": "delete", "Key": "k/.queue/s1", "Value": "", "Flags": 0, "Session": ""}},
+                {"KV": {"Verb": "lock", "Key": "k", "Value": "aGk=", "Flags": 7, "Session": "s1"}}
+            ])
+        );
+        // Seen from a real 1.8.7 agent: no result for the delete; a refusal names the lock (op 1).
+        let locked = r#"{"Results":[{"KV":{"LockIndex":1,"Key":"k","Flags":7,"Value":null,"Session":"s1","CreateIndex":19,"ModifyIndex":19}}],"Errors":null}"#;
+        let Ok(LockTxnOutcome::Locked(pair)) = KvDequeueLockTxn::decode(&reply(200, locked)) else {
+            panic!("not locked")
+        };
+        assert_eq!((pair.key.as_str(), pair.modify_index), ("k", 19));
+        let refused = r#"{"Results":null,"Errors":[{"OpIndex":1,"What":"failed to lock key \"k\", lock is already held"}]}"#;
+        assert_eq!(
+            KvDequeueLockTxn::decode(&reply(409, refused)).expect("decodes"),
+            LockTxnOutcome::Refused(LockRefusal::Held)
         );
     }
 

@@ -7,9 +7,10 @@
 //! up; retries and their error budget; the session's events), the driving surface (`poll_*`,
 //! `handle_*`) and the work an ended attempt leaves behind. A [`Kind`] supplies only what
 //! differs: which requests an acquisition sends and what their answers mean, how a hold is
-//! watched, how it is given up and destroyed. A new kind of holder (many keys on one session, a
-//! queued lock) plugs in as a new `Kind`; an election's candidate is the lock itself, with its
-//! proclaim (a request of the hold: [`Kind::proclaim`]).
+//! watched, how it is given up and destroyed. A new kind of holder (many keys on one session)
+//! plugs in as a new `Kind`; a queued lock is the lock kind waiting in line (`queue.rs`), and an
+//! election's candidate is the lock itself, with its proclaim (a request of the hold:
+//! [`Kind::proclaim`]).
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -584,7 +585,7 @@ impl<K: Kind> Holder<K> {
 
     /// The blocking part of the acquisition's next read: its index and a wait that no read
     /// outlasts the give-up time with. `None` (having given up) when that time has come.
-    fn next_read(&mut self, now: Instant) -> Option<Blocking> {
+    pub(crate) fn next_read(&mut self, now: Instant) -> Option<Blocking> {
         let wait_time = self.options.hold().wait_time;
         let a = self.acquiring()?;
         if a.give_up_at.is_some_and(|at| now >= at) {
@@ -616,7 +617,11 @@ impl<K: Kind> Holder<K> {
         if !spinning {
             a.failures.progressed();
         }
-        Pace { blocked, spinning }
+        Pace {
+            blocked,
+            spinning,
+            moved,
+        }
     }
 
     /// The hold's monitor read showed it still held: read again, now or after a pause.
@@ -843,6 +848,8 @@ pub(crate) struct Pace {
     pub(crate) blocked: bool,
     /// It came back at once without progress.
     pub(crate) spinning: bool,
+    /// Its index moved past the one it was sent with (without that, it ran out its wait).
+    pub(crate) moved: bool,
 }
 
 // ----- driving --------------------------------------------------------------------------------

@@ -8,14 +8,15 @@
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    ApiError, Blocking, Consistency, KvGet, KvLockTxn, KvPair, KvProclaimTxn, KvRelease, LockRefusal,
-    LockTxnOutcome, QueryReply, SessionId, SessionInfo,
+    ApiError, Blocking, Consistency, KvDequeueLockTxn, KvGet, KvLockTxn, KvPair, KvProclaimTxn, KvRelease,
+    LockRefusal, LockTxnOutcome, QueryReply, SessionId, SessionInfo,
 };
 use crate::machine::backoff::Backoff;
 use crate::machine::classify::{Failure, decode};
 use crate::machine::hold::Watch;
 use crate::machine::holder::{Held, Holder, Kind, Phase, ReleaseStep, Releasing, Step};
 use crate::machine::outbox::{Pending, Pendings};
+use crate::machine::queue::Place;
 use crate::machine::{
     FencingToken, LOCK_FLAG_VALUE, LockError, LockEvent, LockOptions, LossReason, Misuse, OptionsError,
     Reply, RequestId,
@@ -70,12 +71,20 @@ pub enum Ask {
         /// When to try again if the key does not change.
         until: Instant,
     },
+    /// Queued: taking our entry in the line.
+    Enqueue,
+    /// Queued: the list of the key and its line.
+    Line,
+    /// Queued: a blocking read of the entry just ahead.
+    Ahead,
 }
 
 /// What a waiting lock knows of the key's current holder.
 #[derive(Clone, Debug, Default)]
 pub struct Wait {
     incumbent: Option<Incumbent>,
+    /// Queued: our place in line.
+    pub(crate) place: Place,
 }
 
 /// What the waiter knows of the current holder's session, to time a retry to its lock-delay.
@@ -93,7 +102,7 @@ struct Incumbent {
 impl Wait {
     /// The key shows `session` holding it: a new holder is asked about once it has held for
     /// [`HOLDER_INFO_AFTER`].
-    fn see_holder(&mut self, session: SessionId, now: Instant) {
+    pub(crate) fn see_holder(&mut self, session: SessionId, now: Instant) {
         if self.incumbent.as_ref().is_some_and(|h| h.session == session) {
             return;
         }
@@ -127,7 +136,19 @@ pub enum Chore {
         session: SessionId,
     },
     /// Releasing what it may have been granted.
-    Release,
+    Release {
+        /// Queued: the session whose entry to delete next (the grant, unconfirmed, may not
+        /// have deleted it).
+        leave: Option<SessionId>,
+    },
+    /// Queued: waiting for the answer to an abandoned enqueue (sent with `session`), whose
+    /// entry is then deleted.
+    Enqueue {
+        /// The session the entry was taken with.
+        session: SessionId,
+    },
+    /// Queued: deleting the entry of an attempt that ended without the lock.
+    Leave,
 }
 
 /// A proclaim in flight: a new value written to the key while it is held (see
@@ -163,20 +184,28 @@ impl Holder<LockKind> {
 
     // ----- acquiring -----------------------------------------------------------------------
 
-    fn acquire(&mut self, now: Instant) {
+    pub(crate) fn acquire(&mut self, now: Instant) {
         let Some(session) = self.base.session.id().cloned() else {
             if let Some(a) = self.acquiring() {
                 a.step = Step::AwaitSession;
             }
             return;
         };
+        let entry = self.dequeue_entry(&session);
         let acquire = KvLockTxn {
             key: self.options.key.clone(),
             session,
             flags: LOCK_FLAG_VALUE,
             value: self.options.hold.value.clone(),
         };
-        self.send_ask(now, Ask::Acquire, &acquire, None);
+        match entry {
+            // Queued: leave the line in the same write, so a refusal keeps our place.
+            Some(entry) => {
+                let txn = KvDequeueLockTxn { lock: acquire, entry };
+                self.send_ask(now, Ask::Acquire, &txn, None);
+            }
+            None => self.send_ask(now, Ask::Acquire, &acquire, None),
+        }
     }
 
     fn recheck(&mut self, now: Instant) {
@@ -199,6 +228,7 @@ impl Holder<LockKind> {
         let ours = pair.as_ref().is_some_and(|p| self.is_ours(p));
         let other = pair.and_then(|p| p.session).filter(|_| !ours);
         let pace = self.take_index(now, sent, read.meta.index);
+        let queued = self.queued();
         let Some(a) = self.acquiring() else { return };
         match other {
             None => {
@@ -219,6 +249,10 @@ impl Holder<LockKind> {
                 a.wait.see_holder(holder, now);
                 if pace.spinning {
                     self.retry_spinning(now);
+                } else if !pace.moved && queued {
+                    // The head's wait ran out without news: list once a round, which finds our
+                    // own entry gone if an operator deleted it.
+                    self.line(now);
                 } else {
                     if pace.blocked {
                         a.backoff.reset();
@@ -239,7 +273,19 @@ impl Holder<LockKind> {
             // Someone else holds it: read the key to find out whom to wait for.
             // (`NotHeld` is a proclaim's refusal; a lone lock operation does not give it.)
             Ok(LockTxnOutcome::Refused(LockRefusal::Held | LockRefusal::NotHeld)) => self.recheck(now),
-            Ok(LockTxnOutcome::Refused(LockRefusal::PermissionDenied)) => self.fail(
+            // Consul says so outright: no read needed to tell it from contention.
+            Ok(LockTxnOutcome::Refused(LockRefusal::LockDelay)) => self.wait_out_lock_delay(now),
+            Ok(LockTxnOutcome::Refused(refusal)) => self.on_refused_txn(now, Ok(refusal), Ask::Read),
+            Err(failure) => self.on_refused_txn(now, Err(failure), Ask::Read),
+        }
+    }
+
+    /// What every lock transaction of an acquisition (the acquire, a queued lock's enqueue)
+    /// does with an answer that is neither a grant nor contention: a new session, the end of
+    /// the attempt, or a retry of `then` after a failure that may pass.
+    pub(crate) fn on_refused_txn(&mut self, now: Instant, outcome: Result<LockRefusal, Failure>, then: Ask) {
+        match outcome {
+            Ok(LockRefusal::PermissionDenied) => self.fail(
                 now,
                 LockError::PermissionDenied(ApiError::Status {
                     status: 409,
@@ -248,16 +294,14 @@ impl Holder<LockKind> {
             ),
             // A refusal this machine does not know can't be waited out knowingly: retrying it
             // would be a loop the caller never sees, so it ends the attempt, in Consul's words.
-            Ok(LockTxnOutcome::Refused(LockRefusal::Other(what))) => self.fail(
+            Ok(LockRefusal::Other(what)) => self.fail(
                 now,
                 LockError::Refused(ApiError::Status {
                     status: 409,
                     body: what,
                 }),
             ),
-            // Consul says so outright: no read needed to tell it from contention.
-            Ok(LockTxnOutcome::Refused(LockRefusal::LockDelay)) => self.wait_out_lock_delay(now),
-            Ok(LockTxnOutcome::Refused(LockRefusal::InvalidSession)) => self.session_gone(
+            Ok(LockRefusal::InvalidSession) => self.session_gone(
                 now,
                 ApiError::Status {
                     status: 409,
@@ -266,7 +310,16 @@ impl Holder<LockKind> {
             ),
             Err(Failure::Fatal(e)) if e.is_invalid_session() => self.session_gone(now, e),
             Err(Failure::Fatal(e)) => self.fail(now, LockError::refused(e)),
-            Err(Failure::Transient(why)) => self.retry(now, Ask::Read, &why),
+            Err(Failure::Transient(why)) => self.retry(now, then, &why),
+            // Contention and lock-delay are each caller's own business; here they are a
+            // refusal like any other the caller did not expect.
+            Ok(refusal @ (LockRefusal::Held | LockRefusal::NotHeld | LockRefusal::LockDelay)) => self.fail(
+                now,
+                LockError::Refused(ApiError::Status {
+                    status: 409,
+                    body: format!("{refusal:?}"),
+                }),
+            ),
         }
     }
 
@@ -518,7 +571,18 @@ impl Kind for LockKind {
     }
 
     fn on_ready(h: &mut LockMachine, now: Instant) {
-        h.read(now);
+        if !h.queued() {
+            return h.read(now);
+        }
+        // An ended attempt's entry (the same key, on the caller's session or one still being
+        // let go) may be being deleted: taking it before that lands could lose it.
+        if h.chore.is_some() {
+            if let Some(a) = h.acquiring() {
+                a.step = Step::AwaitCleanup { then: Ask::Enqueue };
+            }
+            return;
+        }
+        h.enqueue(now);
     }
 
     fn ask(h: &mut LockMachine, now: Instant, ask: Ask) {
@@ -528,6 +592,10 @@ impl Kind for LockKind {
             Ask::Recheck => h.recheck(now),
             // Only ever sent, never scheduled; after a pause, a read does its work.
             Ask::DelayWatch { .. } => h.read(now),
+            Ask::Enqueue => h.enqueue(now),
+            Ask::Line => h.line(now),
+            // After a pause the entry ahead may be gone: look again.
+            Ask::Ahead => h.line(now),
         }
     }
 
@@ -537,6 +605,9 @@ impl Kind for LockKind {
             Ask::Acquire => h.on_acquire(now, reply),
             Ask::Recheck => h.on_recheck(now, reply),
             Ask::DelayWatch { until } => h.on_delay_watch(now, sent, reply, until),
+            Ask::Enqueue => h.on_enqueued(now, reply),
+            Ask::Line => h.on_line(now, reply),
+            Ask::Ahead => h.on_ahead(now, sent, reply),
         }
     }
 
@@ -546,6 +617,7 @@ impl Kind for LockKind {
 
     fn wait_pendings(wait: &Wait, into: &mut Pendings) {
         into.extend(wait.incumbent.as_ref().and_then(|h| h.info));
+        into.extend(wait.place.sweep);
     }
 
     fn wait_timer(wait: &Wait) -> Option<Instant> {
@@ -568,6 +640,13 @@ impl Kind for LockKind {
     }
 
     fn on_wait_reply(h: &mut LockMachine, _now: Instant, id: RequestId, reply: &Reply) -> bool {
+        if h.acquiring()
+            .and_then(|a| a.wait.place.sweep)
+            .is_some_and(|p| p.is(id))
+        {
+            h.on_sweep(reply);
+            return true;
+        }
         let Some(incumbent) = h
             .acquiring()
             .and_then(|a| a.wait.incumbent.as_mut())
@@ -681,24 +760,25 @@ impl Kind for LockKind {
         h.options.key.clone()
     }
 
-    fn on_end(h: &mut LockMachine, _now: Instant, ended: &Phase<LockKind>) {
+    fn on_end(h: &mut LockMachine, now: Instant, ended: &Phase<LockKind>) {
         if let Phase::Held(Held { hold: Some(_), .. }) = ended {
             h.base.out.event(LockEvent::ProclaimFailed(LockError::NotHeld));
         }
-        if let (
-            Phase::Acquiring(crate::machine::holder::Acquiring {
-                step: Step::Sent(Ask::Acquire, pending),
-                ..
-            }),
-            Some(session),
-        ) = (ended, h.base.session.id())
-        {
-            h.chore = Some((
-                Chore::Acquire {
-                    session: session.clone(),
-                },
-                *pending,
-            ));
+        let Phase::Acquiring(a) = ended else { return };
+        let Some(session) = h.base.session.id().cloned() else {
+            return;
+        };
+        let chore = match a.step {
+            Step::Sent(Ask::Acquire, pending) => Some((Chore::Acquire { session }, pending)),
+            // An earlier attempt's work is still going (a queued attempt waits for it before
+            // taking its entry, so it has none yet): it goes on, and leaves the line itself.
+            _ if h.chore.is_some() => None,
+            Step::Sent(Ask::Enqueue, pending) if h.queued() => Some((Chore::Enqueue { session }, pending)),
+            _ if h.queued() => h.leave(now, &session),
+            _ => None,
+        };
+        if chore.is_some() {
+            h.chore = chore;
         }
     }
 
@@ -706,12 +786,12 @@ impl Kind for LockKind {
         match chore {
             Chore::Acquire { session } => {
                 // Refused, the key is not ours; granted or unanswered, it may be.
-                let refused = matches!(
-                    decode::<KvLockTxn>(reply),
-                    Ok(LockTxnOutcome::Refused(_)) | Err(Failure::Fatal(_))
-                );
+                let outcome = decode::<KvLockTxn>(reply);
+                let refused = matches!(outcome, Ok(LockTxnOutcome::Refused(_)) | Err(Failure::Fatal(_)));
                 if refused {
-                    return None;
+                    // Refused, a queued acquire's delete was rolled back: the entry is still
+                    // there (a new queued attempt waits for this chore before taking it).
+                    return h.leave(now, &session);
                 }
                 if matches!(h.phase, Phase::Acquiring(_) | Phase::Held(_)) {
                     // A new attempt on the same session is under way or holds the key: the
@@ -721,12 +801,24 @@ impl Kind for LockKind {
                     return None;
                 }
                 tracing::debug!("releasing the key an abandoned acquire may have been granted");
-                Some((Chore::Release, h.send_release(now, session)))
+                // Granted, a queued acquire left the line with it; unanswered, maybe not.
+                let leave = outcome.is_err().then_some(session.clone());
+                Some((Chore::Release { leave }, h.send_release(now, session)))
             }
-            Chore::Release => {
+            Chore::Release { leave } => {
                 if let Err(why) = decode::<KvRelease>(reply) {
                     // The session's destroy (or its expiry) frees the key anyway.
                     tracing::warn!(?why, "could not release the key of an abandoned acquire");
+                }
+                leave.and_then(|session| h.leave(now, &session))
+            }
+            Chore::Enqueue { session } => h.leave(now, &session),
+            Chore::Leave => {
+                if let Err(why) = decode::<crate::api::KvDelete>(reply) {
+                    // A caller's session keeps a live entry that later waiters queue behind
+                    // until the session ends; a session of ours is destroyed next, leaving the
+                    // entry dead, for the next waiter to clear.
+                    tracing::warn!(?why, "could not delete our queue entry");
                 }
                 None
             }

@@ -17,6 +17,7 @@ mod lock;
 mod observe;
 mod options;
 mod outbox;
+mod queue;
 mod read;
 mod semaphore;
 mod session;
@@ -25,7 +26,9 @@ pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Misu
 pub use holder::Holder;
 pub use lock::LockMachine;
 pub use observe::{Leader, Observation, ObserveEvent, ObserveOptions, ObserverMachine};
-pub use options::{HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions};
+pub use options::{
+    HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions, Waiting,
+};
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use read::QUICK_ANSWER;
 pub use semaphore::{SemaphoreMachine, SemaphoreState};
@@ -37,6 +40,10 @@ pub const LOCK_FLAG_VALUE: u64 = 0x2ddc_cbc0_58a5_0c18;
 
 /// The `Flags` value that marks a key as part of a semaphore (Go's `api.Semaphore`).
 pub const SEMAPHORE_FLAG_VALUE: u64 = 0xe0f6_9a2b_aa41_4de0;
+
+/// The `Flags` value that marks a queued lock's entry (`<key>/.queue/<session>`, see
+/// [`Waiting::Queue`]): keys under the queue with other flags are not waiters.
+pub const QUEUE_FLAG_VALUE: u64 = 0x7175_6575_645f_6c6b;
 
 /// The surface shared by the machines that take and hold something on a session (a lock, a
 /// semaphore slot), so that one driver loop can run any of them.

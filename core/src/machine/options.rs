@@ -223,7 +223,60 @@ pub struct LockOptions {
     pub key: Key,
     /// How the lock is held (its value is written on acquire and on release).
     pub hold: HoldOptions,
+    /// How a contender waits while someone else holds the key (default: on the key, as Go).
+    pub waiting: Waiting,
 }
+
+/// How a lock's contender waits while the key is held by someone else.
+///
+/// ```
+/// # use consul_lock_core::api::SessionId;
+/// # use consul_lock_core::machine::{LockOptions, Waiting};
+/// let mut options = LockOptions::new("service/leader").unwrap();
+/// assert_eq!(options.waiting, Waiting::Key);
+/// options.waiting = Waiting::Queue;
+/// let session = SessionId::new("adf4238a-882b-9ddc-4a9d-5b6758e4159e").unwrap();
+/// assert_eq!(
+///     options.queue_entry(&session).unwrap().as_str(),
+///     "service/leader/.queue/adf4238a-882b-9ddc-4a9d-5b6758e4159e"
+/// );
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Waiting {
+    /// Every contender watches the lock key, as Go's `api.Lock` does: each change of the key
+    /// wakes them all, and the quickest wins.
+    #[default]
+    Key,
+    /// Contenders wait in line, in the order Consul registered them, each watching only the one
+    /// ahead of it, so a handoff wakes one waiter (etcd's `concurrency.Mutex`, ZooKeeper's lock
+    /// recipe). Each waiter holds an entry `<key>/.queue/<session>` with its session; the head
+    /// acquires the key as [`Waiting::Key`] does, so contenders outside the line (Go's client,
+    /// `consul lock`) stay safe with it and can only overtake. See ARCHITECTURE.md.
+    Queue,
+}
+
+impl LockOptions {
+    /// The prefix of a queued lock's entries: `<key>/.queue/`.
+    pub fn queue_prefix(&self) -> String {
+        format!("{}/{}/", self.key.as_str().trim_end_matches('/'), QUEUE_SEGMENT)
+    }
+
+    /// A queued lock's entry for the waiter `session` (or any name under the prefix): valid for
+    /// every valid key and session ID (see [`Key::MAX_ENCODED_LEN`]).
+    pub fn queue_entry(&self, session: &SessionId) -> Result<Key, KeyError> {
+        self.queue_entry_named(session.as_str())
+    }
+
+    pub(crate) fn queue_entry_named(&self, name: &str) -> Result<Key, KeyError> {
+        self.key.child(QUEUE_SEGMENT)?.child(name)
+    }
+}
+
+/// The segment under a queued lock's key that its entries live in. A dot segment, like Go's
+/// `.lock`, so that it names no ordinary child; and under the lock's own key, so that it meets
+/// no Go lock key (`<prefix>/.lock` is the key; its queue is `<prefix>/.lock/.queue/`) and no
+/// semaphore prefix that is not already the lock key's own.
+const QUEUE_SEGMENT: &str = ".queue";
 
 impl LockOptions {
     /// Go's session name for locks.
@@ -234,11 +287,16 @@ impl LockOptions {
         Ok(LockOptions {
             key: Key::new(key)?,
             hold: HoldOptions::new(SessionOptions::default()),
+            waiting: Waiting::Key,
         })
     }
 
     /// Checks every option against what Consul accepts and what the machine needs.
     pub fn validate(&self) -> Result<(), OptionsError> {
+        // Queued, the caller's session must make a usable entry key.
+        if let (Waiting::Queue, SessionChoice::Existing(id)) = (self.waiting, &self.hold.session) {
+            self.queue_entry(id)?;
+        }
         self.hold.validate()
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use consul_lock_core::api::{ApiError, ClientConfig, Endpoint, Key, KvGet, KvPair};
+use consul_lock_core::api::{ApiError, ClientConfig, Endpoint, Key, KvGet, KvList, KvPair};
 use consul_lock_tokio::{CallError, Client};
 
 /// The agent's HTTP API, for checking what the lock did behind the driver's back.
@@ -36,5 +36,11 @@ impl Wire {
             .await
             .expect("a KV read")
             .value
+    }
+
+    /// The entries under `prefix` (a plain string prefix).
+    pub(crate) async fn entries_under(&self, prefix: &str) -> Result<Vec<KvPair>, ApiError> {
+        let list = KvList::new(Key::new(prefix).expect("a valid prefix"));
+        Ok(self.call(list).await?.value)
     }
 }

@@ -506,6 +506,7 @@ impl Harness<'_> {
                 && c.spec.try_once.is_none_or(|w| c.attempt_from + w > t)
                 && c.spec.cancel_after.is_none_or(|a| c.attempt_from + a > t)
                 && !self.disturbed(i, freed.saturating_sub(2 * WINDOW), t)
+                && !(c.spec.queued && self.line_disturbed(i, freed, t))
         });
         if let (Some(i), false) = (waiting, delay) {
             self.violation(format!(
@@ -513,6 +514,22 @@ impl Harness<'_> {
                 t - freed
             ));
         }
+    }
+
+    /// Whether a queued waiter's line may hold it up: another queued client that a fault cut off
+    /// keeps its entry, so the line behind it, until its session expires (up to two TTLs); an
+    /// operator who deleted the line is noticed within a blocking-read round.
+    fn line_disturbed(&self, i: usize, freed: Duration, t: Duration) -> bool {
+        let ttl = self.clients.iter().map(|c| c.spec.ttl).max().unwrap_or_default();
+        let since = freed.saturating_sub(2 * ttl + 2 * WINDOW);
+        let ahead_cut_off = (0..self.clients.len())
+            .any(|j| j != i && self.clients[j].spec.queued && self.faulted(j, since, t));
+        let wait = Duration::from_secs(15);
+        let line_deleted =
+            self.scenario.faults.iter().any(|f| {
+                f.kind == FaultKind::DeleteQueue && f.from <= t && f.from + wait + 2 * WINDOW >= freed
+            });
+        ahead_cut_off || line_deleted
     }
 
     /// A semaphore contender lists itself in the `.lock` only while it holds its contender key

@@ -36,7 +36,7 @@ use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
     Action, FencingToken, HoldMachine, HoldOptions, LockEvent, LockMachine, LockOptions, LockStatus,
     LossReason, Reply, RequestId, SemaphoreMachine, SemaphoreOptions, SemaphoreState, TransportError,
-    TransportErrorKind,
+    TransportErrorKind, Waiting,
 };
 pub use scenario::{ClientSpec, Fault, FaultKind, Scenario, Target};
 pub use verdict::{check_liveness, liveness_bound, most_at_once, verdict};
@@ -196,6 +196,10 @@ struct Client {
     attempt_from: Duration,
     /// What [`checks`] follows of it.
     checks: checks::ClientChecks,
+    /// Queued: the current attempt's place in line (its entry's rank), once the agent shows it.
+    rank: Option<u64>,
+    /// The agent's index when the current attempt began: older entries are an earlier one's.
+    attempt_index: u64,
 }
 
 /// An operator action: when, and on whose hold.
@@ -292,6 +296,9 @@ fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn 
         Target::Lock => {
             let mut options = LockOptions::new(&scenario.key).unwrap_or_else(|e| panic!("scenario key: {e}"));
             tune(&mut options.hold);
+            if spec.queued {
+                options.waiting = Waiting::Queue;
+            }
             let machine =
                 LockMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
             Box::new(machine)
@@ -326,6 +333,8 @@ impl<'s> Harness<'s> {
                     outstanding: BTreeMap::new(),
                     attempt_from: Duration::ZERO,
                     checks: checks::ClientChecks::default(),
+                    rank: None,
+                    attempt_index: 0,
                 }
             })
             .collect();
@@ -611,6 +620,8 @@ impl<'s> Harness<'s> {
                             self.clients[i].first_cas = None;
                             self.clients[i].acquire_sent = None;
                             self.clients[i].attempt_from = t;
+                            self.clients[i].rank = None;
+                            self.clients[i].attempt_index = self.sim.index();
                             let result = self.clients[i].machine.lock(now);
                             if let Some(after) = self.clients[i].spec.cancel_after.filter(|_| result.is_ok())
                             {
@@ -678,8 +689,77 @@ impl<'s> Harness<'s> {
         {
             self.index_changes.pop_front();
         }
+        self.follow_line();
         self.checks_each_step();
         self.checks_handoff();
+    }
+
+    /// The prefix of the lock's line.
+    fn queue_prefix(&self) -> String {
+        format!("{}/.queue/", self.scenario.key.trim_end_matches('/'))
+    }
+
+    /// The keys of the lock's line, as the agent holds them.
+    fn queue_entries(&self) -> Vec<String> {
+        let prefix = self.queue_prefix();
+        self.sim
+            .kv_entries()
+            .filter(|e| e.key.starts_with(&prefix))
+            .map(|e| e.key.clone())
+            .collect()
+    }
+
+    /// Notes each queued waiter's place in line as the agent shows it: its entry's rank (the
+    /// value of an entry made again, else its `CreateIndex`), as the machines order the line.
+    fn follow_line(&mut self) {
+        let prefix = self.queue_prefix();
+        for c in &mut self.clients {
+            if !c.spec.queued || c.machine.status() != LockStatus::Acquiring {
+                continue;
+            }
+            let Some(session) = c.machine.session_id() else {
+                continue;
+            };
+            let Some(entry) = self.sim.kv(&format!("{prefix}{session}")) else {
+                continue;
+            };
+            if entry.create_index <= c.attempt_index || entry.session.as_deref() != Some(session.as_str()) {
+                continue;
+            }
+            let claimed = std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|r| *r < entry.create_index);
+            let rank = claimed.unwrap_or(entry.create_index);
+            c.rank = Some(c.rank.map_or(rank, |r| r.min(rank)));
+        }
+    }
+
+    /// FIFO: a queued client that acquires overtakes no queued client still waiting that took
+    /// its place in line before it, unless a fault touched either, or the agent or the line.
+    fn check_fifo(&mut self, i: usize) {
+        let Some(mine) = self.clients[i].rank.filter(|_| self.clients[i].spec.queued) else {
+            return;
+        };
+        let excused = |j: usize| {
+            self.scenario.faults.iter().any(|f| {
+                f.kind.touches(i)
+                    || f.kind.touches(j)
+                    || f.kind.is_operator()
+                    || matches!(f.kind, FaultKind::DeleteQueue | FaultKind::AgentRestart)
+            })
+        };
+        let overtaken: Vec<usize> = (0..self.clients.len())
+            .filter(|&j| j != i && self.clients[j].spec.queued)
+            .filter(|&j| self.clients[j].machine.status() == LockStatus::Acquiring)
+            .filter(|&j| self.clients[j].rank.is_some_and(|r| r < mine))
+            .filter(|&j| !excused(j))
+            .collect();
+        for j in overtaken {
+            self.violation(format!(
+                "fifo: client {i} acquired ahead of client {j}, earlier in line"
+            ));
+        }
     }
 
     fn apply_faults(&mut self, t: Duration) {
@@ -741,6 +821,13 @@ impl<'s> Harness<'s> {
                         for c in &mut self.clients {
                             c.first_cas = None;
                             c.acquire_sent = None;
+                        }
+                    }
+                    FaultKind::DeleteQueue => {
+                        let entries = self.queue_entries();
+                        self.log(format!("operator deletes the line: {} entries", entries.len()));
+                        for key in entries {
+                            self.sim.delete_key(now, &key);
                         }
                     }
                     FaultKind::OverwriteKey => {
@@ -1176,6 +1263,7 @@ impl<'s> Harness<'s> {
                 };
                 self.culprits.push(culprits);
                 self.exposed.push(exposed);
+                self.check_fifo(i);
                 self.holds.push(Hold {
                     client: i,
                     token,
@@ -1346,6 +1434,14 @@ impl<'s> Harness<'s> {
         let left: Vec<String> = self.sim.sessions().map(|s| s.name.clone()).collect();
         if !left.is_empty() {
             self.violation(format!("cleanup: sessions outlive their TTL window: {left:?}"));
+        }
+        if self.target == Target::Lock && self.scenario.faults.is_empty() {
+            // A queued attempt leaves the line however it ends; only a fault (a client cut off
+            // when it left) may leave an entry behind, dead with its session.
+            let left = self.queue_entries();
+            if !left.is_empty() {
+                self.violation(format!("cleanup: queue entries left: {left:?}"));
+            }
         }
         if let Target::Semaphore { .. } = self.target {
             // Contender keys go with their sessions (behavior `delete`); only the `.lock` stays.

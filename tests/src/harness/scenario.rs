@@ -25,6 +25,9 @@ pub struct ClientSpec {
     pub cancel_after: Option<Duration>,
     /// How long failed tries may go on before an attempt ends (`acquire_error_budget`).
     pub error_budget: Duration,
+    /// Waits in line ([`Waiting::Queue`](consul_lock_core::machine::Waiting::Queue)) rather
+    /// than on the key (locks only).
+    pub queued: bool,
 }
 
 impl ClientSpec {
@@ -40,6 +43,7 @@ impl ClientSpec {
             try_once: None,
             cancel_after: None,
             error_budget: Duration::from_secs(60),
+            queued: false,
         }
     }
 }
@@ -143,10 +147,14 @@ pub enum FaultKind {
     OverwriteKey,
     /// An operator hands the lock key, if there is one, to a session of its own in one
     /// transaction (a `delete` and a `lock` of the same flags and value, at the window's start),
-    /// so that the key never shows free: its holder learns it lost only by reading who holds it. The operator's session (no TTL, no lock-delay) is
-    /// destroyed at the window's end, freeing the key. Lock only: a semaphore's slots are not
+    /// so that the key never shows free: its holder learns it lost only by reading who holds
+    /// it. The operator's session (no TTL, no lock-delay) is destroyed at the window's end, freeing the key. Lock only: a semaphore's slots are not
     /// keys to take.
     TakeOver,
+    /// An operator deletes every entry of a queued lock's line (`<key>/.queue/`), at the
+    /// window's start: no hold is touched, so safety owes it nothing, and the line must mend
+    /// itself (each waiter takes its entry again within a blocking-read round).
+    DeleteQueue,
 }
 
 impl FaultKind {
@@ -170,7 +178,8 @@ impl FaultKind {
             FaultKind::DestroyHolderSession
             | FaultKind::DeleteKey
             | FaultKind::OverwriteKey
-            | FaultKind::TakeOver => false,
+            | FaultKind::TakeOver
+            | FaultKind::DeleteQueue => false,
         }
     }
 
@@ -184,6 +193,7 @@ impl FaultKind {
                 | FaultKind::DeleteKey
                 | FaultKind::ConnReset { .. }
                 | FaultKind::AgentRestart
+                | FaultKind::DeleteQueue
         )
     }
 

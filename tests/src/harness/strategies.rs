@@ -37,8 +37,15 @@ pub fn client_spec() -> impl Strategy<Value = ClientSpec> {
                 try_once: try_once.map(Duration::from_secs),
                 cancel_after: cancel.map(Duration::from_millis),
                 error_budget: Duration::from_secs(budget),
+                queued: false,
             },
         )
+}
+
+/// A lock contender of [`client_spec`] that waits in line (`Waiting::Queue`) half the time: the
+/// mixed runs of queued and unqueued contenders.
+pub fn mixed_client_spec() -> impl Strategy<Value = ClientSpec> {
+    (client_spec(), any::<bool>()).prop_map(|(spec, queued)| ClientSpec { queued, ..spec })
 }
 
 /// A fault of any kind against one of `clients` contenders (or all), starting within the first
@@ -128,13 +135,32 @@ impl Shape {
 
 /// Lock scenarios on `key`: 2 to 4 contenders of [`client_spec`], faults of [`fault_within`].
 pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario> + use<> {
+    lock_scenario_of(key, shape, false)
+}
+
+/// Lock scenarios of queued and unqueued contenders on one key ([`mixed_client_spec`]; the
+/// unqueued wait on the key as Go's client does), with the faults of [`lock_scenario`] plus an
+/// operator deleting the line ([`queue_fault_within`]).
+pub fn mixed_lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario> + use<> {
+    lock_scenario_of(key, shape, true)
+}
+
+fn lock_scenario_of(key: &str, shape: Shape, mixed: bool) -> BoxedStrategy<Scenario> {
     let key = key.to_owned();
     (2usize..=4)
         .prop_flat_map(move |n| {
+            let (spec, fault) = if mixed {
+                (
+                    mixed_client_spec().boxed(),
+                    queue_fault_within(n, shape.fault_window).boxed(),
+                )
+            } else {
+                (client_spec().boxed(), fault_within(n, shape.fault_window).boxed())
+            };
             (
                 any::<u64>(),
-                proptest::collection::vec(client_spec(), n),
-                proptest::collection::vec(fault_within(n, shape.fault_window), 0..=shape.max_faults),
+                proptest::collection::vec(spec, n),
+                proptest::collection::vec(fault, 0..=shape.max_faults),
             )
         })
         .prop_map(move |(seed, clients, faults)| Scenario {
@@ -144,6 +170,7 @@ pub fn lock_scenario(key: &str, shape: Shape) -> impl Strategy<Value = Scenario>
             duration: shape.duration,
             key: key.clone(),
         })
+        .boxed()
 }
 
 /// Semaphore scenarios under `prefix`: 2 to 5 contenders, a limit of 1 to 3.
@@ -168,6 +195,23 @@ pub fn semaphore_scenario(prefix: &str, shape: Shape) -> impl Strategy<Value = (
             };
             (scenario, Target::Semaphore { limit })
         })
+}
+
+/// A fault of [`fault`], or (one time in eight) an operator deleting a queued lock's whole
+/// line within the first 60 s.
+pub fn queue_fault(clients: usize) -> impl Strategy<Value = Fault> {
+    queue_fault_within(clients, Duration::from_secs(60))
+}
+
+/// [`queue_fault`], starting anywhere within the first `window`.
+pub fn queue_fault_within(clients: usize, window: Duration) -> impl Strategy<Value = Fault> {
+    let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+    let delete_line = (0u64..millis).prop_map(|from| Fault {
+        kind: FaultKind::DeleteQueue,
+        from: Duration::from_millis(from),
+        lasting: Duration::ZERO,
+    });
+    prop_oneof![7 => fault_within(clients, window), 1 => delete_line]
 }
 
 /// How many cases a property runs: `PROPTEST_CASES` if set, 300 by default (the CI run), and
