@@ -21,12 +21,16 @@ PROPS = [
      "--exact", "safety_fencing_liveness_and_cleanup"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_semaphore_properties", "--",
      "--exact", "at_most_limit_holders_fencing_liveness_and_cleanup"],
+    # A million simulated seconds of ten-minute scenarios (about a minute): what only long runs
+    # with many faults reach. Last, so that it runs only for what the quick ones let through.
+    ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_scale"],
 ]
 # Every test of the core and of the simulated Consul (no real agent: minutes, not an hour).
 ALL = [
     ["cargo", "test", "-q", "-p", "consul-lock-core"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties",
-     "--test", "sim_semaphore_properties", "--test", "sim_consul", "--test", "sim_differential"],
+     "--test", "sim_semaphore_properties", "--test", "sim_queue", "--test", "sim_consul",
+     "--test", "sim_differential", "--test", "sim_scale"],
 ]
 BUILD = ["cargo", "test", "-q", "--no-run", "-p", "consul-lock-core", "-p", "consul-lock-testkit"]
 
