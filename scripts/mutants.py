@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROPS = [
     ["cargo", "test", "-q", "-p", "consul-lock-core", "--test", "lock_machine_props"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties", "--",
-     "--exact", "safety_fencing_liveness_and_cleanup"],
+     "--exact", "safety_fencing_liveness_and_cleanup",
+     "queued_and_unqueued_contenders_keep_safety_order_and_liveness"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_semaphore_properties", "--",
      "--exact", "at_most_limit_holders_fencing_liveness_and_cleanup"],
     # A million simulated seconds of ten-minute scenarios (about a minute): what only long runs
