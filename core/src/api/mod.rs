@@ -22,4 +22,6 @@ pub use session::{
     InvalidSessionId, SessionBehavior, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionInfo,
     SessionRenew,
 };
-pub use txn::{BatchOutcome, BatchVerb, KvBatchTxn, KvLockTxn, KvProclaimTxn, LockRefusal, LockTxnOutcome, MAX_TXN_OPS};
+pub use txn::{
+    BatchOutcome, BatchVerb, KvBatchTxn, KvLockTxn, KvProclaimTxn, LockRefusal, LockTxnOutcome, MAX_TXN_OPS,
+};

@@ -475,7 +475,10 @@ mod tests {
         let BatchOutcome::Done(pairs) = KvBatchTxn::decode(&reply(200, done)).expect("decodes") else {
             panic!("not done")
         };
-        assert_eq!(pairs.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["j/a", "j/b"]);
+        assert_eq!(
+            pairs.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+            ["j/a", "j/b"]
+        );
         assert!(matches!(
             KvBatchTxn::decode(&reply(409, r#"{"Errors":[]}"#)),
             Err(ApiError::Malformed { .. })

@@ -32,8 +32,8 @@ use crate::machine::hold::{Base, Failures, Watch, WatchStep};
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionLoss};
 use crate::machine::{
-    Action, FencingToken, HoldOptions, LOCK_FLAG_VALUE, LockError, LossReason, OptionsError, Reply, RequestId,
-    Retry, SessionOptions, read,
+    Action, FencingToken, HoldOptions, LOCK_FLAG_VALUE, LockError, LossReason, OptionsError, Reply,
+    RequestId, Retry, SessionOptions, read,
 };
 
 /// What a [`KeySetMachine`] is made with.
@@ -237,7 +237,9 @@ enum KeyState {
     Held(FencingToken),
     /// In the release queue or a release batch; `report` is false for a key that was never
     /// reported held (granted after a close, or maybe granted by a batch given up).
-    Releasing { report: bool },
+    Releasing {
+        report: bool,
+    },
 }
 
 /// The set's life.
@@ -458,7 +460,10 @@ impl KeySetMachine {
         }
         self.phase = Phase::Closing;
         let surveyed = std::mem::take(&mut self.surveys).into_iter().map(|s| s.keys);
-        for keys in surveyed.chain(std::mem::take(&mut self.to_survey)).collect::<Vec<_>>() {
+        for keys in surveyed
+            .chain(std::mem::take(&mut self.to_survey))
+            .collect::<Vec<_>>()
+        {
             for key in keys {
                 self.refuse(key, Refusal::Cancelled);
             }
@@ -943,7 +948,8 @@ impl KeySetMachine {
                         _ => self.refuse(
                             key,
                             Refusal::Error(LockError::Unavailable(
-                                "the lock transaction answered without the key held by the session".to_owned(),
+                                "the lock transaction answered without the key held by the session"
+                                    .to_owned(),
                             )),
                         ),
                     }
@@ -984,7 +990,8 @@ impl KeySetMachine {
         if named.is_empty() {
             // A refusal that names none of our operations can't be narrowed down: sending the
             // same batch again would be refused again.
-            let error = LockError::Unavailable("a transaction refused without naming an operation".to_owned());
+            let error =
+                LockError::Unavailable("a transaction refused without naming an operation".to_owned());
             for key in batch.keys {
                 match batch.verb {
                     BatchVerb::Lock => self.refuse(key, Refusal::Error(error.clone())),
@@ -1007,12 +1014,12 @@ impl KeySetMachine {
                     let reason = match refusal {
                         LockRefusal::Held => Refusal::Held,
                         LockRefusal::LockDelay => Refusal::LockDelay,
-                        LockRefusal::PermissionDenied => Refusal::Error(LockError::PermissionDenied(
-                            crate::api::ApiError::Status {
+                        LockRefusal::PermissionDenied => {
+                            Refusal::Error(LockError::PermissionDenied(crate::api::ApiError::Status {
                                 status: 409,
                                 body: "Permission denied".to_owned(),
-                            },
-                        )),
+                            }))
+                        }
                         other => Refusal::Error(LockError::Refused(crate::api::ApiError::Status {
                             status: 409,
                             body: format!("{other:?}"),
@@ -1247,7 +1254,9 @@ impl KeySetMachine {
                 Some(pair) => match &pair.session {
                     None => Some(LossReason::NotHeld),
                     Some(s) if *s != token.session => Some(LossReason::TakenBy(s.clone())),
-                    Some(_) if pair.flags != LOCK_FLAG_VALUE => Some(LossReason::Conflict { flags: pair.flags }),
+                    Some(_) if pair.flags != LOCK_FLAG_VALUE => {
+                        Some(LossReason::Conflict { flags: pair.flags })
+                    }
                     Some(_) => None,
                 },
             };
@@ -1361,7 +1370,10 @@ fn common_prefix_key(keys: &[Key]) -> Key {
 fn group(keys: &[Key], prefixes: &[Key]) -> Vec<(Key, Vec<Key>)> {
     let mut groups: Vec<(Key, Vec<Key>)> = prefixes.iter().map(|p| (p.clone(), Vec::new())).collect();
     for key in keys {
-        match groups.iter_mut().find(|(p, _)| key.as_str().starts_with(p.as_str())) {
+        match groups
+            .iter_mut()
+            .find(|(p, _)| key.as_str().starts_with(p.as_str()))
+        {
             Some((_, members)) => members.push(key.clone()),
             // Keys that share no valid prefix are listed each on its own.
             None => groups.push((key.clone(), vec![key.clone()])),
@@ -1386,11 +1398,16 @@ mod tests {
     #[test]
     fn prefixes_are_parent_folders_merged_down_to_the_limit() {
         let k = keys(&["jobs/a/1", "jobs/a/2", "jobs/b/1", "tenants/x", "tenants/y"]);
-        assert_eq!(strs(&prefixes_for(k.iter(), 8)), ["jobs/a/", "jobs/b/", "tenants/"]);
+        assert_eq!(
+            strs(&prefixes_for(k.iter(), 8)),
+            ["jobs/a/", "jobs/b/", "tenants/"]
+        );
         assert_eq!(strs(&prefixes_for(k.iter(), 2)), ["jobs/", "tenants/"]);
         // No common character: as few as can be.
         assert_eq!(strs(&prefixes_for(k.iter(), 1)), ["jobs/", "tenants/"]);
-        let many: Vec<Key> = (0..10_000).map(|i| Key::new(format!("shard/{i}")).expect("key")).collect();
+        let many: Vec<Key> = (0..10_000)
+            .map(|i| Key::new(format!("shard/{i}")).expect("key"))
+            .collect();
         assert_eq!(strs(&prefixes_for(many.iter(), 4)), ["shard/"]);
     }
 
