@@ -309,6 +309,16 @@ pub struct KeySetMachine {
     /// The session's watch, while it is active.
     session_watch: Option<(SessionId, Watch)>,
     prefixes: Vec<PrefixWatch>,
+    /// Keys a listing showed free: a plain read of the session tells whether the session went
+    /// (every key lost with it) or only these keys (released by someone else).
+    check: Option<Check>,
+}
+
+/// A read of the session's info, for keys seen free.
+#[derive(Clone, Debug)]
+struct Check {
+    pending: Pending,
+    keys: Vec<Key>,
 }
 
 impl KeySetMachine {
@@ -340,6 +350,7 @@ impl KeySetMachine {
             release_failing_since: None,
             session_watch: None,
             prefixes: Vec::new(),
+            check: None,
         })
     }
 
@@ -547,6 +558,19 @@ impl KeySetMachine {
         })
     }
 
+    /// The fencing tokens of every held key, in key order.
+    pub fn tokens(&self) -> impl Iterator<Item = &FencingToken> {
+        self.keys.values().filter_map(|s| match s {
+            KeyState::Held(token) => Some(token),
+            _ => None,
+        })
+    }
+
+    /// Whether [`close`](Self::close) has finished ([`KeySetEvent::Closed`] was reported).
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
     /// How many keys are held.
     pub fn held(&self) -> usize {
         self.keys
@@ -601,6 +625,7 @@ impl KeySetMachine {
         all.extend(self.batches.iter().map(|b| b.pending));
         all.extend(self.session_watch.iter().filter_map(|(_, w)| w.pending()));
         all.extend(self.prefixes.iter().filter_map(|p| p.watch.pending()));
+        all.extend(self.check.as_ref().map(|c| c.pending));
         all
     }
 
@@ -634,6 +659,8 @@ impl KeySetMachine {
             .position(|p| p.watch.pending().is_some_and(|p| p.is(id)))
         {
             self.on_prefix_watch(now, i, reply);
+        } else if self.check.as_ref().is_some_and(|c| c.pending.is(id)) {
+            self.on_check(now, reply);
         } else {
             tracing::trace!(%id, "reply to a request nobody waits for");
         }
@@ -686,6 +713,7 @@ impl KeySetMachine {
         tracing::warn!(?reason, held = self.held(), "key set: session lost");
         self.base.out.event(KeySetEvent::SessionLost(reason.clone()));
         self.session_watch = None;
+        self.check = None;
         // Batches in flight were sent with the lost session: what they did went with it.
         let batches = std::mem::take(&mut self.batches);
         let keys: Vec<(Key, KeyState)> = std::mem::take(&mut self.keys).into_iter().collect();
@@ -1238,6 +1266,7 @@ impl KeySetMachine {
         }
         let found: HashMap<&str, &KvPair> = listing.value.iter().map(|p| (p.key.as_str(), p)).collect();
         let mut lost = Vec::new();
+        let mut free = Vec::new();
         for (key, state) in self.keys.range(prefix.clone()..) {
             if !key.as_str().starts_with(prefix.as_str()) {
                 break;
@@ -1252,7 +1281,10 @@ impl KeySetMachine {
             let reason = match found.get(key.as_str()) {
                 None => Some(LossReason::KeyDeleted),
                 Some(pair) => match &pair.session {
-                    None => Some(LossReason::NotHeld),
+                    None => {
+                        free.push(key.clone());
+                        None
+                    }
                     Some(s) if *s != token.session => Some(LossReason::TakenBy(s.clone())),
                     Some(_) if pair.flags != LOCK_FLAG_VALUE => {
                         Some(LossReason::Conflict { flags: pair.flags })
@@ -1267,7 +1299,49 @@ impl KeySetMachine {
         for (key, reason) in lost {
             self.lose(key, reason);
         }
+        if !free.is_empty() {
+            self.check_session(now, free);
+        }
         self.watch_reads(now);
+    }
+
+    /// Keys held by the session were seen free: that is what the session's invalidation looks
+    /// like to a listing (Consul releases its keys), and the listing often answers before the
+    /// session's watch. One plain read of the session tells the two apart, so that the loss is
+    /// reported with its cause.
+    fn check_session(&mut self, now: Instant, keys: Vec<Key>) {
+        if let Some(check) = &mut self.check {
+            check.keys.extend(keys);
+            return;
+        }
+        let Some(id) = self.base.session.id().cloned() else {
+            return;
+        };
+        let read = SessionInfo {
+            id,
+            consistency: Consistency::Consistent,
+            blocking: None,
+        };
+        let pending = self.base.send(now, &read, None);
+        self.check = Some(Check { pending, keys });
+    }
+
+    fn on_check(&mut self, now: Instant, reply: &Reply) {
+        let Some(check) = self.check.take() else {
+            return;
+        };
+        if let Ok(QueryReply { value: None, .. }) = Watch::trust(decode::<SessionInfo>(reply)) {
+            tracing::warn!("key set: the session is gone on the server");
+            self.session_lost(now, LossReason::SessionInvalidated, true);
+            return;
+        }
+        // The session lives (or can't be read now): these keys were released by someone else,
+        // and are lost either way.
+        for key in check.keys {
+            if matches!(self.keys.get(&key), Some(KeyState::Held(_))) {
+                self.lose(key, LossReason::NotHeld);
+            }
+        }
     }
 
     /// The held keys under `prefix`.
