@@ -865,3 +865,13 @@ fn a_callers_session_is_used_and_never_destroyed() {
     assert_eq!(r.take_events().last(), Some(&KeySetEvent::Closed));
     assert_eq!(r.store.sessions, ["mine"]);
 }
+
+#[test]
+fn while_the_session_is_being_created_no_timer_is_due() {
+    let mut r = Rig::default();
+    r.m.acquire(r.now, &["w/a"]).unwrap();
+    r.drain();
+    // The survey and the session create are in flight: the next timer is a deadline, not now
+    // (a timer due at once, never served, would make a driver spin).
+    assert!(r.m.poll_timeout().is_some_and(|t| t > r.now));
+}

@@ -493,11 +493,13 @@ impl KeySetMachine {
     /// When [`handle_timeout`](Self::handle_timeout) is due next; never earlier than the last
     /// `now`.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // The keys' watches wait for the session (see `watch_reads`): their timers with it.
+        let prefixes = self.prefixes.iter().filter(|_| self.session_watch.is_some());
         let watches = self
             .session_watch
             .iter()
             .map(|(_, w)| w)
-            .chain(self.prefixes.iter().map(|p| &p.watch))
+            .chain(prefixes.map(|p| &p.watch))
             .filter_map(Watch::timer);
         let earliest = self
             .base
