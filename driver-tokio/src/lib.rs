@@ -145,6 +145,13 @@ impl Client {
         Client::with_budget(config, ConnectionBudget::default())
     }
 
+    /// How many requests the client has sent to the agent so far (every lock, semaphore, key
+    /// set and [`call`](Client::call) of it and its clones): what a process's locks cost the
+    /// agent, e.g. per minute while idle.
+    pub fn requests_sent(&self) -> u64 {
+        self.transport.sent()
+    }
+
     /// A client for `config` whose requests stay within `budget`: at most
     /// `budget.connections()` in flight (so HTTP/1.1 connections to the agent), of which
     /// blocking reads may take at most `budget.blocking_share()`, so that session renewals,

@@ -131,7 +131,7 @@ impl LockRequest {
             } => Some(
                 LockRequest::new(id, addr, &key, ttl_ms, lock_delay_ms, shared_client).map_err(|e| (id, e)),
             ),
-            Command::Unlock { .. } | Command::Quit => None,
+            Command::Unlock { .. } | Command::Quit | Command::AcquireSet { .. } | Command::Stats => None,
         }
     }
 }
