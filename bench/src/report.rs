@@ -268,9 +268,12 @@ impl Results {
                     let requests = r
                         .idle_requests_per_min
                         .map_or_else(|| "-".to_owned(), |q| format!("{q:.0}"));
-                    let session = r
-                        .session_loss_s
-                        .map_or_else(String::new, |s| format!("  session destroyed: {} keys lost in {s:.3} s", r.session_keys_lost));
+                    let session = r.session_loss_s.map_or_else(String::new, |s| {
+                        format!(
+                            "  session destroyed: {} keys lost in {s:.3} s",
+                            r.session_keys_lost
+                        )
+                    });
                     let _ = writeln!(
                         t,
                         "   {:<9} {:<7} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns (max {:>5})  idle CPU {:>5.1}%  idle req/min {:>5}  lost {} errors {}  deletes {} reported {} p50/max {}{session}",

@@ -129,7 +129,15 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
         let operator = Operator::new(raised.config()?)?;
         for &n in &ctx.plan.scale_sizes {
             for &kind in ctx.clients {
-                runs.push(client(ctx, &raised, &operator, RAISED_LIMIT, kind, Mode::Locks, n)?);
+                runs.push(client(
+                    ctx,
+                    &raised,
+                    &operator,
+                    RAISED_LIMIT,
+                    kind,
+                    Mode::Locks,
+                    n,
+                )?);
             }
         }
     }
@@ -137,7 +145,15 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
     // and Go's, side by side.
     if let Some(n) = ctx.plan.keyset_size {
         if ctx.clients.contains(&ClientKind::Tokio) {
-            runs.push(client(ctx, ctx.agent, ctx.operator, DEFAULT_LIMIT, ClientKind::Tokio, Mode::KeySet, n)?);
+            runs.push(client(
+                ctx,
+                ctx.agent,
+                ctx.operator,
+                DEFAULT_LIMIT,
+                ClientKind::Tokio,
+                Mode::KeySet,
+                n,
+            )?);
         }
     }
     if let Some(&largest) = ctx.plan.scale_sizes.iter().max() {
@@ -181,7 +197,11 @@ fn client(
     let rss_before_kib = procfs::rss_kib(pid).map_err(io("reading memory use"))?;
     let addr = agent.addr().to_string();
     let started = now_ns();
-    let prefix = format!("{}-{limit}-{n}-{}", ctx.key("scale", kind), mode.name().replace(' ', "-"));
+    let prefix = format!(
+        "{}-{limit}-{n}-{}",
+        ctx.key("scale", kind),
+        mode.name().replace(' ', "-")
+    );
     let key = |id: u64| format!("{prefix}/{id}");
     let ttl_ms = u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX);
     match mode {
