@@ -875,3 +875,59 @@ fn while_the_session_is_being_created_no_timer_is_due() {
     // (a timer due at once, never served, would make a driver spin).
     assert!(r.m.poll_timeout().is_some_and(|t| t > r.now));
 }
+
+#[test]
+fn a_key_found_not_held_on_release_is_reported_lost_and_the_rest_released() {
+    let mut r = Rig::default();
+    let wanted = keys("u/", 3);
+    r.acquire(&wanted);
+    r.take_events();
+    // Freed behind the machine's back, and the watch not answered yet: the unlock finds it.
+    r.hang = Some("/v1/kv/".to_owned());
+    let index = r.store.bump();
+    let e = r.store.kv.get_mut(&wanted[1]).unwrap();
+    e.session = None;
+    e.modify_index = index;
+    r.m.release_all(r.now);
+    r.settle();
+    let events = r.take_events();
+    assert_eq!(lost(&events), [(wanted[1].clone(), LossReason::NotHeld)]);
+    let released: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            KeySetEvent::Released(k) => Some(k.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, [wanted[0].clone(), wanted[2].clone()]);
+    // One refused unlock of three, then the two others.
+    assert_eq!(r.store.txn_sizes[r.store.txn_sizes.len() - 2..], [3, 2]);
+}
+
+#[test]
+fn a_close_while_a_batch_is_in_flight_refuses_its_keys_and_gives_back_what_it_granted() {
+    let mut r = Rig::default();
+    r.hang = Some("/v1/txn".to_owned());
+    r.acquire(&keys("x/", 4));
+    let batch = r
+        .outstanding
+        .iter()
+        .position(|t| t.request.uri().path() == "/v1/txn")
+        .unwrap();
+    let batch = r.outstanding.remove(batch);
+    r.m.close(r.now);
+    // The batch lands after the close: granted, never reported held.
+    let answer = r.store.serve(&batch).unwrap();
+    r.m.handle_response(r.now, batch.id, answer);
+    r.hang = None;
+    r.settle();
+    let events = r.take_events();
+    assert!(acquired(&events).is_empty());
+    assert_eq!(refused(&events).len(), 4);
+    assert!(refused(&events).iter().all(|(_, why)| *why == Refusal::Cancelled));
+    assert_eq!(events.last(), Some(&KeySetEvent::Closed));
+    assert!(
+        r.store.kv.values().all(|e| e.session.is_none()),
+        "given back before the destroy"
+    );
+}

@@ -361,12 +361,7 @@ impl KeySetMachine {
     /// in the set, or the set would grow past `max_keys`.
     pub fn acquire<S: AsRef<str>>(&mut self, now: Instant, keys: &[S]) -> Result<(), KeySetError> {
         let now = self.base.observe(now);
-        if self.phase != Phase::Open {
-            return Err(KeySetError::Closing);
-        }
-        if keys.is_empty() {
-            return Err(KeySetError::NoKeys);
-        }
+        self.may_take(keys.len())?;
         let count = self.keys.len().saturating_add(keys.len());
         if count > self.options.max_keys {
             return Err(KeySetError::TooMany {
@@ -377,11 +372,7 @@ impl KeySetMachine {
         let mut fresh = Vec::with_capacity(keys.len());
         let mut seen = std::collections::HashSet::with_capacity(keys.len());
         for key in keys {
-            let key = key.as_ref();
-            let valid = Key::new(key).map_err(|source| KeySetError::Key {
-                key: crate::api::reply::truncate(key, 200),
-                source,
-            })?;
+            let valid = parse_key(key.as_ref())?;
             if self.keys.contains_key(&valid) {
                 return Err(KeySetError::AlreadyInSet(valid.as_str().to_owned()));
             }
@@ -421,19 +412,10 @@ impl KeySetMachine {
     /// meanwhile). The whole call is refused if a key is not held.
     pub fn release<S: AsRef<str>>(&mut self, now: Instant, keys: &[S]) -> Result<(), KeySetError> {
         let now = self.base.observe(now);
-        if self.phase != Phase::Open {
-            return Err(KeySetError::Closing);
-        }
-        if keys.is_empty() {
-            return Err(KeySetError::NoKeys);
-        }
+        self.may_take(keys.len())?;
         let mut valid = Vec::with_capacity(keys.len());
         for key in keys {
-            let key = key.as_ref();
-            let k = Key::new(key).map_err(|source| KeySetError::Key {
-                key: crate::api::reply::truncate(key, 200),
-                source,
-            })?;
+            let k = parse_key(key.as_ref())?;
             if !matches!(self.keys.get(&k), Some(KeyState::Held(_))) {
                 return Err(KeySetError::NotHeld(k.as_str().to_owned()));
             }
@@ -501,29 +483,22 @@ impl KeySetMachine {
             .map(|(_, w)| w)
             .chain(prefixes.map(|p| &p.watch))
             .filter_map(Watch::timer);
-        let earliest = self
+        let timers = self
             .base
             .session
             .poll_timeout()
             .into_iter()
             .chain(self.pause.filter(|_| self.has_work()))
-            .chain(watches)
-            .chain(self.pendings().iter().map(|p| p.deadline))
-            .min()?;
-        Some(match self.base.last_now() {
-            Some(last) => earliest.max(last),
-            None => earliest,
-        })
+            .chain(watches);
+        read::next_timeout(timers, &self.pendings(), self.base.last_now())
     }
 
     /// Handles the passage of time: due timers fire, requests past their deadline time out.
     /// Calling it early, or twice, does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.base.observe(now);
-        for pending in self.pendings().iter() {
-            if now >= pending.deadline {
-                self.on_reply(now, pending.id, &read::deadline_passed());
-            }
+        for id in read::overdue(&self.pendings(), now) {
+            self.on_reply(now, id, &read::deadline_passed());
         }
         let base = &mut self.base;
         let events = base.session.handle_timeout(now, &mut base.out, &mut base.rng);
@@ -615,6 +590,17 @@ impl KeySetMachine {
     }
 
     // ----- inside -----------------------------------------------------------------------------
+
+    /// Whether a call naming `keys` keys may be taken at all.
+    fn may_take(&self, keys: usize) -> Result<(), KeySetError> {
+        if self.phase != Phase::Open {
+            return Err(KeySetError::Closing);
+        }
+        if keys == 0 {
+            return Err(KeySetError::NoKeys);
+        }
+        Ok(())
+    }
 
     fn has_work(&self) -> bool {
         !self.to_lock.is_empty() || !self.to_release.is_empty() || !self.to_survey.is_empty()
@@ -1038,8 +1024,7 @@ impl KeySetMachine {
         let mut rest = Vec::new();
         for (i, key) in batch.keys.into_iter().enumerate() {
             match (named.get(&i), batch.verb) {
-                (None, BatchVerb::Lock) => rest.push(key),
-                (None, BatchVerb::Unlock) => self.to_release.push_front(key),
+                (None, _) => rest.push(key),
                 (Some(refusal), BatchVerb::Lock) => {
                     let reason = match refusal {
                         LockRefusal::Held => Refusal::Held,
@@ -1078,11 +1063,11 @@ impl KeySetMachine {
                 }
             }
         }
-        // The rest were rolled back, not refused: at the front, so they go out next.
+        // The rest were rolled back, not refused: at the front, in order, so they go out next.
         self.requeue(
             Batch {
                 pending: batch.pending,
-                verb: BatchVerb::Lock,
+                verb: batch.verb,
                 keys: rest,
             },
             false,
@@ -1355,6 +1340,14 @@ impl KeySetMachine {
             .map(|(k, _)| k.clone())
             .collect()
     }
+}
+
+/// `key` as a key, or the call's error naming it.
+fn parse_key(key: &str) -> Result<Key, KeySetError> {
+    Key::new(key).map_err(|source| KeySetError::Key {
+        key: crate::api::reply::truncate(key, 200),
+        source,
+    })
 }
 
 /// The prefixes that cover `keys` with at most `max` blocking reads (when the keys share enough
