@@ -124,7 +124,7 @@ impl KeySet {
     }
 
     /// Closes the set: every key given back, the session destroyed. Later calls answer
-    /// [`KeySetError::Closing`] (or [`Error::DriverStopped`] once the task is gone).
+    /// [`Error::DriverStopped`].
     pub async fn close(&self) {
         let _ = self.ask(|reply| Command::Close { reply }).await;
     }
@@ -174,16 +174,10 @@ pub(crate) async fn run(
                 Action::Event(event) => on_event(&mut w, &losses, event),
             }
         }
-        if machine.is_closed() {
-            for reply in w.close.drain(..) {
-                let _ = reply.send(());
+        if handles_gone {
+            if !machine.is_closed() {
+                machine.close(Instant::now());
             }
-            if handles_gone || commands.is_closed() {
-                break;
-            }
-        }
-        if handles_gone && !machine.is_closed() {
-            machine.close(Instant::now());
             if machine.is_closed() || machine.is_quiescent() {
                 break;
             }
@@ -191,6 +185,12 @@ pub(crate) async fn run(
         let timer = machine.poll_timeout();
         tokio::select! {
             command = commands.recv(), if !handles_gone => match command {
+                // Closed (by the handle or `Client::shutdown`): the task ends once the set is,
+                // and later calls answer `DriverStopped`.
+                Some(Command::Close { reply }) => {
+                    w.close.push(reply);
+                    handles_gone = true;
+                }
                 Some(command) => on_command(&mut machine, &mut w, command),
                 None => handles_gone = true,
             },
@@ -199,6 +199,9 @@ pub(crate) async fn run(
             }
             () = sleep_until(timer), if timer.is_some() => machine.handle_timeout(Instant::now()),
         }
+    }
+    for reply in w.close.drain(..) {
+        let _ = reply.send(());
     }
     tracing::debug!("key set task done");
 }
@@ -252,14 +255,8 @@ fn on_command(machine: &mut KeySetMachine, w: &mut Waiters, command: Command) {
         Command::Tokens { reply } => {
             let _ = reply.send(machine.tokens().cloned().collect());
         }
-        Command::Close { reply } => {
-            if machine.is_closed() {
-                let _ = reply.send(());
-            } else {
-                w.close.push(reply);
-                machine.close(now);
-            }
-        }
+        // Taken by the loop, which stops reading commands.
+        Command::Close { reply } => w.close.push(reply),
     }
 }
 

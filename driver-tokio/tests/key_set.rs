@@ -99,7 +99,7 @@ async fn every_key_is_a_lock_go_waits_for_until_we_release_it() {
     }
     assert!(matches!(
         set.acquire(&[&keys[0]]).await,
-        Err(Error::KeySet(KeySetError::Closing))
+        Err(Error::DriverStopped)
     ));
 }
 
@@ -170,5 +170,34 @@ async fn an_operators_delete_loses_one_key_and_the_sessions_destroy_all() {
     let again = set.acquire(&keys[..5]).await.unwrap();
     assert_eq!(again.held.len(), 5);
     assert_ne!(again.held[0].session, got.held[0].session);
+    // `Client::shutdown` closes it: the keys are given back and the task ends in time.
+    client.shutdown(Duration::from_secs(10)).await.unwrap();
+    for key in &keys[..5] {
+        assert!(
+            wire.get(key).await.is_none_or(|p| p.session.is_none()),
+            "{key} left held"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_anything_is_sent() {
+    let Some(agent) = require_agent() else { return };
+    let client = Client::new(agent.config().unwrap()).unwrap();
+    let set = key_set(&client, "input");
+    let before = client.requests_sent();
+    assert!(matches!(
+        set.acquire(&["a", "a"]).await,
+        Err(Error::KeySet(KeySetError::Duplicate(_)))
+    ));
+    assert!(matches!(
+        set.acquire(&["ok", "a//b"]).await,
+        Err(Error::KeySet(KeySetError::Key { .. }))
+    ));
+    assert!(matches!(
+        set.release(&["never/held"]).await,
+        Err(Error::KeySet(KeySetError::NotHeld(_)))
+    ));
+    assert_eq!(client.requests_sent(), before, "nothing was sent");
     set.close().await;
 }
