@@ -21,12 +21,15 @@ PROPS = [
      "--exact", "safety_fencing_liveness_and_cleanup"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_semaphore_properties", "--",
      "--exact", "at_most_limit_holders_fencing_liveness_and_cleanup"],
+    ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_key_set_properties", "--",
+     "--exact", "key_set_safety_outcomes_prompt_loss_and_cleanup"],
 ]
 # Every test of the core and of the simulated Consul (no real agent: minutes, not an hour).
 ALL = [
     ["cargo", "test", "-q", "-p", "consul-lock-core"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties",
-     "--test", "sim_semaphore_properties", "--test", "sim_consul", "--test", "sim_differential"],
+     "--test", "sim_semaphore_properties", "--test", "sim_key_set_properties", "--test", "sim_consul",
+     "--test", "sim_differential"],
 ]
 BUILD = ["cargo", "test", "-q", "--no-run", "-p", "consul-lock-core", "-p", "consul-lock-testkit"]
 
