@@ -425,34 +425,37 @@ fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i:05}")).collect()
 }
 
+/// What `pick` finds in each event that has it.
+fn pick<T>(events: &[KeySetEvent], pick: impl Fn(&KeySetEvent) -> Option<T>) -> Vec<T> {
+    events.iter().filter_map(pick).collect()
+}
+
 fn acquired(events: &[KeySetEvent]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            KeySetEvent::Acquired(t) => Some(t.key.as_str().to_owned()),
-            _ => None,
-        })
-        .collect()
+    pick(events, |e| match e {
+        KeySetEvent::Acquired(t) => Some(t.key.as_str().to_owned()),
+        _ => None,
+    })
+}
+
+fn released(events: &[KeySetEvent]) -> Vec<String> {
+    pick(events, |e| match e {
+        KeySetEvent::Released(k) => Some(k.as_str().to_owned()),
+        _ => None,
+    })
 }
 
 fn refused(events: &[KeySetEvent]) -> Vec<(String, Refusal)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            KeySetEvent::Refused { key, reason } => Some((key.as_str().to_owned(), reason.clone())),
-            _ => None,
-        })
-        .collect()
+    pick(events, |e| match e {
+        KeySetEvent::Refused { key, reason } => Some((key.as_str().to_owned(), reason.clone())),
+        _ => None,
+    })
 }
 
 fn lost(events: &[KeySetEvent]) -> Vec<(String, LossReason)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            KeySetEvent::Lost { key, reason } => Some((key.as_str().to_owned(), reason.clone())),
-            _ => None,
-        })
-        .collect()
+    pick(events, |e| match e {
+        KeySetEvent::Lost { key, reason } => Some((key.as_str().to_owned(), reason.clone())),
+        _ => None,
+    })
 }
 
 #[test]
@@ -563,13 +566,7 @@ fn some_keys_are_released_then_all() {
     r.m.release(r.now, &wanted[..10]).unwrap();
     r.settle();
     let events = r.take_events();
-    let released: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            KeySetEvent::Released(k) => Some(k.as_str().to_owned()),
-            _ => None,
-        })
-        .collect();
+    let released = released(&events);
     assert_eq!(released, wanted[..10]);
     assert_eq!(r.m.held(), 90);
     assert!(r.store.kv[&wanted[0]].session.is_none());
@@ -892,13 +889,7 @@ fn a_key_found_not_held_on_release_is_reported_lost_and_the_rest_released() {
     r.settle();
     let events = r.take_events();
     assert_eq!(lost(&events), [(wanted[1].clone(), LossReason::NotHeld)]);
-    let released: Vec<_> = events
-        .iter()
-        .filter_map(|e| match e {
-            KeySetEvent::Released(k) => Some(k.as_str().to_owned()),
-            _ => None,
-        })
-        .collect();
+    let released = released(&events);
     assert_eq!(released, [wanted[0].clone(), wanted[2].clone()]);
     // One refused unlock of three, then the two others.
     assert_eq!(r.store.txn_sizes[r.store.txn_sizes.len() - 2..], [3, 2]);

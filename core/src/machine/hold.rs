@@ -47,6 +47,17 @@ impl<E> Base<E> {
         }
     }
 
+    /// The base for a machine holding with `hold`'s session, namespace, request timeout and seed.
+    pub(crate) fn for_hold(config: ClientConfig, hold: &crate::machine::HoldOptions) -> Base<E> {
+        Base::new(
+            config,
+            hold.namespace.as_ref(),
+            &hold.session,
+            hold.request_timeout,
+            hold.seed,
+        )
+    }
+
     /// The latest `now` the machine was given.
     pub(crate) fn last_now(&self) -> Option<Instant> {
         self.last_now

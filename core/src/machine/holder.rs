@@ -237,14 +237,7 @@ impl<K: Kind> Holder<K> {
     ) -> Result<Holder<K>, OptionsError> {
         options.check()?;
         config.check()?;
-        let hold = options.hold();
-        let base = Base::new(
-            config,
-            hold.namespace.as_ref(),
-            &hold.session,
-            hold.request_timeout,
-            hold.seed,
-        );
+        let base = Base::for_hold(config, options.hold());
         Ok(Holder {
             kind: kind(&options),
             options,

@@ -326,14 +326,7 @@ impl KeySetMachine {
     pub fn new(config: ClientConfig, options: KeySetOptions) -> Result<KeySetMachine, OptionsError> {
         options.validate()?;
         config.check()?;
-        let hold = &options.hold;
-        let base = Base::new(
-            config,
-            hold.namespace.as_ref(),
-            &hold.session,
-            hold.request_timeout,
-            hold.seed,
-        );
+        let base = Base::for_hold(config, &options.hold);
         Ok(KeySetMachine {
             options,
             base,
