@@ -22,6 +22,8 @@ PROPS = [
      "queued_and_unqueued_contenders_keep_safety_order_and_liveness"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_semaphore_properties", "--",
      "--exact", "at_most_limit_holders_fencing_liveness_and_cleanup"],
+    ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_key_set_properties", "--",
+     "--exact", "key_set_safety_outcomes_prompt_loss_and_cleanup"],
     # A million simulated seconds of ten-minute scenarios (about a minute): what only long runs
     # with many faults reach. Last, so that it runs only for what the quick ones let through.
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_scale"],
@@ -30,8 +32,8 @@ PROPS = [
 ALL = [
     ["cargo", "test", "-q", "-p", "consul-lock-core"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties",
-     "--test", "sim_semaphore_properties", "--test", "sim_queue", "--test", "sim_consul",
-     "--test", "sim_differential", "--test", "sim_scale"],
+     "--test", "sim_semaphore_properties", "--test", "sim_queue", "--test", "sim_key_set_properties",
+     "--test", "sim_consul", "--test", "sim_differential", "--test", "sim_scale"],
 ]
 BUILD = ["cargo", "test", "-q", "--no-run", "-p", "consul-lock-core", "-p", "consul-lock-testkit"]
 

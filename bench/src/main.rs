@@ -19,6 +19,7 @@ consul-lock-bench: the tokio and blocking drivers side by side with HashiCorp's 
 usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [--go-bin FILE]
                          [--scale-sizes LIST] [--scale-window SECS] [--scale-default-only]
                          [--contention-sizes LIST]
+                         [--keyset-size N]
 
   --smoke         every scenario, small: proves the suite runs (CI); its figures mean little
   --only LIST     scenarios, comma-separated: handoff,failover,partition,contention,idle,core,scale
@@ -31,6 +32,8 @@ usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [
                          the largest also runs at Consul's default connection limit
   --scale-window SECS    how long the scale scenario holds the locks idle, counting losses (default: 20)
   --scale-default-only   the scale scenario only at Consul's default connection limit
+  --keyset-size N        keys held on one session by the scale scenario's key set run, at the
+                         default connection limit (tokio; default: 10000; 0: no key set run)
 
 The agent: consul from $CONSUL_BIN, else PATH, else scripts/ensure-consul.sh (Consul 1.8.7).
 ";
@@ -109,6 +112,13 @@ fn parse_args(args: &[String]) -> Result<Args, BenchError> {
                 parsed.plan.scale_window = Duration::from_secs(secs);
             }
             "--scale-default-only" => parsed.plan.scale_raised = false,
+            "--keyset-size" => {
+                let n = value("--keyset-size")?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| BenchError::Usage(format!("--keyset-size: {n:?} is not a key count")))?;
+                parsed.plan.keyset_size = (n > 0).then_some(n);
+            }
             "--out" => parsed.out = Some(PathBuf::from(value("--out")?)),
             "--go-bin" => parsed.go_bin = Some(PathBuf::from(value("--go-bin")?)),
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),

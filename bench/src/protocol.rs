@@ -30,6 +30,20 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         queued: bool,
     },
+    /// Take `n` keys (`<prefix>/<i>`, contender ids `0..n`) on one session, with the key set
+    /// (the Rust contenders only): `held` for each key taken, `lost` for each key lost after.
+    AcquireSet {
+        /// The agent's HTTP address, `host:port`.
+        addr: String,
+        /// The keys' prefix.
+        prefix: String,
+        /// How many keys.
+        n: u64,
+        /// The session TTL in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Answer `stats` (the Rust contenders only).
+    Stats,
     /// Release the lock contender `id` holds.
     Unlock {
         /// The contender.
@@ -87,6 +101,11 @@ pub enum Event {
         /// What went wrong.
         msg: String,
     },
+    /// The answer to `stats`.
+    Stats {
+        /// Requests the process's shared clients have sent so far.
+        requests: u64,
+    },
     /// The answer to `quit`; the last line.
     Bye,
 }
@@ -100,7 +119,7 @@ impl Event {
             | Event::Unlocking { id, .. }
             | Event::Unlocked { id, .. } => Some(*id),
             Event::Error { id, .. } => *id,
-            Event::Ready { .. } | Event::Bye => None,
+            Event::Ready { .. } | Event::Stats { .. } | Event::Bye => None,
         }
     }
 
@@ -112,7 +131,7 @@ impl Event {
             | Event::Lost { t_ns, .. }
             | Event::Unlocking { t_ns, .. }
             | Event::Unlocked { t_ns, .. } => Some(*t_ns),
-            Event::Error { .. } | Event::Bye => None,
+            Event::Error { .. } | Event::Stats { .. } | Event::Bye => None,
         }
     }
 }

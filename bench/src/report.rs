@@ -264,11 +264,21 @@ impl Results {
                         .map_or_else(|| "-".to_owned(), |k| format!("{k:.1}"));
                     let reaction = r
                         .reaction()
-                        .map_or_else(|| "-".to_owned(), |s| format!("{:.1}/{:.1} s", s.p50, s.max));
+                        .map_or_else(|| "-".to_owned(), |s| format!("{:.3}/{:.3} s", s.p50, s.max));
+                    let requests = r
+                        .idle_requests_per_min
+                        .map_or_else(|| "-".to_owned(), |q| format!("{q:.0}"));
+                    let session = r.session_loss_s.map_or_else(String::new, |s| {
+                        format!(
+                            "  session destroyed: {} keys lost in {s:.3} s",
+                            r.session_keys_lost
+                        )
+                    });
                     let _ = writeln!(
                         t,
-                        "   {:<9} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns (max {:>5})  idle CPU {:>5.1}%  lost {} errors {}  deletes {} reported {} p50/max {}",
+                        "   {:<9} {:<7} limit {:>5} {:>5} asked {:>5} held in {:>5.1} s  {:>6} KiB/lock  {:>5} conns (max {:>5})  idle CPU {:>5.1}%  idle req/min {:>5}  lost {} errors {}  deletes {} reported {} p50/max {}{session}",
                         kind.name(),
+                        r.mode.name(),
                         r.conn_limit,
                         r.locks,
                         r.held,
@@ -277,11 +287,12 @@ impl Results {
                         r.connections,
                         r.connections_max,
                         r.idle_cpu_percent,
+                        requests,
                         r.lost,
                         r.errors,
                         r.deletes,
                         r.delete_reaction_s.len(),
-                        reaction
+                        reaction,
                     );
                     for e in &r.error_samples {
                         let _ = writeln!(t, "             error: {e}");

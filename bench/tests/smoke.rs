@@ -72,7 +72,13 @@ fn the_smoke_pass_runs_every_scenario_for_every_client() {
     }
     assert!(results["core"]["events_per_sec"].as_f64().unwrap() > 0.0);
     let runs = results["scale"]["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2 * clients.len());
+    // Each client's locks at both limits, and the tokio key set at the default one.
+    assert_eq!(runs.len(), 2 * clients.len() + 1);
+    let key_set = runs.iter().find(|r| r["mode"] == "key_set").unwrap();
+    assert_eq!(
+        key_set["session_keys_lost"],
+        key_set["held"].as_u64().unwrap() - key_set["deletes"].as_u64().unwrap()
+    );
     assert!(
         runs.iter().all(|r| r["held"] == r["locks"]),
         "every lock held: {runs:?}"

@@ -57,7 +57,8 @@ pub use consul_lock_core::machine::{
     ObserveOptions, Retry, SemaphoreOptions, Waiting,
 };
 pub use consul_lock_tokio::{
-    BudgetError, CallError, ConnectionBudget, Error, HoldEnd, ShutdownError, TlsFileError,
+    Acquired, BudgetError, CallError, ConnectionBudget, Error, HoldEnd, KeyLoss, KeySetError, KeySetOptions,
+    Refusal, ShutdownError, TlsFileError,
 };
 use tokio::sync::watch;
 
@@ -240,6 +241,20 @@ impl Client {
             Ok(runtime) => runtime.block_on(self.inner.call(endpoint, timeout)),
             Err(_) => Err(CallError::Stopped),
         }
+    }
+
+    /// Many lock keys on one session, with the default [`KeySetOptions`] (see [`KeySet`]).
+    pub fn key_set(&self) -> Result<KeySet, Error> {
+        self.key_set_with(KeySetOptions::new())
+    }
+
+    /// [`key_set`](Client::key_set) with `options`.
+    pub fn key_set_with(&self, options: KeySetOptions) -> Result<KeySet, Error> {
+        let _entered = self.runtime.handle()?.enter();
+        Ok(KeySet {
+            inner: self.inner.key_set_with(options)?,
+            runtime: self.runtime.clone(),
+        })
     }
 
     /// A lock with Go's defaults on `key`.
@@ -780,5 +795,65 @@ impl Leadership {
     /// A watch on this term for another thread (see [`LockGuard::watch`]).
     pub fn watch(&self) -> LossWatch {
         self.guard.watch()
+    }
+}
+
+/// Many lock keys held on one Consul session ([`Client::key_set`]): the tokio driver's
+/// [`consul_lock_tokio::KeySet`], each call blocking the calling thread until it is answered.
+///
+/// ```no_run
+/// # fn run() -> Result<(), consul_lock_blocking::Error> {
+/// let client = consul_lock_blocking::Client::from_env()?;
+/// let set = client.key_set()?;
+/// let shards: Vec<String> = (0..1000).map(|i| format!("shards/{i}/.lock")).collect();
+/// let got = set.acquire(&shards)?; // batched: 16 transactions of at most 64 keys
+/// println!("{} held, {} refused", got.held.len(), got.refused.len());
+/// if let Some(loss) = set.wait_loss(Some(std::time::Duration::from_secs(1)))? {
+///     println!("lost {}: {:?}", loss.key, loss.reason);
+/// }
+/// set.close();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct KeySet {
+    inner: consul_lock_tokio::KeySet,
+    runtime: Arc<Runtime>,
+}
+
+impl KeySet {
+    /// See [`consul_lock_tokio::KeySet::acquire`].
+    pub fn acquire<S: AsRef<str>>(&self, keys: &[S]) -> Result<Acquired, Error> {
+        self.runtime.handle()?.block_on(self.inner.acquire(keys))
+    }
+
+    /// See [`consul_lock_tokio::KeySet::release`].
+    pub fn release<S: AsRef<str>>(&self, keys: &[S]) -> Result<(), Error> {
+        self.runtime.handle()?.block_on(self.inner.release(keys))
+    }
+
+    /// See [`consul_lock_tokio::KeySet::release_all`].
+    pub fn release_all(&self) -> Result<(), Error> {
+        self.runtime.handle()?.block_on(self.inner.release_all())
+    }
+
+    /// See [`consul_lock_tokio::KeySet::held`].
+    pub fn held(&self) -> Result<Vec<FencingToken>, Error> {
+        self.runtime.handle()?.block_on(self.inner.held())
+    }
+
+    /// The next key lost, waiting at most `timeout` (`None`: until one is): `Ok(None)` when the
+    /// time ran out first; [`Error::DriverStopped`] once the set is closed.
+    pub fn wait_loss(&self, timeout: Option<Duration>) -> Result<Option<KeyLoss>, Error> {
+        self.runtime.block_on_within(timeout, async {
+            self.inner.next_loss().await.ok_or(Error::DriverStopped)
+        })
+    }
+
+    /// See [`consul_lock_tokio::KeySet::close`].
+    pub fn close(&self) {
+        if let Ok(runtime) = self.runtime.handle() {
+            runtime.block_on(self.inner.close());
+        }
     }
 }

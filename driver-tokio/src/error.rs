@@ -65,6 +65,10 @@ pub enum Error {
     /// The lock refused the operation or the attempt failed (conflict, session, permission).
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A key set refused the call (an invalid key, one given twice or already in the set, too
+    /// many keys, a release of a key not held, a call after close).
+    #[error(transparent)]
+    KeySet(consul_lock_core::machine::KeySetError),
     /// Try-once: the wait ended without the lock. Not a success: there is no guard.
     #[error("gave up: no lock within the wait time (try_once)")]
     GaveUp,

@@ -54,6 +54,7 @@
 mod budget;
 mod caught;
 mod error;
+mod keyset;
 mod observe;
 mod seed;
 mod task;
@@ -72,7 +73,9 @@ pub use consul_lock_core::machine::{
     ObserveOptions, Retry, SemaphoreOptions, Waiting,
 };
 use consul_lock_core::machine::{HoldMachine, LockMachine, SemaphoreMachine};
+pub use consul_lock_core::machine::{KeySetError, KeySetOptions, Refusal};
 pub use error::{CallError, Error, ShutdownError, TlsFileError};
+pub use keyset::{Acquired, KeyLoss, KeySet};
 pub use observe::{Election, Leadership, Observer};
 pub use task::HoldEnd;
 use task::{Command, Generation};
@@ -97,8 +100,35 @@ pub struct Client {
 #[derive(Debug)]
 struct Registered {
     name: String,
-    commands: mpsc::WeakUnboundedSender<Command>,
+    commands: Closer,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// How [`Client::shutdown`] asks a task to close.
+#[derive(Debug)]
+enum Closer {
+    Hold(mpsc::WeakUnboundedSender<Command>),
+    KeySet(mpsc::WeakUnboundedSender<keyset::Command>),
+}
+
+impl Closer {
+    /// Asks the task to close, if its handles are still alive (a task whose handles are all
+    /// gone ends by itself).
+    fn close(&self) {
+        let (reply, _) = oneshot::channel();
+        match self {
+            Closer::Hold(commands) => {
+                if let Some(commands) = commands.upgrade() {
+                    let _ = commands.send(Command::Close { reply });
+                }
+            }
+            Closer::KeySet(commands) => {
+                if let Some(commands) = commands.upgrade() {
+                    let _ = commands.send(keyset::Command::Close { reply });
+                }
+            }
+        }
+    }
 }
 
 impl Client {
@@ -113,6 +143,13 @@ impl Client {
     /// A client for `config`, with the default [`ConnectionBudget`].
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
         Client::with_budget(config, ConnectionBudget::default())
+    }
+
+    /// How many requests the client has sent to the agent so far (every lock, semaphore, key
+    /// set and [`call`](Client::call) of it and its clones): what a process's locks cost the
+    /// agent, e.g. per minute while idle.
+    pub fn requests_sent(&self) -> u64 {
+        self.transport.sent()
     }
 
     /// A client for `config` whose requests stay within `budget`: at most
@@ -310,11 +347,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         for registered in &tasks {
-            // A task whose handles are all gone ends by itself; it is only waited for.
-            if let Some(commands) = registered.commands.upgrade() {
-                let (reply, _) = oneshot::channel();
-                let _ = commands.send(Command::Close { reply });
-            }
+            registered.commands.close();
         }
         let mut unfinished = Vec::new();
         for mut registered in tasks {
@@ -338,6 +371,38 @@ impl Client {
         Err(ShutdownError::Unfinished { unfinished: names })
     }
 
+    /// Registers a task for [`shutdown`](Self::shutdown).
+    fn register(&self, name: String, commands: Closer, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.retain(|registered| !registered.task.is_finished());
+        tasks.push(Registered { name, commands, task });
+    }
+
+    /// Many lock keys on one session, with the default [`KeySetOptions`] (see [`KeySet`]). Must
+    /// be called inside a tokio runtime: the set's task starts here.
+    pub fn key_set(&self) -> Result<KeySet, Error> {
+        self.key_set_with(KeySetOptions::new())
+    }
+
+    /// [`key_set`](Client::key_set) with `options` (its `seed` is replaced by one from
+    /// entropy).
+    pub fn key_set_with(&self, mut options: KeySetOptions) -> Result<KeySet, Error> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        options.hold.seed = seed::fresh();
+        let machine = consul_lock_core::machine::KeySetMachine::new((*self.config).clone(), options)?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (losses, loss_rx) = mpsc::unbounded_channel();
+        let task = runtime.spawn(keyset::run(
+            machine,
+            self.transport.clone(),
+            (*self.config).clone(),
+            rx,
+            losses,
+        ));
+        self.register("key set".to_owned(), Closer::KeySet(commands.downgrade()), task);
+        Ok(KeySet::new(commands, loss_rx))
+    }
+
     /// Starts the task that owns `machine`, registers it for [`shutdown`](Self::shutdown), and
     /// hands out its handle.
     fn spawn<M: HoldMachine>(&self, runtime: &tokio::runtime::Handle, machine: M, name: String) -> Lock {
@@ -350,14 +415,7 @@ impl Client {
             rx,
             retries,
         ));
-        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        tasks.retain(|registered| !registered.task.is_finished());
-        tasks.push(Registered {
-            name,
-            commands: commands.downgrade(),
-            task,
-        });
-        drop(tasks);
+        self.register(name, Closer::Hold(commands.downgrade()), task);
         Lock {
             commands,
             generation: Arc::new(AtomicU64::new(0)),

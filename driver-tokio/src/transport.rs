@@ -15,6 +15,8 @@ use crate::{Error, TlsFileError};
 pub(crate) struct Transport {
     http: reqwest::Client,
     gate: Gate,
+    /// Requests sent so far, for [`Client::requests_sent`](crate::Client::requests_sent).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl Transport {
@@ -23,7 +25,13 @@ impl Transport {
         Ok(Transport {
             http: build_client(config, budget)?,
             gate: Gate::new(budget),
+            sent: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Requests sent so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn budget(&self) -> ConnectionBudget {
@@ -192,6 +200,7 @@ pub(crate) async fn exchange(
         let pass = transport.gate.enter(class, deadline).await.ok_or_else(|| {
             TransportError::new(TransportErrorKind::Io, "the client's connection budget is closed")
         })?;
+        transport.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(wait) = pass.cut_wait {
             consul_lock_core::api::shorten_wait(&mut request, wait);
         }

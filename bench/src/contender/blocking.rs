@@ -43,6 +43,9 @@ pub fn run() -> Result<(), ContenderError> {
                 }
                 None => out.error(Some(id), "unlock: no such contender"),
             },
+            Command::AcquireSet { .. } | Command::Stats => {
+                out.error(None, "acquire_set and stats: the tokio contender's commands");
+            }
             lock => match LockRequest::from_command(lock) {
                 Some(Ok(request)) => {
                     let client = request.client(&mut shared, Client::new);

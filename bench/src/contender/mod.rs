@@ -151,7 +151,7 @@ impl LockRequest {
                 };
                 Some(LockRequest::new(id, addr, &key, asked, shared_client).map_err(|e| (id, e)))
             }
-            Command::Unlock { .. } | Command::Quit => None,
+            Command::Unlock { .. } | Command::Quit | Command::AcquireSet { .. } | Command::Stats => None,
         }
     }
 }

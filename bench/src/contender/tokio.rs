@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use consul_lock_tokio::{Client, Lock};
+use std::sync::Arc;
+
+use consul_lock_tokio::{Client, ClientConfig, KeySet, KeySetOptions, Lock};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -31,6 +33,7 @@ async fn serve() -> Result<(), ContenderError> {
     // Dropping a contender's sender also tells it to stop (release, or give up waiting).
     let mut unlocks: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
     let mut tasks = JoinSet::new();
+    let mut sets: Vec<Arc<KeySet>> = Vec::new();
     while let Some(line) = lines.next_line().await? {
         let Some(command) = parse(&line, &out) else {
             continue;
@@ -43,6 +46,25 @@ async fn serve() -> Result<(), ContenderError> {
                 }
                 None => out.error(Some(id), "unlock: no such contender"),
             },
+            Command::AcquireSet {
+                addr,
+                prefix,
+                n,
+                ttl_ms,
+            } => match set_client(&mut shared, &addr) {
+                Ok(client) => match key_set(&client, ttl_ms) {
+                    Ok(set) => {
+                        let set = Arc::new(set);
+                        sets.push(set.clone());
+                        tasks.spawn(hold_set(set, prefix, n, out.clone()));
+                    }
+                    Err(e) => out.error(None, format!("key set: {e}")),
+                },
+                Err(e) => out.error(None, e),
+            },
+            Command::Stats => out.send(&Event::Stats {
+                requests: shared.values().map(Client::requests_sent).sum(),
+            }),
             lock => match LockRequest::from_command(lock) {
                 Some(Ok(request)) => {
                     let client = request.client(&mut shared, Client::new);
@@ -64,6 +86,10 @@ async fn serve() -> Result<(), ContenderError> {
     }
     drop(unlocks);
     let _ = ::tokio::time::timeout(QUIT_DEADLINE, async {
+        for set in &sets {
+            set.close().await;
+        }
+        tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -110,4 +136,56 @@ async fn contend(lock: Lock, id: u64, out: Output, mut unlock: oneshot::Receiver
         out.error(Some(id), format!("release: {e}"));
     }
     lock.close().await;
+}
+
+/// The client shared by every contender of the process for `addr`.
+fn set_client(shared: &mut HashMap<String, Client>, addr: &str) -> Result<Client, String> {
+    if let Some(client) = shared.get(addr) {
+        return Ok(client.clone());
+    }
+    let config = ClientConfig::http(addr).map_err(|e| format!("bad addr {addr:?}: {e}"))?;
+    let client = Client::new(config).map_err(|e| e.to_string())?;
+    shared.insert(addr.to_owned(), client.clone());
+    Ok(client)
+}
+
+fn key_set(client: &Client, ttl_ms: u64) -> Result<KeySet, consul_lock_tokio::Error> {
+    let mut options = KeySetOptions::new();
+    if let Some(session) = options.hold.session_options_mut() {
+        session.ttl = Duration::from_millis(ttl_ms);
+    }
+    client.key_set_with(options)
+}
+
+/// Takes `<prefix>/<i>` for `i` in `0..n`, reports each key held (contender id `i`), then each
+/// key lost, until the set is closed.
+async fn hold_set(set: Arc<KeySet>, prefix: String, n: u64, out: Output) {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}/{i}")).collect();
+    let id_of = |key: &str| key.rsplit('/').next().and_then(|i| i.parse::<u64>().ok());
+    match set.acquire(&keys).await {
+        Ok(got) => {
+            let t_ns = now_ns();
+            for token in got.held {
+                if let Some(id) = id_of(token.key.as_str()) {
+                    out.send(&Event::Held {
+                        id,
+                        t_ns,
+                        session: token.session.as_str().to_owned(),
+                    });
+                }
+            }
+            for (key, why) in got.refused {
+                out.error(id_of(key.as_str()), format!("refused: {why:?}"));
+            }
+        }
+        Err(e) => {
+            out.error(None, format!("acquire_set: {e}"));
+            return;
+        }
+    }
+    while let Some(loss) = set.next_loss().await {
+        if let Some(id) = id_of(loss.key.as_str()) {
+            out.send(&Event::Lost { id, t_ns: now_ns() });
+        }
+    }
 }

@@ -40,6 +40,9 @@ pub struct Plan {
     pub idle_window: Duration,
     /// Lock counts for the scale scenario.
     pub scale_sizes: Vec<usize>,
+    /// Keys of the scale scenario's key set run (at Consul's default limits, tokio); `None`:
+    /// no key set run.
+    pub keyset_size: Option<usize>,
     /// How long the scale scenario watches the held locks idle.
     pub scale_window: Duration,
     /// Whether the scale scenario also runs against an agent with the connection limit raised
@@ -62,6 +65,7 @@ impl Plan {
             contention_sizes: vec![20, 50],
             idle_window: Duration::from_secs(60),
             scale_sizes: vec![100, 1000],
+            keyset_size: Some(10_000),
             scale_window: Duration::from_secs(20),
             scale_raised: true,
             core_budget: Duration::from_secs(3),
@@ -80,6 +84,7 @@ impl Plan {
             contention_sizes: vec![5],
             idle_window: Duration::from_secs(5),
             scale_sizes: vec![20],
+            keyset_size: Some(100),
             scale_window: Duration::from_secs(3),
             scale_raised: true,
             core_budget: Duration::from_millis(300),

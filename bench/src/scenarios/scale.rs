@@ -41,11 +41,33 @@ const REACTION_WAIT: Duration = Duration::from_secs(360);
 /// How often connections are counted during the window.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
+/// How a run holds its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One `Lock` (one session, one monitor) per key, on one shared client.
+    Locks,
+    /// Every key on one session: the key set (the tokio contender).
+    KeySet,
+}
+
+impl Mode {
+    /// The mode's name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Locks => "locks",
+            Mode::KeySet => "key set",
+        }
+    }
+}
+
 /// One client holding `locks` locks on one agent.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScaleRun {
     /// The client.
     pub client: ClientKind,
+    /// One session per lock, or one key set.
+    pub mode: Mode,
     /// The agent's `http_max_conns_per_client`.
     pub conn_limit: u32,
     /// Locks asked for.
@@ -76,6 +98,13 @@ pub struct ScaleRun {
     pub deletes: usize,
     /// Seconds from each delete to its holder's `lost`, for those reported within the wait.
     pub delete_reaction_s: Vec<f64>,
+    /// Requests the client sent per minute over the idle window (the Rust contenders).
+    pub idle_requests_per_min: Option<f64>,
+    /// A key set: seconds from the operator destroying its session to the last of its keys
+    /// reported lost, and how many were.
+    pub session_loss_s: Option<f64>,
+    /// A key set: the keys reported lost after the session's destroy.
+    pub session_keys_lost: usize,
 }
 
 /// The scale figures.
@@ -100,8 +129,31 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
         let operator = Operator::new(raised.config()?)?;
         for &n in &ctx.plan.scale_sizes {
             for &kind in scaled(ctx) {
-                runs.push(client(ctx, &raised, &operator, RAISED_LIMIT, kind, n)?);
+                runs.push(client(
+                    ctx,
+                    &raised,
+                    &operator,
+                    RAISED_LIMIT,
+                    kind,
+                    Mode::Locks,
+                    n,
+                )?);
             }
+        }
+    }
+    // One agent at its default limits: the key set, then one lock per key of the Rust clients
+    // and Go's, side by side.
+    if let Some(n) = ctx.plan.keyset_size {
+        if ctx.clients.contains(&ClientKind::Tokio) {
+            runs.push(client(
+                ctx,
+                ctx.agent,
+                ctx.operator,
+                DEFAULT_LIMIT,
+                ClientKind::Tokio,
+                Mode::KeySet,
+                n,
+            )?);
         }
     }
     if let Some(&largest) = ctx.plan.scale_sizes.iter().max() {
@@ -112,6 +164,7 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
                 ctx.operator,
                 DEFAULT_LIMIT,
                 kind,
+                Mode::Locks,
                 largest,
             )?);
         }
@@ -123,12 +176,14 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Scale, BenchError> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn client(
     ctx: &Ctx<'_>,
     agent: &ConsulAgent,
     operator: &Operator,
     limit: u32,
     kind: ClientKind,
+    mode: Mode,
     n: usize,
 ) -> Result<ScaleRun, BenchError> {
     let io = |what: &'static str| {
@@ -142,17 +197,33 @@ fn client(
     let rss_before_kib = procfs::rss_kib(pid).map_err(io("reading memory use"))?;
     let addr = agent.addr().to_string();
     let started = now_ns();
-    let key = |id: u64| format!("{}-{limit}-{n}/{id}", ctx.key("scale", kind));
-    for id in 0..n as u64 {
-        p.send(&Command::Lock {
-            id,
+    let prefix = format!(
+        "{}-{limit}-{n}-{}",
+        ctx.key("scale", kind),
+        mode.name().replace(' ', "-")
+    );
+    let key = |id: u64| format!("{prefix}/{id}");
+    let ttl_ms = u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX);
+    match mode {
+        Mode::KeySet => p.send(&Command::AcquireSet {
             addr: addr.clone(),
-            key: key(id),
-            ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
-            lock_delay_ms: None,
-            shared_client: true,
-            queued: false,
-        })?;
+            prefix: prefix.clone(),
+            n: n as u64,
+            ttl_ms,
+        })?,
+        Mode::Locks => {
+            for id in 0..n as u64 {
+                p.send(&Command::Lock {
+                    id,
+                    addr: addr.clone(),
+                    key: key(id),
+                    ttl_ms,
+                    lock_delay_ms: None,
+                    shared_client: true,
+                    queued: false,
+                })?;
+            }
+        }
     }
     let mut tally = Tally::new(started);
     let mut quiet_since = Instant::now();
@@ -172,6 +243,9 @@ fn client(
     let connections = count()?;
     let mut connections_max = connections;
     let cpu0 = procfs::cpu_seconds(pid).map_err(io("reading CPU time"))?;
+    // The tokio contender counts its client's requests (`Client::requests_sent`).
+    let rust = kind == ClientKind::Tokio;
+    let requests0 = if rust { requests(&mut p, &mut tally)? } else { None };
     let window_end = Instant::now() + ctx.plan.scale_window;
     let mut next_sample = Instant::now() + SAMPLE_EVERY;
     while let Some(left) = window_end
@@ -189,12 +263,21 @@ fn client(
     let idle_cpu_percent = (procfs::cpu_seconds(pid).map_err(io("reading CPU time"))? - cpu0)
         / ctx.plan.scale_window.as_secs_f64()
         * 100.0;
+    let requests1 = if rust { requests(&mut p, &mut tally)? } else { None };
+    let idle_requests_per_min = requests0
+        .zip(requests1)
+        .map(|(a, b)| b.saturating_sub(a) as f64 / ctx.plan.scale_window.as_secs_f64() * 60.0);
     let held = tally.held.len();
     let delete_reaction_s = deletes(operator, &mut p, &mut tally, &key)?;
+    let (session_loss_s, session_keys_lost) = match (mode, tally.session.clone()) {
+        (Mode::KeySet, Some(session)) => session_loss(operator, &mut p, &mut tally, &session)?,
+        _ => (None, 0),
+    };
     p.quit(Duration::from_secs(60));
     let kib_per_lock = (held > 0).then(|| (rss_held_kib as f64 - rss_before_kib as f64) / held as f64);
     Ok(ScaleRun {
         client: kind,
+        mode,
         conn_limit: limit,
         locks: n,
         held,
@@ -210,7 +293,54 @@ fn client(
         error_samples: tally.error_samples,
         deletes: tally.deleted.len(),
         delete_reaction_s,
+        idle_requests_per_min,
+        session_loss_s,
+        session_keys_lost,
     })
+}
+
+/// The requests the contender's clients sent so far (events meanwhile are tallied).
+fn requests(p: &mut Contenders, tally: &mut Tally) -> Result<Option<u64>, BenchError> {
+    p.send(&Command::Stats)?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match p.next(left)? {
+            Some(Event::Stats { requests }) => return Ok(Some(requests)),
+            Some(event) => tally.observe(event),
+            None => break,
+        }
+    }
+    Ok(None)
+}
+
+/// The operator destroys the key set's session: the seconds until every key still held is
+/// reported lost (or the last reported within [`REACTION_WAIT`]), and how many were.
+fn session_loss(
+    operator: &Operator,
+    p: &mut Contenders,
+    tally: &mut Tally,
+    session: &str,
+) -> Result<(Option<f64>, usize), BenchError> {
+    let held: BTreeSet<u64> = tally.held.clone();
+    let at = now_ns();
+    operator.destroy_session(session)?;
+    let until = Instant::now() + REACTION_WAIT;
+    let mut last = None;
+    let mut lost = 0;
+    while lost < held.len() {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        match p.next(left)? {
+            Some(Event::Lost { id, t_ns }) if held.contains(&id) => {
+                lost += 1;
+                last = Some(t_ns.saturating_sub(at) as f64 / 1e9);
+            }
+            Some(event) => tally.observe(event),
+            None => break,
+        }
+    }
+    Ok((last, lost))
 }
 
 /// The operator deletes up to [`DELETES`] held keys, spread over the locks, one after the other;
@@ -243,6 +373,8 @@ fn deletes(
 /// What the events of one run added up to.
 struct Tally {
     held: BTreeSet<u64>,
+    /// The session of the first hold (a key set's only one).
+    session: Option<String>,
     last_hold: u64,
     /// Losses other than the operator's deletes.
     lost: usize,
@@ -258,6 +390,7 @@ impl Tally {
     fn new(started: u64) -> Tally {
         Tally {
             held: BTreeSet::new(),
+            session: None,
             last_hold: started,
             lost: 0,
             deleted: BTreeMap::new(),
@@ -269,8 +402,9 @@ impl Tally {
 
     fn observe(&mut self, event: Event) {
         match event {
-            Event::Held { id, t_ns, .. } => {
+            Event::Held { id, t_ns, session } => {
                 self.held.insert(id);
+                self.session.get_or_insert(session);
                 self.last_hold = self.last_hold.max(t_ns);
             }
             Event::Lost { id, t_ns } => {

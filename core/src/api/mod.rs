@@ -22,4 +22,7 @@ pub use session::{
     InvalidSessionId, SessionBehavior, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionInfo,
     SessionRenew,
 };
-pub use txn::{KvDequeueLockTxn, KvLockTxn, KvProclaimTxn, LockRefusal, LockTxnOutcome};
+pub use txn::{
+    BatchOutcome, BatchVerb, KvBatchTxn, KvDequeueLockTxn, KvLockTxn, KvProclaimTxn, LockRefusal,
+    LockTxnOutcome, MAX_TXN_OPS,
+};

@@ -63,7 +63,8 @@ pub enum LockRefusal {
     /// The session is unknown (expired or destroyed).
     InvalidSession,
     /// A proclaim's `check-session` failed: the key is gone, or held by another session or by
-    /// none ([`KvProclaimTxn`]).
+    /// none ([`KvProclaimTxn`]); or an `unlock` of a batch found the key not held by the
+    /// session ([`KvBatchTxn`]).
     NotHeld,
     /// The token may not write the key (ACLs): Consul answers the transaction `409` with
     /// `What: "Permission denied"` where a plain acquire would answer `403`.
@@ -112,6 +113,8 @@ struct WireResult {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct WireError {
+    #[serde(default)]
+    op_index: usize,
     #[serde(default)]
     what: String,
 }
@@ -213,6 +216,118 @@ impl Endpoint for KvDequeueLockTxn {
     }
 }
 
+/// The most operations Consul takes in one transaction (`maxTxnOps`, checked on Consul 1.8.7:
+/// one more answers 413).
+pub const MAX_TXN_OPS: usize = 64;
+
+/// What every operation of a [`KvBatchTxn`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchVerb {
+    /// `lock`: take the key for the session (as [`KvLockTxn`]).
+    Lock,
+    /// `unlock`: give the key up, writing the value and flags (as a `?release=`). Refused for a
+    /// key the session does not hold.
+    Unlock,
+}
+
+/// `PUT /v1/txn` with one `lock` (or `unlock`) operation per key, all for one session: a key
+/// set's batch. At most [`MAX_TXN_OPS`] keys (the caller splits; more answer 413).
+///
+/// Consul runs a transaction all or nothing: one refused operation rolls the others back, and
+/// the 409 names every refused operation by its index ([`BatchOutcome::Refused`]), so the
+/// caller can tell per key what happened and send the rest again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvBatchTxn {
+    /// What each operation does.
+    pub verb: BatchVerb,
+    /// The keys, one operation each, in this order.
+    pub keys: Vec<Key>,
+    /// The session taking or giving up the keys.
+    pub session: SessionId,
+    /// The flags every key gets.
+    pub flags: u64,
+    /// The value every key gets.
+    pub value: Vec<u8>,
+}
+
+/// What a batch transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Every operation went through: the entries as written, in the order of the keys.
+    Done(Vec<KvPair>),
+    /// Nothing was written: the refused operations, by their index among the keys, each with
+    /// why. The others were rolled back, not refused.
+    Refused(Vec<(usize, LockRefusal)>),
+}
+
+impl Endpoint for KvBatchTxn {
+    /// The entries, or the refused operations.
+    type Output = BatchOutcome;
+
+    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
+        let verb = match self.verb {
+            BatchVerb::Lock => "lock",
+            BatchVerb::Unlock => "unlock",
+        };
+        let value = base64::engine::general_purpose::STANDARD.encode(&self.value);
+        let ops: Vec<WireOp<'_>> = self
+            .keys
+            .iter()
+            .map(|key| WireOp {
+                kv: WireKvOp {
+                    verb,
+                    key: key.as_str(),
+                    value: value.clone(),
+                    flags: self.flags,
+                    session: self.session.as_str(),
+                    namespace: config.namespace.as_deref(),
+                    partition: config.partition.as_deref(),
+                },
+            })
+            .collect();
+        let body = serde_json::to_vec(&ops).unwrap_or_default();
+        Target::new(Method::PUT, "txn", "").build(config, body)
+    }
+
+    fn decode(response: &http::Response<Vec<u8>>) -> Result<BatchOutcome, ApiError> {
+        const WHAT: &str = "a batch transaction";
+        check_len(WHAT, response)?;
+        let status = response.status();
+        if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
+            return Err(status_error(response));
+        }
+        let wire: WireResponse = json_body(WHAT, response.body())?;
+        let malformed = |problem: &str| ApiError::Malformed {
+            what: WHAT,
+            problem: problem.to_owned(),
+        };
+        if status == http::StatusCode::CONFLICT {
+            let errors = wire.errors.unwrap_or_default();
+            if errors.is_empty() {
+                return Err(malformed("a 409 without an error"));
+            }
+            return Ok(BatchOutcome::Refused(
+                errors
+                    .into_iter()
+                    .map(|e| (e.op_index, refusal(&e.what)))
+                    .collect(),
+            ));
+        }
+        let pairs = wire
+            .results
+            .ok_or_else(|| malformed("a success reply without results"))?
+            .into_iter()
+            .map(|result| {
+                result
+                    .kv
+                    .ok_or_else(|| malformed("a result without its entry"))?
+                    .into_pair(WHAT)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BatchOutcome::Done(pairs))
+    }
+}
+
 /// Decodes the answer to a transaction whose last operation is a `lock`: its entry, or the
 /// first refusal.
 fn decode_outcome(
@@ -256,7 +371,10 @@ fn refusal(what: &str) -> LockRefusal {
         LockRefusal::Held
     } else if what.contains("lock delay") {
         LockRefusal::LockDelay
-    } else if what.contains("failed session check") || what.contains("failed to check session") {
+    } else if what.contains("failed session check")
+        || what.contains("failed to check session")
+        || what.contains("lock isn't held")
+    {
         LockRefusal::NotHeld
     } else if what.contains("invalid session") {
         LockRefusal::InvalidSession
@@ -393,6 +511,43 @@ mod tests {
             KvDequeueLockTxn::decode(&reply(409, refused)).expect("decodes"),
             LockTxnOutcome::Refused(LockRefusal::Held)
         );
+    }
+
+    #[test]
+    fn a_batch_encodes_one_operation_per_key_and_names_refusals_by_index() {
+        let batch = KvBatchTxn {
+            verb: BatchVerb::Unlock,
+            keys: vec![Key::new("j/a").expect("key"), Key::new("j/b").expect("key")],
+            session: SessionId::new("s1").expect("session"),
+            flags: 7,
+            value: b"hi".to_vec(),
+        };
+        let request = batch.encode(&ClientConfig::http("127.0.0.1:8500").expect("config"));
+        let body: serde_json::Value = serde_json::from_slice(request.body()).expect("JSON");
+        assert_eq!(
+            body,
+            serde_json::json!([
+                {"KV": {"Verb": "unlock", "Key": "j/a", "Value": "aGk=", "Flags": 7, "Session": "s1"}},
+                {"KV": {"Verb": "unlock", "Key": "j/b", "Value": "aGk=", "Flags": 7, "Session": "s1"}}
+            ])
+        );
+        let refused = r#"{"Results":null,"Errors":[{"OpIndex":1,"What":"failed to lock key \"j/b\", lock is already held"},{"OpIndex":3,"What":"failed to unlock key \"j/d\", lock isn't held, or is held by another session"}]}"#;
+        assert_eq!(
+            KvBatchTxn::decode(&reply(409, refused)).expect("decodes"),
+            BatchOutcome::Refused(vec![(1, LockRefusal::Held), (3, LockRefusal::NotHeld)])
+        );
+        let done = r#"{"Results":[{"KV":{"LockIndex":1,"Key":"j/a","Flags":7,"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":5}},{"KV":{"LockIndex":1,"Key":"j/b","Flags":7,"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":5}}],"Errors":null}"#;
+        let BatchOutcome::Done(pairs) = KvBatchTxn::decode(&reply(200, done)).expect("decodes") else {
+            panic!("not done")
+        };
+        assert_eq!(
+            pairs.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+            ["j/a", "j/b"]
+        );
+        assert!(matches!(
+            KvBatchTxn::decode(&reply(409, r#"{"Errors":[]}"#)),
+            Err(ApiError::Malformed { .. })
+        ));
     }
 
     #[test]

@@ -250,6 +250,12 @@ pub enum LockEvent {
     ProclaimFailed(LockError),
 }
 
+impl From<Retry> for LockEvent {
+    fn from(retry: Retry) -> LockEvent {
+        LockEvent::Retrying(retry)
+    }
+}
+
 /// Where the lock stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockStatus {

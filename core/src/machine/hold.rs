@@ -11,17 +11,18 @@ use crate::machine::outbox::{Outbox, Pending};
 use crate::machine::session::{SessionEvent, SessionMachine};
 use crate::machine::{LockError, LockEvent, LossReason, Retry, SessionChoice, read};
 
-/// The half of a holding machine that is not about its phases.
+/// The half of a holding machine that is not about its phases. `E` is what the machine reports
+/// (a lock's [`LockEvent`], a key set's [`KeySetEvent`](crate::machine::KeySetEvent)).
 #[derive(Debug)]
-pub(crate) struct Base {
+pub(crate) struct Base<E = LockEvent> {
     pub(crate) session: SessionMachine,
-    pub(crate) out: Outbox<LockEvent>,
+    pub(crate) out: Outbox<E>,
     pub(crate) rng: Rng,
     last_now: Option<Instant>,
     request_timeout: Duration,
 }
 
-impl Base {
+impl<E> Base<E> {
     /// The base for a machine with these options: `namespace` overrides the config's.
     pub(crate) fn new(
         mut config: ClientConfig,
@@ -29,7 +30,7 @@ impl Base {
         session: &SessionChoice,
         request_timeout: Duration,
         seed: u64,
-    ) -> Base {
+    ) -> Base<E> {
         if let Some(ns) = namespace {
             config.namespace = Some(ns.clone());
         }
@@ -44,6 +45,17 @@ impl Base {
             last_now: None,
             request_timeout,
         }
+    }
+
+    /// The base for a machine holding with `hold`'s session, namespace, request timeout and seed.
+    pub(crate) fn for_hold(config: ClientConfig, hold: &crate::machine::HoldOptions) -> Base<E> {
+        Base::new(
+            config,
+            hold.namespace.as_ref(),
+            &hold.session,
+            hold.request_timeout,
+            hold.seed,
+        )
     }
 
     /// The latest `now` the machine was given.
@@ -99,13 +111,13 @@ impl Failures {
 
     /// Records a failure whose next try is at `next_try`: reported, or the error that ends the
     /// attempt when the failures have lasted `budget`.
-    pub(crate) fn failed(
+    pub(crate) fn failed<E: From<Retry>>(
         &mut self,
         now: Instant,
         cause: &str,
         next_try: Instant,
         budget: Option<Duration>,
-        out: &mut Outbox<LockEvent>,
+        out: &mut Outbox<E>,
     ) -> Result<(), LockError> {
         let since = *self.since.get_or_insert(now);
         self.attempts = self.attempts.saturating_add(1);
@@ -118,7 +130,7 @@ impl Failures {
             });
         }
         tracing::warn!(%cause, attempt = self.attempts, next_try = ?next_try.saturating_duration_since(now), "acquire: retrying");
-        out.event(LockEvent::Retrying(Retry {
+        out.event(E::from(Retry {
             cause: cause.to_owned(),
             attempt: self.attempts,
             failing_since: since,

@@ -238,14 +238,7 @@ impl<K: Kind> Holder<K> {
     ) -> Result<Holder<K>, OptionsError> {
         options.check()?;
         config.check()?;
-        let hold = options.hold();
-        let base = Base::new(
-            config,
-            hold.namespace.as_ref(),
-            &hold.session,
-            hold.request_timeout,
-            hold.seed,
-        );
+        let base = Base::for_hold(config, options.hold());
         Ok(Holder {
             kind: kind(&options),
             options,
@@ -379,23 +372,19 @@ impl<K: Kind> Holder<K> {
     /// any. Never earlier than the latest `now` the machine was given.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timers = [self.base.session.poll_timeout(), self.phase_timer()];
-        let pendings = self.pendings();
-        let deadlines = pendings.iter().map(|p| p.deadline);
-        let earliest = timers.into_iter().flatten().chain(deadlines).min()?;
-        Some(match self.base.last_now() {
-            Some(last) => earliest.max(last),
-            None => earliest,
-        })
+        read::next_timeout(
+            timers.into_iter().flatten(),
+            &self.pendings(),
+            self.base.last_now(),
+        )
     }
 
     /// Handles the passage of time: timers that are due fire, requests past their deadline are
     /// taken as timed out. Calling it early, or twice, does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.base.observe(now);
-        for pending in self.pendings().iter() {
-            if now >= pending.deadline {
-                self.handle_response(now, pending.id, read::deadline_passed());
-            }
+        for id in read::overdue(&self.pendings(), now) {
+            self.handle_response(now, id, read::deadline_passed());
         }
         let base = &mut self.base;
         let events = base.session.handle_timeout(now, &mut base.out, &mut base.rng);

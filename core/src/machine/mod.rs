@@ -1,6 +1,7 @@
 //! The sans-IO state machines: [`SessionMachine`] keeps a Consul session alive, [`LockMachine`]
 //! takes, holds and gives up one lock key on such a session (and, leading, proclaims new
-//! values), [`ObserverMachine`] follows who holds a lock key.
+//! values), [`KeySetMachine`] holds many lock keys on one session, [`ObserverMachine`] follows
+//! who holds a lock key.
 //!
 //! Every machine has the same surface, after quinn-proto and str0m: operations and replies go in
 //! with the current time (`handle_response(now, id, reply)`, `handle_timeout(now)`), and what the
@@ -13,6 +14,7 @@ mod classify;
 mod event;
 mod hold;
 mod holder;
+mod keyset;
 mod lock;
 mod observe;
 mod options;
@@ -24,6 +26,7 @@ mod session;
 
 pub use event::{FencingToken, LockError, LockEvent, LockStatus, LossReason, Misuse, Retry};
 pub use holder::Holder;
+pub use keyset::{KeySetError, KeySetEvent, KeySetMachine, KeySetOptions, KeyStatus, Refusal};
 pub use lock::LockMachine;
 pub use observe::{Leader, Observation, ObserveEvent, ObserveOptions, ObserverMachine};
 pub use options::{

@@ -256,18 +256,15 @@ impl ObserverMachine {
         } else {
             None
         };
-        let earliest = self.pendings().iter().map(|p| p.deadline).chain(pause).min()?;
-        Some(self.last_now.map_or(earliest, |last| earliest.max(last)))
+        read::next_timeout(pause, &self.pendings(), self.last_now)
     }
 
     /// Handles the passage of time: requests past their deadline time out, a pause that is
     /// over sends the next read. Calling it early, or twice, does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = read::observe(&mut self.last_now, now);
-        for pending in self.pendings().iter() {
-            if now >= pending.deadline {
-                self.handle_response(now, pending.id, read::deadline_passed());
-            }
+        for id in read::overdue(&self.pendings(), now) {
+            self.handle_response(now, id, read::deadline_passed());
         }
         self.read_if_due(now);
     }

@@ -420,6 +420,12 @@ pub enum OptionsError {
     /// [`ClientConfig::check`](crate::api::ClientConfig::check)).
     #[error("invalid client config: {0}")]
     Config(#[from] crate::api::ConfigError),
+    /// A count that must be at least 1 (a key set's limits).
+    #[error("{name} is 0: it must be at least 1")]
+    Zero {
+        /// Which option.
+        name: &'static str,
+    },
     /// A semaphore needs at least one slot.
     #[error("the semaphore limit is 0: a semaphore needs at least one slot")]
     Limit,

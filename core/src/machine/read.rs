@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use crate::api::Endpoint;
-use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::{Reply, TransportError, TransportErrorKind};
+use crate::machine::outbox::{Outbox, Pending, Pendings};
+use crate::machine::{Reply, RequestId, TransportError, TransportErrorKind};
 
 /// Slack added to a blocking read's deadline beyond `wait + wait/16`, for the network and a busy
 /// server.
@@ -61,6 +61,30 @@ pub(crate) fn observe(last_now: &mut Option<Instant>, now: Instant) -> Instant {
     };
     *last_now = Some(now);
     now
+}
+
+/// When a machine needs `handle_timeout` next: the earliest of its `timers` and its requests'
+/// deadlines, never earlier than the latest `now` it was given (`last_now`).
+pub(crate) fn next_timeout(
+    timers: impl IntoIterator<Item = Instant>,
+    pendings: &Pendings,
+    last_now: Option<Instant>,
+) -> Option<Instant> {
+    let earliest = timers
+        .into_iter()
+        .chain(pendings.iter().map(|p| p.deadline))
+        .min()?;
+    Some(last_now.map_or(earliest, |last| earliest.max(last)))
+}
+
+/// The requests of `pendings` whose deadline has passed at `now`: the machine answers each
+/// with [`deadline_passed`].
+pub(crate) fn overdue(pendings: &Pendings, now: Instant) -> Vec<RequestId> {
+    pendings
+        .iter()
+        .filter(|p| now >= p.deadline)
+        .map(|p| p.id)
+        .collect()
 }
 
 /// What a machine tells itself about a request past its deadline that the driver never
