@@ -24,6 +24,9 @@
 //!   session) can be refused only by a lock-delay or an agent gone wrong, never by contention:
 //!   the machine reports it (`Retrying`, or the attempt's end) before it sends anything else,
 //!   rather than carrying on as though it had the key.
+//! - **`Released` is the truth.** When a client reports `Released`, the agent no longer counts
+//!   it a holder (the lock's key is not its session's; its contender key is gone): a release
+//!   that failed is `ReleaseFailed`, never a quiet success.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -456,6 +459,35 @@ impl Harness<'_> {
                 if !ours && !excused {
                     self.violation(format!(
                         "semaphore: client {i} holds a slot without its contender key {key}"
+                    ));
+                }
+            }
+            // `Released` says the agent freed what we held: a lock's key no longer ours, a
+            // semaphore's contender key gone (an operator's action aside).
+            LockEvent::Released => {
+                let session = self
+                    .holds
+                    .iter()
+                    .rev()
+                    .find(|h| h.client == i)
+                    .map(|h| h.token.session.as_str().to_owned());
+                let still = session.filter(|s| match self.target {
+                    Target::Lock => self
+                        .sim
+                        .kv(&self.lock_key)
+                        .is_some_and(|e| e.session.as_deref() == Some(s.as_str())),
+                    // A slot whose contender key is gone is pruned by the others, so a release
+                    // may settle for deleting the key when the `.lock` keeps changing.
+                    Target::Semaphore { .. } => self
+                        .sim
+                        .kv(&format!("{}/{s}", self.scenario.key.trim_end_matches('/')))
+                        .is_some_and(|e| e.session.as_deref() == Some(s.as_str())),
+                });
+                let since = self.clients[i].attempt_from;
+                let excused = self.operator_actions.iter().any(|a| a.at >= since);
+                if still.is_some() && !excused {
+                    self.violation(format!(
+                        "release: client {i} reported Released while the agent still counts it a holder"
                     ));
                 }
             }
