@@ -25,7 +25,7 @@
 //!   the machine reports it (`Retrying`, or the attempt's end) before it sends anything else,
 //!   rather than carrying on as though it had the key.
 //! - **`Released` is the truth.** When a client reports `Released`, the agent no longer counts
-//!   it a holder (the lock's key is not its session's; its contender key is gone): a release
+//!   it a holder (the lock's key is not its session's; the `.lock` does not count its slot): a release
 //!   that failed is `ReleaseFailed`, never a quiet success.
 
 use std::collections::VecDeque;
@@ -463,7 +463,7 @@ impl Harness<'_> {
                 }
             }
             // `Released` says the agent freed what we held: a lock's key no longer ours, a
-            // semaphore's contender key gone (an operator's action aside).
+            // semaphore's slot no longer counted (an operator's action aside).
             LockEvent::Released => {
                 let session = self
                     .holds
@@ -476,12 +476,22 @@ impl Harness<'_> {
                         .sim
                         .kv(&self.lock_key)
                         .is_some_and(|e| e.session.as_deref() == Some(s.as_str())),
-                    // A slot whose contender key is gone is pruned by the others, so a release
-                    // may settle for deleting the key when the `.lock` keeps changing.
-                    Target::Semaphore { .. } => self
-                        .sim
-                        .kv(&format!("{}/{s}", self.scenario.key.trim_end_matches('/')))
-                        .is_some_and(|e| e.session.as_deref() == Some(s.as_str())),
+                    // A holder is listed in the `.lock` and holds its contender key: the others
+                    // prune a slot whose key is gone (a release may settle for deleting the key
+                    // when the `.lock` keeps changing), and a key left for the session's end
+                    // holds no slot.
+                    Target::Semaphore { limit } => {
+                        let listed = self
+                            .sim
+                            .kv(&self.lock_key)
+                            .and_then(|e| SemaphoreState::decode(&e.value, limit).ok())
+                            .is_some_and(|state| state.holders.contains_key(s.as_str()));
+                        let keyed = self
+                            .sim
+                            .kv(&format!("{}/{s}", self.scenario.key.trim_end_matches('/')))
+                            .is_some_and(|e| e.session.as_deref() == Some(s.as_str()));
+                        listed && keyed
+                    }
                 });
                 let since = self.clients[i].attempt_from;
                 let excused = self.operator_actions.iter().any(|a| a.at >= since);
