@@ -72,6 +72,8 @@ struct LockRequest {
     config: ClientConfig,
     options: LockOptions,
     shared_client: bool,
+    /// How often a holder reports a write to the fenced resource; `None`: never.
+    write_every: Option<Duration>,
 }
 
 impl LockRequest {
@@ -98,6 +100,7 @@ impl LockRequest {
             config,
             options,
             shared_client,
+            write_every: None,
         })
     }
 
@@ -128,8 +131,14 @@ impl LockRequest {
                 ttl_ms,
                 lock_delay_ms,
                 shared_client,
+                write_ms,
             } => Some(
-                LockRequest::new(id, addr, &key, ttl_ms, lock_delay_ms, shared_client).map_err(|e| (id, e)),
+                LockRequest::new(id, addr, &key, ttl_ms, lock_delay_ms, shared_client)
+                    .map(|request| LockRequest {
+                        write_every: write_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+                        ..request
+                    })
+                    .map_err(|e| (id, e)),
             ),
             Command::Unlock { .. } | Command::Quit => None,
         }

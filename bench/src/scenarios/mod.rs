@@ -130,6 +130,7 @@ pub fn lock(id: u64, addr: &str, key: &str, ttl: Duration, lock_delay: Option<Du
         ttl_ms: millis(ttl),
         lock_delay_ms: lock_delay.map(millis),
         shared_client: false,
+        write_ms: None,
     }
 }
 

@@ -151,6 +151,7 @@ fn client(
             ttl_ms: u64::try_from(DEFAULT_TTL.as_millis()).unwrap_or(u64::MAX),
             lock_delay_ms: None,
             shared_client: true,
+            write_ms: None,
         })?;
     }
     let mut tally = Tally::new(started);
