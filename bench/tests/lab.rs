@@ -46,9 +46,9 @@ fn lab(args: &[&str], dir: &Path) -> Command {
         .args(["--net", "--pid", "--fork", "--kill-child", "--"])
         .arg(env!("CARGO_BIN_EXE_consul-lock-bench"))
         .arg("lab")
-        .args(args)
         .arg("--dir")
-        .arg(dir);
+        .arg(dir)
+        .args(args);
     command
 }
 
