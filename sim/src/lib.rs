@@ -42,7 +42,8 @@
 //! - **Faults**: [`SimConsul::set_leader`] (no leader: every forwarded request answers 500
 //!   `No cluster leader`; `stale` reads are served with `X-Consul-KnownLeader: false`; session
 //!   timers stop and restart in full when a leader is back, as Consul's do), and operator
-//!   actions ([`SimConsul::destroy_session`], [`SimConsul::delete_key`], [`SimConsul::put_key`]).
+//!   actions ([`SimConsul::destroy_session`], [`SimConsul::delete_key`], [`SimConsul::put_key`]);
+//!   a failed node ([`SimConsul::fail_node`]: its `serfHealth`-bound sessions invalidated).
 //!
 //! # The calling contract
 //!
@@ -434,6 +435,37 @@ impl SimConsul {
         self.invalidate_session(idx, uuid);
         self.wake_changed();
         true
+    }
+
+    /// Fault injection: the agent's node fails (a client agent killed or cut off long enough for
+    /// the servers' failure detector to mark its `serfHealth` check critical). Every session
+    /// bound to that check, which is every session made with the default checks, is invalidated
+    /// at once, as Consul does, long before its TTL would run out: keys released or deleted per
+    /// its behavior, lock-delay started. Sessions made without `serfHealth` (`NodeChecks: []`,
+    /// TTL only) live on. Returns how many sessions went. Seen in the reliability lab (killed
+    /// client agents); applies even without a leader, as the operator actions do.
+    pub fn fail_node(&mut self, now: Instant) -> usize {
+        self.run_until(now);
+        let bound: Vec<[u8; 16]> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.checks
+                    .iter()
+                    .chain(s.node_checks.iter().flatten())
+                    .any(|c| c == session::SERF_HEALTH)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if bound.is_empty() {
+            return 0;
+        }
+        let idx = self.raft();
+        for id in &bound {
+            self.invalidate_session(idx, *id);
+        }
+        self.wake_changed();
+        bound.len()
     }
 
     /// Operator action: deletes `key` (whoever holds it) as a plain `DELETE` would. Returns

@@ -11,7 +11,7 @@ use crate::wire::{Query, Reply};
 use crate::{Outcome, SimBehavior, SimConsul, SimSession, TtlExpiry, gotime};
 
 /// The one health check the simulated node has.
-const SERF_HEALTH: &str = "serfHealth";
+pub(crate) const SERF_HEALTH: &str = "serfHealth";
 /// Consul's session TTL bounds.
 const TTL_MIN_NS: i64 = 10_000_000_000;
 const TTL_MAX_NS: i64 = 86_400_000_000_000;
