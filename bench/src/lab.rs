@@ -148,7 +148,11 @@ impl LabPlan {
             servers: 3,
             nodes: 3,
             ttl: Duration::from_secs(10),
-            lock_delay: Duration::from_secs(5),
+            // Not below the TTL: Consul invalidates a session as soon as its node's serfHealth
+            // check fails (seconds after a client agent stops answering), and from then only the
+            // lock-delay keeps a new holder out, so a holder's belief up to a TTL after its last
+            // renew is safe only while the lock-delay is at least the TTL (RELIABILITY.md).
+            lock_delay: Duration::from_secs(10),
             hold: Duration::from_secs(4),
             write_every: Duration::from_millis(200),
         }

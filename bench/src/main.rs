@@ -35,7 +35,8 @@ The agent: consul from $CONSUL_BIN, else PATH, else scripts/ensure-consul.sh (Co
 The reliability lab (RELIABILITY.md), as root, in a network namespace of its own:
 
   unshare --net --pid --fork --kill-child consul-lock-bench lab [--short | --minutes N]
-          [--faults LIST] [--clients LIST] [--out FILE] [--dir DIR] [--go-bin FILE]
+          [--faults LIST] [--clients LIST] [--ttl SECS] [--lock-delay SECS]
+          [--out FILE] [--dir DIR] [--go-bin FILE]
   unshare --net --pid --fork --kill-child consul-lock-bench lab --check-cluster [--dir DIR]
 
   --short          the four faults CI runs, once each (about 3 minutes of faults)
@@ -43,6 +44,8 @@ The reliability lab (RELIABILITY.md), as root, in a network namespace of its own
   --faults LIST    fault kinds, comma-separated: isolate-leader,cut-client,pause-client,kill-leader,
                    leader-one-way,split-leader-minority,split-follower-minority,pause-leader,
                    kill-client,election
+  --ttl SECS        the session TTL (default: 10)
+  --lock-delay SECS the session lock-delay (default: 10; below the TTL, overlaps become possible)
   --out FILE       where the JSON goes (default: target/consul-lock-bench/lab.json)
   --dir DIR        the agents' data directories and logs (default: a new temporary directory)
   --check-cluster  start the cluster, isolate its leader, see another elected, heal, stop
@@ -292,6 +295,8 @@ fn run_lab(args: &[String]) -> Result<(), BenchError> {
     let mut out = None;
     let mut dir = None;
     let mut go_bin = std::env::var_os("GO_CONTENDER_BIN").map(PathBuf::from);
+    let mut ttl = None;
+    let mut lock_delay = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -326,6 +331,17 @@ fn run_lab(args: &[String]) -> Result<(), BenchError> {
                     .map(|n| ClientKind::parse(n).ok_or_else(|| usage(format!("no client {n:?}"))))
                     .collect::<Result<_, _>>()?;
             }
+            "--ttl" | "--lock-delay" => {
+                let v = value(arg)?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| usage(format!("{arg}: {v:?} is not a number of seconds")))?;
+                if arg == "--ttl" {
+                    ttl = Some(Duration::from_secs(secs));
+                } else {
+                    lock_delay = Some(Duration::from_secs(secs));
+                }
+            }
             "--out" => out = Some(PathBuf::from(value("--out")?)),
             "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
             "--go-bin" => go_bin = Some(PathBuf::from(value("--go-bin")?)),
@@ -346,6 +362,8 @@ fn run_lab(args: &[String]) -> Result<(), BenchError> {
     if let Some(faults) = faults {
         plan.kinds = faults;
     }
+    plan.ttl = ttl.unwrap_or(plan.ttl);
+    plan.lock_delay = lock_delay.unwrap_or(plan.lock_delay);
     let go = if clients.contains(&ClientKind::Go) {
         Some(go_contender(go_bin)?)
     } else {
