@@ -170,6 +170,10 @@ pub struct LabResults {
     pub rows: Vec<LabRow>,
     /// Error events the contenders reported (failed acquires and releases under faults).
     pub contender_errors: Vec<(String, usize)>,
+    /// The log the verdict was drawn from: every belief and write (written next to the JSON by
+    /// [`write`], one line each).
+    #[serde(skip)]
+    pub records: Vec<Record>,
 }
 
 /// One fault as injected.
@@ -624,10 +628,12 @@ pub fn run(
         plan: plan.clone(),
         faults,
         contender_errors: errors,
+        records,
     })
 }
 
-/// Writes the results as JSON to `out` (its directory created).
+/// Writes the results as JSON to `out` (its directory created), and the log of beliefs and writes
+/// beside it (`<out>.events.jsonl`: `{"client","contender","t_ns","belief","seq"}` per line).
 pub fn write(results: &LabResults, out: &std::path::Path) -> Result<(), BenchError> {
     let io = |what: &str| {
         let what = what.to_owned();
@@ -640,5 +646,20 @@ pub fn write(results: &LabResults, out: &std::path::Path) -> Result<(), BenchErr
         what: "encoding the lab results".to_owned(),
         source: std::io::Error::other(e),
     })?;
-    fs::write(out, json).map_err(io("writing the lab results"))
+    fs::write(out, json).map_err(io("writing the lab results"))?;
+    let mut log = String::new();
+    for r in &results.records {
+        let (belief, seq) = match r.belief {
+            Belief::Held { seq } => ("held", Some(seq)),
+            Belief::Write { seq } => ("write", Some(seq)),
+            Belief::Lost => ("lost", None),
+            Belief::Released => ("released", None),
+        };
+        let line = serde_json::json!({
+            "client": r.group, "contender": r.contender, "t_ns": r.t_ns, "belief": belief, "seq": seq,
+        });
+        log.push_str(&line.to_string());
+        log.push('\n');
+    }
+    fs::write(out.with_extension("events.jsonl"), log).map_err(io("writing the lab's event log"))
 }
