@@ -14,12 +14,7 @@ log() { printf 'ensure-nftables: %s\n' "$*" >&2; }
 # shellcheck source=lib/debian-bullseye.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/debian-bullseye.sh"
 
-if [ -n "${NFT_BIN:-}" ]; then
-  if [ -x "$NFT_BIN" ]; then echo "$NFT_BIN"; exit 0; fi
-  log "NFT_BIN=$NFT_BIN is not an executable file; unset it or point it at an nft binary"
-  exit 1
-fi
-if command -v nft >/dev/null 2>&1; then command -v nft; exit 0; fi
+use_given_or_path NFT_BIN nft
 
 cache="${CONSUL_CACHE_DIR:-$HOME/.cache/consul-lock}"
 root="$cache/nftables-0.9.8"
@@ -28,12 +23,8 @@ if [ -x "$wrapper" ] && "$wrapper" --version >/dev/null 2>&1; then echo "$wrappe
 
 command -v apt-get >/dev/null 2>&1 || { log "no nft found and no apt-get to fetch one: set NFT_BIN"; exit 1; }
 
-uri=$(bullseye_archive_uri) || { log "could not find a Debian archive URI in /etc/apt/sources*; set NFT_BIN"; exit 1; }
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-bullseye_apt_setup "$work" "$uri"
-log "fetching nftables from Debian bullseye ($uri)"
-bullseye_download "$work" nftables libnftables1 libnftnl11 || { log "apt-get could not download nftables; set NFT_BIN"; exit 1; }
+bullseye_fetch NFT_BIN nftables libnftables1 libnftnl11
+work=$BULLSEYE_WORK
 mkdir -p "$cache"
 rm -rf "$root.tmp"
 for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$root.tmp"; done
