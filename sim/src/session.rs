@@ -386,6 +386,11 @@ impl SimConsul {
             if check != SERF_HEALTH {
                 return Err(fail(format!("Missing check '{check}' registration")));
             }
+            // A node the servers still take as failed (seen in the reliability lab right after
+            // a cut-off client agent came back) cannot bind a new session to its health.
+            if self.node_failed {
+                return Err(fail(format!("Check '{check}' is in critical state")));
+            }
         }
         let mut uuid = self.rng.uuid_bytes();
         while self.sessions.contains_key(&uuid) {
