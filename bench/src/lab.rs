@@ -320,7 +320,13 @@ enum Stage {
     Held(Instant),
     /// An `unlock` is out (or the loss was reported and the Rust contender is releasing).
     Releasing,
+    /// The last attempt failed; the next `lock` goes out then (a Go user's `Lock` returns at
+    /// once on a refused connection, and would not be called again in a tight loop).
+    Retry(Instant),
 }
+
+/// The pause before asking again after a failed attempt.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// One contender process: one client, on one node.
 struct Seat {
@@ -424,11 +430,16 @@ impl Lab<'_> {
                         let stage = self.seats[s].stage;
                         let go_release = stage == Stage::Releasing && self.seats[s].kind == ClientKind::Go;
                         if current && (stage == Stage::Waiting || go_release) {
-                            self.lock(s)?;
+                            self.seats[s].stage = Stage::Retry(Instant::now() + RETRY_PAUSE);
                         }
                     }
                     _ => {}
                 }
+            }
+            if let Stage::Retry(at) = self.seats[s].stage
+                && Instant::now() >= at
+            {
+                self.lock(s)?;
             }
             if let Stage::Held(since) = self.seats[s].stage
                 && since.elapsed() >= self.plan.hold
