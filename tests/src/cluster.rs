@@ -478,9 +478,13 @@ impl Cluster {
                 }
             };
             if started.elapsed() > deadline {
+                // The directory goes with the cluster: the logs' ends go into the error.
+                let logs: String = (0..self.agents.len())
+                    .map(|i| format!("\n-- {}:\n{}", self.agents[i].name, self.log_tail(i, 5)))
+                    .collect();
                 return Err(ClusterError::NotReady {
                     waited: deadline,
-                    problem: format!("{problem}; logs in {}", self.dir.display()),
+                    problem: format!("{problem}{logs}"),
                 });
             }
             thread::sleep(Duration::from_millis(250));
