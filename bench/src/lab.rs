@@ -171,7 +171,7 @@ pub struct LabResults {
     /// Error events the contenders reported (failed acquires and releases under faults).
     pub contender_errors: Vec<(String, usize)>,
     /// The log the verdict was drawn from: every belief and write (written next to the JSON by
-    /// [`write`], one line each).
+    /// [`write()`], one line each).
     #[serde(skip)]
     pub records: Vec<Record>,
 }
