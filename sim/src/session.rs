@@ -386,8 +386,8 @@ impl SimConsul {
             if check != SERF_HEALTH {
                 return Err(fail(format!("Missing check '{check}' registration")));
             }
-            // A node the servers still take as failed (seen in the reliability lab right after
-            // a cut-off client agent came back) cannot bind a new session to its health.
+            // A node the servers still take as failed (the reliability lab's Go contenders were
+            // answered this) cannot bind a new session to its health.
             if self.node_failed {
                 return Err(fail(format!("Check '{check}' is in critical state")));
             }
