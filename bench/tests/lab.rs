@@ -161,6 +161,7 @@ fn the_short_fault_schedule_leaves_our_clients_with_no_overlap_and_no_stale_writ
     let results: Value =
         serde_json::from_slice(&fs::read(&out).expect("the JSON was written")).expect("JSON");
     let _ = fs::remove_file(&out);
+    let _ = fs::remove_file(out.with_extension("events.jsonl"));
     wait_until_gone(&dir);
 
     let faults: Vec<&str> = results["faults"]
