@@ -11,12 +11,7 @@ log() { printf 'ensure-consul: %s\n' "$*" >&2; }
 # shellcheck source=lib/debian-bullseye.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/debian-bullseye.sh"
 
-if [ -n "${CONSUL_BIN:-}" ]; then
-  if [ -x "$CONSUL_BIN" ]; then echo "$CONSUL_BIN"; exit 0; fi
-  log "CONSUL_BIN=$CONSUL_BIN is not an executable file; unset it or point it at a consul binary"
-  exit 1
-fi
-if command -v consul >/dev/null 2>&1; then command -v consul; exit 0; fi
+use_given_or_path CONSUL_BIN consul
 
 cache="${CONSUL_CACHE_DIR:-$HOME/.cache/consul-lock}"
 bin="$cache/consul-1.8.7/usr/bin/consul"
@@ -24,12 +19,8 @@ if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
 
 command -v apt-get >/dev/null 2>&1 || { log "no consul found and no apt-get to fetch one: set CONSUL_BIN"; exit 1; }
 
-uri=$(bullseye_archive_uri) || { log "could not find a Debian archive URI in /etc/apt/sources*; set CONSUL_BIN"; exit 1; }
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-bullseye_apt_setup "$work" "$uri"
-log "fetching consul from Debian bullseye ($uri)"
-bullseye_download "$work" consul || { log "apt-get could not download consul; set CONSUL_BIN"; exit 1; }
+bullseye_fetch CONSUL_BIN consul
+work=$BULLSEYE_WORK
 deb=$(ls "$work"/consul_*.deb | head -n1)
 mkdir -p "$cache"
 rm -rf "$cache/consul-1.8.7.tmp"

@@ -72,12 +72,8 @@ if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
 # The Go sources, once per machine. A marker file, written last, lists the packages the tree holds.
 if [ "$(cat "$gocode/.packages" 2>/dev/null)" != "${packages[*]}" ]; then
   command -v apt-get >/dev/null 2>&1 || { log "no apt-get to fetch Consul's Go sources: set GO_CONTENDER_BIN"; exit 1; }
-  uri=$(bullseye_archive_uri) || { log "could not find a Debian archive URI in /etc/apt/sources*; set GO_CONTENDER_BIN"; exit 1; }
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  bullseye_apt_setup "$work" "$uri"
-  log "fetching the Go sources of Consul's api 1.8.7 from Debian bullseye ($uri): ${packages[*]}"
-  bullseye_download "$work" "${packages[@]}" || { log "apt-get could not download the Go source packages; set GO_CONTENDER_BIN"; exit 1; }
+  bullseye_fetch GO_CONTENDER_BIN "${packages[@]}"
+  work=$BULLSEYE_WORK
   mkdir -p "$cache"
   rm -rf "$gocode.tmp"
   for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$gocode.tmp"; done

@@ -25,6 +25,13 @@ section "go reference client"
 GO_CONTENDER_BIN="${GO_CONTENDER_BIN:-$(bash scripts/ensure-go-contender.sh)}"
 export GO_CONTENDER_BIN
 
+section "nftables"
+# The reliability lab's network faults (bench/tests/lab.rs): nft inside the lab's own network
+# namespace (Debian's nftables, fetched once per machine by scripts/ensure-nftables.sh).
+NFT_BIN="${NFT_BIN:-$(bash scripts/ensure-nftables.sh)}"
+export NFT_BIN
+"$NFT_BIN" --version
+
 section "fmt"
 cargo fmt --all --check
 

@@ -23,6 +23,8 @@ type contender struct {
 	key    string
 	ttl    string // Go duration string, as LockOptions.SessionTTL and RenewPeriodic take it
 	client *api.Client
+	// With write_ms: how often a holder reports a write to the fenced resource.
+	writeEvery time.Duration
 
 	stopCh   chan struct{} // closing it abandons the acquisition (Lock's stopCh)
 	stopOnce sync.Once
@@ -71,6 +73,9 @@ func (p *process) lock(cmd *command) {
 		client:   client,
 		stopCh:   make(chan struct{}),
 		released: make(chan struct{}),
+	}
+	if cmd.WriteMs != nil {
+		c.writeEvery = time.Duration(*cmd.WriteMs) * time.Millisecond
 	}
 	if cmd.LockDelayMs != nil {
 		c.custom = true
@@ -157,13 +162,19 @@ func (c *contender) run() {
 		}
 		return
 	}
-	if !c.custom {
-		// Lock creates its session privately; the key names it. Read after t was taken, so the
-		// read's latency does not count.
-		if pair, _, err := c.client.KV().Get(c.key, nil); err != nil || pair == nil {
-			fmt.Fprintf(os.Stderr, "go-contender: %d: reading the holder of %s: %v\n", c.id, c.key, err)
-		} else {
+	// Lock creates its session privately; the key names it. Go's Lock gives no fencing token:
+	// a user who wants one reads the key after Lock returns, as here (consistently, so that a
+	// stale follower cannot answer), and takes its ModifyIndex if the session is still its own.
+	// Read after t was taken, so the read's latency does not count.
+	var seq uint64
+	if pair, _, err := c.client.KV().Get(c.key, &api.QueryOptions{RequireConsistent: true}); err != nil || pair == nil {
+		fmt.Fprintf(os.Stderr, "go-contender: %d: reading the holder of %s: %v\n", c.id, c.key, err)
+	} else {
+		if !c.custom {
 			c.session = pair.Session
+		}
+		if pair.Session == c.session {
+			seq = pair.ModifyIndex
 		}
 	}
 	c.mu.Lock()
@@ -178,13 +189,30 @@ func (c *contender) run() {
 	}
 	c.state = held
 	// Under c.mu, so an `unlock` cannot report `unlocking` before this `held`.
-	emit(event{Ev: "held", ID: &c.id, TNs: t, Session: c.session})
+	emit(event{Ev: "held", ID: &c.id, TNs: t, Session: c.session, Seq: &seq})
 	c.mu.Unlock()
 
-	select {
-	case <-leaderCh:
-	case <-c.released:
-		return
+	var writes <-chan time.Time
+	if c.writeEvery > 0 {
+		ticker := time.NewTicker(c.writeEvery)
+		defer ticker.Stop()
+		writes = ticker.C
+	}
+wait:
+	for {
+		select {
+		case <-leaderCh:
+			break wait
+		case <-c.released:
+			return
+		case <-writes:
+			// A write while the leader channel is still open: what a Go user's worker does.
+			c.mu.Lock()
+			if c.state == held {
+				emit(event{Ev: "write", ID: &c.id, TNs: now(), Seq: &seq})
+			}
+			c.mu.Unlock()
+		}
 	}
 	// The leader channel also closes after our own Unlock (the monitor sees the released key),
 	// so only a close while still `held` is a loss.

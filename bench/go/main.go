@@ -24,6 +24,7 @@ type command struct {
 	TTLMs       *uint64 `json:"ttl_ms"`
 	LockDelayMs *uint64 `json:"lock_delay_ms"`
 	Shared      bool    `json:"shared_client"`
+	WriteMs     *uint64 `json:"write_ms"`
 }
 
 type event struct {
@@ -31,6 +32,7 @@ type event struct {
 	ID      *uint64 `json:"id,omitempty"`
 	TNs     int64   `json:"t_ns,omitempty"`
 	Session string  `json:"session,omitempty"`
+	Seq     *uint64 `json:"seq,omitempty"`
 	Msg     string  `json:"msg,omitempty"`
 }
 

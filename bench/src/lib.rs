@@ -4,13 +4,15 @@
 //!
 //! The layout follows the measurement: [`protocol`] is the line protocol every client's
 //! contender process speaks, [`contender`] the Rust contenders, [`host`] the suite's side of a
-//! contender process, [`scenarios`] the measurements, [`report`] the table and JSON.
+//! contender process, [`scenarios`] the measurements, [`report`] the table and JSON. [`lab`] is
+//! the reliability lab: the same contenders on a real Consul cluster under faults.
 
 pub mod alloc_count;
 pub mod contender;
 pub mod core_cycle;
 pub mod error;
 pub mod host;
+pub mod lab;
 pub mod operator;
 /// What `/proc` tells about a contender process (in the test kit, which the tests share).
 pub use consul_lock_testkit::procfs;

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use consul_lock_bench::contender;
 use consul_lock_bench::error::BenchError;
 use consul_lock_bench::host::{ClientKind, Launcher};
+use consul_lock_bench::lab::{self, FaultKind, LabPlan};
 use consul_lock_bench::operator::Operator;
 use consul_lock_bench::report::{Machine, Results};
 use consul_lock_bench::scenarios::{self, Ctx, Plan};
@@ -36,6 +37,24 @@ usage: consul-lock-bench [--smoke] [--only LIST] [--clients LIST] [--out FILE] [
                          default connection limit (tokio; default: 10000; 0: no key set run)
 
 The agent: consul from $CONSUL_BIN, else PATH, else scripts/ensure-consul.sh (Consul 1.8.7).
+
+The reliability lab (RELIABILITY.md), as root, in a network namespace of its own:
+
+  unshare --net --pid --fork --kill-child consul-lock-bench lab [--short | --minutes N]
+          [--faults LIST] [--clients LIST] [--ttl SECS] [--lock-delay SECS]
+          [--out FILE] [--dir DIR] [--go-bin FILE]
+  unshare --net --pid --fork --kill-child consul-lock-bench lab --check-cluster [--dir DIR]
+
+  --short          the four faults CI runs, once each (about 3 minutes of faults)
+  --minutes N      every fault kind in turn for N minutes (default: 30)
+  --faults LIST    fault kinds, comma-separated: isolate-leader,cut-client,pause-client,kill-leader,
+                   leader-one-way,split-leader-minority,split-follower-minority,pause-leader,
+                   kill-client,election
+  --ttl SECS        the session TTL (default: 10)
+  --lock-delay SECS the session lock-delay (default: 10; below the TTL, overlaps become possible)
+  --out FILE       where the JSON goes (default: target/consul-lock-bench/lab.json)
+  --dir DIR        the agents' data directories and logs (default: a new temporary directory)
+  --check-cluster  start the cluster, isolate its leader, see another elected, heal, stop
 ";
 
 const SCENARIOS: [&str; 7] = [
@@ -135,6 +154,7 @@ fn main() -> ExitCode {
             Some("blocking") => contender::run_blocking().map_err(|e| e.to_string()),
             _ => Err("usage: consul-lock-bench contender tokio|blocking".to_owned()),
         },
+        Some("lab") => run_lab(&args[1..]).map_err(|e| e.to_string()),
         Some("-h" | "--help") => {
             print!("{USAGE}");
             Ok(())
@@ -267,6 +287,173 @@ fn run(args: Args) -> Result<(), BenchError> {
     }
     print!("{}", results.table());
     println!("\nresults: {}", out.display());
+    Ok(())
+}
+
+/// `consul-lock-bench lab ...`: the reliability lab (see `USAGE` and `bench/src/lab.rs`).
+fn run_lab(args: &[String]) -> Result<(), BenchError> {
+    let usage = |msg: String| BenchError::Usage(msg);
+    let mut minutes: Option<u64> = None;
+    let mut short = false;
+    let mut check_cluster = false;
+    let mut faults: Option<Vec<FaultKind>> = None;
+    let mut clients = ClientKind::ALL.to_vec();
+    let mut out = None;
+    let mut dir = None;
+    let mut go_bin = std::env::var_os("GO_CONTENDER_BIN").map(PathBuf::from);
+    let mut ttl = None;
+    let mut lock_delay = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| usage(format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--short" => short = true,
+            "--check-cluster" => check_cluster = true,
+            "--minutes" => {
+                let v = value("--minutes")?;
+                minutes = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&m| m > 0)
+                        .ok_or_else(|| usage(format!("--minutes: {v:?}")))?,
+                );
+            }
+            "--faults" => {
+                let list = value("--faults")?;
+                faults = Some(
+                    list.split(',')
+                        .map(|n| FaultKind::parse(n).ok_or_else(|| usage(format!("no fault kind {n:?}"))))
+                        .collect::<Result<_, _>>()?,
+                );
+            }
+            "--clients" => {
+                let list = value("--clients")?;
+                clients = list
+                    .split(',')
+                    .map(|n| ClientKind::parse(n).ok_or_else(|| usage(format!("no client {n:?}"))))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--ttl" | "--lock-delay" => {
+                let v = value(arg)?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| usage(format!("{arg}: {v:?} is not a number of seconds")))?;
+                if arg == "--ttl" {
+                    ttl = Some(Duration::from_secs(secs));
+                } else {
+                    lock_delay = Some(Duration::from_secs(secs));
+                }
+            }
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
+            "--go-bin" => go_bin = Some(PathBuf::from(value("--go-bin")?)),
+            other => return Err(usage(format!("lab: unknown argument {other:?}"))),
+        }
+    }
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("consul-lock-lab-{}-{}", std::process::id(), now_secs()))
+    });
+    if check_cluster {
+        return check_cluster_once(dir);
+    }
+    let mut plan = if short {
+        LabPlan::short(clients.clone())
+    } else {
+        LabPlan::long(clients.clone(), Duration::from_secs(60 * minutes.unwrap_or(30)))
+    };
+    if let Some(faults) = faults {
+        plan.kinds = faults;
+    }
+    plan.ttl = ttl.unwrap_or(plan.ttl);
+    plan.lock_delay = lock_delay.unwrap_or(plan.lock_delay);
+    let go = if clients.contains(&ClientKind::Go) {
+        Some(go_contender(go_bin)?)
+    } else {
+        None
+    };
+    let launcher = Launcher {
+        own_exe: std::env::current_exe().map_err(|source| BenchError::Io {
+            what: "finding this program".to_owned(),
+            source,
+        })?,
+        go,
+    };
+    let results = lab::run(&plan, &launcher, dir, &mut std::io::stderr())?;
+    let out = out.unwrap_or_else(|| {
+        repo_root()
+            .join("target")
+            .join("consul-lock-bench")
+            .join("lab.json")
+    });
+    lab::write(&results, &out)?;
+    print!("{}", results.table());
+    println!("\nresults: {}", out.display());
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `lab --check-cluster`: the cluster comes up, a partitioned leader is replaced, the heal lets
+/// every agent see the leader again, and it all goes away.
+fn check_cluster_once(dir: PathBuf) -> Result<(), BenchError> {
+    use consul_lock_testkit::cluster::{Cluster, ClusterOptions, READY_DEADLINE};
+    let failed = |e: consul_lock_testkit::cluster::ClusterError| BenchError::Request {
+        what: "the lab's cluster",
+        msg: e.to_string(),
+    };
+    let cluster = Cluster::start(&ClusterOptions {
+        servers: 3,
+        clients: 2,
+        dir,
+    })
+    .map_err(failed)?;
+    let old = cluster.wait_ready(READY_DEADLINE).map_err(failed)?;
+    eprintln!("lab: cluster up, leader {}", cluster.agents()[old].name);
+    cluster.isolate(old).map_err(failed)?;
+    let deadline = std::time::Instant::now() + READY_DEADLINE;
+    let new = loop {
+        // The isolated leader no longer answers for the cluster; ask the others.
+        let others: Vec<usize> = cluster.servers().into_iter().filter(|&s| s != old).collect();
+        let seen: Vec<Option<String>> = others.iter().map(|&s| cluster.leader_seen_by(s)).collect();
+        let elected = others.iter().find(|&&s| {
+            seen.iter()
+                .all(|l| l.as_deref() == Some(&format!("{}:8300", cluster.agents()[s].ip)))
+        });
+        if let Some(&s) = elected {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(BenchError::Request {
+                what: "the lab's cluster",
+                msg: format!(
+                    "no new leader among the others after isolating {}",
+                    cluster.agents()[old].name
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "lab: {} isolated, {} elected",
+        cluster.agents()[old].name,
+        cluster.agents()[new].name
+    );
+    cluster.heal().map_err(failed)?;
+    let leader = cluster.wait_ready(READY_DEADLINE).map_err(failed)?;
+    println!(
+        "cluster ok: {} replaced {} as leader while it was isolated; {} leads after the heal",
+        cluster.agents()[new].name,
+        cluster.agents()[old].name,
+        cluster.agents()[leader].name
+    );
     Ok(())
 }
 

@@ -29,6 +29,10 @@ pub enum Command {
         /// suite sets it for the `queued` client).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         queued: bool,
+        /// While held, report a `write` to the fenced resource every this many milliseconds
+        /// (the reliability lab); `None`: no writes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        write_ms: Option<u64>,
     },
     /// Take `n` keys (`<prefix>/<i>`, contender ids `0..n`) on one session, with the key set
     /// (the Rust contenders only): `held` for each key taken, `lost` for each key lost after.
@@ -71,6 +75,19 @@ pub enum Event {
         t_ns: u64,
         /// The holding session.
         session: String,
+        /// The fencing token's sequence (the grant's `ModifyIndex`); 0 when the client could not
+        /// learn it (Go's, when its read of the key after `Lock` failed or saw another holder).
+        #[serde(default)]
+        seq: u64,
+    },
+    /// While held, the contender writes to the fenced resource with its sequence (`write_ms`).
+    Write {
+        /// The contender.
+        id: u64,
+        /// When the contender, still believing it held the lock, wrote.
+        t_ns: u64,
+        /// The sequence it wrote with (its `held` event's).
+        seq: u64,
     },
     /// The client reported the lock lost.
     Lost {
@@ -115,6 +132,7 @@ impl Event {
     pub fn id(&self) -> Option<u64> {
         match self {
             Event::Held { id, .. }
+            | Event::Write { id, .. }
             | Event::Lost { id, .. }
             | Event::Unlocking { id, .. }
             | Event::Unlocked { id, .. } => Some(*id),
@@ -128,6 +146,7 @@ impl Event {
         match self {
             Event::Ready { t_ns }
             | Event::Held { t_ns, .. }
+            | Event::Write { t_ns, .. }
             | Event::Lost { t_ns, .. }
             | Event::Unlocking { t_ns, .. }
             | Event::Unlocked { t_ns, .. } => Some(*t_ns),

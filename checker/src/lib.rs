@@ -29,10 +29,14 @@
 //!
 //! An observer holds nothing: what its reports keep is [`observe::check_reports`].
 //!
+//! The reliability lab's log of beliefs and fenced writes on a real, faulted cluster is checked by
+//! [`lab::check`].
+//!
 //! It is a crate of its own, depending only on the core, so that the core's integration tests (as
 //! a dev-dependency: they link the same core library this crate does) and the fuzz crate (by
 //! path) use the one copy.
 
+pub mod lab;
 pub mod lock;
 pub mod observe;
 pub mod request;

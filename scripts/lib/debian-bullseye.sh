@@ -5,6 +5,20 @@
 # a private sources file, list directory and archive cache are used, so nothing under /etc/apt or
 # /var/lib/apt changes. The caller defines `log` (message to stderr) before sourcing this file.
 
+# use_given_or_path VAR PROGRAM: if $VAR is set, prints it and exits the script (failing if it is
+# not an executable file); else if PROGRAM is on PATH, prints its path and exits. Returns when
+# neither, for the caller to fetch one.
+use_given_or_path() {
+  local var=$1 program=$2 given
+  given=${!var:-}
+  if [ -n "$given" ]; then
+    if [ -x "$given" ]; then echo "$given"; exit 0; fi
+    log "$var=$given is not an executable file; unset it or point it at a $program binary"
+    exit 1
+  fi
+  if command -v "$program" >/dev/null 2>&1; then command -v "$program"; exit 0; fi
+}
+
 # Prints the archive URI of the machine's main (non-security) Debian source, deb822 or one-line
 # format; fails if there is none.
 bullseye_archive_uri() {
@@ -59,4 +73,19 @@ bullseye_download() {
     log "apt-get failed (attempt $attempt of 3); retrying"
     sleep $((attempt * 5))
   done
+}
+
+# bullseye_fetch VAR PACKAGE...: downloads the packages' .debs from bullseye into a new temporary
+# directory, removed when the script exits, whose path it leaves in BULLSEYE_WORK; on failure it
+# logs what to do (set VAR, the caller's variable for a ready binary) and exits the script.
+bullseye_fetch() {
+  local var=$1 uri
+  shift
+  uri=$(bullseye_archive_uri) || { log "could not find a Debian archive URI in /etc/apt/sources*; set $var"; exit 1; }
+  BULLSEYE_WORK=$(mktemp -d)
+  # shellcheck disable=SC2064 # the path is fixed now, on purpose
+  trap "rm -rf '$BULLSEYE_WORK'" EXIT
+  bullseye_apt_setup "$BULLSEYE_WORK" "$uri"
+  log "fetching from Debian bullseye ($uri): $*"
+  bullseye_download "$BULLSEYE_WORK" "$@" || { log "apt-get could not download $*; set $var"; exit 1; }
 }

@@ -42,7 +42,8 @@
 //! - **Faults**: [`SimConsul::set_leader`] (no leader: every forwarded request answers 500
 //!   `No cluster leader`; `stale` reads are served with `X-Consul-KnownLeader: false`; session
 //!   timers stop and restart in full when a leader is back, as Consul's do), and operator
-//!   actions ([`SimConsul::destroy_session`], [`SimConsul::delete_key`], [`SimConsul::put_key`]).
+//!   actions ([`SimConsul::destroy_session`], [`SimConsul::delete_key`], [`SimConsul::put_key`]);
+//!   a failed node ([`SimConsul::fail_node`]: its `serfHealth`-bound sessions invalidated).
 //!
 //! # The calling contract
 //!
@@ -256,6 +257,9 @@ pub struct SimConsul {
     lock_delays: BTreeMap<String, Instant>,
     leader: bool,
     leader_lost_at: Instant,
+    /// The node's `serfHealth` is critical ([`SimConsul::fail_node`] until
+    /// [`SimConsul::recover_node`]).
+    node_failed: bool,
     parked: BTreeMap<QueryId, blocking::Parked>,
     next_query: u64,
     /// Answered parked reads not yet collected by `advance`.
@@ -367,6 +371,7 @@ impl SimConsul {
             lock_delays: BTreeMap::new(),
             leader: true,
             leader_lost_at: now,
+            node_failed: false,
             parked: BTreeMap::new(),
             next_query: 1,
             ready: Vec::new(),
@@ -434,6 +439,47 @@ impl SimConsul {
         self.invalidate_session(idx, uuid);
         self.wake_changed();
         true
+    }
+
+    /// Fault injection: the agent's node fails (a client agent killed or cut off long enough for
+    /// the servers' failure detector to mark its `serfHealth` check critical). Every session
+    /// bound to that check, which is every session made with the default checks, is invalidated
+    /// at once, as Consul does, long before its TTL would run out: keys released or deleted per
+    /// its behavior, lock-delay started. Sessions made without `serfHealth` (`NodeChecks: []`,
+    /// TTL only) live on, and until [`recover_node`](Self::recover_node) a session create
+    /// that names `serfHealth` answers 500 `Check 'serfHealth' is in critical state`. Returns
+    /// how many sessions went. Seen in the reliability lab (client agents frozen, cut off or
+    /// killed); applies even without a leader, as the operator actions do.
+    pub fn fail_node(&mut self, now: Instant) -> usize {
+        self.run_until(now);
+        self.node_failed = true;
+        let bound: Vec<[u8; 16]> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.checks
+                    .iter()
+                    .chain(s.node_checks.iter().flatten())
+                    .any(|c| c == session::SERF_HEALTH)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if bound.is_empty() {
+            return 0;
+        }
+        let idx = self.raft();
+        for id in &bound {
+            self.invalidate_session(idx, *id);
+        }
+        self.wake_changed();
+        bound.len()
+    }
+
+    /// Ends [`fail_node`](Self::fail_node): the node's `serfHealth` passes again and sessions
+    /// bound to it can be made.
+    pub fn recover_node(&mut self, now: Instant) {
+        self.run_until(now);
+        self.node_failed = false;
     }
 
     /// Operator action: deletes `key` (whoever holds it) as a plain `DELETE` would. Returns

@@ -11,7 +11,7 @@ use crate::wire::{Query, Reply};
 use crate::{Outcome, SimBehavior, SimConsul, SimSession, TtlExpiry, gotime};
 
 /// The one health check the simulated node has.
-const SERF_HEALTH: &str = "serfHealth";
+pub(crate) const SERF_HEALTH: &str = "serfHealth";
 /// Consul's session TTL bounds.
 const TTL_MIN_NS: i64 = 10_000_000_000;
 const TTL_MAX_NS: i64 = 86_400_000_000_000;
@@ -385,6 +385,11 @@ impl SimConsul {
         for check in all_checks {
             if check != SERF_HEALTH {
                 return Err(fail(format!("Missing check '{check}' registration")));
+            }
+            // A node the servers still take as failed (the reliability lab's Go contenders were
+            // answered this) cannot bind a new session to its health.
+            if self.node_failed {
+                return Err(fail(format!("Check '{check}' is in critical state")));
             }
         }
         let mut uuid = self.rng.uuid_bytes();

@@ -502,26 +502,39 @@ fn binary() -> Result<Binary, AgentError> {
 }
 
 fn find_binary() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("CONSUL_BIN").filter(|bin| !bin.is_empty()) {
+    find_tool("CONSUL_BIN", "consul", Some("ensure-consul.sh"))
+}
+
+/// A tool the test kit runs: `$env_var` if set, else `program` on `PATH` (or in `/usr/sbin`,
+/// `/sbin`, which a non-root `PATH` may lack), else what `scripts/<script>` prints last (those
+/// scripts fetch the tool once per machine).
+pub(crate) fn find_tool(env_var: &str, program: &str, script: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os(env_var).filter(|bin| !bin.is_empty()) {
         let path = PathBuf::from(bin);
         return if is_executable(&path) {
             Ok(path)
         } else {
-            Err(format!("CONSUL_BIN={} is not an executable file", path.display()))
+            Err(format!("{env_var}={} is not an executable file", path.display()))
         };
     }
     if let Some(path) = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("consul"))
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(program))
         .find(|path| is_executable(path))
     {
         return Ok(path);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-consul.sh");
+    let Some(script) = script else {
+        return Err(format!("{env_var} is unset and {program} is not on PATH"));
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
     if !script.is_file() {
         return Err(format!(
-            "CONSUL_BIN is unset, consul is not on PATH, and {} does not exist",
+            "{env_var} is unset, {program} is not on PATH, and {} does not exist",
             script.display()
         ));
     }
@@ -534,7 +547,7 @@ fn find_binary() -> Result<PathBuf, String> {
     let stderr = last_lines(&stderr, 10);
     if !output.status.success() {
         return Err(format!(
-            "CONSUL_BIN is unset, consul is not on PATH, and {} failed ({}):\n{stderr}",
+            "{env_var} is unset, {program} is not on PATH, and {} failed ({}):\n{stderr}",
             script.display(),
             output.status
         ));
@@ -914,4 +927,9 @@ fn kill_process_group(pgid: u32) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// The consul binary the test kit runs (see [`ConsulAgent::start`] for how it is found).
+pub(crate) fn consul_path() -> Result<PathBuf, AgentError> {
+    binary().map(|binary| binary.path)
 }

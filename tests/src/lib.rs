@@ -9,6 +9,9 @@ pub mod agent;
 #[cfg(unix)]
 pub use agent::{AgentError, ConsulAgent};
 
+#[cfg(target_os = "linux")]
+pub mod cluster;
+
 #[cfg(unix)]
 pub mod golock;
 

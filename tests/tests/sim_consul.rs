@@ -1472,8 +1472,10 @@ impl VirtualDriver {
     }
 }
 
-#[test]
-fn lock_machines_run_against_the_simulator_in_virtual_time() {
+/// Two lock machines on the simulator: the first holds for ten virtual minutes, then `fault`
+/// (given the simulator and the holder's session) ends its session; the holder must learn of the
+/// loss, and the other contender take over, but not before the lock-delay (15 s) is over.
+fn the_holder_learns_and_the_other_takes_over_after(fault: impl FnOnce(&mut Sim, &str)) {
     let mut driver = VirtualDriver {
         sim: Sim::new(15),
         parked: BTreeMap::new(),
@@ -1507,10 +1509,8 @@ fn lock_machines_run_against_the_simulator_in_virtual_time() {
         .clone()
         .unwrap();
 
-    // An operator destroys the holder's session: the holder learns of the loss, and the other
-    // contender takes over once the lock-delay (15 s) is over.
     let destroyed_at = driver.sim.elapsed();
-    assert!(driver.sim.consul.destroy_session(driver.sim.now, &holder));
+    fault(&mut driver.sim, &holder);
     driver.run(&mut machines, destroyed_at + Duration::from_secs(120));
     let lost = driver
         .events
@@ -1537,6 +1537,56 @@ fn lock_machines_run_against_the_simulator_in_virtual_time() {
         *taken_at >= destroyed_at + Duration::from_secs(15),
         "lock-delay respected: {taken_at:?}"
     );
+}
+
+#[test]
+fn lock_machines_run_against_the_simulator_in_virtual_time() {
+    // An operator destroys the holder's session.
+    the_holder_learns_and_the_other_takes_over_after(|sim, holder| {
+        assert!(sim.consul.destroy_session(sim.now, holder));
+    });
+}
+
+/// Found by the reliability lab (bench/src/lab.rs, kill-client): a client agent that dies takes
+/// its node's `serfHealth` check down, and Consul invalidates every session bound to it at once,
+/// long before the TTL. The simulator does the same; the machines must treat it as any loss.
+#[test]
+fn a_failed_node_invalidates_its_sessions_and_the_lock_moves_after_the_lock_delay() {
+    the_holder_learns_and_the_other_takes_over_after(|sim, holder| {
+        assert!(sim.consul.fail_node(sim.now) >= 1);
+        assert!(sim.consul.session(holder).is_none());
+        // The simulator is one node for every contender; in the cluster the next holder is on a
+        // healthy node, so the failure passes here for it to make its session.
+        sim.consul.recover_node(sim.now);
+    });
+}
+
+#[test]
+fn a_failed_node_spares_sessions_not_bound_to_serf_health() {
+    let mut sim = Sim::new(21);
+    let bound = sim.session(r#"{"TTL":"15s","LockDelay":"2s"}"#);
+    let ttl_only = sim.session(r#"{"TTL":"15s","LockDelay":"2s","NodeChecks":[]}"#);
+    assert!(is_true(&sim.put(&format!("/v1/kv/a?acquire={bound}"), b"x")));
+    assert!(is_true(&sim.put(&format!("/v1/kv/b?acquire={ttl_only}"), b"y")));
+    assert_eq!(sim.consul.fail_node(sim.now), 1);
+    assert_eq!(sim.entry("a").unwrap().get("Session"), None);
+    assert_eq!(sim.consul.lock_delay_until("a"), Some(sim.now + 2 * SECOND));
+    assert_eq!(
+        sim.entry("b").unwrap()["Session"].as_str(),
+        Some(ttl_only.as_str())
+    );
+    assert!(sim.consul.session(&ttl_only).is_some());
+
+    // Until the node recovers, no session can be bound to its health; a TTL-only one can.
+    let refused = sim.put("/v1/session/create", br#"{"TTL":"15s"}"#);
+    assert_eq!(
+        (refused.status().as_u16(), text(&refused).as_str()),
+        (500, "Check 'serfHealth' is in critical state")
+    );
+    sim.session(r#"{"TTL":"15s","NodeChecks":[]}"#);
+    sim.consul.recover_node(sim.now);
+    sim.session(r#"{"TTL":"15s"}"#);
+    assert_eq!(sim.consul.fail_node(sim.now), 1);
 }
 
 fn method_strategy() -> impl Strategy<Value = String> {

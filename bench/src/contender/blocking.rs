@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use consul_lock_blocking::{Client, HoldEnd, Lock, StopHandle};
 
@@ -49,6 +50,7 @@ pub fn run() -> Result<(), ContenderError> {
             lock => match LockRequest::from_command(lock) {
                 Some(Ok(request)) => {
                     let client = request.client(&mut shared, Client::new);
+                    let write_every = request.write_every;
                     match client.and_then(|client| client.lock(request.options)) {
                         Ok(lock) => {
                             let (wake, woken) = mpsc::channel();
@@ -56,7 +58,9 @@ pub fn run() -> Result<(), ContenderError> {
                             let thread = {
                                 let (out, stop, id, wake) =
                                     (out.clone(), stop.clone(), request.id, wake.clone());
-                                thread::spawn(move || contend(&lock, id, &out, (&wake, &woken), &stop))
+                                thread::spawn(move || {
+                                    contend(&lock, id, &out, (&wake, &woken), &stop, write_every)
+                                })
                             };
                             if let Some(old) = contenders.insert(request.id, Contender { wake, stop, thread })
                             {
@@ -88,6 +92,7 @@ fn contend(
     out: &Output,
     (wake, woken): (&mpsc::Sender<Wake>, &mpsc::Receiver<Wake>),
     stop: &StopHandle,
+    write_every: Option<Duration>,
 ) {
     let guard = match lock.acquire_with(None, Some(stop)) {
         Ok(guard) => guard,
@@ -97,10 +102,12 @@ fn contend(
             return;
         }
     };
+    let seq = guard.token().sequence();
     out.send(&Event::Held {
         id,
         t_ns: now_ns(),
         session: guard.token().session.as_str().to_owned(),
+        seq,
     });
     // std has no select over two channels: a watch thread turns the loss into a wake-up of this
     // one, so that the holder sleeps until either comes (no polling) and each is seen at once.
@@ -111,7 +118,23 @@ fn contend(
             let _ = wake.send(Wake::Lost { t_ns: now_ns() });
         }
     });
-    if let Ok(Wake::Lost { t_ns }) = woken.recv() {
+    // Until told to unlock or told of the loss: a write to the fenced resource every
+    // `write_every`, each stamped while the loss is still unknown to this thread.
+    let first = loop {
+        let Some(every) = write_every else {
+            break woken.recv();
+        };
+        match woken.recv_timeout(every) {
+            Err(mpsc::RecvTimeoutError::Timeout) => out.send(&Event::Write {
+                id,
+                t_ns: now_ns(),
+                seq,
+            }),
+            Ok(wake) => break Ok(wake),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err(mpsc::RecvError),
+        }
+    };
+    if let Ok(Wake::Lost { t_ns }) = first {
         out.send(&Event::Lost { id, t_ns });
         // Hold on to the lost guard until told to unlock, as the other contenders do.
         while let Ok(Wake::Lost { .. }) = woken.recv() {}

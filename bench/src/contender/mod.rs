@@ -72,6 +72,8 @@ struct LockRequest {
     config: ClientConfig,
     options: LockOptions,
     shared_client: bool,
+    /// How often a holder reports a write to the fenced resource; `None`: never.
+    write_every: Option<Duration>,
 }
 
 /// What a `lock` command asks of the lock itself.
@@ -112,6 +114,7 @@ impl LockRequest {
             config,
             options,
             shared_client,
+            write_every: None,
         })
     }
 
@@ -143,13 +146,21 @@ impl LockRequest {
                 lock_delay_ms,
                 shared_client,
                 queued,
+                write_ms,
             } => {
                 let asked = Asked {
                     ttl_ms,
                     lock_delay_ms,
                     queued,
                 };
-                Some(LockRequest::new(id, addr, &key, asked, shared_client).map_err(|e| (id, e)))
+                Some(
+                    LockRequest::new(id, addr, &key, asked, shared_client)
+                        .map(|request| LockRequest {
+                            write_every: write_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+                            ..request
+                        })
+                        .map_err(|e| (id, e)),
+                )
             }
             Command::Unlock { .. } | Command::Quit | Command::AcquireSet { .. } | Command::Stats => None,
         }

@@ -72,7 +72,7 @@ async fn serve() -> Result<(), ContenderError> {
                         Ok(lock) => {
                             let (tx, rx) = oneshot::channel();
                             unlocks.insert(request.id, tx);
-                            tasks.spawn(contend(lock, request.id, out.clone(), rx));
+                            tasks.spawn(contend(lock, request.id, request.write_every, out.clone(), rx));
                         }
                         Err(e) => out.error(Some(request.id), e.to_string()),
                     }
@@ -98,7 +98,13 @@ async fn serve() -> Result<(), ContenderError> {
 }
 
 /// One contender: acquire, report, then wait to be told to unlock (reporting a loss meanwhile).
-async fn contend(lock: Lock, id: u64, out: Output, mut unlock: oneshot::Receiver<()>) {
+async fn contend(
+    lock: Lock,
+    id: u64,
+    write_every: Option<Duration>,
+    out: Output,
+    mut unlock: oneshot::Receiver<()>,
+) {
     let acquired = ::tokio::select! {
         acquired = lock.acquire() => acquired,
         // Told to stop before holding: dropping the acquire future cancels the attempt.
@@ -114,20 +120,31 @@ async fn contend(lock: Lock, id: u64, out: Output, mut unlock: oneshot::Receiver
             return;
         }
     };
+    let seq = guard.token().sequence();
     out.send(&Event::Held {
         id,
         t_ns: now_ns(),
         session: guard.token().session.as_str().to_owned(),
+        seq,
     });
     let mut watch = guard.watch();
-    ::tokio::select! {
-        lost = watch.lost() => {
-            if lost.is_ok() {
-                out.send(&Event::Lost { id, t_ns: now_ns() });
+    // A write to the fenced resource every `write_every` while the loss is not yet known (a
+    // period of a year stands for "never": the arm just never fires).
+    let mut writes = ::tokio::time::interval(write_every.unwrap_or(Duration::from_secs(365 * 86_400)));
+    writes.set_missed_tick_behavior(::tokio::time::MissedTickBehavior::Delay);
+    writes.reset();
+    loop {
+        ::tokio::select! {
+            lost = watch.lost() => {
+                if lost.is_ok() {
+                    out.send(&Event::Lost { id, t_ns: now_ns() });
+                }
+                let _ = unlock.await;
+                break;
             }
-            let _ = unlock.await;
+            _ = &mut unlock => break,
+            _ = writes.tick(), if write_every.is_some() => out.send(&Event::Write { id, t_ns: now_ns(), seq }),
         }
-        _ = &mut unlock => {}
     }
     out.send(&Event::Unlocking { id, t_ns: now_ns() });
     let released = guard.release().await;
@@ -171,6 +188,7 @@ async fn hold_set(set: Arc<KeySet>, prefix: String, n: u64, out: Output) {
                         id,
                         t_ns,
                         session: token.session.as_str().to_owned(),
+                        seq: token.sequence(),
                     });
                 }
             }

@@ -136,6 +136,7 @@ pub fn lock(id: u64, addr: &str, key: &str, ttl: Duration, lock_delay: Option<Du
         lock_delay_ms: lock_delay.map(millis),
         shared_client: false,
         queued: false,
+        write_ms: None,
     }
 }
 

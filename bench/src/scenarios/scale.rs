@@ -221,6 +221,7 @@ fn client(
                     lock_delay_ms: None,
                     shared_client: true,
                     queued: false,
+                    write_ms: None,
                 })?;
             }
         }
@@ -402,7 +403,9 @@ impl Tally {
 
     fn observe(&mut self, event: Event) {
         match event {
-            Event::Held { id, t_ns, session } => {
+            Event::Held {
+                id, t_ns, session, ..
+            } => {
                 self.held.insert(id);
                 self.session.get_or_insert(session);
                 self.last_hold = self.last_hold.max(t_ns);
