@@ -131,7 +131,12 @@ fn base64_value(c: u8) -> Option<u8> {
 /// Go's `base64.StdEncoding.DecodeString`, as `encoding/json` decodes a `[]byte`: padding
 /// required, `\r` and `\n` skipped, not strict about the unused bits. `Err`: the offset Go's
 /// `CorruptInputError` names (`illegal base64 data at input byte N`).
-pub(crate) fn base64_decode(src: &[u8]) -> Result<Vec<u8>, usize> {
+///
+/// ```
+/// assert_eq!(consul_lock_sim::base64_decode(b"aGk="), Ok(b"hi".to_vec()));
+/// assert_eq!(consul_lock_sim::base64_decode(b"a!=="), Err(1));
+/// ```
+pub fn base64_decode(src: &[u8]) -> Result<Vec<u8>, usize> {
     let is_newline = |c: u8| c == b'\n' || c == b'\r';
     let mut out = Vec::with_capacity(src.len() / 4 * 3);
     let mut si = 0;

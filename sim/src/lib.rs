@@ -93,6 +93,7 @@ mod wire;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+pub use self::json::base64_decode;
 use self::rng::SplitMix64;
 pub use self::server::SimServer;
 use self::wire::{Query, Reply};

@@ -154,6 +154,34 @@ struct Real {
     background: Option<std::thread::JoinHandle<(Response, Duration)>>,
 }
 
+impl Real {
+    fn on(agent: &consul_lock_testkit::ConsulAgent) -> Real {
+        Real {
+            transport: TestTransport::new().unwrap(),
+            base: agent.base_url(),
+            background: None,
+        }
+    }
+}
+
+impl Simulated {
+    /// A simulator set up as the agent of these tests is: indented JSON (`-dev`), and sessions
+    /// expiring at exactly 2×TTL (Consul 1.8.7's timer).
+    fn like_the_agent() -> Simulated {
+        let config = SimConfig {
+            pretty_json: true,
+            ttl_expiry: TtlExpiry::TwiceTtl,
+            ..SimConfig::default()
+        };
+        Simulated {
+            consul: SimConsul::with_config(0x5eed, Instant::now(), config),
+            now: Instant::now(),
+            background: None,
+            answered: BTreeMap::new(),
+        }
+    }
+}
+
 impl Side for Real {
     fn exchange(&mut self, request: http::Request<Vec<u8>>) -> Response {
         self.transport.exchange(request).expect("the agent answers")
@@ -526,25 +554,7 @@ fn normalize_json(v: &Value, sessions: &[String], ranks: &BTreeMap<u64, usize>) 
 
 /// Standard base64 (padded) decoded to UTF-8 text, if it is that.
 fn base64_text(b64: &str) -> Option<String> {
-    let digit = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let mut bytes = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in b64.trim_end_matches('=').bytes() {
-        acc = (acc << 6) | u32::from(digit(c)?);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            bytes.push(u8::try_from((acc >> bits) & 0xff).ok()?);
-        }
-    }
-    String::from_utf8(bytes).ok()
+    String::from_utf8(consul_lock_testkit::sim::base64_decode(b64.as_bytes()).ok()?).ok()
 }
 
 /// The observable, normalised.
@@ -650,25 +660,11 @@ fn differential(name: &str, steps: Vec<Step>) {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let prefix = format!("diff/{name}-{}", std::process::id());
 
-    let mut real = Real {
-        transport: TestTransport::new().unwrap(),
-        base: agent.base_url(),
-        background: None,
-    };
+    let mut real = Real::on(agent);
     let base = real.base.clone();
     let real_run = run(&mut real, &base, &prefix, &steps);
 
-    let config = SimConfig {
-        pretty_json: true,
-        ttl_expiry: TtlExpiry::TwiceTtl,
-        ..SimConfig::default()
-    };
-    let mut sim = Simulated {
-        consul: SimConsul::with_config(0x5eed, Instant::now(), config),
-        now: Instant::now(),
-        background: None,
-        answered: BTreeMap::new(),
-    };
+    let mut sim = Simulated::like_the_agent();
     let sim_run = run(&mut sim, "http://sim.invalid", &prefix, &steps);
 
     let (real_obs, sim_obs) = (normalize(&real_run), normalize(&sim_run));
@@ -1632,24 +1628,10 @@ fn session_invalidation_and_lock_delay_timing_agree() {
         return;
     };
     let (ttl, delay) = (10, 2);
-    let mut real = Real {
-        transport: TestTransport::new().unwrap(),
-        base: agent.base_url(),
-        background: None,
-    };
+    let mut real = Real::on(&agent);
     let base = real.base.clone();
     let (real_ttl, real_delay) = invalidation_and_lock_delay(&mut real, &base, "timing", ttl, delay);
-    let config = SimConfig {
-        pretty_json: true,
-        ttl_expiry: TtlExpiry::TwiceTtl,
-        ..SimConfig::default()
-    };
-    let mut sim = Simulated {
-        consul: SimConsul::with_config(0x5eed, Instant::now(), config),
-        now: Instant::now(),
-        background: None,
-        answered: BTreeMap::new(),
-    };
+    let mut sim = Simulated::like_the_agent();
     let (sim_ttl, sim_delay) =
         invalidation_and_lock_delay(&mut sim, "http://sim.invalid", "timing", ttl, delay);
     let (ttl, delay) = (Duration::from_secs(ttl), Duration::from_secs(delay));
