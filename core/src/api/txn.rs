@@ -113,8 +113,10 @@ struct WireResult {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct WireError {
+    /// Only a batch reads it; kept raw so that a garbled one fails only there (a lock
+    /// transaction's answer does not depend on it). Missing: 0.
     #[serde(default)]
-    op_index: usize,
+    op_index: serde_json::Value,
     #[serde(default)]
     what: String,
 }
@@ -306,12 +308,19 @@ impl Endpoint for KvBatchTxn {
             if errors.is_empty() {
                 return Err(malformed("a 409 without an error"));
             }
-            return Ok(BatchOutcome::Refused(
-                errors
-                    .into_iter()
-                    .map(|e| (e.op_index, refusal(&e.what)))
-                    .collect(),
-            ));
+            let refused = errors
+                .into_iter()
+                .map(|e| {
+                    let index = match &e.op_index {
+                        serde_json::Value::Null => Some(0),
+                        n => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+                    };
+                    index
+                        .map(|i| (i, refusal(&e.what)))
+                        .ok_or_else(|| malformed("an error whose OpIndex is not an operation's index"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(BatchOutcome::Refused(refused));
         }
         let pairs = wire
             .results
@@ -568,5 +577,35 @@ mod tests {
             KvLockTxn::decode(&reply(200, "not json")),
             Err(ApiError::Malformed { .. })
         ));
+    }
+
+    /// A garbled `OpIndex` (found by the fuzzer: a float beside a 200's results) does not spoil
+    /// a lock transaction's answer, which never reads it; a batch's refusal that names no
+    /// operation's index is malformed; a missing one is the first operation.
+    #[test]
+    fn an_op_index_counts_only_where_it_is_read() {
+        let entry = r#"{"LockIndex":1,"Key":"k","Flags":0,"Value":null,"Session":"s1","CreateIndex":5,"ModifyIndex":5}"#;
+        let granted = format!(r#"{{"Results":[{{"KV":{entry}}}],"Errors":[{{"OpIndex":1.5,"What":"x"}}]}}"#);
+        assert!(matches!(
+            KvLockTxn::decode(&reply(200, &granted)),
+            Ok(LockTxnOutcome::Locked(_))
+        ));
+        for op_index in ["1.5", "-1", "\"0\""] {
+            let refused = format!(r#"{{"Errors":[{{"OpIndex":{op_index},"What":"lock is already held"}}]}}"#);
+            assert!(
+                matches!(
+                    KvBatchTxn::decode(&reply(409, &refused)),
+                    Err(ApiError::Malformed { .. })
+                ),
+                "OpIndex {op_index}"
+            );
+        }
+        assert_eq!(
+            KvBatchTxn::decode(&reply(
+                409,
+                r#"{"Errors":[{"What":"failed to lock key \"k\", lock is already held"}]}"#
+            )),
+            Ok(BatchOutcome::Refused(vec![(0, LockRefusal::Held)]))
+        );
     }
 }
