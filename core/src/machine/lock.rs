@@ -24,6 +24,8 @@ use crate::machine::{
 
 /// Margin past the holder's lock-delay before acquiring again, for clock granularity.
 const LOCK_DELAY_MARGIN: Duration = Duration::from_millis(15);
+/// The shortest pause of a lock-delay of unknown end spent watching the key rather than blind.
+const DELAY_WATCH_FROM: Duration = Duration::from_secs(1);
 
 /// How long a holder must have been seen holding before the waiter asks for its session's
 /// lock-delay. Every waiter asks about every new holder, so under contention, where holds last
@@ -397,8 +399,10 @@ impl Holder<LockKind> {
                 let Some(a) = self.acquiring() else { return };
                 let until = a.give_up_at.map_or(until, |at| until.min(at));
                 let wait = until.saturating_duration_since(now);
-                // On index 0 the read would answer at once: then only the pause paces us.
-                if a.index > 0 && !wait.is_zero() {
+                // On index 0 the read would answer at once: then only the pause paces us. A short
+                // pause misses little and a read would double the tries' cost; from a second on,
+                // a handoff missed would cost more than the read.
+                if a.index > 0 && wait >= DELAY_WATCH_FROM {
                     let blocking = Blocking { index: a.index, wait };
                     let read = LockKind::read(self, Consistency::Default, Some(blocking));
                     tracing::debug!(?wait, "lock-delay in force, end unknown: watching the key");

@@ -14,7 +14,8 @@
 //!   touches reports it within [`REACTION`], by its monitor, not by its TTL.
 //! - **A request budget.** In any [`WINDOW`] a client without faults sends at most
 //!   [`BUDGET_BASE`] requests plus [`BUDGET_PER_CHANGE`] per change of the agent's index in that
-//!   window: waiting, holding and idle cost little, and a crowd's cost follows the handoffs.
+//!   window (and [`BUDGET_LOCK_DELAY`] while the key's lock-delay is in force): waiting, holding
+//!   and idle cost little, and a crowd's cost follows the handoffs.
 //! - **No needless lock-delay.** A client never destroys its session while that session still
 //!   holds a key (which imposes the lock-delay on everyone) unless a fault or an operator
 //!   explains it: releases and cancels, at any moment, give the key back first.
@@ -52,6 +53,10 @@ pub(super) const BUDGET_PER_CALL: usize = 6;
 /// Further requests per window while faults make requests fail: renewals retried every
 /// second, monitor reads every 2 s, acquisitions on a growing backoff.
 pub(super) const BUDGET_FAULTED: usize = 30;
+/// Further requests per window while the key's lock-delay is (or was just) in force: the
+/// reads that watch the key through the backoff's longer pauses (at most one a try, and from
+/// a second on the tries are a second or more apart).
+pub(super) const BUDGET_LOCK_DELAY: usize = 5;
 /// How soon after a clean release a waiting contender holds the lock, unless faulted.
 pub(super) const HANDOFF: Duration = Duration::from_millis(1_500);
 /// The longest pause between failed tries (the backoff's cap).
@@ -170,7 +175,18 @@ impl Harness<'_> {
         } else {
             0
         };
-        let budget = BUDGET_BASE + BUDGET_PER_CHANGE * changes + BUDGET_PER_CALL * calls + faulted;
+        // A waiter under a lock-delay whose end it cannot know tries on a backoff, each try
+        // from a second on after a read of the key (so that a handoff meanwhile is seen).
+        let delayed = if self
+            .sim
+            .lock_delay_until(&self.lock_key)
+            .is_some_and(|until| until + WINDOW >= now)
+        {
+            BUDGET_LOCK_DELAY
+        } else {
+            0
+        };
+        let budget = BUDGET_BASE + BUDGET_PER_CHANGE * changes + BUDGET_PER_CALL * calls + faulted + delayed;
         if sent > budget {
             self.clients[i].checks.recent.clear();
             self.violation(format!(
