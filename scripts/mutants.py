@@ -28,7 +28,8 @@ PROPS = [
     # with many faults reach. Last, so that it runs only for what the quick ones let through.
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_scale"],
 ]
-# Every test of the core and of the simulated Consul (no real agent: minutes, not an hour).
+# Every test of the core and of the simulated Consul (minutes, not an hour; `sim_differential`
+# starts a real agent, as the test kit finds one).
 ALL = [
     ["cargo", "test", "-q", "-p", "consul-lock-core"],
     ["cargo", "test", "-q", "-p", "consul-lock-testkit", "--test", "sim_properties",

@@ -293,22 +293,8 @@ impl Endpoint for KvBatchTxn {
 
     fn decode(response: &http::Response<Vec<u8>>) -> Result<BatchOutcome, ApiError> {
         const WHAT: &str = "a batch transaction";
-        check_len(WHAT, response)?;
-        let status = response.status();
-        if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
-            return Err(status_error(response));
-        }
-        let wire: WireResponse = json_body(WHAT, response.body())?;
-        let malformed = |problem: &str| ApiError::Malformed {
-            what: WHAT,
-            problem: problem.to_owned(),
-        };
-        if status == http::StatusCode::CONFLICT {
-            let errors = wire.errors.unwrap_or_default();
-            if errors.is_empty() {
-                return Err(malformed("a 409 without an error"));
-            }
-            let refused = errors
+        match read_answer(WHAT, response)? {
+            Answer::Refused(errors) => errors
                 .into_iter()
                 .map(|e| {
                     let index = match &e.op_index {
@@ -317,24 +303,55 @@ impl Endpoint for KvBatchTxn {
                     };
                     index
                         .map(|i| (i, refusal(&e.what)))
-                        .ok_or_else(|| malformed("an error whose OpIndex is not an operation's index"))
+                        .ok_or_else(|| malformed(WHAT, "an error whose OpIndex is not an operation's index"))
                 })
-                .collect::<Result<Vec<_>, _>>()?;
-            return Ok(BatchOutcome::Refused(refused));
+                .collect::<Result<Vec<_>, _>>()
+                .map(BatchOutcome::Refused),
+            Answer::Done(results) => results
+                .into_iter()
+                .map(|result| {
+                    result
+                        .kv
+                        .ok_or_else(|| malformed(WHAT, "a result without its entry"))?
+                        .into_pair(WHAT)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(BatchOutcome::Done),
         }
-        let pairs = wire
-            .results
-            .ok_or_else(|| malformed("a success reply without results"))?
-            .into_iter()
-            .map(|result| {
-                result
-                    .kv
-                    .ok_or_else(|| malformed("a result without its entry"))?
-                    .into_pair(WHAT)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(BatchOutcome::Done(pairs))
     }
+}
+
+/// What a transaction answered: its results (200), or its errors, at least one (409).
+enum Answer {
+    Done(Vec<WireResult>),
+    Refused(Vec<WireError>),
+}
+
+fn malformed(what: &'static str, problem: &str) -> ApiError {
+    ApiError::Malformed {
+        what,
+        problem: problem.to_owned(),
+    }
+}
+
+/// Reads a transaction's answer: any status but 200 and 409 is that status's error.
+fn read_answer(what: &'static str, response: &http::Response<Vec<u8>>) -> Result<Answer, ApiError> {
+    check_len(what, response)?;
+    let status = response.status();
+    if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
+        return Err(status_error(response));
+    }
+    let wire: WireResponse = json_body(what, response.body())?;
+    if status == http::StatusCode::CONFLICT {
+        let errors = wire.errors.unwrap_or_default();
+        if errors.is_empty() {
+            return Err(malformed(what, "a 409 without an error"));
+        }
+        return Ok(Answer::Refused(errors));
+    }
+    wire.results
+        .map(Answer::Done)
+        .ok_or_else(|| malformed(what, "a success reply without results"))
 }
 
 /// Decodes the answer to a transaction whose last operation is a `lock`: its entry, or the
@@ -343,31 +360,22 @@ fn decode_outcome(
     what: &'static str,
     response: &http::Response<Vec<u8>>,
 ) -> Result<LockTxnOutcome, ApiError> {
-    check_len(what, response)?;
-    let status = response.status();
-    if status != http::StatusCode::OK && status != http::StatusCode::CONFLICT {
-        return Err(status_error(response));
+    match read_answer(what, response)? {
+        // `read_answer` gives at least one error.
+        Answer::Refused(errors) => {
+            let first = errors.into_iter().next().map(|e| e.what).unwrap_or_default();
+            Ok(LockTxnOutcome::Refused(refusal(&first)))
+        }
+        Answer::Done(results) => {
+            let pair = results
+                .into_iter()
+                .last()
+                .and_then(|result| result.kv)
+                .ok_or_else(|| malformed(what, "a success reply without the entry"))?
+                .into_pair(what)?;
+            Ok(LockTxnOutcome::Locked(pair))
+        }
     }
-    let wire: WireResponse = json_body(what, response.body())?;
-    let malformed = |problem: &str| ApiError::Malformed {
-        what,
-        problem: problem.to_owned(),
-    };
-    if status == http::StatusCode::CONFLICT {
-        let refused = wire
-            .errors
-            .and_then(|errors| errors.into_iter().next())
-            .ok_or_else(|| malformed("a 409 without an error"))?
-            .what;
-        return Ok(LockTxnOutcome::Refused(refusal(&refused)));
-    }
-    let pair = wire
-        .results
-        .and_then(|results| results.into_iter().last())
-        .and_then(|result| result.kv)
-        .ok_or_else(|| malformed("a success reply without the entry"))?
-        .into_pair(what)?;
-    Ok(LockTxnOutcome::Locked(pair))
 }
 
 /// Consul's wording (`state/txn.go` and `txn_endpoint.go`, the same from 0.7 to 1.x): "failed to
