@@ -94,7 +94,9 @@ impl KeySet {
 
     /// Takes `keys`, and answers once each is held or refused. Bad input (an invalid key, one
     /// given twice or already in the set, too many) refuses the whole call with
-    /// [`Error::KeySet`] and nothing is sent.
+    /// [`Error::KeySet`] and nothing is sent. Dropping the future does not call the acquisition
+    /// off: the keys it asked for are still taken, and held by the set ([`held`](Self::held)),
+    /// until released or the set is closed or dropped.
     pub async fn acquire<S: AsRef<str>>(&self, keys: &[S]) -> Result<Acquired, Error> {
         let keys = keys.iter().map(|k| k.as_ref().to_owned()).collect();
         self.ask(|reply| Command::Acquire { keys, reply }).await?
