@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{ClientConfig, Key, KvDelete, KvGet, SessionDestroy};
-use consul_lock_core::machine::LockOptions;
+use consul_lock_core::machine::{LockOptions, MIN_HOLD_WINDOW};
 use consul_lock_sim::SimServer;
 use consul_lock_sim::proxy::{FaultProxy, Mode};
 use consul_lock_tokio::{Client, FencingToken, Lock, LossReason};
@@ -402,6 +402,11 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
             session.name = format!("consul-lock demo {}", name(who));
             session.ttl = SESSION_TTL;
             session.lock_delay = Some(args.lock_delay);
+            // Too short a lock-delay to hold by when a failed node check can end the session at
+            // any moment: then the session has no checks, and only its TTL ends it.
+            if args.lock_delay < MIN_HOLD_WINDOW {
+                *session = session.clone().ttl_only();
+            }
         }
         let lock = client.lock(options).map_err(|e| Failure::new(e.to_string()))?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();

@@ -563,13 +563,61 @@ fn renew_deadline_whatever_the_monitor_says() {
 /// The TTL the server returns on renew is the one the deadline and the period follow.
 #[test]
 fn renewal_follows_the_servers_ttl() {
-    let mut r = Rig::new(options());
+    let mut o = options();
+    // A lock-delay above the raised TTL, so that the TTL is what bounds the hold window.
+    o.hold.session_options_mut().unwrap().lock_delay = Some(secs(60));
+    let mut r = Rig::new(o);
     r.acquire("s1", 1);
     r.advance(ms(7500));
     r.answer("PUT /v1/session/renew/s1", reply::renewed_ttl("s1", "30s"));
     assert_eq!(r.m().session().ttl(), Some(secs(30)));
     assert_eq!(r.m().session().renew_deadline(), Some(r.clock.at(ms(37_500))));
     r.advance_to(r.clock.at(ms(22_499)));
+    assert_eq!(r.count("PUT /v1/session/renew/s1"), 0);
+    r.advance(ms(1));
+    r.expect("PUT /v1/session/renew/s1");
+}
+
+#[test]
+fn a_health_bound_session_is_trusted_only_for_its_lock_delay() {
+    // The reliability lab's finding: a failed node check ends a session at once, long before
+    // its TTL, and from then on only the lock-delay keeps the key from the next holder. So with
+    // a lock-delay of 4 s and a TTL of 15 s, a renew vouches for 4 s, and renewals come every 2 s.
+    let mut o = options();
+    o.hold.session_options_mut().unwrap().lock_delay = Some(secs(4));
+    let mut r = Rig::new(o);
+    r.acquire("s1", 1);
+    assert_eq!(r.m().session().hold_window(), Some(secs(4)));
+    assert_eq!(r.m().session().renew_deadline(), Some(r.clock.at(ms(4_000))));
+    r.advance_to(r.clock.at(ms(1_999)));
+    assert_eq!(r.count("PUT /v1/session/renew/s1"), 0);
+    r.advance(ms(1));
+    r.answer("PUT /v1/session/renew/s1", reply::renewed("s1"));
+    assert_eq!(r.m().session().renew_deadline(), Some(r.clock.at(ms(6_000))));
+    // The next renew, at 4 s, hangs: the hold ends 4 s after the last acknowledged one was
+    // sent, not a TTL after.
+    r.advance(ms(2_000));
+    let _hanging = r.expect("PUT /v1/session/renew/s1");
+    r.advance_to(r.clock.at(ms(5_999)));
+    assert_eq!(r.m().status(), LockStatus::Held);
+    r.advance(ms(1));
+    assert_eq!(
+        r.events(),
+        [LockEvent::Lost(LossReason::RenewDeadline { since_ack: secs(4) })]
+    );
+}
+
+#[test]
+fn a_session_without_checks_is_trusted_for_its_ttl_whatever_its_lock_delay() {
+    let mut o = options();
+    let session = o.hold.session_options_mut().unwrap();
+    session.lock_delay = Some(Duration::ZERO);
+    session.checks = Some(Vec::new());
+    let mut r = Rig::new(o);
+    r.acquire("s1", 1);
+    assert_eq!(r.m().session().hold_window(), Some(secs(15)));
+    assert_eq!(r.m().session().renew_deadline(), Some(r.clock.at(ms(15_000))));
+    r.advance_to(r.clock.at(ms(7_499)));
     assert_eq!(r.count("PUT /v1/session/renew/s1"), 0);
     r.advance(ms(1));
     r.expect("PUT /v1/session/renew/s1");

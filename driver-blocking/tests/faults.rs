@@ -114,6 +114,7 @@ fn partition_holder_knows_before_anyone_else_holds() {
     let session = options.hold.session_options_mut().unwrap();
     session.ttl = ttl;
     session.lock_delay = Some(Duration::ZERO);
+    session.checks = Some(Vec::new());
     let holder = holder_client.lock(options).unwrap();
     let guard = holder.acquire().unwrap();
 

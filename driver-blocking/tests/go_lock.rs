@@ -93,7 +93,9 @@ fn force_invalidate() {
     let key = "blocking/go/force-invalidate/.lock";
     let mut opts = options(key);
     // So that taking it again after the loss need not wait out the default 15 s lock-delay.
-    opts.hold.session_options_mut().unwrap().lock_delay = Some(Duration::ZERO);
+    let session = opts.hold.session_options_mut().unwrap();
+    session.lock_delay = Some(Duration::ZERO);
+    session.checks = Some(Vec::new());
     let lock = client.lock(opts).unwrap();
     let guard = lock.acquire().unwrap();
     // A watch on another thread sees the same loss.

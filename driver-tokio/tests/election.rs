@@ -23,6 +23,8 @@ fn options(key: &str, name: &str) -> LockOptions {
     if let Some(session) = options.hold.session_options_mut() {
         session.name = name.to_owned();
         session.lock_delay = Some(Duration::ZERO);
+        // No health checks: with no lock-delay, a session a node check could end holds nothing.
+        session.checks = Some(Vec::new());
     }
     options
 }

@@ -104,6 +104,7 @@ async fn partition_holder_knows_before_anyone_else_holds() {
     let session = options.hold.session_options_mut().unwrap();
     session.ttl = ttl;
     session.lock_delay = Some(Duration::ZERO);
+    session.checks = Some(Vec::new());
     let holder = holder_client.lock(options).unwrap();
     let mut guard = holder.acquire().await.unwrap();
 

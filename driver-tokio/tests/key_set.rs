@@ -33,6 +33,8 @@ fn key_set(client: &Client, name: &str) -> KeySet {
     session.name = format!("tokio keyset {name}");
     // So that a key lost with its session can be taken again at once.
     session.lock_delay = Some(Duration::ZERO);
+    // No health checks: with no lock-delay, a session a node check could end holds nothing.
+    session.checks = Some(Vec::new());
     client.key_set_with(options).unwrap()
 }
 

@@ -80,6 +80,10 @@ impl Setup {
         } else if let Some(s) = o.hold.session_options_mut() {
             s.ttl = Duration::from_secs(u64::from(self.ttl_secs));
             s.lock_delay = self.lock_delay_secs.map(|d| Duration::from_secs(u64::from(d)));
+            // A lock-delay of 0 leaves a health-bound session nothing to hold by.
+            if self.lock_delay_secs == Some(0) {
+                *s = s.clone().ttl_only();
+            }
         }
         o.hold.try_once = self.try_once;
         o.hold.monitor_retries = self.monitor_retries.map(u32::from);

@@ -1396,9 +1396,24 @@ struct VirtualDriver {
     /// Parked reads: which machine and request they answer, and the request's deadline.
     parked: BTreeMap<QueryId, (usize, RequestId, Instant)>,
     events: Vec<(Duration, usize, LockEvent)>,
+    /// A machine whose agent is frozen: its requests never reach the server and are never
+    /// answered, and time out at their deadlines.
+    frozen: Option<usize>,
+    /// The requests of the frozen machine, with their deadlines.
+    hung: Vec<(usize, RequestId, Instant)>,
 }
 
 impl VirtualDriver {
+    fn new(sim: Sim) -> VirtualDriver {
+        VirtualDriver {
+            sim,
+            parked: BTreeMap::new(),
+            events: Vec::new(),
+            frozen: None,
+            hung: Vec::new(),
+        }
+    }
+
     fn pump(&mut self, machines: &mut [LockMachine]) {
         loop {
             let mut progressed = false;
@@ -1407,6 +1422,9 @@ impl VirtualDriver {
                     progressed = true;
                     match action {
                         Action::Event(event) => self.events.push((self.sim.elapsed(), m, event)),
+                        Action::Send(transmit) if self.frozen == Some(m) => {
+                            self.hung.push((m, transmit.id, transmit.deadline));
+                        }
                         Action::Send(transmit) => {
                             match self.sim.consul.handle(self.sim.now, &transmit.request) {
                                 SimReply::Now(r) => machine.handle_response(self.sim.now, transmit.id, Ok(r)),
@@ -1419,9 +1437,14 @@ impl VirtualDriver {
                 }
             }
             for (q, r) in self.sim.consul.advance(self.sim.now) {
-                if let Some((m, id, _)) = self.parked.remove(&q) {
-                    machines[m].handle_response(self.sim.now, id, Ok(r));
-                    progressed = true;
+                match self.parked.remove(&q) {
+                    // A frozen agent sends no answer, not even to a read parked before.
+                    Some((m, id, deadline)) if self.frozen == Some(m) => self.hung.push((m, id, deadline)),
+                    Some((m, id, _)) => {
+                        machines[m].handle_response(self.sim.now, id, Ok(r));
+                        progressed = true;
+                    }
+                    None => {}
                 }
             }
             if !progressed {
@@ -1440,6 +1463,7 @@ impl VirtualDriver {
                 .filter_map(LockMachine::poll_timeout)
                 .chain(self.sim.consul.poll_timeout())
                 .chain(self.parked.values().map(|(_, _, deadline)| *deadline))
+                .chain(self.hung.iter().map(|(_, _, deadline)| *deadline))
                 .min()
                 .map_or(end, |t| t.min(end))
                 .max(self.sim.now);
@@ -1457,6 +1481,13 @@ impl VirtualDriver {
                     let error = TransportError::new(TransportErrorKind::Timeout, "virtual deadline");
                     machines[m].handle_response(next, id, Err(error));
                 }
+            }
+            let (late, hung): (Vec<_>, Vec<_>) = self.hung.drain(..).partition(|h| h.2 <= next);
+            self.hung = hung;
+            for (m, id, _) in late {
+                let error =
+                    TransportError::new(TransportErrorKind::Timeout, "virtual deadline (agent frozen)");
+                machines[m].handle_response(next, id, Err(error));
             }
             self.pump(machines);
             for machine in machines.iter_mut() {
@@ -1476,11 +1507,7 @@ impl VirtualDriver {
 /// (given the simulator and the holder's session) ends its session; the holder must learn of the
 /// loss, and the other contender take over, but not before the lock-delay (15 s) is over.
 fn the_holder_learns_and_the_other_takes_over_after(fault: impl FnOnce(&mut Sim, &str)) {
-    let mut driver = VirtualDriver {
-        sim: Sim::new(15),
-        parked: BTreeMap::new(),
-        events: Vec::new(),
-    };
+    let mut driver = VirtualDriver::new(Sim::new(15));
     let config = ClientConfig::default();
     let options = LockOptions::new("svc/leader").unwrap();
     let mut machines = vec![
@@ -1559,6 +1586,78 @@ fn a_failed_node_invalidates_its_sessions_and_the_lock_moves_after_the_lock_dela
         // healthy node, so the failure passes here for it to make its session.
         sim.consul.recover_node(sim.now);
     });
+}
+
+/// The reliability lab's finding (RELIABILITY.md, lock-delay 0 and 5 s): the holder's client
+/// agent freezes right after a renew, so the holder hears nothing more; the servers mark the
+/// node failed `detect` later and invalidate its sessions at once, and the next holder (on a
+/// healthy node: here a session without checks, which the one-node simulator's failure spares)
+/// takes the key when the lock-delay runs out. The holder must have stopped believing by then:
+/// its renew deadline is the lock-delay, not the TTL (which would have let it believe 5 s
+/// after the next holder's grant).
+#[test]
+fn a_frozen_holders_node_failing_ends_its_belief_before_the_next_holder_is_granted() {
+    let ttl = Duration::from_secs(10);
+    let lock_delay = Duration::from_secs(5);
+    for detect in [
+        Duration::ZERO,
+        Duration::from_millis(100),
+        Duration::from_secs(3),
+        Duration::from_secs(6),
+    ] {
+        let mut driver = VirtualDriver::new(Sim::new(16));
+        let config = ClientConfig::default();
+        let mut holder = LockOptions::new("svc/leader").unwrap();
+        let session = holder.hold.session_options_mut().unwrap();
+        session.ttl = ttl;
+        session.lock_delay = Some(lock_delay);
+        let mut next = holder.clone();
+        let session = next.hold.session_options_mut().unwrap();
+        *session = session.clone().ttl_only();
+        let mut machines = vec![
+            LockMachine::new(config.clone(), holder).unwrap(),
+            LockMachine::new(config, next).unwrap(),
+        ];
+        machines[0].lock(driver.sim.now).unwrap();
+        driver.run(&mut machines, Duration::from_secs(1));
+        machines[1].lock(driver.sim.now).unwrap();
+        // Hold a while, then freeze the holder's agent just after a renew is acknowledged (the
+        // worst moment: the most belief left).
+        driver.run(&mut machines, Duration::from_secs(60));
+        let acked =
+            machines[0].session().renew_deadline().unwrap() - machines[0].session().hold_window().unwrap();
+        driver.run(&mut machines, acked - driver.sim.start + Duration::from_millis(1));
+        driver.frozen = Some(0);
+        let frozen_at = driver.sim.elapsed();
+        driver.run(&mut machines, frozen_at + detect);
+        assert_eq!(
+            driver.sim.consul.fail_node(driver.sim.now),
+            1,
+            "the holder's session, bound to serfHealth"
+        );
+        driver.run(&mut machines, frozen_at + Duration::from_secs(60));
+
+        let when = |m: usize, what: fn(&LockEvent) -> bool| {
+            driver
+                .events
+                .iter()
+                .find(|(t, who, e)| *who == m && *t >= frozen_at && what(e))
+                .map(|(t, ..)| *t)
+                .unwrap_or_else(|| panic!("detect {detect:?}: machine {m}: {:#?}", driver.events))
+        };
+        let lost = when(0, |e| {
+            matches!(e, LockEvent::Lost(LossReason::RenewDeadline { .. }))
+        });
+        let granted = when(1, |e| matches!(e, LockEvent::Acquired(_)));
+        assert!(
+            lost <= granted,
+            "detect {detect:?}: the holder believed until {lost:?}, the next holder was granted at {granted:?}"
+        );
+        assert!(
+            granted >= frozen_at + detect + lock_delay,
+            "detect {detect:?}: lock-delay kept"
+        );
+    }
 }
 
 #[test]

@@ -177,12 +177,14 @@ impl World {
         let session = options.hold.session_options_mut().unwrap();
         session.ttl = TTL;
         session.lock_delay = Some(Duration::ZERO);
+        session.checks = Some(Vec::new());
         options.hold.seed = s.seed;
         let set = KeySetMachine::new(config.clone(), options).unwrap();
         let mut lock = LockOptions::new(&s.key(s.contended)).unwrap();
         let session = lock.hold.session_options_mut().unwrap();
         session.ttl = TTL;
         session.lock_delay = Some(Duration::ZERO);
+        session.checks = Some(Vec::new());
         lock.hold.seed = s.seed ^ 1;
         let contender = LockMachine::new(config, lock).unwrap();
         World {

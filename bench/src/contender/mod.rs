@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consul_lock_core::api::ClientConfig;
-use consul_lock_core::machine::{LockOptions, Waiting};
+use consul_lock_core::machine::{LockOptions, MIN_HOLD_WINDOW, Waiting};
 
 use crate::protocol::{Command, Event};
 
@@ -106,6 +106,11 @@ impl LockRequest {
         if let Some(session) = options.hold.session_options_mut() {
             session.ttl = Duration::from_millis(ttl_ms);
             session.lock_delay = lock_delay_ms.map(Duration::from_millis);
+            // Too short a lock-delay to hold by when a failed node check can end the session
+            // at any moment (the lab's finding): then a session with no checks, the TTL alone.
+            if session.lock_delay.is_some_and(|d| d < MIN_HOLD_WINDOW) {
+                *session = session.clone().ttl_only();
+            }
         }
         options.validate().map_err(|e| format!("bad lock options: {e}"))?;
         Ok(LockRequest {

@@ -8,8 +8,8 @@ use crate::api::{ClientConfig, QueryReply};
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::Failure;
 use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::session::{SessionEvent, SessionMachine};
-use crate::machine::{LockError, LockEvent, LossReason, Retry, SessionChoice, read};
+use crate::machine::session::{HoldWindow, SessionEvent, SessionMachine};
+use crate::machine::{AfterInvalidation, LockError, LockEvent, LossReason, Retry, SessionChoice, read};
 
 /// The half of a holding machine that is not about its phases. `E` is what the machine reports
 /// (a lock's [`LockEvent`], a key set's [`KeySetEvent`](crate::machine::KeySetEvent)).
@@ -28,6 +28,7 @@ impl<E> Base<E> {
         mut config: ClientConfig,
         namespace: Option<&String>,
         session: &SessionChoice,
+        after: AfterInvalidation,
         request_timeout: Duration,
         seed: u64,
     ) -> Base<E> {
@@ -38,8 +39,12 @@ impl<E> Base<E> {
             SessionChoice::Create(s) => Ok(s.to_request()),
             SessionChoice::Existing(id) => Err(id.clone()),
         };
+        let window = match session {
+            SessionChoice::Create(s) => HoldWindow::new(s, after),
+            SessionChoice::Existing(_) => HoldWindow::Ttl,
+        };
         Base {
-            session: SessionMachine::new(source, request_timeout),
+            session: SessionMachine::new(source, window, request_timeout),
             out: Outbox::new(config),
             rng: Rng::new(seed),
             last_now: None,
@@ -47,12 +52,18 @@ impl<E> Base<E> {
         }
     }
 
-    /// The base for a machine holding with `hold`'s session, namespace, request timeout and seed.
-    pub(crate) fn for_hold(config: ClientConfig, hold: &crate::machine::HoldOptions) -> Base<E> {
+    /// The base for a machine holding with `hold`'s session, namespace, request timeout and
+    /// seed, whose keys are kept from others after an early end of the session as `after` says.
+    pub(crate) fn for_hold(
+        config: ClientConfig,
+        hold: &crate::machine::HoldOptions,
+        after: AfterInvalidation,
+    ) -> Base<E> {
         Base::new(
             config,
             hold.namespace.as_ref(),
             &hold.session,
+            after,
             hold.request_timeout,
             hold.seed,
         )

@@ -238,7 +238,11 @@ impl<K: Kind> Holder<K> {
     ) -> Result<Holder<K>, OptionsError> {
         options.check()?;
         config.check()?;
-        let base = Base::for_hold(config, options.hold());
+        let base = Base::for_hold(
+            config,
+            options.hold(),
+            <K::Options as KindOptions>::AFTER_INVALIDATION,
+        );
         Ok(Holder {
             kind: kind(&options),
             options,

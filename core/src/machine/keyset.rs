@@ -32,8 +32,8 @@ use crate::machine::hold::{Base, Failures, Watch, WatchStep};
 use crate::machine::outbox::{Pending, Pendings};
 use crate::machine::session::{SessionEvent, SessionLoss};
 use crate::machine::{
-    Action, FencingToken, HoldOptions, LOCK_FLAG_VALUE, LockError, LossReason, OptionsError, Reply,
-    RequestId, Retry, SessionOptions, read,
+    Action, AfterInvalidation, FencingToken, HoldOptions, LOCK_FLAG_VALUE, LockError, LossReason,
+    OptionsError, Reply, RequestId, Retry, SessionOptions, read,
 };
 
 /// What a [`KeySetMachine`] is made with.
@@ -80,7 +80,7 @@ impl KeySetOptions {
 
     /// Checks every option.
     pub fn validate(&self) -> Result<(), OptionsError> {
-        self.hold.validate()?;
+        self.hold.validate(AfterInvalidation::LockDelay)?;
         // Each batch carries the value once per key: a value this large would leave no room
         // for the keys in Consul's 512 KiB transaction body.
         if self.hold.value.len() > MAX_VALUE {
@@ -326,7 +326,7 @@ impl KeySetMachine {
     pub fn new(config: ClientConfig, options: KeySetOptions) -> Result<KeySetMachine, OptionsError> {
         options.validate()?;
         config.check()?;
-        let base = Base::for_hold(config, &options.hold);
+        let base = Base::for_hold(config, &options.hold, AfterInvalidation::LockDelay);
         Ok(KeySetMachine {
             options,
             base,

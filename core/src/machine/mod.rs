@@ -30,7 +30,8 @@ pub use keyset::{KeySetError, KeySetEvent, KeySetMachine, KeySetOptions, KeyStat
 pub use lock::LockMachine;
 pub use observe::{Leader, Observation, ObserveEvent, ObserveOptions, ObserverMachine};
 pub use options::{
-    HoldOptions, LockOptions, OptionsError, SemaphoreOptions, SessionChoice, SessionOptions, Waiting,
+    AfterInvalidation, DEFAULT_LOCK_DELAY, HoldOptions, LockOptions, MIN_HOLD_WINDOW, OptionsError,
+    SemaphoreOptions, SessionChoice, SessionOptions, Waiting,
 };
 pub use outbox::{Action, Reply, RequestId, Transmit, TransportError, TransportErrorKind};
 pub use read::QUICK_ANSWER;

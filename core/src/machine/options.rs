@@ -11,6 +11,28 @@ pub(crate) const SESSION_TTL_RANGE: std::ops::RangeInclusive<Duration> =
 /// Consul caps lock-delay here, whatever a session asked for.
 pub(crate) const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
 
+/// Consul's lock-delay for a session that asks for none (`structs.DefaultLockDelay`).
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
+
+/// The shortest [hold window](SessionOptions::hold_window) a machine accepts: below it a holder
+/// would renew every few hundred milliseconds and drop its hold at any hiccup of the agent.
+pub const MIN_HOLD_WINDOW: Duration = Duration::from_secs(1);
+
+/// What keeps a session's keys from everyone else once Consul invalidates the session early,
+/// before its TTL: a failed health check ends a health-bound session at once (the reliability
+/// lab saw a frozen or killed client agent's node marked failed 5-6 s after the fault, and its
+/// sessions invalidated with it), and a holder cut off from its agent cannot know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterInvalidation {
+    /// The keys are locks taken with `acquire` (a lock, a key set): Consul refuses them to
+    /// every session for the invalidated session's lock-delay.
+    LockDelay,
+    /// Nothing: others take the place at once. A semaphore's contenders prune from the `.lock`
+    /// every holder whose contender key lost its session, and take its slot; the lock-delay
+    /// guards only that contender key, which nobody else wants.
+    TakenAtOnce,
+}
+
 /// The session a lock holds its key with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionChoice {
@@ -37,7 +59,12 @@ pub struct SessionOptions {
     pub behavior: SessionBehavior,
     /// The session's node; `None`: the agent's own.
     pub node: Option<String>,
-    /// Health checks (Consul's `Checks`); `None`: Consul's default, `serfHealth`.
+    /// Health checks (Consul's `Checks`); `None`: Consul's default, `serfHealth`, unless
+    /// `node_checks` is given. `Some(vec![])` with `node_checks` unset or empty: no checks, the
+    /// session ends only by its TTL (or a destroy).
+    ///
+    /// A check can end the session at any moment, so it shortens how long a holder may trust
+    /// a renew ([`SessionOptions::hold_window`]).
     pub checks: Option<Vec<String>>,
     /// Node health checks (Consul's `NodeChecks`).
     pub node_checks: Option<Vec<String>>,
@@ -61,6 +88,65 @@ impl SessionOptions {
     /// Go's session TTL.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
 
+    /// A session with no health checks: it ends only when its TTL runs out unrenewed (or is
+    /// destroyed), never early because its node was marked failed.
+    ///
+    /// ```
+    /// # use consul_lock_core::machine::SessionOptions;
+    /// let session = SessionOptions::default().ttl_only();
+    /// assert_eq!(session.checks, Some(vec![]));
+    /// assert!(!session.health_bound());
+    /// ```
+    pub fn ttl_only(mut self) -> SessionOptions {
+        self.checks = Some(Vec::new());
+        self.node_checks = None;
+        self
+    }
+
+    /// Whether health checks bind the session, so that Consul may end it before its TTL: with
+    /// neither `checks` nor `node_checks` given, Consul binds it to `serfHealth` (measured on
+    /// 1.8.7: `{"Checks": []}` makes a session with no checks, `{}` one with `serfHealth`).
+    pub fn health_bound(&self) -> bool {
+        let given = |checks: &Option<Vec<String>>| checks.as_ref().is_some_and(|c| !c.is_empty());
+        match (&self.checks, &self.node_checks) {
+            (None, None) => true,
+            _ => given(&self.checks) || given(&self.node_checks),
+        }
+    }
+
+    /// How long after the send time of its last acknowledged renew a holder may still take the
+    /// session's keys as its own: the renew deadline. Consul ends an unrenewed session no
+    /// earlier than a TTL after the last renew it saw, so that bounds it; a health-bound session
+    /// can end at any moment after that renew, and then only what `after` says keeps others out:
+    /// the lock-delay (this session's, or Consul's default 15 s), or nothing.
+    ///
+    /// ```
+    /// # use consul_lock_core::machine::{AfterInvalidation, SessionOptions};
+    /// # use std::time::Duration;
+    /// let mut session = SessionOptions::default(); // TTL 15 s, lock-delay 15 s, serfHealth
+    /// assert_eq!(session.hold_window(AfterInvalidation::LockDelay), Duration::from_secs(15));
+    /// session.lock_delay = Some(Duration::from_secs(5));
+    /// assert_eq!(session.hold_window(AfterInvalidation::LockDelay), Duration::from_secs(5));
+    /// assert_eq!(session.hold_window(AfterInvalidation::TakenAtOnce), Duration::ZERO);
+    /// let session = session.ttl_only();
+    /// assert_eq!(session.hold_window(AfterInvalidation::TakenAtOnce), Duration::from_secs(15));
+    /// ```
+    pub fn hold_window(&self, after: AfterInvalidation) -> Duration {
+        self.hold_window_for(self.ttl, after)
+    }
+
+    /// [`SessionOptions::hold_window`] for a session whose TTL is now `ttl` (the server may
+    /// raise it).
+    pub(crate) fn hold_window_for(&self, ttl: Duration, after: AfterInvalidation) -> Duration {
+        if !self.health_bound() {
+            return ttl;
+        }
+        match after {
+            AfterInvalidation::LockDelay => ttl.min(self.lock_delay.unwrap_or(DEFAULT_LOCK_DELAY)),
+            AfterInvalidation::TakenAtOnce => Duration::ZERO,
+        }
+    }
+
     /// The create request these options describe.
     pub fn to_request(&self) -> SessionCreate {
         SessionCreate {
@@ -74,7 +160,7 @@ impl SessionOptions {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), OptionsError> {
+    pub(crate) fn validate(&self, after: AfterInvalidation) -> Result<(), OptionsError> {
         if !SESSION_TTL_RANGE.contains(&self.ttl) {
             return Err(OptionsError::SessionTtl { ttl: self.ttl });
         }
@@ -82,6 +168,13 @@ impl SessionOptions {
             if delay > MAX_LOCK_DELAY {
                 return Err(OptionsError::LockDelay { delay });
             }
+        }
+        let window = self.hold_window(after);
+        if window < MIN_HOLD_WINDOW {
+            return Err(match after {
+                AfterInvalidation::LockDelay => OptionsError::LockDelayBelowHoldWindow { window },
+                AfterInvalidation::TakenAtOnce => OptionsError::HealthBoundSemaphore,
+            });
         }
         Ok(())
     }
@@ -185,10 +278,11 @@ impl HoldOptions {
         }
     }
 
-    /// Checks every option against what Consul accepts and what the machine needs.
-    pub fn validate(&self) -> Result<(), OptionsError> {
+    /// Checks every option against what Consul accepts and what the machine needs, for a hold
+    /// whose keys are kept from others after an early end of its session as `after` says.
+    pub fn validate(&self, after: AfterInvalidation) -> Result<(), OptionsError> {
         if let SessionChoice::Create(session) = &self.session {
-            session.validate()?;
+            session.validate(after)?;
         }
         check_durations(
             &[("wait_time", self.wait_time), ("monitor_wait", self.monitor_wait)],
@@ -297,12 +391,15 @@ impl LockOptions {
         if let (Waiting::Queue, SessionChoice::Existing(id)) = (self.waiting, &self.hold.session) {
             self.queue_entry(id)?;
         }
-        self.hold.validate()
+        self.hold.validate(Self::AFTER_INVALIDATION)
     }
 }
 
 /// What a holder needs of its options, whatever its kind.
 pub trait KindOptions: std::fmt::Debug + Send + 'static {
+    /// What keeps this kind's keys from others when its session ends early.
+    const AFTER_INVALIDATION: AfterInvalidation;
+
     /// The options every kind has.
     fn hold(&self) -> &HoldOptions;
     /// Checks every option.
@@ -310,6 +407,8 @@ pub trait KindOptions: std::fmt::Debug + Send + 'static {
 }
 
 impl KindOptions for LockOptions {
+    const AFTER_INVALIDATION: AfterInvalidation = AfterInvalidation::LockDelay;
+
     fn hold(&self) -> &HoldOptions {
         &self.hold
     }
@@ -320,6 +419,8 @@ impl KindOptions for LockOptions {
 }
 
 impl KindOptions for SemaphoreOptions {
+    const AFTER_INVALIDATION: AfterInvalidation = AfterInvalidation::TakenAtOnce;
+
     fn hold(&self) -> &HoldOptions {
         &self.hold
     }
@@ -429,17 +530,44 @@ pub enum OptionsError {
     /// A semaphore needs at least one slot.
     #[error("the semaphore limit is 0: a semaphore needs at least one slot")]
     Limit,
+    /// A lock's session is bound to health checks, which can end it at any moment, and its
+    /// lock-delay is too short to keep the key from others long enough to hold it safely.
+    #[error(
+        "a session bound to health checks (serfHealth by default) can be ended at any moment by a failed check, \
+         after which only its lock-delay keeps the key from others: holding would be safe for {window:?} after each \
+         renew, and at least 1s is needed; use a lock-delay of 1s or more, or a session with no checks \
+         (SessionOptions::ttl_only)"
+    )]
+    LockDelayBelowHoldWindow {
+        /// How long holding would be safe after each renew.
+        window: Duration,
+    },
+    /// A semaphore's session is bound to health checks: a failed check ends it at any moment,
+    /// and the other contenders take the slot at once.
+    #[error(
+        "a semaphore's session must have no health checks: a failed check can end it at any moment, and the other \
+         contenders then take its slot at once (no lock-delay guards a slot); use SessionOptions::semaphore() or \
+         SessionOptions::ttl_only"
+    )]
+    HealthBoundSemaphore,
 }
 
 impl SessionOptions {
-    /// Go's session for a semaphore: named `Consul API Semaphore`, TTL 15 s, behavior `delete`
-    /// (so that a contender's key goes with its session).
+    /// A semaphore's session: Go's (named `Consul API Semaphore`, TTL 15 s, behavior `delete`,
+    /// so that a contender's key goes with its session) but with no health checks, where Go's
+    /// has `serfHealth`. Nothing keeps a slot from the other contenders once its holder's
+    /// session ends ([`AfterInvalidation::TakenAtOnce`]), so a session a failed check could end
+    /// at any moment would leave no time in which holding is safe; with the TTL alone, Consul
+    /// ends it no earlier than a TTL after the last renew it saw, which the renew deadline
+    /// follows. The cost: a slot whose node dies is freed after the TTL (up to twice it), not
+    /// when the node is marked failed.
     pub fn semaphore() -> SessionOptions {
         SessionOptions {
             name: SemaphoreOptions::DEFAULT_SESSION_NAME.to_owned(),
             behavior: SessionBehavior::Delete,
             ..SessionOptions::default()
         }
+        .ttl_only()
     }
 }
 
@@ -513,7 +641,7 @@ impl SemaphoreOptions {
         if let SessionChoice::Existing(id) = &self.hold.session {
             self.contender_key(id)?;
         }
-        self.hold.validate()
+        self.hold.validate(Self::AFTER_INVALIDATION)
     }
 }
 
@@ -586,16 +714,87 @@ mod tests {
     }
 
     #[test]
-    fn zero_lock_delay_is_kept() {
+    fn zero_lock_delay_is_kept_on_a_session_without_checks() {
         let mut o = options();
         if let Some(s) = o.hold.session_options_mut() {
             s.lock_delay = Some(Duration::ZERO);
+            *s = s.clone().ttl_only();
         }
         assert_eq!(o.validate(), Ok(()));
         let SessionChoice::Create(s) = &o.hold.session else {
             panic!("creates a session")
         };
         assert_eq!(s.to_request().lock_delay, Some(Duration::ZERO));
+        assert_eq!(s.to_request().checks, Some(vec![]));
+        assert_eq!(s.hold_window(AfterInvalidation::LockDelay), s.ttl);
+    }
+
+    #[test]
+    fn a_health_bound_lock_needs_a_lock_delay_to_hold_by() {
+        // The reliability lab's finding: a failed node's sessions end at once, and then only the
+        // lock-delay keeps the key from the next holder.
+        for (delay, checks, node_checks) in [
+            (Duration::ZERO, None, None),
+            (Duration::from_millis(999), None, None),
+            (Duration::ZERO, Some(vec!["serfHealth".to_owned()]), None),
+            (Duration::ZERO, Some(vec![]), Some(vec!["service:web".to_owned()])),
+        ] {
+            let mut o = options();
+            if let Some(s) = o.hold.session_options_mut() {
+                s.lock_delay = Some(delay);
+                s.checks = checks.clone();
+                s.node_checks = node_checks.clone();
+            }
+            assert_eq!(
+                o.validate(),
+                Err(OptionsError::LockDelayBelowHoldWindow { window: delay }),
+                "{delay:?} {checks:?} {node_checks:?}"
+            );
+        }
+        let mut o = options();
+        if let Some(s) = o.hold.session_options_mut() {
+            s.lock_delay = Some(MIN_HOLD_WINDOW);
+        }
+        assert_eq!(o.validate(), Ok(()));
+        let err = OptionsError::LockDelayBelowHoldWindow {
+            window: Duration::ZERO,
+        }
+        .to_string();
+        assert!(
+            err.contains("lock-delay of 1s or more") && err.contains("ttl_only"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_hold_window_is_the_ttl_or_the_lock_delay_whichever_is_shorter() {
+        let mut s = SessionOptions {
+            ttl: Duration::from_secs(10),
+            ..SessionOptions::default()
+        };
+        // Consul's default lock-delay (15 s) is longer than this TTL.
+        assert_eq!(
+            s.hold_window(AfterInvalidation::LockDelay),
+            Duration::from_secs(10)
+        );
+        s.lock_delay = Some(Duration::from_secs(4));
+        assert_eq!(
+            s.hold_window(AfterInvalidation::LockDelay),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            s.hold_window_for(Duration::from_secs(3), AfterInvalidation::LockDelay),
+            Duration::from_secs(3)
+        );
+        // Measured on 1.8.7: `{"NodeChecks": []}` alone makes a session with no checks.
+        s.node_checks = Some(vec![]);
+        assert!(!s.health_bound());
+        assert_eq!(
+            s.hold_window(AfterInvalidation::LockDelay),
+            Duration::from_secs(10)
+        );
+        s.checks = Some(vec!["serfHealth".to_owned()]);
+        assert!(s.health_bound());
     }
 
     #[test]
@@ -618,9 +817,24 @@ mod tests {
                 SessionBehavior::Delete
             )
         );
+        // Unlike Go's: no serfHealth, so that only the TTL can end a slot's session.
+        assert_eq!(s.to_request().checks, Some(vec![]));
+        assert_eq!(s.hold_window(AfterInvalidation::TakenAtOnce), s.ttl);
         let session = SessionId::new("s1").ok();
         let contender = session.and_then(|s| o.contender_key(&s).ok());
         assert_eq!(contender.as_ref().map(Key::as_str), Some("a/b/s1"));
+    }
+
+    #[test]
+    fn a_health_bound_semaphore_is_refused() {
+        let Ok(mut o) = SemaphoreOptions::new("a/b", 2) else {
+            panic!("valid")
+        };
+        if let Some(s) = o.hold.session_options_mut() {
+            s.checks = None;
+            s.lock_delay = Some(Duration::from_secs(60));
+        }
+        assert_eq!(o.validate(), Err(OptionsError::HealthBoundSemaphore));
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! before it was sent. So if no renew has been acknowledged for TTL, counted from the *send* time
 //! of the last acknowledged one, someone else may be about to hold the key, and the holder must
 //! stop, whatever else it hears or doesn't.
+//!
+//! A session bound to health checks (Consul's default, `serfHealth`) can end sooner: at any
+//! moment after that renew, if its node is marked failed, and then only the lock-delay keeps the
+//! keys from others. So the deadline counts the *hold window* ([`HoldWindow`]), the TTL or the
+//! lock-delay, whichever is shorter, and renewals come every half of it.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +18,7 @@ use crate::api::{ApiError, SessionCreate, SessionDestroy, SessionEntry, SessionI
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::{Failure, decode};
 use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::{Reply, RequestId};
+use crate::machine::{AfterInvalidation, Reply, RequestId, SessionOptions};
 
 /// Go retries a failed renew every second; so do we, until the deadline.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
@@ -43,7 +48,9 @@ pub enum SessionEvent {
 pub enum SessionLoss {
     /// Consul answered a renew with 404: the session expired or was destroyed.
     Invalidated,
-    /// No renew was acknowledged within the TTL.
+    /// No renew was acknowledged within the hold window: the TTL, or the lock-delay when that
+    /// is shorter and health checks bind the session
+    /// ([`SessionOptions::hold_window`](crate::machine::SessionOptions::hold_window)).
     RenewDeadline {
         /// How long since the last acknowledged renew was sent.
         since_ack: Duration,
@@ -63,18 +70,62 @@ pub enum SessionStatus {
     Destroying,
 }
 
+/// How long after a renew is sent the session's keys stay its holder's for certain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HoldWindow {
+    /// The TTL: only an unrenewed TTL ends the session (no health checks), or the session is the
+    /// caller's, which the machine does not renew.
+    Ttl,
+    /// A failed health check can end the session at any moment; this long after, the keys may
+    /// be someone else's (the lock-delay, or zero when nothing keeps them). The TTL still bounds
+    /// it.
+    AtMost(Duration),
+}
+
+impl HoldWindow {
+    /// The window of a session made with `session`, for keys kept as `after` says.
+    pub(crate) fn new(session: &SessionOptions, after: AfterInvalidation) -> HoldWindow {
+        if session.health_bound() {
+            // Any TTL above the lock-delay leaves the lock-delay; the TTL itself is applied
+            // as it stands at each renew (the server may raise it).
+            HoldWindow::AtMost(session.hold_window_for(Duration::MAX, after))
+        } else {
+            HoldWindow::Ttl
+        }
+    }
+
+    fn of(self, ttl: Duration) -> Duration {
+        match self {
+            HoldWindow::Ttl => ttl,
+            HoldWindow::AtMost(window) => window.min(ttl),
+        }
+    }
+}
+
 /// The lease on an owned session: what renewal needs to know.
 #[derive(Clone, Debug)]
 struct Lease {
     ttl: Duration,
+    /// The TTL or less: how long after `acked_sent_at` the keys are surely still ours.
+    window: Duration,
     /// Send time of the last acknowledged renew (or of the create).
     acked_sent_at: Instant,
     renew: Renew,
 }
 
 impl Lease {
+    fn new(ttl: Duration, window: HoldWindow, acked_sent_at: Instant) -> Lease {
+        let window = window.of(ttl);
+        Lease {
+            ttl,
+            window,
+            acked_sent_at,
+            renew: Renew::At(acked_sent_at + window / 2),
+        }
+    }
+
     fn deadline(&self) -> Instant {
-        self.acked_sent_at + self.ttl
+        self.acked_sent_at + self.window
     }
 }
 
@@ -133,15 +184,21 @@ struct Teardown {
 pub struct SessionMachine {
     /// `Err` holds the caller's session.
     source: Result<SessionCreate, SessionId>,
+    window: HoldWindow,
     request_timeout: Duration,
     state: State,
     backoff: Backoff,
 }
 
 impl SessionMachine {
-    pub(crate) fn new(source: Result<SessionCreate, SessionId>, request_timeout: Duration) -> SessionMachine {
+    pub(crate) fn new(
+        source: Result<SessionCreate, SessionId>,
+        window: HoldWindow,
+        request_timeout: Duration,
+    ) -> SessionMachine {
         SessionMachine {
             source,
+            window,
             request_timeout,
             state: State::Idle,
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
@@ -171,12 +228,25 @@ impl SessionMachine {
         }
     }
 
-    /// The instant by which a renew must be acknowledged, for a session the machine renews.
+    /// The instant by which a renew must be acknowledged, for a session the machine renews: the
+    /// send time of the last acknowledged renew plus the [hold window](Self::hold_window).
     pub fn renew_deadline(&self) -> Option<Instant> {
         match &self.state {
             State::Active {
                 lease: Some(lease), ..
             } => Some(lease.deadline()),
+            _ => None,
+        }
+    }
+
+    /// How long after a renew is sent the session's keys stay its holder's for certain, for a
+    /// session the machine renews: the TTL in force, or the lock-delay when that is shorter and
+    /// health checks bind the session. Renewals go every half of it.
+    pub fn hold_window(&self) -> Option<Duration> {
+        match &self.state {
+            State::Active {
+                lease: Some(lease), ..
+            } => Some(lease.window),
             _ => None,
         }
     }
@@ -469,11 +539,7 @@ impl SessionMachine {
                             Ok(request) => request.ttl,
                             Err(_) => None,
                         };
-                        let lease = ttl.map(|ttl| Lease {
-                            ttl,
-                            acked_sent_at: pending.sent_at,
-                            renew: Renew::At(pending.sent_at + ttl / 2),
-                        });
+                        let lease = ttl.map(|ttl| Lease::new(ttl, self.window, pending.sent_at));
                         self.state = State::Active {
                             id: session.clone(),
                             lease,
@@ -537,9 +603,7 @@ impl SessionMachine {
                 lease: Some(lease),
             } => match decode::<SessionRenew>(reply) {
                 Ok(Some(entry)) => {
-                    lease.acked_sent_at = pending.sent_at;
-                    lease.ttl = renewed_ttl(&entry, lease.ttl);
-                    lease.renew = Renew::At(pending.sent_at + lease.ttl / 2);
+                    *lease = Lease::new(renewed_ttl(&entry, lease.ttl), self.window, pending.sent_at);
                     Vec::new()
                 }
                 Ok(None) => {

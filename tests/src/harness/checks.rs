@@ -65,8 +65,10 @@ pub(super) const RETRY_CAP: Duration = Duration::from_secs(5);
 /// What the checks follow of one client.
 #[derive(Debug, Default)]
 pub(super) struct ClientChecks {
-    /// Until when Consul is bound to keep the session, as the client can know it: the send
-    /// time of the last acknowledged renewal (or create), plus the TTL.
+    /// Until when the client's keys are surely its own, as it can know: the send time of the
+    /// last acknowledged renewal (or create), plus its hold window. That is the TTL, or the
+    /// lock-delay when shorter: a health-bound session can end at any moment (its node marked
+    /// failed), and then only the lock-delay keeps the key from others.
     lease_expiry: Option<Instant>,
     /// Renewals and creates in flight, with their send times (and whether a create).
     session_sends: Vec<(RequestId, Instant, bool)>,
@@ -186,7 +188,14 @@ impl Harness<'_> {
         } else {
             0
         };
-        let budget = BUDGET_BASE + BUDGET_PER_CHANGE * changes + BUDGET_PER_CALL * calls + faulted + delayed;
+        // A hold window shorter than the TTL renews that much more often.
+        let (ttl, window) = (self.clients[i].spec.ttl, self.clients[i].hold_window);
+        let renewals = |every: Duration| {
+            usize::try_from((2 * WINDOW).as_millis() / every.as_millis().max(1)).unwrap_or(0)
+        };
+        let quicker = renewals(window).saturating_sub(renewals(ttl));
+        let budget =
+            BUDGET_BASE + BUDGET_PER_CHANGE * changes + BUDGET_PER_CALL * calls + faulted + delayed + quicker;
         if sent > budget {
             self.clients[i].checks.recent.clear();
             self.violation(format!(
@@ -211,7 +220,7 @@ impl Harness<'_> {
     /// `live`: the machine still waits for it (not past its deadline, not a duplicate).
     pub(super) fn checks_on_reply(&mut self, i: usize, id: RequestId, reply: &Reply, live: bool) {
         let now = self.now;
-        let ttl = self.clients[i].spec.ttl;
+        let window = self.clients[i].hold_window;
         let acquiring = self.clients[i].machine.status() == LockStatus::Acquiring;
         let c = &mut self.clients[i].checks;
         if let Some(k) = c.contends.iter().position(|(r, _)| *r == id) {
@@ -229,9 +238,9 @@ impl Harness<'_> {
             .as_ref()
             .is_ok_and(|r| r.status().is_success() && r.body().as_slice() != b"null");
         if ok && create {
-            c.lease_expiry = Some(sent + ttl);
+            c.lease_expiry = Some(sent + window);
         } else if ok && c.lease_expiry.is_some_and(|e| now < e) {
-            c.lease_expiry = c.lease_expiry.map(|e| e.max(sent + ttl));
+            c.lease_expiry = c.lease_expiry.map(|e| e.max(sent + window));
         }
     }
 
@@ -268,6 +277,8 @@ impl Harness<'_> {
         let hold = &self.holds[h];
         let spec = &self.clients[i].spec;
         let (ttl, retries) = (spec.ttl, spec.monitor_retries);
+        // Renewals come every half hold window (the TTL, or a shorter lock-delay).
+        let window = self.clients[i].hold_window;
         let since = hold.from.saturating_sub(ttl);
         let operator = self
             .operator_actions
@@ -295,8 +306,8 @@ impl Harness<'_> {
                 | FaultKind::Lag { .. } => {
                     return;
                 }
-                // The renewal's round trip must fit in the half TTL between renewals.
-                FaultKind::Latency { extra, .. } if 2 * extra + Duration::from_millis(100) >= ttl / 2 => {
+                // The renewal's round trip must fit in the half window between renewals.
+                FaultKind::Latency { extra, .. } if 2 * extra + Duration::from_millis(100) >= window / 2 => {
                     return;
                 }
                 FaultKind::Latency { extra, .. } | FaultKind::Reorder { up_to: extra, .. } => {
@@ -327,11 +338,11 @@ impl Harness<'_> {
                 longest = longest.max(end - start);
             }
         }
-        // Renewals retry every second until the deadline, half a TTL after the last one due; a
+        // Renewals retry every second until the deadline, half a window after the last one due; a
         // renewal that fails costs the wait for its answer (a round trip, 4 one-way latencies
         // for both round trips) before the retry's own round trip.
         // `monitor_retries: Some(n)` gives up after n + 1 failed reads, 2 s apart.
-        let renewals_bear = longest + Duration::from_millis(1_200) + round_trips < ttl / 2;
+        let renewals_bear = longest + Duration::from_millis(1_200) + round_trips < window / 2;
         let monitor_bears =
             retries.is_none_or(|n| longest + Duration::from_millis(100) < Duration::from_secs(2) * n);
         if renewals_bear && monitor_bears {

@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 
 use consul_lock_core::api::ClientConfig;
 use consul_lock_core::machine::{
-    Action, FencingToken, HoldMachine, HoldOptions, LockEvent, LockMachine, LockOptions, LockStatus,
-    LossReason, Reply, RequestId, SemaphoreMachine, SemaphoreOptions, SemaphoreState, TransportError,
-    TransportErrorKind, Waiting,
+    Action, AfterInvalidation, FencingToken, HoldMachine, HoldOptions, LockEvent, LockMachine, LockOptions,
+    LockStatus, LossReason, MIN_HOLD_WINDOW, Reply, RequestId, SemaphoreMachine, SemaphoreOptions,
+    SemaphoreState, SessionChoice, TransportError, TransportErrorKind, Waiting,
 };
 pub use scenario::{ClientSpec, Fault, FaultKind, Scenario, Target};
 pub use verdict::{check_liveness, liveness_bound, most_at_once, verdict};
@@ -180,6 +180,9 @@ enum Op {
 struct Client {
     spec: ClientSpec,
     machine: Box<dyn HoldMachine>,
+    /// How long after a renew is sent the client may trust its hold (the TTL, or a shorter
+    /// lock-delay of a health-bound session): its renewals come every half of it.
+    hold_window: Duration,
     /// Index into `holds` of the current hold.
     holding: Option<usize>,
     /// Semaphore: when the current attempt sent its first check-and-set of the `.lock`.
@@ -273,8 +276,9 @@ fn semaphore_options(scenario: &Scenario, limit: u32) -> SemaphoreOptions {
     SemaphoreOptions::new(&scenario.key, limit).unwrap_or_else(|e| panic!("scenario prefix: {e}"))
 }
 
-/// Client `i`'s machine, with its spec's options.
-fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn HoldMachine> {
+/// Client `i`'s machine, with its spec's options, and its session's hold window (how long
+/// after a renew is sent it may trust its hold: the renew deadline it must keep).
+fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> (Box<dyn HoldMachine>, Duration) {
     let spec = &scenario.clients[i];
     let config = ClientConfig::default();
     let tune = |hold: &mut HoldOptions| {
@@ -290,7 +294,15 @@ fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn 
             s.ttl = spec.ttl;
             s.lock_delay = spec.lock_delay;
             s.name = format!("client-{i}");
+            // A health-bound session needs a lock-delay to hold by; without one, the TTL alone.
+            if spec.lock_delay.is_some_and(|d| d < MIN_HOLD_WINDOW) {
+                *s = s.clone().ttl_only();
+            }
         }
+    };
+    let window = |hold: &HoldOptions, after: AfterInvalidation| match &hold.session {
+        SessionChoice::Create(s) => s.hold_window(after),
+        SessionChoice::Existing(_) => spec.ttl,
     };
     match target {
         Target::Lock => {
@@ -299,16 +311,18 @@ fn machine(scenario: &Scenario, target: Target, i: usize, seed: u64) -> Box<dyn 
             if spec.queued {
                 options.waiting = Waiting::Queue;
             }
+            let window = window(&options.hold, AfterInvalidation::LockDelay);
             let machine =
                 LockMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
-            Box::new(machine)
+            (Box::new(machine), window)
         }
         Target::Semaphore { limit } => {
             let mut options = semaphore_options(scenario, limit);
             tune(&mut options.hold);
+            let window = window(&options.hold, AfterInvalidation::TakenAtOnce);
             let machine =
                 SemaphoreMachine::new(config, options).unwrap_or_else(|e| panic!("client {i} options: {e}"));
-            Box::new(machine)
+            (Box::new(machine), window)
         }
     }
 }
@@ -322,9 +336,11 @@ impl<'s> Harness<'s> {
             .enumerate()
             .map(|(i, spec)| {
                 let seed = scenario.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let (machine, hold_window) = machine(scenario, target, i, seed);
                 Client {
                     spec: spec.clone(),
-                    machine: machine(scenario, target, i, seed),
+                    machine,
+                    hold_window,
                     holding: None,
                     first_cas: None,
                     acquire_sent: None,
