@@ -335,6 +335,17 @@ struct Seat {
     process: Contenders,
     id: u64,
     stage: Stage,
+    /// When `stage` last changed (for the lab's account of a client with no holder).
+    since: Instant,
+    /// The session of the seat's last grant.
+    session: Option<String>,
+}
+
+impl Seat {
+    fn enter(&mut self, stage: Stage) {
+        self.stage = stage;
+        self.since = Instant::now();
+    }
 }
 
 /// The running lab: cluster, contenders, log.
@@ -370,7 +381,7 @@ impl Lab<'_> {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let seat = &mut self.seats[seat];
         seat.id = id;
-        seat.stage = Stage::Waiting;
+        seat.enter(Stage::Waiting);
         seat.process.send(&Command::Lock {
             id,
             addr,
@@ -400,9 +411,12 @@ impl Lab<'_> {
             while let Some(event) = self.seats[s].process.next(Duration::ZERO)? {
                 let current = event.id() == Some(self.seats[s].id);
                 match event {
-                    Event::Held { t_ns, seq, .. } if current => {
+                    Event::Held {
+                        t_ns, seq, session, ..
+                    } if current => {
                         self.record(s, t_ns, Belief::Held { seq });
-                        self.seats[s].stage = Stage::Held(Instant::now());
+                        self.seats[s].enter(Stage::Held(Instant::now()));
+                        self.seats[s].session = Some(session);
                     }
                     Event::Write { t_ns, seq, .. } if current => self.record(s, t_ns, Belief::Write { seq }),
                     Event::Lost { t_ns, .. } if current => {
@@ -412,7 +426,7 @@ impl Lab<'_> {
                             self.lock(s)?;
                         } else {
                             // Ours keep the lost guard until told to release it.
-                            self.seats[s].stage = Stage::Releasing;
+                            self.seats[s].enter(Stage::Releasing);
                             let id = self.seats[s].id;
                             self.seats[s].process.unlock(id)?;
                         }
@@ -431,7 +445,7 @@ impl Lab<'_> {
                         let stage = self.seats[s].stage;
                         let go_release = stage == Stage::Releasing && self.seats[s].kind == ClientKind::Go;
                         if current && (stage == Stage::Waiting || go_release) {
-                            self.seats[s].stage = Stage::Retry(Instant::now() + RETRY_PAUSE);
+                            self.seats[s].enter(Stage::Retry(Instant::now() + RETRY_PAUSE));
                         }
                     }
                     _ => {}
@@ -446,12 +460,64 @@ impl Lab<'_> {
                 && since.elapsed() >= self.plan.hold
                 && !self.faulted
             {
-                self.seats[s].stage = Stage::Releasing;
+                self.seats[s].enter(Stage::Releasing);
                 let id = self.seats[s].id;
                 self.seats[s].process.unlock(id)?;
             }
         }
         Ok(())
+    }
+
+    /// Writes, for every client none of whose contenders holds, where each contender stands
+    /// and who holds the key as a client agent sees it: what to look at when a client stops
+    /// taking the lock.
+    fn account_for_no_holder(&mut self) {
+        let mut kinds: Vec<ClientKind> = self.seats.iter().map(|s| s.kind).collect();
+        kinds.dedup();
+        for kind in kinds {
+            let seats: Vec<&Seat> = self.seats.iter().filter(|s| s.kind == kind).collect();
+            if seats.iter().any(|s| matches!(s.stage, Stage::Held(_))) {
+                continue;
+            }
+            let stands: Vec<String> = seats
+                .iter()
+                .map(|s| {
+                    let name = &self.cluster.agents()[self.cluster.clients()[s.node]].name;
+                    format!(
+                        "{name} #{} {:?} for {}s",
+                        s.id,
+                        s.stage,
+                        s.since.elapsed().as_secs()
+                    )
+                })
+                .collect();
+            let path = format!("/v1/kv/{}", Lab::key(kind));
+            let key = self
+                .cluster
+                .clients()
+                .into_iter()
+                .find_map(|c| self.cluster.get(c, &path))
+                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|v| v.get(0).and_then(|e| e.get("Session")).cloned());
+            let holder = match key.as_ref().and_then(|s| s.as_str()) {
+                None => "free (or unreadable)".to_owned(),
+                Some(session) => {
+                    let whose = seats
+                        .iter()
+                        .find(|s| s.session.as_deref() == Some(session))
+                        .map_or("no contender's current grant".to_owned(), |s| {
+                            format!("#{}'s grant", s.id)
+                        });
+                    format!("held by session {session} ({whose})")
+                }
+            };
+            let _ = writeln!(
+                self.progress,
+                "lab: no {} holder: {}; key {holder}",
+                kind.name(),
+                stands.join(", ")
+            );
+        }
     }
 
     fn pump_for(&mut self, span: Duration) -> Result<(), BenchError> {
@@ -568,6 +634,8 @@ pub fn run(
                 process: Contenders::spawn(kind, launcher)?,
                 id: 0,
                 stage: Stage::Waiting,
+                since: Instant::now(),
+                session: None,
             });
         }
     }
@@ -590,6 +658,7 @@ pub fn run(
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut round = 0;
     while started.elapsed() < plan.duration {
+        lab.account_for_no_holder();
         let kind = plan.kinds[round % plan.kinds.len()];
         let (target, heal) = lab.inject(kind, round)?;
         let start_ns = now_ns();
@@ -615,6 +684,7 @@ pub fn run(
     }
     lab.settle()?;
     lab.pump_for(plan.settle)?;
+    lab.account_for_no_holder();
     let end_ns = now_ns();
     let Lab {
         seats,

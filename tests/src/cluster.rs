@@ -434,6 +434,21 @@ impl Cluster {
         Some(text.trim().trim_matches('"').to_owned())
     }
 
+    /// What agent `i` answers to a GET of `path` (`/v1/...`) with a 2xx, `None` when it does not
+    /// answer so within a second (or answers 404).
+    pub fn get(&self, i: usize, path: &str) -> Option<String> {
+        let agent = self.agents.get(i)?;
+        let url = format!("http://{}{path}", agent.http_addr());
+        self.http
+            .get(url)
+            .send()
+            .ok()?
+            .error_for_status()
+            .ok()?
+            .text()
+            .ok()
+    }
+
     /// The server the running, unstopped servers agree leads, by index; `None` when they don't
     /// agree or none is elected.
     pub fn leader(&self) -> Option<usize> {
