@@ -59,7 +59,14 @@ pub fn run() -> Result<(), ContenderError> {
                                 let (out, stop, id, wake) =
                                     (out.clone(), stop.clone(), request.id, wake.clone());
                                 thread::spawn(move || {
-                                    contend(&lock, id, &out, (&wake, &woken), &stop, write_every)
+                                    contend(&lock, id, &out, (&wake, &woken), &stop, write_every);
+                                    // As the tokio contender does: wait for the lock's cleanup (its
+                                    // session destroyed) rather than drop it, which gives the
+                                    // cleanup 2 s. A session whose destroy was cut short stays
+                                    // until Consul expires it, and each leader election restarts
+                                    // that clock: in the lab, the blocking client's key stayed
+                                    // with such a session through three leader faults.
+                                    lock.close();
                                 })
                             };
                             if let Some(old) = contenders.insert(request.id, Contender { wake, stop, thread })
