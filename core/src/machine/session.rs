@@ -166,8 +166,10 @@ enum State {
 #[derive(Clone, Debug)]
 struct Teardown {
     id: SessionId,
-    /// Past this instant the server has invalidated the session on its own (2×TTL after the
-    /// last renew that could still arrive), so a destroy has nothing left to do.
+    /// Past this instant the server should have invalidated the session on its own (2×TTL after
+    /// the last renew that could still arrive), so retrying is left off. Consul's TTL clocks live
+    /// on the leader and restart at each election, so under repeated elections the session can
+    /// last longer (ARCHITECTURE.md, Known limits).
     retry_until: Instant,
     /// `Stopped` was reported already (after the first failed attempt): the user's unlock or
     /// cancel does not wait for the retries.
