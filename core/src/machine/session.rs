@@ -1,6 +1,5 @@
 //! The session a lock stands on: create it, renew it every half hold window (TTL/2 by default),
-//! notice when it may be gone,
-//! destroy it when done.
+//! notice when it may be gone, destroy it when done.
 //!
 //! The renew deadline is the safety rule Go's client lacks (hashicorp/consul#18271): Consul frees
 //! a session's keys no earlier than TTL after the last renew it saw, and a renew can't be seen
