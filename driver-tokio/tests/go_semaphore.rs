@@ -535,3 +535,37 @@ async fn one_shot() {
     assert!(started.elapsed() < wait, "{:?}", started.elapsed());
     won.release().await.unwrap();
 }
+
+/// The hold window's premise, on a real agent: a semaphore's session has no health checks (only
+/// its TTL ends it, so nothing takes a slot before the renew deadline), while a lock's has
+/// Consul's default, `serfHealth` (and so is trusted for its lock-delay when that is shorter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphores_session_has_no_health_checks_and_a_locks_has_serf_health() {
+    let Some(agent) = require_agent() else { return };
+    let wire = Wire::new(agent.config().unwrap());
+    let client = Client::new(agent.config().unwrap()).unwrap();
+    let checks = |id: SessionId| {
+        let wire = &wire;
+        async move {
+            wire.call(SessionInfo::new(id))
+                .await
+                .unwrap()
+                .value
+                .unwrap()
+                .checks
+        }
+    };
+
+    let semaphore = client
+        .semaphore(options("tokio/go-semaphore/session-checks", 2))
+        .unwrap();
+    let slot = semaphore.acquire().await.unwrap();
+    assert_eq!(checks(slot.token().session.clone()).await, Vec::<String>::new());
+    slot.release().await.unwrap();
+
+    let lock = client.lock_key("tokio/go-semaphore/session-checks-lock").unwrap();
+    let held = lock.acquire().await.unwrap();
+    assert_eq!(checks(held.token().session.clone()).await, ["serfHealth"]);
+    held.release().await.unwrap();
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+}
