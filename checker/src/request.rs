@@ -375,23 +375,7 @@ fn dequeue_txn(body: &[u8]) -> Option<Kind> {
         return None;
     }
     let entry = delete.get("Key")?.as_str()?.to_owned();
-    match lock_op(&lock)? {
-        Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            ..
-        } => Some(Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            leaves: Some(entry),
-            tree: None,
-        }),
-        _ => None,
-    }
+    lock_op_with(&lock, Some(entry), None)
 }
 
 /// A transaction body of a `lock` then a KV `get-tree` (nothing else in it), as a
@@ -410,23 +394,19 @@ fn enqueue_txn(body: &[u8]) -> Option<Kind> {
         return None;
     }
     let prefix = read.get("Key")?.as_str()?.to_owned();
-    match lock_op(lock)? {
-        Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            ..
-        } => Some(Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            leaves: None,
-            tree: Some(prefix),
-        }),
-        _ => None,
+    lock_op_with(lock, None, Some(prefix))
+}
+
+/// [`lock_op`], in a transaction that also deletes `leaves` first or reads `tree` after.
+fn lock_op_with(op: &serde_json::Value, leaves: Option<String>, tree: Option<String>) -> Option<Kind> {
+    let mut kind = lock_op(op)?;
+    if let Kind::LockTxn {
+        leaves: l, tree: t, ..
+    } = &mut kind
+    {
+        (*l, *t) = (leaves, tree);
     }
+    Some(kind)
 }
 
 /// A transaction body of exactly two operations: the first's KV operation (an object of that
