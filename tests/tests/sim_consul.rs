@@ -629,8 +629,13 @@ fn txn_reads_errors_and_faults() {
         (
             &format!("[{}]", txn_op("set", "k", "", 0, "")),
             500,
-            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock, check-session and delete)"#
+            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock, check-session, delete and get-tree)"#
                 .to_owned(),
+        ),
+        (
+            r#"[{"KV":{"Verb":"get-tree","Key":"k"}}]"#,
+            500,
+            "SimConsul models get-tree only in a transaction that writes".to_owned(),
         ),
         (r#"[{"Node":{}}]"#, 500, "SimConsul does not model Node operations in transactions".to_owned()),
     ] {
@@ -1373,13 +1378,6 @@ fn the_cores_requests_work_against_the_simulator() {
         "a new entry: the transaction's index"
     );
     assert_eq!(line.entry.session.as_ref(), Some(&id));
-    // Read-only, a get-tree is not modelled: the simulator says so rather than answer wrongly.
-    let read_only = http::Request::builder()
-        .method("PUT")
-        .uri("/v1/txn")
-        .body(br#"[{"KV":{"Verb":"get-tree","Key":"core/lock"}}]"#.to_vec())
-        .unwrap();
-    assert_eq!(call(&mut sim, read_only).status(), 500);
     assert!(
         KvDelete::decode(&call(
             &mut sim,
