@@ -114,13 +114,21 @@ impl Results {
                     (Some(v), Some(f)) if f > 0.0 => format!("{:.2}x floor txn", v / f),
                     _ => String::new(),
                 };
+                let to_tokio = match h.vs_tokio.get(kind).and_then(|r| r.summary) {
+                    Some(r) => format!(
+                        "   p50/tokio's {:.2}x [{:.2}-{:.2}] over {} blocks",
+                        r.p50, r.min, r.max, r.n
+                    ),
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     t,
-                    "   {:<9} {:<34} {:<12} {}",
+                    "   {:<9} {:<34} {:<12} {}{}",
                     kind.name(),
                     latency(l.summary),
                     vs_go(p50, go),
-                    to_floor
+                    to_floor,
+                    to_tokio
                 );
             }
         }
@@ -203,6 +211,11 @@ impl Results {
                         .map(|(kind, count)| format!("{kind} {:.1}", *count as f64 / *n as f64))
                         .collect();
                     let _ = writeln!(t, "             per handoff: {}", kinds.join(", "));
+                    let _ = writeln!(
+                        t,
+                        "             waiting per handoff {:.1} (less {} requests of one uncontended acquisition each)",
+                        r.waiting_per_handoff, r.uncontended_requests
+                    );
                 }
             }
         }

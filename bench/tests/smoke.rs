@@ -57,6 +57,21 @@ fn the_smoke_pass_runs_every_scenario_for_every_client() {
             contention["requests_per_handoff"].as_f64().unwrap() >= 3.0,
             "{client} contention"
         );
+        // One uncontended acquisition: at least a session, an acquire and a release.
+        let alone = contention["uncontended_requests"].as_u64().unwrap();
+        assert!(alone >= 3, "{client} uncontended: {alone}");
+        let waiting = contention["waiting_per_handoff"].as_f64().unwrap();
+        let all = contention["requests_per_handoff"].as_f64().unwrap();
+        assert!(
+            (all - alone as f64 - waiting).abs() < 1e-9,
+            "{client}: waiting {waiting} is all {all} less {alone}"
+        );
+        if *client != "tokio" && clients.contains(&"tokio") {
+            let blocks = results["handoff"]["vs_tokio"][client]["per_repeat"]
+                .as_array()
+                .unwrap();
+            assert_eq!(blocks.len(), 2, "{client}: a ratio per block");
+        }
         assert!(
             results["idle"]["clients"][client]["rss_kib"].as_u64().unwrap() > 0,
             "{client} idle"

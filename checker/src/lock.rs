@@ -107,6 +107,7 @@ impl Holder for LockMachine {
                 flags,
                 value,
                 leaves,
+                tree,
             } => {
                 let what = || format!("{} {}", s.describe(), String::from_utf8_lossy(&s.body));
                 // (The session may be gone by the end of the step: sent, then given up.)
@@ -119,8 +120,15 @@ impl Holder for LockMachine {
                     assert_eq!(key, entry_of(&session), "{}: not our entry", what());
                     assert_eq!(flags, QUEUE_FLAG_VALUE, "{}: not the queue's flags", what());
                     assert!(leaves.is_none(), "{}", what());
+                    assert_eq!(
+                        tree.as_deref(),
+                        Some(options.key.as_str()),
+                        "{}: an enqueue reads the key's tree",
+                        what()
+                    );
                     return;
                 }
+                assert!(tree.is_none(), "{}: an acquire reads nothing", what());
                 assert_eq!(key, options.key.as_str(), "{}", what());
                 assert_eq!(flags, LOCK_FLAG_VALUE, "{}: not the lock's flags", what());
                 assert_eq!(value, options.hold.value, "{}: not our value", what());

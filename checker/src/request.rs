@@ -41,9 +41,10 @@ pub enum Kind {
         /// The acquiring session.
         session: String,
     },
-    /// `PUT /v1/txn` with one KV `lock` operation: the lock's acquire (core's `KvLockTxn`), or a
-    /// queued lock's enqueue (its entry's key); or a `delete` then a `lock`: a queued lock's
-    /// acquire (core's `KvDequeueLockTxn`).
+    /// `PUT /v1/txn` with one KV `lock` operation: the lock's acquire (core's `KvLockTxn`); or
+    /// a `lock` then a `get-tree`: a queued lock's enqueue (its entry's key, core's
+    /// `KvEnqueueTxn`); or a `delete` then a `lock`: a queued lock's acquire (core's
+    /// `KvDequeueLockTxn`).
     LockTxn {
         /// The key.
         key: String,
@@ -55,6 +56,9 @@ pub enum Kind {
         value: Vec<u8>,
         /// The key the transaction deletes first (a queued acquire's own entry), if any.
         leaves: Option<String>,
+        /// The prefix the transaction reads after the lock (`get-tree`: a queued lock's
+        /// enqueue, core's `KvEnqueueTxn`), if any.
+        tree: Option<String>,
     },
     /// `PUT /v1/txn` with a KV `check-session` then a `lock` of the same key by the same
     /// session: a lock's proclaim (core's `KvProclaimTxn`).
@@ -173,6 +177,7 @@ impl Sent {
             session,
             flags,
             leaves,
+            tree,
             ..
         } = &sent.kind
         {
@@ -184,6 +189,7 @@ impl Sent {
             ];
             let mut query: Vec<_> = fields.into_iter().map(|(k, v)| (k.to_owned(), Some(v))).collect();
             query.extend(leaves.iter().map(|l| ("leaves".to_owned(), Some(l.clone()))));
+            query.extend(tree.iter().map(|t| ("tree".to_owned(), Some(t.clone()))));
             query.append(&mut sent.query);
             sent.query = query;
         }
@@ -320,6 +326,7 @@ impl Sent {
             lock_txn(&self.body)
                 .or_else(|| proclaim_txn(&self.body))
                 .or_else(|| dequeue_txn(&self.body))
+                .or_else(|| enqueue_txn(&self.body))
                 .unwrap_or(Kind::Other)
         } else if let (Some(id), "PUT") = (p.strip_prefix("/v1/session/renew/"), m) {
             Kind::Renew(id.to_owned())
@@ -368,22 +375,38 @@ fn dequeue_txn(body: &[u8]) -> Option<Kind> {
         return None;
     }
     let entry = delete.get("Key")?.as_str()?.to_owned();
-    match lock_op(&lock)? {
-        Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            ..
-        } => Some(Kind::LockTxn {
-            key,
-            session,
-            flags,
-            value,
-            leaves: Some(entry),
-        }),
-        _ => None,
+    lock_op_with(&lock, Some(entry), None)
+}
+
+/// A transaction body of a `lock` then a KV `get-tree` (nothing else in it), as a
+/// [`Kind::LockTxn`] that reads the `tree`.
+fn enqueue_txn(body: &[u8]) -> Option<Kind> {
+    let ops: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let [lock, read] = ops.as_array()?.as_slice() else {
+        return None;
+    };
+    let read = read
+        .as_object()
+        .filter(|o| o.len() == 1)?
+        .get("KV")?
+        .as_object()?;
+    if read.get("Verb")?.as_str()? != "get-tree" {
+        return None;
     }
+    let prefix = read.get("Key")?.as_str()?.to_owned();
+    lock_op_with(lock, None, Some(prefix))
+}
+
+/// [`lock_op`], in a transaction that also deletes `leaves` first or reads `tree` after.
+fn lock_op_with(op: &serde_json::Value, leaves: Option<String>, tree: Option<String>) -> Option<Kind> {
+    let mut kind = lock_op(op)?;
+    if let Kind::LockTxn {
+        leaves: l, tree: t, ..
+    } = &mut kind
+    {
+        (*l, *t) = (leaves, tree);
+    }
+    Some(kind)
 }
 
 /// A transaction body of exactly two operations: the first's KV operation (an object of that
@@ -419,5 +442,6 @@ fn lock_op(op: &serde_json::Value) -> Option<Kind> {
         flags: kv.get("Flags")?.as_u64()?,
         value,
         leaves: None,
+        tree: None,
     })
 }

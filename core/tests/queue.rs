@@ -38,26 +38,31 @@ fn listing(index: u64, entries: &[Kv]) -> consul_lock_core::machine::Reply {
 }
 
 fn enqueue_pattern(session: &str) -> String {
-    format!("PUT /v1/txn?verb=lock&key=k/.queue/{session}&session={session}&flags={QUEUE_FLAG_VALUE}")
+    format!("PUT /v1/txn?verb=lock&key=k/.queue/{session}&session={session}&flags={QUEUE_FLAG_VALUE}&tree=k")
 }
 
 fn acquire_pattern(session: &str) -> String {
     format!("PUT /v1/txn?verb=lock&key=k&session={session}&flags={FLAGS}&leaves=k/.queue/{session}")
 }
 
-/// A queued lock on session `s1`, in line with its entry created at 7.
-fn in_line() -> Rig {
+/// A queued lock on session `s1`, enqueued with its entry created at 7 (the transaction's
+/// index), the enqueue's tree showing `others` beside it.
+fn in_line(others: &[Kv]) -> Rig {
     let mut r = Rig::new(queued());
     r.lock().unwrap();
     r.answer("PUT /v1/session/create", reply::created("s1"));
-    r.answer(&enqueue_pattern("s1"), reply::locked(&line_entry("s1", 7)));
+    let mine = line_entry("s1", 7);
+    let mut tree = others.to_vec();
+    tree.push(mine.clone());
+    tree.sort_by(|a, b| a.key.cmp(&b.key));
+    r.answer(&enqueue_pattern("s1"), reply::lined(&mine, &tree));
     r
 }
 
 #[test]
 fn alone_it_lines_up_and_takes_the_key_leaving_the_line_in_the_same_write() {
-    let mut r = in_line();
-    r.answer("GET /v1/kv/k?recurse&!index", listing(8, &[line_entry("s1", 7)]));
+    let mut r = in_line(&[]);
+    // The enqueue's tree showed the line: no list before the acquire.
     let held = entry().held_by("s1", 1).modified(9);
     r.answer(&acquire_pattern("s1"), reply::locked(&held));
     match &r.outcomes()[..] {
@@ -71,22 +76,11 @@ fn alone_it_lines_up_and_takes_the_key_leaving_the_line_in_the_same_write() {
 
 #[test]
 fn a_waiter_watches_only_the_entry_ahead_and_looks_again_when_it_goes() {
-    let mut r = in_line();
     let holder = entry().held_by("a", 1).modified(4);
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(
-            8,
-            &[
-                holder.clone(),
-                line_entry("a", 3),
-                line_entry("b", 5),
-                line_entry("s1", 7),
-            ],
-        ),
-    );
-    // Only b, just ahead: not a, not the key.
-    let ahead = r.expect("GET /v1/kv/k/.queue/b?index=8&wait=*");
+    let mut r = in_line(&[holder.clone(), line_entry("a", 3), line_entry("b", 5)]);
+    // Only b, just ahead: not a, not the key; from the enqueue's own index, with no list.
+    let ahead = r.expect("GET /v1/kv/k/.queue/b?index=7&wait=*");
+    assert!(r.find("GET /v1/kv/k?recurse").is_none());
     assert_eq!(r.count("GET /v1/kv/k?index=*"), 0);
     // b leaves (acquired, gave up or died): one list finds the next one ahead, a.
     r.reply(ahead.id, reply::missing(10));
@@ -113,19 +107,12 @@ fn a_waiter_watches_only_the_entry_ahead_and_looks_again_when_it_goes() {
 
 #[test]
 fn an_entry_ahead_unchanged_while_the_agent_moves_is_read_again_without_a_list() {
-    let mut r = in_line();
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(
-            8,
-            &[entry().held_by("a", 1), line_entry("a", 3), line_entry("s1", 7)],
-        ),
-    );
+    let mut r = in_line(&[entry().held_by("a", 1), line_entry("a", 3)]);
     // Another key moved the agent's index: Consul answers at once, the entry as it was.
     r.advance(secs(2));
     let since = r.now();
     r.answer(
-        "GET /v1/kv/k/.queue/a?index=8",
+        "GET /v1/kv/k/.queue/a?index=7",
         reply::kv(20, &line_entry("a", 3)),
     );
     r.expect("GET /v1/kv/k/.queue/a?index=20&wait=*");
@@ -135,41 +122,22 @@ fn an_entry_ahead_unchanged_while_the_agent_moves_is_read_again_without_a_list()
 
 #[test]
 fn a_dead_entry_just_ahead_is_skipped_and_cleared_once() {
-    let mut r = in_line();
     let mut dead = line_entry("d", 5);
     dead.session = None;
     dead.modify_index = 6;
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(
-            8,
-            &[
-                entry().held_by("a", 1),
-                line_entry("a", 3),
-                dead,
-                line_entry("s1", 7),
-            ],
-        ),
-    );
-    r.expect("GET /v1/kv/k/.queue/a?index=8&wait=*");
+    let mut r = in_line(&[entry().held_by("a", 1), line_entry("a", 3), dead]);
+    r.expect("GET /v1/kv/k/.queue/a?index=7&wait=*");
     r.answer("DELETE /v1/kv/k/.queue/d?cas=6", yes());
 }
 
 #[test]
 fn our_entry_deleted_by_an_operator_is_taken_again_in_its_place_within_a_wait() {
-    let mut r = in_line();
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(
-            8,
-            &[entry().held_by("a", 1), line_entry("a", 3), line_entry("s1", 7)],
-        ),
-    );
-    let ahead = r.expect("GET /v1/kv/k/.queue/a?index=8&wait=*");
+    let mut r = in_line(&[entry().held_by("a", 1), line_entry("a", 3)]);
+    let ahead = r.expect("GET /v1/kv/k/.queue/a?index=7&wait=*");
     // The wait runs out without news (the session renewed meanwhile): list once, which shows
     // our entry gone.
     r.run(secs(15), renew_ok);
-    r.reply(ahead.id, reply::kv(8, &line_entry("a", 3)));
+    r.reply(ahead.id, reply::kv(7, &line_entry("a", 3)));
     r.answer(
         "GET /v1/kv/k?recurse",
         listing(9, &[entry().held_by("a", 1), line_entry("a", 3)]),
@@ -182,10 +150,20 @@ fn our_entry_deleted_by_an_operator_is_taken_again_in_its_place_within_a_wait() 
     );
     let mut remade = line_entry("s1", 11);
     remade.value = b"7".to_vec();
-    r.reply(again.id, reply::locked(&remade));
+    r.reply(
+        again.id,
+        reply::lined(
+            &remade,
+            &[entry().held_by("a", 1), line_entry("a", 3), remade.clone()],
+        ),
+    );
+    // Taken again, the line was disturbed: others ranked ahead may be re-making theirs just
+    // now, so the enqueue's tree is not trusted; a list a round trip later is.
+    let list = r.expect("GET /v1/kv/k?recurse&!index");
+    assert!(r.find("GET /v1/kv/k/.queue/a").is_none(), "not from the tree");
     // A waiter that came between (created at 9) stays behind us.
-    r.answer(
-        "GET /v1/kv/k?recurse",
+    r.reply(
+        list.id,
         listing(
             11,
             &[
@@ -202,12 +180,8 @@ fn our_entry_deleted_by_an_operator_is_taken_again_in_its_place_within_a_wait() 
 
 #[test]
 fn a_head_refused_for_an_outsider_keeps_its_place_and_waits_on_the_key() {
-    let mut r = in_line();
+    let mut r = in_line(&[entry().free()]);
     let start = r.now();
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(8, &[entry().free(), line_entry("s1", 7)]),
-    );
     // Go's client took the key meanwhile: the transaction is refused, the delete rolled back.
     r.answer(&acquire_pattern("s1"), reply::lock_held());
     r.answer(
@@ -225,14 +199,7 @@ fn a_head_refused_for_an_outsider_keeps_its_place_and_waits_on_the_key() {
 
 #[test]
 fn a_cancel_while_waiting_leaves_the_line_before_the_session_goes() {
-    let mut r = in_line();
-    r.answer(
-        "GET /v1/kv/k?recurse",
-        listing(
-            8,
-            &[entry().held_by("a", 1), line_entry("a", 3), line_entry("s1", 7)],
-        ),
-    );
+    let mut r = in_line(&[entry().held_by("a", 1), line_entry("a", 3)]);
     r.cancel();
     assert!(matches!(&r.outcomes()[..], [LockEvent::Cancelled]));
     let leave = r.expect("DELETE /v1/kv/k/.queue/s1?!cas");
@@ -257,7 +224,8 @@ fn a_cancel_with_the_enqueue_in_flight_waits_for_it_then_leaves() {
         r.find("DELETE /v1/kv/k/.queue/s1").is_none(),
         "not before the enqueue lands"
     );
-    r.reply(enqueue.id, reply::locked(&line_entry("s1", 7)));
+    let mine = line_entry("s1", 7);
+    r.reply(enqueue.id, reply::lined(&mine, std::slice::from_ref(&mine)));
     r.answer("DELETE /v1/kv/k/.queue/s1", yes());
     r.answer("PUT /v1/session/destroy/s1", yes());
     assert!(r.m().is_quiescent());
@@ -265,8 +233,7 @@ fn a_cancel_with_the_enqueue_in_flight_waits_for_it_then_leaves() {
 
 #[test]
 fn a_cancel_while_an_earlier_attempts_acquire_is_settled_keeps_that_work() {
-    let mut r = in_line();
-    r.answer("GET /v1/kv/k?recurse", listing(8, &[line_entry("s1", 7)]));
+    let mut r = in_line(&[]);
     let acquire = r.expect(&acquire_pattern("s1"));
     r.cancel();
     assert!(matches!(&r.outcomes()[..], [LockEvent::Cancelled]));
@@ -283,4 +250,39 @@ fn a_cancel_while_an_earlier_attempts_acquire_is_settled_keeps_that_work() {
     r.answer(&format!("PUT /v1/kv/k?release=s1&flags={FLAGS}"), yes());
     r.answer("PUT /v1/session/destroy/s1", yes());
     assert!(r.m().is_quiescent());
+}
+
+/// The enqueue's answer is one transaction's: a 500, a garbled body or a tree without our entry
+/// is tried again (paced, reported, counted against the error budget), never taken for a line;
+/// a refusal for permission ends the attempt with a typed error.
+#[test]
+fn a_failed_or_garbled_enqueue_is_tried_again_and_a_permission_refusal_is_fatal() {
+    let mut r = Rig::new(queued());
+    r.lock().unwrap();
+    r.answer("PUT /v1/session/create", reply::created("s1"));
+    let mine = line_entry("s1", 7);
+    let garbled = [
+        reply::status(500, "rpc error: No cluster leader"),
+        reply::raw(200, None, None, "{\"Results\":[{\"KV\":"),
+        // The tree is read after the lock: without our entry it is not Consul's answer.
+        reply::lined(&mine, &[entry().free()]),
+    ];
+    for answer in garbled {
+        let enqueue = r.expect(&enqueue_pattern("s1"));
+        r.reply(enqueue.id, answer);
+        match &r.events()[..] {
+            [LockEvent::Retrying(_)] => {}
+            other => panic!("expected a retry, got {other:?}"),
+        }
+        assert_eq!(r.count("GET /v1/kv/k*"), 0, "nothing read as a line");
+        r.advance(secs(3));
+        r.run(ms(1), |_, _| None);
+    }
+    r.answer(&enqueue_pattern("s1"), reply::lock_refused("Permission denied"));
+    assert!(matches!(
+        &r.outcomes()[..],
+        [LockEvent::Failed(
+            consul_lock_core::machine::LockError::PermissionDenied(_)
+        )]
+    ));
 }

@@ -8,15 +8,17 @@
 //!   and `SessionInfo` read the same entry);
 //! - the lock transaction (`KvLockTxn`) decodes a 200 to the entry and a 409 to the refusal its
 //!   first error's `What` words (or `Malformed`), and any other status to that status's error;
+//! - the enqueue transaction (`KvEnqueueTxn`) agrees with it: the same refusals and errors, and
+//!   a line whose tree ends with the lock transaction's entry and holds the entry written;
 //! - whatever decodes holds only valid session IDs;
 //! - a structured reply whose every part is valid decodes to exactly what it was built from.
 
 use std::time::Duration;
 
 use consul_lock_core::api::{
-    ApiError, Endpoint, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvLockTxn, KvPair, KvRelease,
-    LockRefusal, LockTxnOutcome, MAX_REPLY_BYTES, QueryMeta, QueryReply, SessionCreate, SessionDestroy,
-    SessionEntry, SessionInfo, SessionRenew,
+    ApiError, Endpoint, EnqueueOutcome, KvAcquire, KvCasDelete, KvCasPut, KvEnqueueTxn, KvGet, KvList,
+    KvLockTxn, KvPair, KvRelease, LockRefusal, LockTxnOutcome, MAX_REPLY_BYTES, QueryMeta, QueryReply,
+    SessionCreate, SessionDestroy, SessionEntry, SessionInfo, SessionRenew,
 };
 
 use crate::arb_reply::{BodyExpect, Expect, valid_session_text};
@@ -175,6 +177,39 @@ fn check_txn(response: &http::Response<Vec<u8>>, txn: &Result<LockTxnOutcome, Ap
     }
 }
 
+/// The enqueue transaction against the lock transaction, which reads the same answers (its
+/// last result, where the enqueue's first is the entry written and the rest the tree).
+fn check_enqueue(
+    response: &http::Response<Vec<u8>>,
+    enqueue: &Result<EnqueueOutcome, ApiError>,
+    txn: &Result<LockTxnOutcome, ApiError>,
+) {
+    match (response.status().as_u16(), enqueue, txn) {
+        (200, Ok(EnqueueOutcome::Lined(line)), Ok(LockTxnOutcome::Locked(last))) => {
+            check_pair("KvEnqueueTxn", &line.entry);
+            line.tree.iter().for_each(|p| check_pair("KvEnqueueTxn", p));
+            assert!(
+                line.tree.iter().any(|p| p.key == line.entry.key),
+                "KvEnqueueTxn: a tree without the entry written: {line:?}"
+            );
+            assert_eq!(line.tree.last(), Some(last), "KvEnqueueTxn: another last entry");
+            let highest = line.tree.iter().map(|p| p.modify_index).max().unwrap_or(0);
+            assert_eq!(line.index(), highest.max(line.entry.modify_index));
+        }
+        // A tree without the entry, or no tree: not Consul's answer to a lock then a get-tree.
+        (200, Err(ApiError::Malformed { .. }), _) => {}
+        (409, Ok(EnqueueOutcome::Refused(a)), Ok(LockTxnOutcome::Refused(b))) => {
+            assert_eq!(a, b, "KvEnqueueTxn: another refusal");
+        }
+        (409, Err(ApiError::Malformed { .. }), Err(ApiError::Malformed { .. })) => {}
+        (200 | 409, got, _) => panic!(
+            "KvEnqueueTxn: decoded a {} reply to {got:?} where the lock transaction gave {txn:?}",
+            response.status()
+        ),
+        (_, got, _) => check_err("KvEnqueueTxn", got, &Want::Exact(status_error(response))),
+    }
+}
+
 fn check_pair(what: &str, pair: &KvPair) {
     if let Some(s) = &pair.session {
         assert!(
@@ -214,6 +249,7 @@ pub fn check_reply(response: &http::Response<Vec<u8>>, expect: Option<&Expect>) 
     let renew = SessionRenew::decode(response);
     let info = SessionInfo::decode(response);
     let txn = KvLockTxn::decode(response);
+    let enqueue = KvEnqueueTxn::decode(response);
 
     if response.body().len() > MAX_REPLY_BYTES {
         return;
@@ -256,6 +292,7 @@ pub fn check_reply(response: &http::Response<Vec<u8>>, expect: Option<&Expect>) 
 
     // The lock transaction takes its own statuses (200 and 409), and ignores the metadata.
     check_txn(response, &txn);
+    check_enqueue(response, &enqueue, &txn);
     if status == 200 || status == 409 {
         // Its body is a JSON object (or sequence): never the KV writes' bare `true`/`false`.
         if let Ok("true" | "false") = std::str::from_utf8(response.body()).map(str::trim) {
@@ -411,6 +448,7 @@ mod tests {
                 ["session", "info"] => SessionInfo::decode(&r).is_ok(),
                 ["session", "destroy"] => SessionDestroy::decode(&r).is_ok(),
                 ["txn", "lock"] => KvLockTxn::decode(&r).is_ok(),
+                ["txn", "enqueue"] => matches!(KvEnqueueTxn::decode(&r), Ok(EnqueueOutcome::Lined(_))),
                 _ => false,
             };
             assert!(ok, "{name} does not decode: {r:?}");

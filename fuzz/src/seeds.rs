@@ -2,7 +2,7 @@
 //! that the lock target can answer with them.
 
 /// Each captured reply: its file name and its bytes, in the seed format ([`crate::http_text`]).
-pub const REAL_REPLIES: [(&str, &[u8]); 30] = [
+pub const REAL_REPLIES: [(&str, &[u8]); 31] = [
     (
         "kv-acquire-invalid-session-500.http",
         include_bytes!("../seeds/decode_replies/kv-acquire-invalid-session-500.http"),
@@ -102,6 +102,10 @@ pub const REAL_REPLIES: [(&str, &[u8]); 30] = [
     (
         "session-renew-unknown-404.http",
         include_bytes!("../seeds/decode_replies/session-renew-unknown-404.http"),
+    ),
+    (
+        "txn-enqueue-200.http",
+        include_bytes!("../seeds/decode_replies/txn-enqueue-200.http"),
     ),
     (
         "txn-lock-200.http",

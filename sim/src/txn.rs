@@ -22,9 +22,11 @@
 //!   lock key "k", lock is already held`, `failed to unlock key "k", lock isn't held, or is held
 //!   by another session`, `unknown KV verb "v"`) rolls every write back, and all errors are
 //!   reported (409, `Results` null);
-//! - a success answers each operation's entry as written, `Value` blanked (null).
+//! - a success answers each operation's entry as written, `Value` blanked (null); a `get-tree`
+//!   answers every entry under its prefix as the earlier operations left them, values kept.
 //!
-//! Not modelled (a 500 naming what is missing): the other KV verbs (`set`, `cas`, `get`, ...)
+//! Not modelled (a 500 naming what is missing): the other KV verbs (`set`, `cas`, `get`, ...),
+//! a `get-tree` in a transaction that does not write,
 //! and Node, Service and Check operations. Go's JSON quirks are followed for the fields of a KV
 //! operation (case-insensitive names, `null` ignored, base64 values, its type-error wording), but
 //! the first of several type errors is found in field-name order rather than document order, and
@@ -272,14 +274,17 @@ impl SimConsul {
                     ));
                 }
                 Op::Kv(kv) => {
-                    let modelled = matches!(kv.verb.as_str(), "lock" | "unlock" | "check-session" | "delete");
+                    let modelled = matches!(
+                        kv.verb.as_str(),
+                        "lock" | "unlock" | "check-session" | "delete" | "get-tree"
+                    );
                     let known =
                         WRITE_VERBS.contains(&kv.verb.as_str()) || READ_VERBS.contains(&kv.verb.as_str());
                     if known && !modelled {
                         return Err(Reply::text(
                             500,
                             format!(
-                                "SimConsul does not model the KV verb {} in transactions (only lock, unlock, check-session and delete)",
+                                "SimConsul does not model the KV verb {} in transactions (only lock, unlock, check-session, delete and get-tree)",
                                 wire::go_quote(&kv.verb)
                             ),
                         ));
@@ -290,6 +295,13 @@ impl SimConsul {
         }
         if kv_ops.iter().any(|op| WRITE_VERBS.contains(&op.verb.as_str())) {
             self.txn_apply(&kv_ops, query)
+        } else if kv_ops.iter().any(|op| op.verb == "get-tree") {
+            // A read-only transaction's reads (`Txn.Read`, with its query options) are not
+            // modelled: only a `get-tree` after a write (a queued lock's enqueue) is.
+            Err(Reply::text(
+                500,
+                "SimConsul models get-tree only in a transaction that writes",
+            ))
         } else {
             self.txn_read(&kv_ops, query)
         }
@@ -423,6 +435,18 @@ impl SimConsul {
                 "delete" => {
                     self.kvs_delete(idx, &op.key);
                     Ok(())
+                }
+                // Consul's `kvsGetTxn` for `KVGetTree`: every entry under the prefix (as a
+                // recursive list, values kept), as the earlier operations left them, in key
+                // order; none is no error.
+                "get-tree" => {
+                    results.extend(
+                        self.kv
+                            .range(op.key.clone()..)
+                            .take_while(|(k, _)| k.starts_with(&op.key))
+                            .map(|(_, e)| Json::Obj(vec![("KV", entry_json(e))])),
+                    );
+                    continue;
                 }
                 verb => Err(format!("unknown KV verb {}", wire::go_quote(verb))),
             };

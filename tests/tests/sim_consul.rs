@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use consul_lock_core::api::{
-    ClientConfig, Endpoint, Key, KvAcquire, KvCasDelete, KvCasPut, KvGet, KvList, KvLockTxn, KvRelease,
-    LockRefusal, LockTxnOutcome, SessionCreate, SessionDestroy, SessionId, SessionInfo, SessionRenew,
+    ClientConfig, Endpoint, EnqueueOutcome, Key, KvAcquire, KvCasDelete, KvCasPut, KvDelete, KvEnqueueTxn,
+    KvGet, KvList, KvLockTxn, KvRelease, LockRefusal, LockTxnOutcome, SessionCreate, SessionDestroy,
+    SessionId, SessionInfo, SessionRenew,
 };
 use consul_lock_core::machine::{
     Action, LOCK_FLAG_VALUE, LockEvent, LockMachine, LockOptions, LossReason, RequestId, TransportError,
@@ -628,8 +629,13 @@ fn txn_reads_errors_and_faults() {
         (
             &format!("[{}]", txn_op("set", "k", "", 0, "")),
             500,
-            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock, check-session and delete)"#
+            r#"SimConsul does not model the KV verb "set" in transactions (only lock, unlock, check-session, delete and get-tree)"#
                 .to_owned(),
+        ),
+        (
+            r#"[{"KV":{"Verb":"get-tree","Key":"k"}}]"#,
+            500,
+            "SimConsul models get-tree only in a transaction that writes".to_owned(),
         ),
         (r#"[{"Node":{}}]"#, 500, "SimConsul does not model Node operations in transactions".to_owned()),
     ] {
@@ -1346,6 +1352,42 @@ fn the_cores_requests_work_against_the_simulator() {
     ))
     .unwrap();
     assert_eq!(list.value.len(), 1);
+    // A queued lock's enqueue: the entry, then the tree read after it, at the transaction's index
+    // (Consul 1.8.7's answer: the lock's entry without its value, the tree with values).
+    let enqueue = KvEnqueueTxn {
+        lock: KvLockTxn {
+            key: Key::new("core/lock/.queue/x").unwrap(),
+            session: id.clone(),
+            flags: 7,
+            value: Vec::new(),
+        },
+        tree: key.clone(),
+    };
+    let EnqueueOutcome::Lined(line) = KvEnqueueTxn::decode(&call(&mut sim, enqueue.encode(&config))).unwrap()
+    else {
+        panic!("the enqueue refused")
+    };
+    assert_eq!(
+        line.tree.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+        ["core/lock", "core/lock/.queue/x"]
+    );
+    assert_eq!(line.tree[0].value, b"me", "the tree keeps values");
+    assert_eq!(
+        line.index(),
+        line.entry.create_index,
+        "a new entry: the transaction's index"
+    );
+    assert_eq!(line.entry.session.as_ref(), Some(&id));
+    assert!(
+        KvDelete::decode(&call(
+            &mut sim,
+            KvDelete {
+                key: Key::new("core/lock/.queue/x").unwrap()
+            }
+            .encode(&config)
+        ))
+        .unwrap()
+    );
     let renewed =
         SessionRenew::decode(&call(&mut sim, SessionRenew { id: id.clone() }.encode(&config))).unwrap();
     assert_eq!(renewed.unwrap().ttl, Some(Duration::from_secs(10)));

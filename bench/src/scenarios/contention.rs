@@ -3,6 +3,11 @@
 //! requests per handoff are all requests from the first `lock` until every contender is done
 //! (plus a second for background session cleanup), divided by N. The gaps between one holder's
 //! unlock and the next hold show stalls.
+//!
+//! Each client also takes the lock once alone on a key of its own, through its own proxy, in the
+//! same run (just before each crowd): the requests of one uncontended acquisition, which every
+//! contender pays whatever the crowd (its session, its acquire, its release). All requests less
+//! N times that, divided by N, is what the waiting itself cost per handoff.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,6 +45,14 @@ pub struct ClientContention {
     pub stalls: usize,
     /// The requests by kind (`kind` of [`request_kind`]).
     pub by_kind: BTreeMap<&'static str, u64>,
+    /// The requests of one uncontended acquisition by the same client in the same run (lock,
+    /// hold, unlock, session cleanup, alone on a key).
+    pub uncontended_requests: u64,
+    /// Those requests by kind.
+    pub uncontended_by_kind: BTreeMap<&'static str, u64>,
+    /// What waiting cost per handoff: (`requests` − N × `uncontended_requests`) / N. Negative
+    /// would mean a crowd made a contender's own requests cheaper.
+    pub waiting_per_handoff: f64,
 }
 
 /// What a request to the agent was for, from its method, path and query.
@@ -94,32 +107,74 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Contention, BenchError> {
         };
         let mut clients = BTreeMap::new();
         for &kind in ctx.clients {
-            clients.insert(kind, client(ctx, agent, kind, n)?);
+            let alone = count(
+                ctx,
+                agent,
+                kind,
+                1,
+                &format!("{}-{n}-alone", ctx.key("contention", kind)),
+            )?;
+            let crowd = count(
+                ctx,
+                agent,
+                kind,
+                n,
+                &format!("{}-{n}", ctx.key("contention", kind)),
+            )?;
+            clients.insert(kind, ClientContention::of(crowd, alone, n));
         }
         sizes.insert(n, clients);
     }
     Ok(Contention { sizes })
 }
 
-fn client(
+/// One run of `n` contenders of `kind` on `key`, each taking the lock once, as counted.
+struct Counted {
+    requests: u64,
+    by_kind: BTreeMap<&'static str, u64>,
+    wall_ms: f64,
+    gaps: Vec<f64>,
+}
+
+impl ClientContention {
+    /// The figures of `crowd` (`n` contenders), against `alone` (one).
+    fn of(crowd: Counted, alone: Counted, n: usize) -> ClientContention {
+        let n_f = n as f64;
+        ClientContention {
+            requests: crowd.requests,
+            requests_per_handoff: crowd.requests as f64 / n_f,
+            wall_ms: crowd.wall_ms,
+            stalls: crowd
+                .gaps
+                .iter()
+                .filter(|&&g| g > STALL.as_secs_f64() * 1e3)
+                .count(),
+            gaps: Summary::of(&crowd.gaps),
+            by_kind: crowd.by_kind,
+            waiting_per_handoff: (crowd.requests as f64 - n_f * alone.requests as f64) / n_f,
+            uncontended_requests: alone.requests,
+            uncontended_by_kind: alone.by_kind,
+        }
+    }
+}
+
+fn count(
     ctx: &Ctx<'_>,
     agent: SocketAddr,
     kind: ClientKind,
     n: usize,
-) -> Result<ClientContention, BenchError> {
+    key: &str,
+) -> Result<Counted, BenchError> {
     let proxy = FaultProxy::start(agent).map_err(|source| BenchError::Io {
         what: "starting the counting proxy".to_owned(),
         source,
     })?;
     let mut p = Contenders::spawn(kind, ctx.launcher)?;
-    let (addr, key) = (
-        proxy.addr().to_string(),
-        format!("{}-{n}", ctx.key("contention", kind)),
-    );
+    let addr = proxy.addr().to_string();
     let before = proxy.requests().len();
     let started = crate::protocol::now_ns();
     for id in 1..=n as u64 {
-        p.send(&lock(id, &addr, &key, DEFAULT_TTL, None))?;
+        p.send(&lock(id, &addr, key, DEFAULT_TTL, None))?;
     }
     let (mut holds, mut unlocks, mut done) = (Vec::new(), Vec::new(), 0);
     let mut last = started;
@@ -173,12 +228,10 @@ fn client(
         .zip(holds.iter().skip(1))
         .map(|(&u, &h)| ms_between(u, h))
         .collect();
-    Ok(ClientContention {
+    Ok(Counted {
         requests,
-        requests_per_handoff: requests as f64 / n as f64,
-        wall_ms: ms_between(started, last),
-        stalls: gaps.iter().filter(|&&g| g > STALL.as_secs_f64() * 1e3).count(),
-        gaps: Summary::of(&gaps),
         by_kind,
+        wall_ms: ms_between(started, last),
+        gaps,
     })
 }

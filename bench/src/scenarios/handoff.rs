@@ -46,11 +46,44 @@ pub struct Handoff {
     pub floor_txn: Latencies,
     /// Each client's.
     pub clients: BTreeMap<ClientKind, Latencies>,
+    /// Each client's p50 over today's tokio client's, block by block (the plan's
+    /// `handoff_repeats`); none without the tokio client.
+    pub vs_tokio: BTreeMap<ClientKind, Ratios>,
+}
+
+/// One client's p50 over another's, in each block of consecutive rounds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratios {
+    /// The ratio in each block, in the order measured.
+    pub per_repeat: Vec<f64>,
+    /// Their distribution: the median says which is faster, the spread how much noise moves it.
+    pub summary: Option<Summary>,
+}
+
+impl Ratios {
+    /// The ratios of `samples`' block p50s to `base`'s, for `repeats` blocks of consecutive
+    /// rounds (a last, shorter block takes what is left).
+    pub fn of(samples: &[f64], base: &[f64], repeats: usize) -> Ratios {
+        let size = samples.len().min(base.len()).div_ceil(repeats.max(1)).max(1);
+        let per_repeat: Vec<f64> = samples
+            .chunks(size)
+            .zip(base.chunks(size))
+            .filter_map(|(s, b)| {
+                let (s, b) = (Summary::of(s)?.p50, Summary::of(b)?.p50);
+                (b > 0.0).then(|| s / b)
+            })
+            .collect();
+        Ratios {
+            summary: Summary::of(&per_repeat),
+            per_repeat,
+        }
+    }
 }
 
 /// Measures the floors and every client round by round, interleaved (the order rotating each
 /// round), so that a noisy moment of this shared machine falls on every series alike rather than
-/// on whichever ran then.
+/// on whichever ran then. Block by block, each client's p50 is set against tokio's (its
+/// [`Ratios`]): "no worse" needs the ratio's spread, not one median against another.
 pub fn run(ctx: &Ctx<'_>) -> Result<Handoff, BenchError> {
     let rounds = ctx.plan.handoff_rounds;
     let key = format!("bench/{}/handoff/floor", ctx.run_tag);
@@ -85,10 +118,24 @@ pub fn run(ctx: &Ctx<'_>) -> Result<Handoff, BenchError> {
         clients.insert(pair.p.kind(), next());
         pair.finish()?;
     }
+    let vs_tokio = clients
+        .get(&ClientKind::Tokio)
+        .map(|base| {
+            clients
+                .iter()
+                .filter(|(kind, _)| **kind != ClientKind::Tokio)
+                .map(|(kind, l)| {
+                    let ratios = Ratios::of(&l.samples_ms, &base.samples_ms, ctx.plan.handoff_repeats);
+                    (*kind, ratios)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Handoff {
         floor,
         floor_txn,
         clients,
+        vs_tokio,
     })
 }
 
@@ -162,4 +209,21 @@ pub(crate) fn stamp(
 ) -> Result<u64, BenchError> {
     let event = p.wait_for(what, STEP_TIMEOUT, |e| e.id() == Some(id) && is(e))?;
     Ok(event.t_ns().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_taken_block_by_block() {
+        let base = [1.0, 1.0, 2.0, 4.0, 4.0];
+        let client = [2.0, 2.0, 2.0, 2.0, 2.0];
+        let r = Ratios::of(&client, &base, 2);
+        // Blocks of 3 then 2: p50 2/1, then 2/4.
+        assert_eq!(r.per_repeat, [2.0, 0.5]);
+        assert_eq!(r.summary.map(|s| (s.min, s.max)), Some((0.5, 2.0)));
+        assert!(Ratios::of(&[], &base, 3).summary.is_none());
+        assert_eq!(Ratios::of(&client, &[0.0; 5], 1).per_repeat, Vec::<f64>::new());
+    }
 }

@@ -24,8 +24,12 @@ use crate::protocol::Command;
 pub struct Plan {
     /// `full` or `smoke`.
     pub name: &'static str,
-    /// Handoffs measured per client.
+    /// Handoffs measured per client, in all.
     pub handoff_rounds: usize,
+    /// How many consecutive blocks the handoff rounds are cut into, each giving every client's
+    /// p50 and its ratio to today's tokio client: the spread of that ratio across blocks says
+    /// how far apart two clients' medians are by noise alone.
+    pub handoff_repeats: usize,
     /// Failovers measured per client.
     pub failover_rounds: usize,
     /// The failover's lock-delay.
@@ -57,7 +61,8 @@ impl Plan {
     pub fn full() -> Plan {
         Plan {
             name: "full",
-            handoff_rounds: 100,
+            handoff_rounds: 250,
+            handoff_repeats: 5,
             failover_rounds: 5,
             failover_lock_delay: Duration::from_secs(2),
             partition_window: Duration::from_secs(45),
@@ -76,7 +81,8 @@ impl Plan {
     pub fn smoke() -> Plan {
         Plan {
             name: "smoke",
-            handoff_rounds: 5,
+            handoff_rounds: 6,
+            handoff_repeats: 2,
             failover_rounds: 1,
             failover_lock_delay: Duration::from_secs(2),
             partition_window: Duration::from_secs(12),

@@ -23,6 +23,6 @@ pub use session::{
     SessionRenew,
 };
 pub use txn::{
-    BatchOutcome, BatchVerb, KvBatchTxn, KvDequeueLockTxn, KvLockTxn, KvProclaimTxn, LockRefusal,
-    LockTxnOutcome, MAX_TXN_OPS,
+    BatchOutcome, BatchVerb, EnqueueOutcome, KvBatchTxn, KvDequeueLockTxn, KvEnqueueTxn, KvLockTxn,
+    KvProclaimTxn, Line, LockRefusal, LockTxnOutcome, MAX_TXN_OPS,
 };

@@ -218,6 +218,101 @@ impl Endpoint for KvDequeueLockTxn {
     }
 }
 
+/// `PUT /v1/txn` `[lock entry, get-tree key]`: a queued lock's enqueue, which takes the
+/// waiter's entry and reads the lock key with its whole line in the same round trip.
+///
+/// The tree is read inside the transaction, after the lock, so it shows our entry (its
+/// `CreateIndex` is our rank), the lock key and every other entry as of the transaction's own
+/// Raft index. A write transaction's answer carries no `X-Consul-Index` (seen on Consul
+/// 1.8.7); [`Line::index`] gives the index a blocking read may start from instead.
+///
+/// The tree is everything under `tree` as a prefix (as a recursive list is): keys that only
+/// start with the same characters come too, for the caller to leave out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvEnqueueTxn {
+    /// The entry's lock operation.
+    pub lock: KvLockTxn,
+    /// The prefix read after it (the lock key).
+    pub tree: Key,
+}
+
+/// What an enqueue transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// The entry is ours, and the line as it stood right after.
+    Lined(Line),
+    /// Consul refused the entry's lock (409 Conflict), for this reason; nothing was read.
+    Refused(LockRefusal),
+}
+
+/// A queue entry as written and the tree read after it, at one index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The entry as written (its value left out, as Consul does).
+    pub entry: KvPair,
+    /// Every entry under the tree's prefix, values included, in key order.
+    pub tree: Vec<KvPair>,
+}
+
+impl Line {
+    /// The index a blocking read of anything in the tree may start from: the highest
+    /// `ModifyIndex` shown. Every change after the transaction has a higher index, so no change
+    /// is missed; a fresh entry's `ModifyIndex` is the transaction's own, so this is exact for
+    /// a first enqueue. (A lock that changed nothing keeps its `ModifyIndex`, and the
+    /// transaction's index is then unknown: a read may answer once early, never late.)
+    pub fn index(&self) -> u64 {
+        self.tree
+            .iter()
+            .map(|p| p.modify_index)
+            .chain([self.entry.modify_index])
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl Endpoint for KvEnqueueTxn {
+    /// The entry and the tree, or why the entry was refused.
+    type Output = EnqueueOutcome;
+
+    fn encode(&self, config: &ClientConfig) -> http::Request<Vec<u8>> {
+        let mut read = self.lock.op(config, "get-tree");
+        read.kv.key = self.tree.as_str();
+        read.kv.value = String::new();
+        read.kv.flags = 0;
+        read.kv.session = "";
+        let ops = [self.lock.op(config, "lock"), read];
+        let body = serde_json::to_vec(&ops).unwrap_or_default();
+        Target::new(Method::PUT, "txn", "").build(config, body)
+    }
+
+    fn decode(response: &http::Response<Vec<u8>>) -> Result<EnqueueOutcome, ApiError> {
+        const WHAT: &str = "an enqueue transaction";
+        match read_answer(WHAT, response)? {
+            Answer::Refused(errors) => {
+                let first = errors.into_iter().next().map(|e| e.what).unwrap_or_default();
+                Ok(EnqueueOutcome::Refused(refusal(&first)))
+            }
+            Answer::Done(results) => {
+                let mut pairs = results.into_iter().map(|result| {
+                    result
+                        .kv
+                        .ok_or_else(|| malformed(WHAT, "a result without its entry"))?
+                        .into_pair(WHAT)
+                });
+                let entry = pairs
+                    .next()
+                    .ok_or_else(|| malformed(WHAT, "a success reply without the entry"))??;
+                let tree = pairs.collect::<Result<Vec<_>, _>>()?;
+                // The tree is read after the lock, so it holds the entry just written.
+                if !tree.iter().any(|p| p.key == entry.key) {
+                    return Err(malformed(WHAT, "a tree without the entry just written"));
+                }
+                Ok(EnqueueOutcome::Lined(Line { entry, tree }))
+            }
+        }
+    }
+}
+
 /// The most operations Consul takes in one transaction (`maxTxnOps`, checked on Consul 1.8.7:
 /// one more answers 413).
 pub const MAX_TXN_OPS: usize = 64;
@@ -528,6 +623,87 @@ mod tests {
             KvDequeueLockTxn::decode(&reply(409, refused)).expect("decodes"),
             LockTxnOutcome::Refused(LockRefusal::Held)
         );
+    }
+
+    #[test]
+    fn an_enqueue_locks_the_entry_then_reads_the_tree() {
+        let txn = KvEnqueueTxn {
+            lock: KvLockTxn {
+                key: Key::new("q/k/.queue/s1").expect("key"),
+                session: SessionId::new("s1").expect("session"),
+                flags: 7,
+                value: b"12".to_vec(),
+            },
+            tree: Key::new("q/k").expect("key"),
+        };
+        let request = txn.encode(&ClientConfig::http("127.0.0.1:8500").expect("config"));
+        let body: serde_json::Value = serde_json::from_slice(request.body()).expect("JSON");
+        assert_eq!(
+            body,
+            serde_json::json!([
+                {"KV": {"Verb": "lock", "Key": "q/k/.queue/s1", "Value": "MTI=", "Flags": 7, "Session": "s1"}},
+                {"KV": {"Verb": "get-tree", "Key": "q/k", "Value": "", "Flags": 0, "Session": ""}}
+            ])
+        );
+        // Seen from a real 1.8.7 agent (no X-Consul-Index): the lock's entry, value left out,
+        // then the tree as of the transaction, values kept.
+        let s = "3843588f-479a-e0f6-7d99-728fde153d25";
+        let mine = format!(
+            r#"{{"LockIndex":1,"Key":"q/k/.queue/{s}","Flags":7,"Value":null,"Session":"{s}","CreateIndex":15,"ModifyIndex":15}}"#
+        );
+        let key = r#"{"LockIndex":0,"Key":"q/k","Flags":0,"Value":"eA==","CreateIndex":14,"ModifyIndex":14}"#;
+        let answer =
+            format!(r#"{{"Results":[{{"KV":{mine}}},{{"KV":{key}}},{{"KV":{mine}}}],"Errors":null}}"#);
+        let Ok(EnqueueOutcome::Lined(line)) = KvEnqueueTxn::decode(&reply(200, &answer)) else {
+            panic!("not lined")
+        };
+        assert_eq!(line.entry.create_index, 15);
+        assert_eq!(
+            line.tree.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+            ["q/k", &format!("q/k/.queue/{s}")]
+        );
+        assert_eq!(line.tree[0].value, b"x");
+        assert_eq!(line.index(), 15, "the transaction's own index");
+        // The tree moved past the entry (our entry re-taken unchanged keeps its old index).
+        let later = key.replace("\"ModifyIndex\":14", "\"ModifyIndex\":19");
+        let answer =
+            format!(r#"{{"Results":[{{"KV":{mine}}},{{"KV":{later}}},{{"KV":{mine}}}],"Errors":null}}"#);
+        let Ok(EnqueueOutcome::Lined(line)) = KvEnqueueTxn::decode(&reply(200, &answer)) else {
+            panic!("not lined")
+        };
+        assert_eq!(line.index(), 19);
+        // Refused: the entry's lock names op 0; nothing is read.
+        let refused = r#"{"Results":null,"Errors":[{"OpIndex":0,"What":"Permission denied"}]}"#;
+        assert_eq!(
+            KvEnqueueTxn::decode(&reply(409, refused)),
+            Ok(EnqueueOutcome::Refused(LockRefusal::PermissionDenied))
+        );
+        // Not Consul's answer: no results, a tree without the entry, a result without its
+        // entry, another status.
+        for (status, body) in [
+            (200, r#"{"Results":[],"Errors":null}"#.to_owned()),
+            (
+                200,
+                format!(r#"{{"Results":[{{"KV":{mine}}},{{"KV":{key}}}],"Errors":null}}"#),
+            ),
+            (
+                200,
+                format!(r#"{{"Results":[{{"KV":{mine}}},{{}}],"Errors":null}}"#),
+            ),
+            (200, "not json".to_owned()),
+        ] {
+            assert!(
+                matches!(
+                    KvEnqueueTxn::decode(&reply(status, &body)),
+                    Err(ApiError::Malformed { .. })
+                ),
+                "{body}"
+            );
+        }
+        assert!(matches!(
+            KvEnqueueTxn::decode(&reply(500, "rpc error")),
+            Err(ApiError::Status { status: 500, .. })
+        ));
     }
 
     #[test]

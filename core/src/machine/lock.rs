@@ -193,6 +193,9 @@ impl Holder<LockKind> {
             }
             return;
         };
+        if self.queued() && self.settling(now) {
+            return;
+        }
         let entry = self.dequeue_entry(&session);
         let acquire = KvLockTxn {
             key: self.options.key.clone(),

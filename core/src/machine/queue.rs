@@ -5,20 +5,28 @@
 //! tries.
 //!
 //! The protocol (see ARCHITECTURE.md, "Queued waiting", for the argument):
-//! 1. **Enqueue**: a lock transaction on our entry `<key>/.queue/<session>`, flags
-//!    [`QUEUE_FLAG_VALUE`]. Its `CreateIndex` is our place (our *rank*); an entry made again in
-//!    the same attempt (an operator deleted it, or our session was replaced) carries that rank
-//!    as its value, so it keeps its place.
-//! 2. **Line up**: one plain recursive list of the lock key, which shows the key and the whole
-//!    line at one index. Entries are ordered by (rank, `CreateIndex`, key); an entry counts
+//! 1. **Enqueue and line up**: one transaction ([`KvEnqueueTxn`]) that locks our entry
+//!    `<key>/.queue/<session>` (flags [`QUEUE_FLAG_VALUE`]) and then reads the lock key's whole
+//!    tree (`get-tree`), which shows the key and the line as of the transaction's index. The
+//!    entry's `CreateIndex` is our place (our *rank*); an entry made again in the same attempt
+//!    (an operator deleted it, or our session was replaced) carries that rank as its value, so
+//!    it keeps its place. Entries are ordered by (rank, `CreateIndex`, key); an entry counts
 //!    only while a session holds it (a session invalidated under the default behavior
-//!    `release` leaves its entry behind, without a session: dead).
+//!    `release` leaves its entry behind, without a session: dead). Blocking reads go on from
+//!    the highest `ModifyIndex` in the answer (a write transaction's answer has no
+//!    `X-Consul-Index`; a first entry's own index is the transaction's).
+//! 2. **Line up again**: a plain recursive list of the lock key, whenever the entry ahead goes
+//!    or a wait runs out, and after an entry made again (waiters ranked ahead may be making
+//!    theirs again too, after the transaction's tree was read).
 //! 3. **Wait**: with a live entry ahead of ours, a blocking read of that entry alone, from the
 //!    list's index; when it changes or goes, list again (one request) to find the next one
 //!    ahead. At the head, wait on the key itself as an unqueued lock does, from the list's
 //!    index (the list showed the key at that index, so the read blocks only while it is
 //!    unchanged). A wait that runs out without news lists again, so an entry of ours that an
-//!    operator deleted is made again within one blocking-read round.
+//!    operator deleted is made again within one blocking-read round. A waiter that finds its
+//!    entry gone when the entry ahead went (the line deleted) does not take the key for one
+//!    round ([`Holder::settle`]): the head, parked on the key, has not seen yet that its own
+//!    entry is gone.
 //! 4. **Acquire**: a transaction that deletes our entry and locks the key: refused, the delete
 //!    is rolled back and we keep our place.
 //! 5. **Leave**: an attempt that ends without the lock (cancel, give-up, failure) deletes its
@@ -28,13 +36,17 @@
 use std::time::Instant;
 
 use crate::api::{
-    Consistency, Key, KvCasDelete, KvDelete, KvGet, KvList, KvLockTxn, KvPair, LockRefusal, LockTxnOutcome,
-    SessionId,
+    Consistency, EnqueueOutcome, Key, KvCasDelete, KvDelete, KvEnqueueTxn, KvGet, KvList, KvLockTxn, KvPair,
+    LockRefusal, SessionId,
 };
 use crate::machine::classify::{Failure, decode};
 use crate::machine::lock::{Ask, Chore, LockKind};
 use crate::machine::outbox::Pending;
 use crate::machine::{Holder, LOCK_FLAG_VALUE, LockError, QUEUE_FLAG_VALUE, Reply, Waiting};
+
+/// Beyond a blocking read's round, for the head of a disturbed line to list and take its
+/// entry again (two requests; see [`Holder::settle`]).
+const SETTLE_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a queued contender stands in line.
 #[derive(Clone, Debug, Default)]
@@ -51,6 +63,11 @@ pub(crate) struct Place {
     /// waiters ahead, even while Consul still keeps those sessions (a session declared lost by
     /// its renew deadline can outlive it on the server for up to a TTL more).
     former: Vec<SessionId>,
+    /// The list in flight was sent because the entry ahead went or changed (not because a wait
+    /// ran out).
+    woken: bool,
+    /// Until when we do not take the key, though at the head: see [`Holder::settle`].
+    settle_until: Option<Instant>,
 }
 
 /// The entry just ahead: what a read of it must still show for it to be waited on.
@@ -108,32 +125,48 @@ impl Holder<LockKind> {
             place.former.push(old);
         }
         let rank = place.rank;
-        let txn = KvLockTxn {
-            key,
-            session,
-            flags: QUEUE_FLAG_VALUE,
-            value: rank.map(|r| r.to_string().into_bytes()).unwrap_or_default(),
+        let txn = KvEnqueueTxn {
+            lock: KvLockTxn {
+                key,
+                session,
+                flags: QUEUE_FLAG_VALUE,
+                value: rank.map(|r| r.to_string().into_bytes()).unwrap_or_default(),
+            },
+            tree: self.options.key.clone(),
         };
         self.send_ask(now, Ask::Enqueue, &txn, None);
     }
 
     pub(crate) fn on_enqueued(&mut self, now: Instant, reply: &Reply) {
-        match decode::<KvLockTxn>(reply) {
-            Ok(LockTxnOutcome::Locked(pair)) => {
+        match decode::<KvEnqueueTxn>(reply) {
+            Ok(EnqueueOutcome::Lined(line)) => {
                 let Some(a) = self.acquiring() else { return };
                 a.failures.progressed();
-                let rank = *a.wait.place.rank.get_or_insert(pair.create_index);
-                tracing::debug!(entry = %pair.key, rank, "in line");
-                self.line(now);
+                let again = a.wait.place.rank.is_some();
+                let rank = *a.wait.place.rank.get_or_insert(line.entry.create_index);
+                tracing::debug!(entry = %line.entry.key, rank, again, "in line");
+                if again {
+                    // Taken again: the line was disturbed (an operator deleted entries, or our
+                    // session was replaced), and waiters ranked ahead of us may be making theirs
+                    // again just now, after this tree was read. A list a round trip later sees
+                    // them, as every waiter woken by the same deletion has re-made its entry by
+                    // then; waiting on this tree could let us overtake them.
+                    return self.line(now);
+                }
+                // A first entry: every entry ranked ahead of it is in the tree, read in the same
+                // transaction (a waiter arriving later gets a later CreateIndex, so it queues
+                // behind): no list needed to line up.
+                let index = line.index();
+                self.lined(now, line.tree, index);
             }
             // Our entry's key held by another session, or under a lock-delay: only an
             // operator's doing. Try again, paced and counted, so that it can't loop unseen.
-            Ok(LockTxnOutcome::Refused(LockRefusal::Held | LockRefusal::LockDelay)) => self.retry(
+            Ok(EnqueueOutcome::Refused(LockRefusal::Held | LockRefusal::LockDelay)) => self.retry(
                 now,
                 Ask::Enqueue,
                 "the queue entry's key is held by another session",
             ),
-            Ok(LockTxnOutcome::Refused(refusal)) => self.on_refused_txn(now, Ok(refusal), Ask::Enqueue),
+            Ok(EnqueueOutcome::Refused(refusal)) => self.on_refused_txn(now, Ok(refusal), Ask::Enqueue),
             Err(failure) => self.on_refused_txn(now, Err(failure), Ask::Enqueue),
         }
     }
@@ -150,6 +183,12 @@ impl Holder<LockKind> {
             Err(Failure::Transient(why)) => return self.retry(now, Ask::Line, &why),
             Err(Failure::Fatal(e)) => return self.fail(now, LockError::refused(e)),
         };
+        self.lined(now, read.value, read.meta.index);
+    }
+
+    /// Finds our place in `tree` (the lock key and everything under it, as of `index`) and
+    /// waits or acquires from there.
+    fn lined(&mut self, now: Instant, tree: Vec<KvPair>, index: u64) {
         let Some(session) = self.base.session.id().cloned() else {
             return self.enqueue(now);
         };
@@ -160,7 +199,7 @@ impl Holder<LockKind> {
         let prefix = self.options.queue_prefix();
         let mut key = None;
         let mut entries = Vec::new();
-        for pair in read.value {
+        for pair in tree {
             if pair.key == self.options.key.as_str() {
                 key = Some(pair);
             } else if pair
@@ -177,12 +216,18 @@ impl Holder<LockKind> {
                 return self.fail(now, LockError::Conflict { flags: pair.flags });
             }
         }
+        let woken = self
+            .acquiring()
+            .is_some_and(|a| std::mem::take(&mut a.wait.place.woken));
         let Some(me) = entries
             .iter()
             .find(|p| p.key == mine.as_str() && p.session.as_ref() == Some(&session))
         else {
             // Gone (an operator deleted it, or the line was): take it again, keeping our rank.
             tracing::debug!(entry = %mine, "our queue entry is gone; taking it again");
+            if woken {
+                self.settle(now);
+            }
             return self.enqueue(now);
         };
         if key.as_ref().is_some_and(|p| p.session.as_ref() == Some(&session)) {
@@ -224,7 +269,6 @@ impl Holder<LockKind> {
             })
         });
         self.sweep(now, dead);
-        let index = read.meta.index;
         let Some(a) = self.acquiring() else { return };
         a.failures.progressed();
         a.index = index;
@@ -247,6 +291,38 @@ impl Holder<LockKind> {
                 self.read(now);
             }
         }
+    }
+
+    /// Our entry was found gone by a list that the entry ahead's going woke: an operator
+    /// deleted the line (or part of it) just now. The waiter at the head sat on the key, not on
+    /// its entry, so it sees its own entry gone only when its read's round runs out, and until
+    /// it has made it again no list shows it: taking the key meanwhile could overtake it. So
+    /// we don't, for one round (the wait Consul may stretch by up to 1/16, and a margin for the
+    /// head's list and enqueue). The head itself is not held up, nor is anyone when the line is
+    /// whole; the line's first handoff after an operator's deletion may be, for at most that
+    /// round.
+    fn settle(&mut self, now: Instant) {
+        let wait = self.options.hold.wait_time;
+        let until = now + wait + wait / 16 + SETTLE_MARGIN;
+        tracing::debug!(?until, "the line was disturbed: not taking the key for a round");
+        if let Some(a) = self.acquiring() {
+            a.wait.place.settle_until = Some(until);
+        }
+    }
+
+    /// Whether a queued acquire must hold off (see [`settle`](Self::settle)): if so, it waits
+    /// until the round's end, then lists again.
+    pub(crate) fn settling(&mut self, now: Instant) -> bool {
+        let Some(a) = self.acquiring() else { return false };
+        let Some(until) = a.wait.place.settle_until.filter(|until| now < *until) else {
+            a.wait.place.settle_until = None;
+            return false;
+        };
+        a.step = crate::machine::holder::Step::Pause {
+            until: a.give_up_at.map_or(until, |at| until.min(at)),
+            then: Ask::Line,
+        };
+        true
     }
 
     /// The key of the entry named `key` under our queue prefix.
@@ -305,6 +381,9 @@ impl Holder<LockKind> {
         });
         if !unchanged {
             // It went (acquired, left, died) or changed: look again for the one ahead.
+            if let Some(a) = self.acquiring() {
+                a.wait.place.woken = true;
+            }
             return self.line(now);
         }
         if pace.spinning {

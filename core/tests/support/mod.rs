@@ -275,6 +275,17 @@ pub(crate) mod reply {
         raw(200, None, None, body.to_string())
     }
 
+    /// An enqueue transaction's success: the entry as written (value left out), then the tree
+    /// read after it (values kept), as Consul 1.8.7 answers a `lock` then a `get-tree`.
+    pub(crate) fn lined(e: &Kv, tree: &[Kv]) -> Reply {
+        let mut entry = e.json();
+        entry["Value"] = serde_json::Value::Null;
+        let mut results = vec![serde_json::json!({ "KV": entry })];
+        results.extend(tree.iter().map(|p| serde_json::json!({ "KV": p.json() })));
+        let body = serde_json::json!({ "Results": results, "Errors": null });
+        raw(200, None, None, body.to_string())
+    }
+
     /// A lock transaction refused with Consul's words `what`.
     pub(crate) fn lock_refused(what: &str) -> Reply {
         txn_refused(what)
