@@ -420,17 +420,7 @@ impl Cluster {
     /// What agent `i` answers to `/v1/status/leader` (the leader's `ip:8300`, or empty), `None`
     /// when it does not answer within a second.
     pub fn leader_seen_by(&self, i: usize) -> Option<String> {
-        let agent = self.agents.get(i)?;
-        let url = format!("http://{}/v1/status/leader", agent.http_addr());
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .ok()?
-            .error_for_status()
-            .ok()?
-            .text()
-            .ok()?;
+        let text = self.get(i, "/v1/status/leader")?;
         Some(text.trim().trim_matches('"').to_owned())
     }
 
