@@ -549,8 +549,11 @@ impl Lab<'_> {
             .map_or(fallback, |s| s.node)
     }
 
-    /// Injects `fault` (round `round`), returning the agent hit and how to heal it.
-    fn inject(&mut self, fault: FaultKind, round: usize) -> Result<(usize, Heal), BenchError> {
+    /// Injects `fault` (round `round`), returning the agent hit, how to heal it, and when the
+    /// fault began: after the wait for a settled cluster, before the fault is applied (a
+    /// leader's graceful `leave` takes seconds, and what it does to the locks meanwhile is the
+    /// fault's).
+    fn inject(&mut self, fault: FaultKind, round: usize) -> Result<(usize, Heal, u64), BenchError> {
         let leader = self.settle()?;
         let servers = self.cluster.servers();
         let clients = self.cluster.clients();
@@ -561,6 +564,7 @@ impl Lab<'_> {
         let count = self.cluster.agents().len();
         let others = |keep: &[usize]| -> Vec<usize> { (0..count).filter(|i| !keep.contains(i)).collect() };
         let c = &mut self.cluster;
+        let start_ns = now_ns();
         let done = match fault {
             FaultKind::IsolateLeader => c.isolate(leader).map(|()| (leader, Heal::Network)),
             FaultKind::LeaderOneWay => c
@@ -583,7 +587,7 @@ impl Lab<'_> {
             FaultKind::KillClient => c.kill(node).map(|()| (node, Heal::Restart)),
             FaultKind::Election => c.leave(leader).map(|()| (leader, Heal::Restart)),
         };
-        done.map_err(cluster_err)
+        done.map(|(target, heal)| (target, heal, start_ns)).map_err(cluster_err)
     }
 
     fn heal(&mut self, target: usize, heal: Heal) -> Result<(), BenchError> {
@@ -660,8 +664,7 @@ pub fn run(
     while started.elapsed() < plan.duration {
         lab.account_for_no_holder();
         let kind = plan.kinds[round % plan.kinds.len()];
-        let (target, heal) = lab.inject(kind, round)?;
-        let start_ns = now_ns();
+        let (target, heal, start_ns) = lab.inject(kind, round)?;
         lab.faulted = true;
         let name = lab.cluster.agents()[target].name.clone();
         let _ = writeln!(
