@@ -587,7 +587,8 @@ impl Lab<'_> {
             FaultKind::KillClient => c.kill(node).map(|()| (node, Heal::Restart)),
             FaultKind::Election => c.leave(leader).map(|()| (leader, Heal::Restart)),
         };
-        done.map(|(target, heal)| (target, heal, start_ns)).map_err(cluster_err)
+        done.map(|(target, heal)| (target, heal, start_ns))
+            .map_err(cluster_err)
     }
 
     fn heal(&mut self, target: usize, heal: Heal) -> Result<(), BenchError> {
