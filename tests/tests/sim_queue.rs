@@ -212,3 +212,61 @@ fn a_waiter_whose_session_was_replaced_does_not_wait_behind_its_old_entry() {
     };
     run(&scenario).assert_clean();
 }
+
+/// Found by sim_scale (seed 10185948393186139864): a queued contender whose session a 2 s
+/// partition cost (a lock-delay of 2 s bounds its hold window) gave up, and its next attempt
+/// lined up behind its own old entry, which Consul kept with the old session, while the key was
+/// free. Entries of every session the machine lined up with, not only this attempt's, are its
+/// own to clear.
+#[test]
+fn a_waiter_does_not_wait_behind_its_own_entry_from_an_earlier_attempt() {
+    let ms = Duration::from_millis;
+    let spec = |ttl: u64,
+                lock_delay: Option<u64>,
+                start: u64,
+                hold: u64,
+                pause: u64,
+                try_once: Option<u64>,
+                queued: bool| {
+        let mut c = ClientSpec::new(ms(hold));
+        c.ttl = secs(ttl);
+        c.lock_delay = lock_delay.map(secs);
+        c.start = ms(start);
+        c.pause = ms(pause);
+        c.try_once = try_once.map(secs);
+        c.queued = queued;
+        c
+    };
+    let scenario = Scenario {
+        seed: 1_126_490_234_838_236_576,
+        clients: vec![
+            spec(20, Some(2), 131, 8_973, 1_927, Some(6), true),
+            spec(10, None, 3_316, 18_392, 2_804, Some(3), false),
+            spec(10, Some(2), 1_416, 1_280, 1_686, None, false),
+        ],
+        faults: vec![
+            Fault {
+                kind: FaultKind::Refuse { client: 2 },
+                from: ms(144_183),
+                lasting: ms(2_809),
+            },
+            Fault {
+                kind: FaultKind::Partition { client: 0 },
+                from: ms(109_074),
+                lasting: ms(1_998),
+            },
+            Fault {
+                kind: FaultKind::Latency {
+                    client: 0,
+                    extra: ms(999),
+                },
+                from: ms(39_093),
+                lasting: ms(17_957),
+            },
+        ],
+        duration: secs(600),
+        key: "service/leader/.lock".into(),
+    };
+    let outcome: Outcome = run(&scenario);
+    outcome.assert_clean();
+}

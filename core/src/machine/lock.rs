@@ -53,9 +53,35 @@ const HOLDER_INFO_AFTER: Duration = Duration::from_millis(100);
 /// ```
 pub type LockMachine = Holder<LockKind>;
 
-/// The lock's part of a [`LockMachine`]: nothing beyond its options.
-#[derive(Debug)]
-pub struct LockKind;
+/// The lock's part of a [`LockMachine`]: beyond its options, what outlives an attempt.
+#[derive(Debug, Default)]
+pub struct LockKind {
+    /// Queued: the last few sessions this machine lined up with. An entry of one of them is
+    /// ours, left by an earlier attempt (its session declared lost, or its teardown given up
+    /// for a new attempt, while Consul still keeps it): never a waiter to wait behind.
+    pub(crate) lined_up_with: Vec<SessionId>,
+}
+
+/// How many of its sessions a queued lock remembers (see [`LockKind`]): each was let go, so
+/// Consul ends it within two TTLs; a handful covers the sessions any run can replace meanwhile.
+const REMEMBERED_SESSIONS: usize = 8;
+
+impl LockKind {
+    /// Remembers `session` as one this machine lined up with; answers the others.
+    pub(crate) fn lined_up(&mut self, session: &SessionId) -> Vec<SessionId> {
+        if !self.lined_up_with.contains(session) {
+            self.lined_up_with.push(session.clone());
+            if self.lined_up_with.len() > REMEMBERED_SESSIONS {
+                self.lined_up_with.remove(0);
+            }
+        }
+        self.lined_up_with
+            .iter()
+            .filter(|s| *s != session)
+            .cloned()
+            .collect()
+    }
+}
 
 /// The lock's requests while acquiring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +190,7 @@ impl Holder<LockKind> {
     /// A machine for `options`, sending requests for the agent `config` describes. The options
     /// are validated here.
     pub fn new(config: crate::api::ClientConfig, options: LockOptions) -> Result<LockMachine, OptionsError> {
-        Holder::build(config, options, |_| LockKind)
+        Holder::build(config, options, |_| LockKind::default())
     }
 
     fn is_ours(&self, pair: &KvPair) -> bool {

@@ -59,9 +59,10 @@ pub(crate) struct Place {
     pub(crate) sweep: Option<Pending>,
     /// The session our entry was last taken with.
     session: Option<SessionId>,
-    /// Sessions this attempt had before (declared lost, replaced): their entries are ours, not
-    /// waiters ahead, even while Consul still keeps those sessions (a session declared lost by
-    /// its renew deadline can outlive it on the server for up to a TTL more).
+    /// Sessions this machine lined up with before, in this attempt or an earlier one (declared
+    /// lost, replaced): their entries are ours, not waiters ahead, even while Consul still keeps
+    /// those sessions (a session declared lost by its renew deadline can outlive it on the server
+    /// for up to a TTL more).
     former: Vec<SessionId>,
     /// The list in flight was sent because the entry ahead went or changed (not because a wait
     /// ran out).
@@ -115,15 +116,14 @@ impl Holder<LockKind> {
             Ok(key) => key,
             Err(e) => return self.fail(now, e),
         };
+        // Entries of the sessions this machine lined up with before, in this attempt or an
+        // earlier one, are ours: an earlier attempt's session declared lost can outlive it on
+        // the server, entry and all (found by sim_scale: a waiter sat behind its own old entry).
+        let former = self.kind.lined_up(&session);
         let Some(a) = self.acquiring() else { return };
         let place = &mut a.wait.place;
-        if let Some(old) = place
-            .session
-            .replace(session.clone())
-            .filter(|old| *old != session)
-        {
-            place.former.push(old);
-        }
+        place.session = Some(session.clone());
+        place.former = former;
         let rank = place.rank;
         let txn = KvEnqueueTxn {
             lock: KvLockTxn {
