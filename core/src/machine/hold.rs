@@ -8,7 +8,7 @@ use crate::api::{ClientConfig, QueryReply};
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::Failure;
 use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::session::{HoldWindow, SessionEvent, SessionMachine};
+use crate::machine::session::{SessionEvent, SessionMachine};
 use crate::machine::{AfterInvalidation, LockError, LockEvent, LossReason, Retry, SessionChoice, read};
 
 /// The half of a holding machine that is not about its phases. `E` is what the machine reports
@@ -39,12 +39,13 @@ impl<E> Base<E> {
             SessionChoice::Create(s) => Ok(s.to_request()),
             SessionChoice::Existing(id) => Err(id.clone()),
         };
-        let window = match session {
-            SessionChoice::Create(s) => HoldWindow::new(s, after),
-            SessionChoice::Existing(_) => HoldWindow::Ttl,
+        // The caller's session is neither renewed nor given a deadline.
+        let guard = match session {
+            SessionChoice::Create(s) => s.early_end_guard(after),
+            SessionChoice::Existing(_) => None,
         };
         Base {
-            session: SessionMachine::new(source, window, request_timeout),
+            session: SessionMachine::new(source, guard, request_timeout),
             out: Outbox::new(config),
             rng: Rng::new(seed),
             last_now: None,

@@ -33,6 +33,12 @@ pub enum AfterInvalidation {
     TakenAtOnce,
 }
 
+/// The hold window of a session whose TTL is now `ttl` (the server may raise it), guarded after an
+/// early end for `guard` ([`SessionOptions::early_end_guard`]).
+pub(crate) fn hold_window(ttl: Duration, guard: Option<Duration>) -> Duration {
+    guard.map_or(ttl, |guard| guard.min(ttl))
+}
+
 /// The session a lock holds its key with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionChoice {
@@ -132,19 +138,17 @@ impl SessionOptions {
     /// assert_eq!(session.hold_window(AfterInvalidation::TakenAtOnce), Duration::from_secs(15));
     /// ```
     pub fn hold_window(&self, after: AfterInvalidation) -> Duration {
-        self.hold_window_for(self.ttl, after)
+        hold_window(self.ttl, self.early_end_guard(after))
     }
 
-    /// [`SessionOptions::hold_window`] for a session whose TTL is now `ttl` (the server may
-    /// raise it).
-    pub(crate) fn hold_window_for(&self, ttl: Duration, after: AfterInvalidation) -> Duration {
-        if !self.health_bound() {
-            return ttl;
-        }
-        match after {
-            AfterInvalidation::LockDelay => ttl.min(self.lock_delay.unwrap_or(DEFAULT_LOCK_DELAY)),
+    /// How long the keys stay nobody else's after a failed check ends the session early (the
+    /// lock-delay, or zero when nothing keeps them); `None` when no check binds the session, so
+    /// only its TTL ends it.
+    pub(crate) fn early_end_guard(&self, after: AfterInvalidation) -> Option<Duration> {
+        self.health_bound().then(|| match after {
+            AfterInvalidation::LockDelay => self.lock_delay.unwrap_or(DEFAULT_LOCK_DELAY),
             AfterInvalidation::TakenAtOnce => Duration::ZERO,
-        }
+        })
     }
 
     /// The create request these options describe.
@@ -783,7 +787,10 @@ mod tests {
             Duration::from_secs(4)
         );
         assert_eq!(
-            s.hold_window_for(Duration::from_secs(3), AfterInvalidation::LockDelay),
+            hold_window(
+                Duration::from_secs(3),
+                s.early_end_guard(AfterInvalidation::LockDelay)
+            ),
             Duration::from_secs(3)
         );
         // Measured on 1.8.7: `{"NodeChecks": []}` alone makes a session with no checks.

@@ -9,7 +9,8 @@
 //!
 //! A session bound to health checks (Consul's default, `serfHealth`) can end sooner: at any
 //! moment after that renew, if its node is marked failed, and then only the lock-delay keeps the
-//! keys from others. So the deadline counts the *hold window* ([`HoldWindow`]), the TTL or the
+//! keys from others. So the deadline counts the *hold window*
+//! ([`SessionOptions::hold_window`](crate::machine::SessionOptions::hold_window)), the TTL or the
 //! lock-delay, whichever is shorter, and renewals come every half of it.
 
 use std::time::{Duration, Instant};
@@ -17,8 +18,9 @@ use std::time::{Duration, Instant};
 use crate::api::{ApiError, SessionCreate, SessionDestroy, SessionEntry, SessionId, SessionRenew};
 use crate::machine::backoff::{Backoff, Rng};
 use crate::machine::classify::{Failure, decode};
+use crate::machine::options::hold_window;
 use crate::machine::outbox::{Outbox, Pending};
-use crate::machine::{AfterInvalidation, Reply, RequestId, SessionOptions};
+use crate::machine::{Reply, RequestId};
 
 /// Go retries a failed renew every second; so do we, until the deadline.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
@@ -70,38 +72,6 @@ pub enum SessionStatus {
     Destroying,
 }
 
-/// How long after a renew is sent the session's keys stay its holder's for certain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HoldWindow {
-    /// The TTL: only an unrenewed TTL ends the session (no health checks), or the session is the
-    /// caller's, which the machine does not renew.
-    Ttl,
-    /// A failed health check can end the session at any moment; this long after, the keys may
-    /// be someone else's (the lock-delay, or zero when nothing keeps them). The TTL still bounds
-    /// it.
-    AtMost(Duration),
-}
-
-impl HoldWindow {
-    /// The window of a session made with `session`, for keys kept as `after` says.
-    pub(crate) fn new(session: &SessionOptions, after: AfterInvalidation) -> HoldWindow {
-        if session.health_bound() {
-            // Any TTL above the lock-delay leaves the lock-delay; the TTL itself is applied
-            // as it stands at each renew (the server may raise it).
-            HoldWindow::AtMost(session.hold_window_for(Duration::MAX, after))
-        } else {
-            HoldWindow::Ttl
-        }
-    }
-
-    fn of(self, ttl: Duration) -> Duration {
-        match self {
-            HoldWindow::Ttl => ttl,
-            HoldWindow::AtMost(window) => window.min(ttl),
-        }
-    }
-}
-
 /// The lease on an owned session: what renewal needs to know.
 #[derive(Clone, Debug)]
 struct Lease {
@@ -114,8 +84,8 @@ struct Lease {
 }
 
 impl Lease {
-    fn new(ttl: Duration, window: HoldWindow, acked_sent_at: Instant) -> Lease {
-        let window = window.of(ttl);
+    fn new(ttl: Duration, guard: Option<Duration>, acked_sent_at: Instant) -> Lease {
+        let window = hold_window(ttl, guard);
         Lease {
             ttl,
             window,
@@ -186,7 +156,9 @@ struct Teardown {
 pub struct SessionMachine {
     /// `Err` holds the caller's session.
     source: Result<SessionCreate, SessionId>,
-    window: HoldWindow,
+    /// How long the keys stay ours after a failed check ends the session early; `None`: no
+    /// check binds it, only the TTL ends it (`SessionOptions::early_end_guard`).
+    guard: Option<Duration>,
     request_timeout: Duration,
     state: State,
     backoff: Backoff,
@@ -195,12 +167,12 @@ pub struct SessionMachine {
 impl SessionMachine {
     pub(crate) fn new(
         source: Result<SessionCreate, SessionId>,
-        window: HoldWindow,
+        guard: Option<Duration>,
         request_timeout: Duration,
     ) -> SessionMachine {
         SessionMachine {
             source,
-            window,
+            guard,
             request_timeout,
             state: State::Idle,
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
@@ -541,7 +513,7 @@ impl SessionMachine {
                             Ok(request) => request.ttl,
                             Err(_) => None,
                         };
-                        let lease = ttl.map(|ttl| Lease::new(ttl, self.window, pending.sent_at));
+                        let lease = ttl.map(|ttl| Lease::new(ttl, self.guard, pending.sent_at));
                         self.state = State::Active {
                             id: session.clone(),
                             lease,
@@ -605,7 +577,7 @@ impl SessionMachine {
                 lease: Some(lease),
             } => match decode::<SessionRenew>(reply) {
                 Ok(Some(entry)) => {
-                    *lease = Lease::new(renewed_ttl(&entry, lease.ttl), self.window, pending.sent_at);
+                    *lease = Lease::new(renewed_ttl(&entry, lease.ttl), self.guard, pending.sent_at);
                     Vec::new()
                 }
                 Ok(None) => {
